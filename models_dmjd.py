@@ -1,0 +1,300 @@
+"""DMJD pre-training model: disjointly masked views, a masked-token decoder and a visible-token distillation branch.
+
+One encoder pass runs over all K views of a batch, stacked view-major on the batch axis (row k * B + b is view k of
+image b). Two branches share that pass:
+
+- invisible branch: an MAE decoder predicts the target (HOG or normalised pixels) at every token; the MSE is
+  averaged over the masked tokens of all views;
+- visible branch: a projector and a predictor map the encoder's visible tokens to a target at the same tokens
+  (the HOG target, or the tokens of an EMA teacher fed the whole crop); smooth-L1 with beta 2.0, averaged over the
+  visible tokens of all views. Predictions and targets are gathered with the same indices, so they are aligned
+  token by token (the released code compared them in different orders).
+
+Total loss = L_mask + theta * L_vis. The model takes uint8 crops (or floats in 0-255) so that the HOG target is
+computed on the device from the very pixels the encoder sees; it normalises them itself.
+"""
+import copy
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import register_model
+from timm.models.vision_transformer import Block
+
+from models_convvit import CONVVIT_ARCHS, VIT_ARCHS, BlockNorm, ConvViT, ViT, gather_tokens, visible_token_ids
+from util.hog import hog_targets
+from util.masking import disjoint_masks
+from util.pos_embed import sincos_pos_embed_2d
+
+PRED_TYPES = ("hog", "pixel")
+VIS_TARGETS = ("hog", "ema")
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L, patch_size**2 * C], tokens in raster order, each as (row, col, channel)."""
+    n, c, h, w = images.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = images.reshape(n, c, gh, patch_size, gw, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, patch_size * patch_size * c)
+
+
+def normalized_pixel_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """MAE's `norm_pix_loss` target: each patch's pixels standardised by the patch's own mean and variance."""
+    patches = patchify(images.float(), patch_size)
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1e-6) ** 0.5
+
+
+class VisibleBranch(nn.Module):
+    """Projector (Linear-LN-GELU, Linear-LN-GELU, Linear-LN without affine) and a linear predictor."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512):
+        super().__init__()
+        self.projector = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim, elementwise_affine=False),
+        )
+        self.predictor = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(x))
+
+
+class EMATeacher(nn.Module):
+    """A momentum copy of the student encoder that gives the visible branch its target tokens.
+
+    Frozen and always in eval mode; it lives outside DDP and the optimizer and is updated in place with foreach ops
+    after each optimizer step. Its output tokens are layer-normed without affine.
+    """
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder)
+        self.encoder.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # a teacher never drops paths
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(x)
+        return F.layer_norm(tokens.float(), tokens.shape[-1:])
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, momentum: float) -> None:
+        teacher_params = list(self.encoder.parameters())
+        student_params = [p.detach() for p in student.parameters()]
+        if len(teacher_params) != len(student_params):
+            raise ValueError("the teacher and the student encoder have different parameters")
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+class DMJD(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, decoder_mlp_ratio: float = 4.0, pred_type: str = "hog",
+                 vis_target: str = "hog", theta: float = 1.0, num_views: int = 2, mask_ratio: float = 0.6,
+                 pred_ratio: float = 1.0, mask_type: str = "block", block_size: int = 2, projector_dim: int = 512,
+                 vis_loss_beta: float = 2.0, hog_cell_size: int = 8, hog_bins: int = 9):
+        super().__init__()
+        if pred_type not in PRED_TYPES:
+            raise ValueError(f"pred_type must be one of {PRED_TYPES}, got {pred_type!r}")
+        if vis_target not in VIS_TARGETS:
+            raise ValueError(f"vis_target must be one of {VIS_TARGETS}, got {vis_target!r}")
+        if theta < 0:
+            raise ValueError(f"theta must be >= 0, got {theta}")
+        self.encoder = encoder
+        self.patch_size = encoder.patch_size
+        self.grid_size = encoder.grid_size
+        self.pred_type, self.vis_target, self.theta = pred_type, vis_target, float(theta)
+        self.num_views, self.mask_ratio, self.pred_ratio = num_views, mask_ratio, pred_ratio
+        self.mask_type, self.block_size = mask_type, block_size
+        self.vis_loss_beta = vis_loss_beta
+        self.hog_cell_size, self.hog_bins = hog_cell_size, hog_bins
+        if pred_type == "hog" or (theta > 0 and vis_target == "hog"):
+            if self.patch_size % hog_cell_size:
+                raise ValueError(f"the patch size {self.patch_size} must be a multiple of the HOG cell {hog_cell_size}")
+        # Fail now, not at the first step, on a masking configuration that cannot work.
+        disjoint_masks(1, self.grid_size, num_views, mask_ratio, pred_ratio, mask_type, block_size)
+
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+        # Invisible branch: MAE decoder.
+        embed_dim = encoder.embed_dim
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(decoder_embed_dim, self.grid_size).unsqueeze(0), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=BlockNorm)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = BlockNorm(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.target_dim(pred_type))
+
+        # Visible branch; not built when theta = 0 so that DDP sees no unused parameters.
+        self.visible_branch = None
+        if self.theta > 0:
+            vis_dim = embed_dim if vis_target == "ema" else self.target_dim("hog")
+            self.visible_branch = VisibleBranch(embed_dim, vis_dim, projector_dim)
+
+        for module in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred,
+                       self.visible_branch]:
+            if module is not None:
+                module.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
+    def target_dim(self, kind: str) -> int:
+        if kind == "hog":
+            return (self.patch_size // self.hog_cell_size) ** 2 * self.hog_bins * 3
+        return self.patch_size ** 2 * 3
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.theta > 0 and self.vis_target == "ema"
+
+    def no_weight_decay(self):
+        return {"mask_token", "decoder_pos_embed"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def make_masks(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return disjoint_masks(batch_size, self.grid_size, self.num_views, self.mask_ratio, self.pred_ratio,
+                              self.mask_type, self.block_size, generator=generator, device=device)
+
+    def decode(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Visible tokens [N, Lv, D] and mask [N, L] -> predictions at all L tokens [N, L, target_dim]."""
+        x = self.decoder_embed(latent)
+        n, length = mask.shape
+        full = self.mask_token.to(x.dtype).expand(n, length, -1).clone()
+        ids = visible_token_ids(mask)
+        full.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        x = full + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    # -- training step ----------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                teacher: Optional[EMATeacher] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None).
+
+        Returns the total loss and a dict of detached branch losses (tensors: no host sync here).
+        """
+        batch = images.shape[0]
+        if masks is None:
+            masks = self.make_masks(batch, device=images.device)
+        if masks.dim() != 3 or masks.shape[1:] != (batch, self.grid_size[0] * self.grid_size[1]):
+            raise ValueError(f"masks of shape {tuple(masks.shape)}, expected [K, {batch}, "
+                             f"{self.grid_size[0] * self.grid_size[1]}]")
+        if self.uses_teacher and teacher is None:
+            raise ValueError("vis_target='ema' needs the EMA teacher passed to forward")
+        num_views = masks.shape[0]
+        mask = masks.reshape(num_views * batch, -1)
+        raw = images.float()
+        x = self.normalize(raw)
+
+        # Targets once per image; views only index them.
+        hog = None
+        if self.pred_type == "hog" or (self.visible_branch is not None and self.vis_target == "hog"):
+            hog = hog_targets(raw, self.patch_size, self.hog_cell_size, self.hog_bins)
+        mask_target = hog if self.pred_type == "hog" else normalized_pixel_targets(x, self.patch_size)
+
+        latent = self.encoder.forward_features(x.repeat(num_views, 1, 1, 1), mask)
+
+        pred = self.decode(latent, mask).float()
+        per_token = (pred - mask_target.repeat(num_views, 1, 1)).pow(2).mean(dim=-1)
+        maskf = mask.float()
+        loss_mask = (per_token * maskf).sum() / maskf.sum()
+        losses = {"loss_mask": loss_mask.detach()}
+
+        loss = loss_mask
+        if self.visible_branch is not None:
+            vis_full = teacher(x) if self.vis_target == "ema" else hog
+            vis_target = gather_tokens(vis_full.repeat(num_views, 1, 1), visible_token_ids(mask))
+            vis_pred = self.visible_branch(latent).float()
+            loss_vis = F.smooth_l1_loss(vis_pred, vis_target.float(), beta=self.vis_loss_beta)
+            loss = loss + self.theta * loss_vis
+            losses["loss_vis"] = loss_vis.detach()
+        return loss, losses
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named models. Keyword arguments reach DMJD (masking, targets, theta) or the encoder (img_size, drop_path_rate).
+
+_ENCODER_KEYS = ("img_size", "drop_path_rate", "in_chans")
+
+
+def _build(encoder_cls, arch: dict, decoder: dict, kwargs) -> DMJD:
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    if kwargs.pop("pretrained", False):
+        raise ValueError("DMJD models have no hub weights; pre-train them or load a checkpoint")
+    enc_kwargs = {k: kwargs.pop(k) for k in _ENCODER_KEYS if k in kwargs}
+    if encoder_cls is ConvViT:
+        enc_kwargs["fuse_stages"] = True
+    encoder = encoder_cls(**arch, **enc_kwargs)
+    return DMJD(encoder, **{**decoder, **kwargs})
+
+
+# The released ConViT models use MLP ratio 8 in the decoder (ConvMAE takes the stage-1 ratio).
+_DEC8 = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=8.0)
+_DEC2 = dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16, decoder_mlp_ratio=8.0)
+_VIT_DEC8 = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4.0)
+_TINY_DEC = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, decoder_mlp_ratio=2.0,
+                 projector_dim=64)
+
+
+@register_model
+def dmjd_convit_tiny_patch16_dec1_hog(pretrained=False, **kwargs):
+    return _build(ConvViT, CONVVIT_ARCHS["tiny"], _TINY_DEC, dict(kwargs, pretrained=pretrained))
+
+
+@register_model
+def dmjd_convit_small_patch16_dec2_hog(pretrained=False, **kwargs):
+    return _build(ConvViT, CONVVIT_ARCHS["small"], dict(_DEC2, decoder_mlp_ratio=4.0),
+                  dict(kwargs, pretrained=pretrained))
+
+
+@register_model
+def dmjd_convit_base_patch16_dec8_hog(pretrained=False, **kwargs):
+    return _build(ConvViT, CONVVIT_ARCHS["base"], _DEC8, dict(kwargs, pretrained=pretrained))
+
+
+@register_model
+def dmjd_convit_base_patch16_dec2_hog(pretrained=False, **kwargs):
+    return _build(ConvViT, CONVVIT_ARCHS["base"], _DEC2, dict(kwargs, pretrained=pretrained))
+
+
+@register_model
+def dmjd_convit_large_patch16_dec8_hog(pretrained=False, **kwargs):
+    return _build(ConvViT, CONVVIT_ARCHS["large"], _DEC8, dict(kwargs, pretrained=pretrained))
+
+
+@register_model
+def dmjd_vit_tiny_patch16_dec1_hog(pretrained=False, **kwargs):
+    return _build(ViT, VIT_ARCHS["tiny"], _TINY_DEC, dict(kwargs, pretrained=pretrained))
+
+
+@register_model
+def dmjd_vit_base_patch16_dec8_hog(pretrained=False, **kwargs):
+    return _build(ViT, VIT_ARCHS["base"], _VIT_DEC8, dict(kwargs, pretrained=pretrained))

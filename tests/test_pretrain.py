@@ -1,0 +1,160 @@
+"""main_pretrain.py end to end on a tiny ImageFolder (CPU, gloo)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine_pretrain import NonFiniteLossError, train_one_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        folder = root / "train" / cls
+        folder.mkdir(parents=True)
+        for i in range(8):
+            # smooth random shapes rather than noise, so that HOG has structure
+            img = np.zeros((72, 80, 3), np.uint8)
+            y, x = rng.integers(0, 50, 2)
+            img[y:y + 20, x:x + 25] = rng.integers(0, 256, 3)
+            img += rng.integers(0, 20, img.shape, dtype=np.uint8)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+def pretrain_cmd(data_root, out, *extra, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    return launcher + [
+        str(ROOT / "main_pretrain.py"), "--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
+        "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
+        "--print_freq", "1", "--data_path", str(data_root), "--output_dir", str(out), *extra]
+
+
+def run(cmd, check=True, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_pretrain_runs_logs_and_resumes(data_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run(pretrain_cmd(data_root, out, "--vis_target", "ema", "--save_freq", "1", "--keep_last", "1"))
+    assert "lr = blr 0.0006 x 4 images / 256 x (pred_ratio 1 / mask_ratio 0.6)" in proc.stdout
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss_vis"] > 0 for r in log)
+    assert sorted(os.listdir(out)).count("checkpoint-1.pth") == 1 and not (out / "checkpoint-0.pth").exists()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+    ckpt = load(out / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["teacher"] is not None and isinstance(ckpt["args"], dict)
+
+    # Same command with more epochs: resumes automatically from checkpoint-last.pth.
+    proc = run(pretrain_cmd(data_root, out, "--vis_target", "ema", "--epochs", "3"))
+    assert "continuing at epoch 2" in proc.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+    ckpt2 = load(out / "checkpoint-last.pth")
+    assert ckpt2["epoch"] == 2
+    assert not torch.equal(ckpt2["teacher"]["encoder.blocks3.0.attn.qkv.weight"],
+                           ckpt["teacher"]["encoder.blocks3.0.attn.qkv.weight"])
+
+
+def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path):
+    args = ("--epochs", "3", "--seed", "3")
+    run(pretrain_cmd(data_root, tmp_path / "straight", *args))
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(pretrain_cmd(data_root, out, *args), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    run(pretrain_cmd(data_root, out, *args))
+
+    a, b = load(tmp_path / "straight" / "checkpoint-last.pth"), load(out / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert read_log(tmp_path / "straight")[-1] == read_log(out)[-1]
+
+
+def test_torchrun_two_processes_gloo(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run(pretrain_cmd(data_root, out, "--epochs", "1", "--accum_iter", "2", "--batch_size", "2",
+                            torchrun=True))
+    assert "world size 2" in proc.stdout
+    # 2 processes x 2 images x 2 accumulation steps = 8 unique images per optimizer step
+    assert "x 8 images / 256" in proc.stdout
+    log = read_log(out)
+    assert len(log) == 1 and log[0]["train_steps"] == 2 and np.isfinite(log[0]["train_loss"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask_ratio", "1.2"], "--mask_ratio"),
+    (["--num_views", "1", "--pred_ratio", "1.0"], "--pred_ratio"),
+    (["--pred_ratio", "0.5"], "--pred_ratio"),
+    (["--model", "dmjd_convit_tiny_patch16_dec1_hogg"], "did you mean dmjd_convit_tiny_patch16_dec1_hog"),
+    (["--input_size", "72"], "divisible by the model's stride"),
+    (["--input_size", "48"], "block"),
+    (["--batch_size", "64"], "--batch_size"),
+])
+def test_bad_flags_fail_early_naming_the_flag(data_root, tmp_path, flags, message):
+    proc = run(pretrain_cmd(data_root, tmp_path / "bad", *flags), check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "bad" / "checkpoint-last.pth").exists()
+
+
+def test_missing_train_folder_is_named(tmp_path):
+    proc = run(pretrain_cmd(tmp_path, tmp_path / "out"), check=False, timeout=120)
+    assert proc.returncode != 0 and "no 'train/' folder" in proc.stderr
+
+
+class _NaNAfter(torch.nn.Module):
+    """Returns finite losses, then NaN from the given step on."""
+
+    def __init__(self, bad_step):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.bad_step, self.calls = bad_step, 0
+
+    def forward(self, images, teacher=None):
+        loss = self.weight * images.float().mean() * (float("nan") if self.calls >= self.bad_step else 1.0)
+        self.calls += 1
+        return loss, {"loss_mask": loss.detach()}
+
+
+def test_nonfinite_loss_stops_naming_the_step():
+    class Args:
+        accum_iter, lr, min_lr, warmup_epochs, epochs, clip_grad, print_freq, ema_momentum = 1, 0.1, 0, 0, 1, None, 4, 0.9
+
+    model = _NaNAfter(bad_step=5)
+    loader = [(torch.ones(2, 3, 4, 4), torch.zeros(2)) for _ in range(12)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*loss_mask nan"):
+        train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, Args())
+    assert model.calls == 8  # detected at the next read-back (every print_freq steps), not at the end

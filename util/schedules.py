@@ -1,0 +1,42 @@
+"""Training schedules as pure functions of progress, so that a resumed run needs no replay.
+
+Progress is measured in (fractional) epochs, `epoch + step_in_epoch / steps_per_epoch`, as in MAE.
+"""
+import math
+
+
+def cosine_lr(progress: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Linear warmup from 0 to `base_lr` over `warmup_epochs`, then a half-cosine down to `min_lr` at `epochs`."""
+    if progress < warmup_epochs:
+        return base_lr * progress / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    t = min(max((progress - warmup_epochs) / span, 0.0), 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def cosine_momentum(progress: float, start: float, epochs: float, end: float = 1.0) -> float:
+    """EMA momentum rising from `start` to `end` along a half-cosine over the run (BYOL / DINO)."""
+    t = min(max(progress / max(epochs, 1e-12), 0.0), 1.0)
+    return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Sets every group's lr, honouring a per-group `lr_scale` (layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def reachable_pred_ratio(num_views: int, mask_ratio: float) -> float:
+    """The largest prediction rate K views of corruption rate m can cover: min(1, K * m)."""
+    return min(1.0, num_views * mask_ratio)
+
+
+def adaptive_lr(blr: float, images_per_step: int, pred_ratio: float, mask_ratio: float):
+    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate).
+
+    Each image counts once however many views it has. Returns the lr and a line that shows every factor.
+    """
+    lr = blr * images_per_step / 256 * (pred_ratio / mask_ratio)
+    line = (f"lr = blr {blr:.3g} x {images_per_step} images / 256 x (pred_ratio {pred_ratio:.3g} / mask_ratio "
+            f"{mask_ratio:.3g}) = {lr:.4g}")
+    return lr, line
