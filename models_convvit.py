@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block
 
 from util.pos_embed import sincos_pos_embed_2d
 
-__all__ = ["ConvViT", "ViT", "gather_tokens", "visible_token_ids"]
+__all__ = ["ConvViT", "ViT", "gather_tokens", "visible_token_ids", "init_linear_and_norm"]
 
 BlockNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -47,7 +47,7 @@ def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def _init_linear_and_norm(module: nn.Module) -> None:
+def init_linear_and_norm(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)  # as MAE / the JAX ViT
         if module.bias is not None:
@@ -191,7 +191,7 @@ class ConvViT(_Encoder):
             self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], patch_size[2], stride=patch_size[2])
         self._build_head(BlockNorm)
 
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)
         w = self.patch_embed3.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the last embed acts as a linear patch projection
         if num_classes > 0:
@@ -248,7 +248,7 @@ class ViT(_Encoder):
             for i in range(depth)])
         self._build_head(BlockNorm)
 
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if num_classes > 0:

@@ -23,7 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models.vision_transformer import Block
 
-from models_convvit import CONVVIT_ARCHS, VIT_ARCHS, BlockNorm, ConvViT, ViT, gather_tokens, visible_token_ids
+from models_convvit import (CONVVIT_ARCHS, VIT_ARCHS, BlockNorm, ConvViT, ViT, gather_tokens, init_linear_and_norm,
+                            visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks
 from util.pos_embed import sincos_pos_embed_2d
@@ -148,7 +149,7 @@ class DMJD(nn.Module):
         for module in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred,
                        self.visible_branch]:
             if module is not None:
-                module.apply(_init_weights)
+                module.apply(init_linear_and_norm)
         nn.init.normal_(self.mask_token, std=0.02)
 
     # -- helpers ----------------------------------------------------------------------------------------------------
@@ -226,16 +227,6 @@ class DMJD(nn.Module):
             loss = loss + self.theta * loss_vis
             losses["loss_vis"] = loss_vis.detach()
         return loss, losses
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -231,3 +231,16 @@ def test_bad_model_arguments():
     model = tiny_dmjd()
     with pytest.raises(ValueError, match="masks of shape"):
         model(images(), torch.zeros(2, 2, 10, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_loss_matches_fp32(dtype):
+    model = tiny_dmjd()
+    x = real_images()
+    masks = model.make_masks(4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, _ = model(x, masks)
+        with torch.autocast("cpu", dtype=dtype):
+            low, parts = model(x, masks)
+    assert low.dtype == torch.float32 and parts["loss_mask"].dtype == torch.float32
+    torch.testing.assert_close(low, ref, rtol=0.05, atol=0.02)
