@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block
 
 from util.pos_embed import sincos_pos_embed_2d
 
-__all__ = ["ConvViT", "ViT", "gather_tokens", "visible_token_ids", "init_linear_and_norm"]
+__all__ = ["ConvViT", "ViT", "LinearProbe", "gather_tokens", "visible_token_ids", "init_linear_and_norm"]
 
 BlockNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -232,6 +232,12 @@ class ConvViT(_Encoder):
                 x = x + (gather_tokens(feat, ids) if ids is not None else feat)
         return self.norm(x)
 
+    def group_matcher(self, coarse: bool = False):
+        """Layer groups for layer-wise lr decay: the conv stages, every patch embedding and the position embedding
+        are layer 0, transformer block i is layer i + 1, the final norms and the head come last."""
+        return dict(stem=r"^(?:pos_embed|patch_embed\d|blocks1\.|blocks2\.|stage\d_output_decode)",
+                    blocks=[(r"^blocks3\.(\d+)", None), (r"^norm", (99999,))])
+
 
 class ViT(_Encoder):
     """Plain ViT without class token (MaskFeat-style backbone): patch embedding, sin-cos positions, blocks."""
@@ -262,6 +268,34 @@ class ViT(_Encoder):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^(?:pos_embed|patch_embed)", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+
+class LinearProbe(nn.Module):
+    """A frozen encoder (no gradients, always in eval mode), the mean of its final-norm tokens, then BatchNorm
+    without affine and a linear classifier: the only parameters that learn are the classifier's."""
+
+    def __init__(self, encoder: _Encoder, num_classes: int):
+        super().__init__()
+        if encoder.global_pool or encoder.num_classes:
+            raise ValueError("the probe takes an encoder built with global_pool=False and num_classes=0")
+        self.encoder = encoder.requires_grad_(False)
+        self.head = nn.Sequential(nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6),
+                                  nn.Linear(encoder.embed_dim, num_classes))
+        trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.encoder.forward_features(x).mean(dim=1)
+        return self.head(features)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

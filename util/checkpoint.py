@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from util.pos_embed import resample_pos_embed
+
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Writes to a temporary file in the same folder, then renames: a crash never leaves a half-written file."""
@@ -69,3 +71,89 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, what: str 
         raise RuntimeError(f"the checkpoint's {what} does not match this architecture: missing keys: {show(missing)}; "
                            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}")
     module.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-trained encoders for fine-tuning and probing.
+
+# Keys that only the pre-training model uses: the decoder, the mask token, the visible branch (ours:
+# `visible_branch`; the released code: `proj_embed`, `predictor`) and the multi-scale fusion projections.
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "visible_branch.", "proj_embed.", "predictor.",
+                          "stage1_output_decode.", "stage2_output_decode.")
+
+
+def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
+    """The encoder's weights from any of: our pre-training checkpoint (`model` holds `encoder.*` and the heads;
+    `key="teacher"` takes the EMA teacher), the authors' released DMJD checkpoints (`model` holds the encoder at the
+    top level, with `patch_embed1..4`, `blocks1..3`, `norm`, beside the decoder and projector), an encoder-only
+    export, or a bare state dict. Pre-training-only keys are dropped."""
+    if key in checkpoint and isinstance(checkpoint[key], dict):
+        state = checkpoint[key]
+    elif key != "model":
+        raise KeyError(f"the checkpoint has no {key!r} entry (it has {sorted(checkpoint)})")
+    else:
+        state = checkpoint
+    if state is None:
+        raise KeyError(f"the checkpoint's {key!r} entry is empty")
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+
+
+def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
+    """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
+
+    Loads with weights_only=True; drops pre-training-only keys and a head whose shape does not fit; resamples the
+    position embedding to the model's grid.
+    """
+    checkpoint = load_checkpoint(path)
+    state = encoder_state_dict(checkpoint, key)
+    own = model.state_dict()
+    for name in [k for k in state if k.startswith("head.")]:
+        if name not in own or own[name].shape != state[name].shape:
+            del state[name]  # a classifier for other classes (or none): the new head starts fresh
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        old_grid = None
+        args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else None
+        if args and args.get("input_size") and getattr(model, "patch_size", None):
+            side = int(args["input_size"]) // model.patch_size
+            old_grid = (side, side) if side * side == state["pos_embed"].shape[1] else None
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size, old_grid)
+        print(f"resampled pos_embed from {old_grid or 'a square grid'} to {model.grid_size}")
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if mismatched:
+        raise RuntimeError(f"{path}: shapes differ from the model for {', '.join(mismatched[:10])}: "
+                           "is it another architecture?")
+    result = model.load_state_dict(state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.", "fc_norm.")) -> None:
+    """Fails, naming the keys, when any encoder weight was not in the checkpoint."""
+    absent = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    if absent:
+        raise RuntimeError(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
+                         f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
+    print(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
+
+
+def export_encoder(path: str, out_path: str, key: str = "model") -> None:
+    """Writes an encoder-only checkpoint {"model": encoder state dict} from a pre-training checkpoint."""
+    checkpoint = load_checkpoint(path)
+    state = {"model": encoder_state_dict(checkpoint, key)}
+    if isinstance(checkpoint.get("args"), dict):
+        state["args"] = checkpoint["args"]
+    save_checkpoint(state, out_path)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser("export the encoder of a DMJD pre-training checkpoint")
+    parser.add_argument("checkpoint")
+    parser.add_argument("output")
+    parser.add_argument("--key", default="model", choices=["model", "teacher"],
+                        help="the student encoder, or the EMA teacher's")
+    cli = parser.parse_args()
+    export_encoder(cli.checkpoint, cli.output, cli.key)
+    print(f"wrote {cli.output}")

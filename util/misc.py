@@ -85,6 +85,13 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
 def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
@@ -95,3 +102,18 @@ def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, scaler, parameters, clip_grad=None) -> None:
+    """One optimizer step from accumulated gradients: unscale (fp16), clip, step, update the scaler, zero."""
+    if scaler is not None:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

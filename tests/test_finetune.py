@@ -1,0 +1,257 @@
+"""Fine-tuning and linear probing: checkpoint loading, layer decay, the probe, and both scripts end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.optim import param_groups_layer_decay
+
+import models_convvit  # noqa: F401
+import models_dmjd  # noqa: F401
+from main_linprobe import lars_param_groups
+from models_convvit import LinearProbe
+from util.checkpoint import check_encoder_loaded, export_encoder, load_pretrained, save_checkpoint
+from util.classification import ShardSampler
+from util.transforms import eval_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrain_checkpoint(path, model_name="dmjd_convit_tiny_patch16_dec1_hog", img_size=64, **kwargs):
+    torch.manual_seed(1)
+    model = timm.create_model(model_name, img_size=img_size, **kwargs)
+    with torch.no_grad():  # move the weights away from any fresh initialisation
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_checkpoint({"model": model.state_dict(), "epoch": 0, "args": {"input_size": img_size}}, str(path))
+    return model
+
+
+def released_style(dmjd_state):
+    """Our pre-training state dict renamed to the authors' release: no `encoder.` prefix, `proj_embed` and
+    `predictor.0` for the visible branch; the decoder keys already match."""
+    out = {}
+    for k, v in dmjd_state.items():
+        k = k.removeprefix("encoder.")
+        k = k.replace("visible_branch.projector.", "proj_embed.").replace("visible_branch.predictor.", "predictor.0.")
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("classifier, dmjd", [("convvit_tiny_patch16", "dmjd_convit_tiny_patch16_dec1_hog"),
+                                              ("vit_tiny_patch16", "dmjd_vit_tiny_patch16_dec1_hog")])
+def test_pretraining_checkpoint_loads_every_encoder_weight(tmp_path, classifier, dmjd):
+    pretrained = pretrain_checkpoint(tmp_path / "pre.pth", dmjd)
+    model = timm.create_model(classifier, img_size=64, num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        before = model.forward_features(x)
+    missing, unexpected = load_pretrained(model, str(tmp_path / "pre.pth"))
+    check_encoder_loaded(missing, unexpected, "pre.pth")
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert sorted(unexpected) == ["norm.bias", "norm.weight"]  # global pooling uses fc_norm instead
+    state = model.state_dict()
+    for k, v in pretrained.encoder.state_dict().items():
+        if k in state:
+            assert torch.equal(state[k], v), k
+    with torch.no_grad():
+        assert not torch.allclose(model.forward_features(x), before)
+
+
+def test_released_checkpoint_key_names_load_completely(tmp_path):
+    pretrained = pretrain_checkpoint(tmp_path / "ours.pth")
+    released = released_style(pretrained.state_dict())
+    assert {"patch_embed1.proj.weight", "patch_embed4.weight", "blocks1.0.attn.weight", "blocks3.0.attn.qkv.weight",
+            "stage1_output_decode.weight", "proj_embed.0.weight", "predictor.0.weight", "decoder_pred.weight",
+            "mask_token", "norm.weight"} <= set(released)
+    torch.save({"model": released, "epoch": 399}, tmp_path / "released.pth")
+    encoder = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=0, global_pool=False)
+    missing, unexpected = load_pretrained(encoder, str(tmp_path / "released.pth"))
+    assert missing == [] and unexpected == []
+    for k, v in pretrained.encoder.state_dict().items():
+        if not k.startswith("stage"):
+            assert torch.equal(encoder.state_dict()[k], v), k
+
+
+def test_encoder_names_match_the_released_convvit_base():
+    """Every encoder key of the released ConViT-B (from its module structure) exists here with the same shape."""
+    expected = {"pos_embed": (1, 196, 768), "patch_embed4.weight": (768, 768), "norm.weight": (768,),
+                "stage1_output_decode.weight": (768, 256, 4, 4), "stage2_output_decode.weight": (768, 384, 2, 2)}
+    for i, (dim, cin, k) in enumerate([(256, 3, 4), (384, 256, 2), (768, 384, 2)], start=1):
+        expected[f"patch_embed{i}.proj.weight"] = (dim, cin, k, k)
+        expected[f"patch_embed{i}.norm.weight"] = (dim,)
+    for stage, dim in ((1, 256), (2, 384)):
+        for b in range(2):
+            pre = f"blocks{stage}.{b}."
+            expected.update({pre + "norm1.weight": (dim,), pre + "conv1.weight": (dim, dim, 1, 1),
+                             pre + "attn.weight": (dim, 1, 5, 5), pre + "conv2.weight": (dim, dim, 1, 1),
+                             pre + "norm2.weight": (dim,), pre + "mlp.fc1.weight": (8 * dim, dim, 1, 1),
+                             pre + "mlp.fc2.weight": (dim, 8 * dim, 1, 1)})
+    for b in range(11):
+        pre = f"blocks3.{b}."
+        expected.update({pre + "norm1.weight": (768,), pre + "attn.qkv.weight": (2304, 768),
+                         pre + "attn.qkv.bias": (2304,), pre + "attn.proj.weight": (768, 768),
+                         pre + "norm2.weight": (768,), pre + "mlp.fc1.weight": (3072, 768),
+                         pre + "mlp.fc2.weight": (768, 3072)})
+    state = timm.create_model("dmjd_convit_base_patch16_dec8_hog").encoder.state_dict()
+    for k, shape in expected.items():
+        assert k in state and tuple(state[k].shape) == shape, k
+    # the released pre-training model keeps a single learned mask token and an 8-block, 512-wide decoder
+    model_state = timm.create_model("dmjd_convit_base_patch16_dec8_hog").state_dict()
+    assert tuple(model_state["decoder_blocks.7.mlp.fc1.weight"].shape) == (4096, 512)
+
+
+def test_missing_encoder_weights_fail_with_the_keys(tmp_path):
+    pretrain_checkpoint(tmp_path / "pre.pth")
+    state = torch.load(tmp_path / "pre.pth", weights_only=True)
+    del state["model"]["encoder.blocks3.0.attn.qkv.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    model = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=5)
+    missing, unexpected = load_pretrained(model, str(tmp_path / "broken.pth"))
+    with pytest.raises(RuntimeError, match="blocks3.0.attn.qkv.weight"):
+        check_encoder_loaded(missing, unexpected, "broken.pth")
+    other = timm.create_model("vit_tiny_patch16", img_size=64, num_classes=5)
+    missing, unexpected = load_pretrained(other, str(tmp_path / "pre.pth"))
+    with pytest.raises(RuntimeError, match="lacks"):
+        check_encoder_loaded(missing, unexpected, "pre.pth")
+
+
+def test_position_embedding_is_resampled_and_teacher_can_be_loaded(tmp_path):
+    pre = pretrain_checkpoint(tmp_path / "pre.pth", vis_target="ema")
+    teacher = models_dmjd.EMATeacher(pre.encoder)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.5)
+    ckpt = torch.load(tmp_path / "pre.pth", weights_only=True)
+    ckpt["teacher"] = teacher.state_dict()
+    torch.save(ckpt, tmp_path / "pre.pth")
+    model = timm.create_model("convvit_tiny_patch16", img_size=96, num_classes=5)
+    missing, _ = load_pretrained(model, str(tmp_path / "pre.pth"), key="teacher")
+    check_encoder_loaded(missing, [], "pre.pth")
+    assert model.pos_embed.shape == (1, 36, 64)
+    torch.testing.assert_close(model.patch_embed4.weight, teacher.encoder.patch_embed4.weight)
+
+
+def test_encoder_only_export_loads(tmp_path):
+    pretrain_checkpoint(tmp_path / "pre.pth")
+    export_encoder(str(tmp_path / "pre.pth"), str(tmp_path / "enc.pth"))
+    exported = torch.load(tmp_path / "enc.pth", weights_only=True)["model"]
+    assert not any(k.startswith(("decoder", "visible", "mask_token", "stage")) for k in exported)
+    encoder = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=0, global_pool=False)
+    missing, unexpected = load_pretrained(encoder, str(tmp_path / "enc.pth"))
+    assert missing == [] and unexpected == []
+
+
+def test_layer_decay_groups_follow_the_convvit_recipe():
+    model = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=5)  # 1 + 1 conv blocks, 2 blocks
+    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.65)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale_of = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert set(scale_of) == set(names.values())
+    depth = 2
+    for name, (scale, wd) in scale_of.items():
+        if name.startswith(("patch_embed", "pos_embed", "blocks1.", "blocks2.")):
+            layer = 0
+        elif name.startswith("blocks3."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            assert name.startswith(("fc_norm", "head")), name
+            layer = depth + 1
+        assert scale == pytest.approx(0.65 ** (depth + 1 - layer)), name
+        param = dict(model.named_parameters())[name]
+        assert wd == (0.0 if param.ndim == 1 or name == "pos_embed" else 0.05), name
+
+
+def test_linear_probe_trains_only_the_head():
+    encoder = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=0, global_pool=False)
+    probe = LinearProbe(encoder, 3)
+    frozen = {k: v.clone() for k, v in probe.encoder.state_dict().items()}
+    head = {k: v.clone() for k, v in probe.head.state_dict().items()}
+    optimizer = timm.optim.Lars(lars_param_groups(probe.head, 0.0), lr=0.5, momentum=0.9)
+    probe.train()
+    assert not probe.encoder.training and probe.head.training
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(probe(torch.randn(8, 3, 64, 64)), torch.randint(0, 3, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(v, frozen[k]) for k, v in probe.encoder.state_dict().items())
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    for k in ("1.weight", "1.bias", "0.running_mean", "0.running_var"):  # every part that should learn did
+        assert not torch.equal(probe.head.state_dict()[k], head[k]), k
+
+
+def test_eval_transform_resizes_to_input_over_0875():
+    img = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
+    tf = eval_transform(224)
+    assert tf.transforms[0].size == 256 and tf(img).shape == (3, 224, 224)
+
+
+def test_shard_sampler_covers_every_sample_once():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scripts end to end.
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c, cls in enumerate(("a", "b", "c")):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.full((72, 80, 3), 60 * c + 20, np.uint8) + rng.integers(0, 30, (72, 80, 3), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    pretrain_checkpoint(root / "pre.pth")
+    return root
+
+
+def script(name, data, out, *extra, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    cmd = launcher + [str(ROOT / name), "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "4",
+                      "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
+                      "--nb_classes", "3", "--print_freq", "2", "--data_path", str(data), "--output_dir", str(out),
+                      *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])
+def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
+    out = tmp_path / "run"
+    stdout = script(name, cls_data, out, "--finetune", str(cls_data / "pre.pth"))
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_count"] == 9 for r in log)
+    assert (out / "checkpoint-best.pth").exists() and (out / "checkpoint-last.pth").exists()
+    if name == "main_linprobe.py":
+        assert "trainable parameters: ['head.1.weight', 'head.1.bias']" in stdout
+        ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+        pre = torch.load(cls_data / "pre.pth", weights_only=True)["model"]
+        for k, v in ckpt["model"].items():  # the encoder stayed bit-identical to the pre-trained one
+            if k.startswith("encoder."):
+                assert torch.equal(v, pre[k]), k
+    stdout = script(name, cls_data, out, "--epochs", "3")
+    assert "continuing at epoch 2" in stdout
+    stdout = script(name, cls_data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-best.pth"))
+    assert "accuracy of the network on 9 test images" in stdout
+
+
+@pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])
+def test_script_with_torchrun_two_processes(cls_data, tmp_path, name):
+    stdout = script(name, cls_data, tmp_path / "ddp", "--epochs", "1", "--batch_size", "2", "--finetune",
+                    str(cls_data / "pre.pth"), torchrun=True)
+    assert "world size 2" in stdout and "on 9 images" in stdout  # sharded evaluation counts each image once
