@@ -185,11 +185,22 @@ class DMJD(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))
 
     # -- training step ----------------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                teacher: Optional[EMATeacher] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None).
+    def forward_outputs(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                        teacher: Optional[EMATeacher] = None, visible_branch: bool = True) -> Dict[str, torch.Tensor]:
+        """Runs both branches and returns what the losses (and pictures of the model) are computed from.
 
-        Returns the total loss and a dict of detached branch losses (tensors: no host sync here).
+        images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None).
+        `visible_branch=False` skips the visible branch (and needs no teacher), for pictures of the masked branch.
+
+        Returns a dict, rows of the view-stacked tensors ordered view-major (row k * B + b is view k of image b):
+            masks       bool [K, B, L], the masks used;
+            pred        float32 [K * B, L, T], the decoder's prediction at every token (the loss uses masked ones);
+            target      [B, L, T], the masked-branch target per image: whitened HOG (util.hog.hog_targets) or
+                        per-patch normalised pixels (normalized_pixel_targets of the normalised image);
+            vis_ids     long [K * B, L_visible], the visible tokens of each row in raster order;
+            vis_pred    float32 [K * B, L_visible, T_vis], the visible branch's prediction at those tokens;
+            vis_target  [K * B, L_visible, T_vis], its target (HOG, or the EMA teacher's tokens) at those tokens.
+        The `vis_*` entries are present only when the visible branch exists (theta > 0) and runs.
         """
         batch = images.shape[0]
         if masks is None:
@@ -197,7 +208,8 @@ class DMJD(nn.Module):
         if masks.dim() != 3 or masks.shape[1:] != (batch, self.grid_size[0] * self.grid_size[1]):
             raise ValueError(f"masks of shape {tuple(masks.shape)}, expected [K, {batch}, "
                              f"{self.grid_size[0] * self.grid_size[1]}]")
-        if self.uses_teacher and teacher is None:
+        run_visible = visible_branch and self.visible_branch is not None
+        if run_visible and self.vis_target == "ema" and teacher is None:
             raise ValueError("vis_target='ema' needs the EMA teacher passed to forward")
         num_views = masks.shape[0]
         mask = masks.reshape(num_views * batch, -1)
@@ -206,24 +218,37 @@ class DMJD(nn.Module):
 
         # Targets once per image; views only index them.
         hog = None
-        if self.pred_type == "hog" or (self.visible_branch is not None and self.vis_target == "hog"):
+        if self.pred_type == "hog" or (run_visible and self.vis_target == "hog"):
             hog = hog_targets(raw, self.patch_size, self.hog_cell_size, self.hog_bins)
         mask_target = hog if self.pred_type == "hog" else normalized_pixel_targets(x, self.patch_size)
 
         latent = self.encoder.forward_features(x.repeat(num_views, 1, 1, 1), mask)
+        outputs = {"masks": masks, "pred": self.decode(latent, mask).float(), "target": mask_target}
 
-        pred = self.decode(latent, mask).float()
-        per_token = (pred - mask_target.repeat(num_views, 1, 1)).pow(2).mean(dim=-1)
-        maskf = mask.float()
+        if run_visible:
+            vis_full = teacher(x) if self.vis_target == "ema" else hog
+            ids = visible_token_ids(mask)
+            outputs["vis_ids"] = ids
+            outputs["vis_target"] = gather_tokens(vis_full.repeat(num_views, 1, 1), ids)
+            outputs["vis_pred"] = self.visible_branch(latent).float()
+        return outputs
+
+    def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                teacher: Optional[EMATeacher] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None).
+
+        Returns the total loss and a dict of detached branch losses (tensors: no host sync here).
+        """
+        out = self.forward_outputs(images, masks, teacher)
+        num_views = out["masks"].shape[0]
+        per_token = (out["pred"] - out["target"].repeat(num_views, 1, 1)).pow(2).mean(dim=-1)
+        maskf = out["masks"].flatten(0, 1).float()
         loss_mask = (per_token * maskf).sum() / maskf.sum()
         losses = {"loss_mask": loss_mask.detach()}
 
         loss = loss_mask
-        if self.visible_branch is not None:
-            vis_full = teacher(x) if self.vis_target == "ema" else hog
-            vis_target = gather_tokens(vis_full.repeat(num_views, 1, 1), visible_token_ids(mask))
-            vis_pred = self.visible_branch(latent).float()
-            loss_vis = F.smooth_l1_loss(vis_pred, vis_target.float(), beta=self.vis_loss_beta)
+        if "vis_pred" in out:
+            loss_vis = F.smooth_l1_loss(out["vis_pred"], out["vis_target"].float(), beta=self.vis_loss_beta)
             loss = loss + self.theta * loss_vis
             losses["loss_vis"] = loss_vis.detach()
         return loss, losses

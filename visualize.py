@@ -1,0 +1,117 @@
+"""Pictures of what a pre-trained DMJD model predicts: masks, the tokens each view predicts, HOG targets and
+predictions (or pixel reconstructions), one row per image. See util/visualization.py for the panels.
+
+    python visualize.py --checkpoint out/tiny/checkpoint-last.pth --data_path data/fashion_mnist --output vis.png
+
+The model is rebuilt from the checkpoint's `args`; masking flags given here override them (e.g. --num_views 3).
+Without --checkpoint a randomly initialised model is drawn from --model and friends, for comparison.
+"""
+import argparse
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import models_dmjd  # noqa: F401  (registers the DMJD models with timm)
+from main_pretrain import build_model, get_args_parser as pretrain_args_parser, validate_args
+from util.checkpoint import load_checkpoint, load_state_dict_strict
+from util.datasets import image_folder
+from util.misc import resolve_device
+from util.visualization import make_figure
+
+# Flags shared with main_pretrain.py that shape the model and its masks.
+MODEL_FLAGS = ("model", "input_size", "num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size",
+               "pred_type", "vis_target", "theta")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DMJD pictures", add_help=True)
+    p.add_argument("--checkpoint", default="", help="a main_pretrain.py checkpoint (default: random init)")
+    p.add_argument("--data_path", required=True, help="ImageFolder root")
+    p.add_argument("--split", default="train", help="sub-folder of --data_path to read")
+    p.add_argument("--num_images", default=4, type=int, help="images (rows), spread evenly over the folder")
+    p.add_argument("--output", default="vis.png", help="PNG to write")
+    p.add_argument("--seed", default=0, type=int, help="seeds the masks")
+    p.add_argument("--min_panel", default=160, type=int, help="smallest panel side in pixels (nearest upscaling)")
+    p.add_argument("--min_glyph", default=12, type=int, help="smallest HOG cell in pixels (0: no extra upscaling)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g = p.add_argument_group("model (default: the checkpoint's, else main_pretrain.py's defaults)")
+    g.add_argument("--model", default=None)
+    g.add_argument("--input_size", default=None, type=int)
+    g.add_argument("--num_views", default=None, type=int)
+    g.add_argument("--mask_ratio", default=None, type=float)
+    g.add_argument("--pred_ratio", default=None, type=float)
+    g.add_argument("--mask_type", default=None, choices=["block", "rand"])
+    g.add_argument("--block_size", default=None, type=int)
+    g.add_argument("--pred_type", default=None, choices=["hog", "pixel"])
+    return p
+
+
+def model_args(args, saved: dict):
+    """main_pretrain.py's defaults, then the checkpoint's args, then the flags given here."""
+    merged = vars(pretrain_args_parser().parse_args([]))
+    merged.update({k: saved[k] for k in MODEL_FLAGS if k in saved})
+    given = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    if {"num_views", "mask_ratio"} & given.keys() and "pred_ratio" not in given:
+        merged["pred_ratio"] = None  # recomputed from the new views and ratio
+    merged.update(given)
+    merged = SimpleNamespace(**merged)
+    validate_args(merged)
+    return merged
+
+
+def load_images(data_path: str, split: str, input_size: int, num_images: int) -> torch.Tensor:
+    """A centre crop of `num_images` images spread evenly over the folder (so over its classes): uint8 [N, 3, S, S]."""
+    transform = transforms.Compose([
+        transforms.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.PILToTensor(),
+    ])
+    dataset = image_folder(data_path, split, transform)
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(num_images, len(dataset))).round().astype(int))
+    return torch.stack([dataset[int(i)][0] for i in picks])
+
+
+def main(args):
+    if args.num_images < 1:
+        raise SystemExit(f"error: --num_images must be >= 1, got {args.num_images}")
+    saved = {}
+    if args.checkpoint:
+        try:
+            ckpt = load_checkpoint(args.checkpoint)
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from None
+        if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("args"), dict):
+            raise SystemExit(f"error: {args.checkpoint} is not a main_pretrain.py checkpoint (a dict with 'model' and "
+                             f"an 'args' dict)")
+        saved = ckpt["args"]
+    margs = model_args(args, saved)
+    torch.manual_seed(args.seed)  # the weights of a random model
+    model = build_model(margs)
+    if args.checkpoint:
+        try:
+            load_state_dict_strict(model, ckpt["model"])
+        except RuntimeError as err:
+            raise SystemExit(f"error: {args.checkpoint}: {err}") from None
+        print(f"loaded {args.checkpoint} (epoch {ckpt.get('epoch', '?')})")
+    else:
+        print(f"no --checkpoint: a randomly initialised {margs.model}")
+    device = resolve_device(args.device)
+    model.to(device)
+
+    images = load_images(args.data_path, args.split, margs.input_size, args.num_images)
+    figure = make_figure(model, images, seed=args.seed, min_panel=args.min_panel, min_glyph=args.min_glyph)
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(figure).save(args.output)
+    print(f"{margs.model} at {margs.input_size} px, {margs.num_views} view(s), mask_ratio {margs.mask_ratio}, "
+          f"pred_ratio {margs.pred_ratio:.3g}, {margs.pred_type} target: {len(images)} images")
+    print(os.path.abspath(args.output))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
