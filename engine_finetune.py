@@ -1,5 +1,6 @@
 """One epoch of supervised training (fine-tuning or linear probing) and evaluation."""
 import contextlib
+import math
 import time
 from typing import Dict, Optional
 
@@ -27,13 +28,19 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader, optimizer: t
     lr = float("nan")
 
     optimizer.zero_grad(set_to_none=True)
-    for it, (images, targets) in enumerate(data_loader):
+    for it, (images, targets, _) in enumerate(data_loader):  # util.datasets.skip_bad_collate batches
         if it >= iters:
             break
         progress = epoch + it / iters
         if it % accum == 0:
             lr = cosine_lr(progress, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
             set_lr(optimizer, lr)
+        # A batch whose files were all unreadable still takes its step (every DDP rank must), with zero weight.
+        weight = 1.0
+        if images is None:
+            images, targets, weight = torch.zeros(2, 3, args.input_size, args.input_size), torch.zeros(2).long(), 0.0
+        if mixup_fn is not None and len(images) % 2:  # an unreadable file left an odd batch: Mixup needs pairs
+            images, targets = images[:-1], targets[:-1]
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -44,7 +51,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader, optimizer: t
         with no_sync:
             with autocast_context(device, amp_dtype):
                 outputs = model(images)
-            loss = criterion(outputs.float(), targets)
+            loss = criterion(outputs.float(), targets) * weight
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if sync_now:
@@ -55,7 +62,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader, optimizer: t
         window_count += 1
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             mean = (window / window_count).item()
-            if not torch.isfinite(torch.tensor(mean)):
+            if not math.isfinite(mean):
                 raise RuntimeError(f"non-finite loss {mean} in epoch {epoch} before iteration {it + 1}; stopping")
             step_time = (time.time() - window_start) / window_count
             print(f"Epoch [{epoch}] [{it + 1}/{iters}]  lr {lr:.3e}  loss {mean:.4f}  {step_time:.3f} s/it", flush=True)
@@ -76,7 +83,9 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     processes (each sample counted once when the loader shards the set without padding)."""
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count
-    for images, targets in data_loader:
+    for images, targets, _ in data_loader:
+        if images is None:  # every file of the batch was unreadable (each was named in a warning)
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp_dtype):

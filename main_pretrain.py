@@ -20,7 +20,7 @@ from engine_pretrain import NonFiniteLossError, train_one_epoch
 from models_dmjd import EMATeacher
 from util.checkpoint import (find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
                              periodic_checkpoint_path, prune_periodic_checkpoints, save_checkpoint)
-from util.datasets import build_pretrain_dataset
+from util.datasets import build_pretrain_dataset, skip_bad_collate
 from util.misc import cleanup_distributed, init_distributed, seed_everything
 from util.schedules import adaptive_lr, reachable_pred_ratio
 
@@ -55,6 +55,9 @@ def get_args_parser():
     g.add_argument("--min_lr", default=0.0, type=float)
     g.add_argument("--warmup_epochs", default=20, type=float)
     g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (3.0 for ConViT-L)")
+    g.add_argument("--skip_nonfinite", default=0, type=int,
+                   help="skip up to N optimizer steps with a non-finite loss in the run, then stop (0: stop at the "
+                        "first; N > 0 reads the loss back every step)")
 
     g = p.add_argument_group("run")
     g.add_argument("--data_path", default="/datasets/imagenet", type=str, help="ImageFolder root holding train/")
@@ -90,9 +93,19 @@ def validate_args(args) -> None:
     if args.pred_ratio > reachable + 1e-6:
         bad("--pred_ratio", f"{args.pred_ratio} cannot be reached by {args.num_views} view(s) of mask_ratio "
                             f"{args.mask_ratio} (at most {reachable:.3g}); add views or lower it")
-    for flag in ("batch_size", "accum_iter", "epochs", "input_size", "print_freq", "save_freq"):
+    for flag in ("batch_size", "accum_iter", "epochs", "input_size", "print_freq", "save_freq", "block_size"):
         if getattr(args, flag) < 1:
             bad(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
+    for flag in ("keep_last", "skip_nonfinite", "num_workers", "weight_decay", "min_lr"):
+        if getattr(args, flag) < 0:
+            bad(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
+    for flag in ("blr", "lr", "clip_grad"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            bad(f"--{flag}", f"must be > 0, got {getattr(args, flag)}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        bad("--device", f"must be auto, cpu, cuda or cuda:<index>, got {args.device!r}")
+    if args.resume and not os.path.isfile(args.resume):
+        bad("--resume", f"{args.resume!r} is not a file")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
         bad("--warmup_epochs", f"must be in [0, --epochs], got {args.warmup_epochs}")
     if args.theta < 0:
@@ -108,6 +121,18 @@ def validate_args(args) -> None:
                                                                 f"; choose from {', '.join(timm.list_models('dmjd_*'))}"))
 
 
+def check_dataset_size(num_images: int, args, world_size: int) -> None:
+    """An epoch must hold at least one optimizer step on every process (drop_last batches)."""
+    per_step = args.batch_size * world_size
+    if num_images < per_step:
+        raise SystemExit(f"error: --batch_size {args.batch_size} x {world_size} processes needs at least "
+                         f"that many images; {args.data_path}/train has {num_images}")
+    batches = num_images // per_step
+    if batches < args.accum_iter:
+        raise SystemExit(f"error: --accum_iter {args.accum_iter} needs {args.accum_iter} batches of {args.batch_size} "
+                         f"per process in an epoch; {num_images} images over {world_size} processes give {batches}")
+
+
 def build_model(args):
     try:
         return timm.create_model(
@@ -119,9 +144,9 @@ def build_model(args):
 
 
 def main(args):
+    validate_args(args)
     dist_info = init_distributed(args.device)
     device = dist_info.device
-    validate_args(args)
     amp_name = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     amp_dtype = AMP_DTYPES[amp_name]
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}  device {device}, world size {dist_info.world_size}, "
@@ -144,10 +169,11 @@ def main(args):
     print(f"{args.batch_size} images x {args.num_views} views per process, accum {args.accum_iter}, "
           f"{images_per_step} unique images per optimizer step")
 
-    dataset = build_pretrain_dataset(args.data_path, args.input_size, args.min_crop_scale)
-    if len(dataset) < args.batch_size * dist_info.world_size:
-        raise SystemExit(f"error: --batch_size {args.batch_size} x {dist_info.world_size} processes needs at least "
-                         f"that many images; {args.data_path}/train has {len(dataset)}")
+    try:
+        dataset = build_pretrain_dataset(args.data_path, args.input_size, args.min_crop_scale)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    check_dataset_size(len(dataset), args, dist_info.world_size)
     print(f"dataset: {len(dataset)} images in {args.data_path}/train")
     if dist_info.distributed:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_info.world_size,
@@ -156,7 +182,7 @@ def main(args):
         sampler = torch.utils.data.RandomSampler(dataset)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=skip_bad_collate,
         persistent_workers=args.num_workers > 0)
 
     if dist_info.distributed:
@@ -168,7 +194,7 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
 
-    start_epoch = 0
+    start_epoch = nonfinite_skipped = 0
     resume = find_resume(args.resume, args.output_dir)
     if resume:
         ckpt = load_checkpoint(resume)
@@ -181,6 +207,7 @@ def main(args):
                 raise SystemExit(f"error: {resume} has no EMA teacher; it was not trained with --vis_target ema")
             load_state_dict_strict(teacher, ckpt["teacher"], "teacher")
         start_epoch = ckpt["epoch"] + 1
+        nonfinite_skipped = ckpt.get("nonfinite_skipped", 0)  # --skip_nonfinite counts over the whole run
         print(f"resumed from {resume}: continuing at epoch {start_epoch}")
 
     log_writer = None
@@ -192,7 +219,7 @@ def main(args):
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "teacher": teacher.state_dict() if teacher is not None else None,
-                "epoch": epoch, "args": {k: v for k, v in vars(args).items()}}
+                "epoch": epoch, "nonfinite_skipped": nonfinite_skipped, "args": {k: v for k, v in vars(args).items()}}
 
     print(f"training epochs {start_epoch} to {args.epochs - 1}")
     start_time = time.time()
@@ -203,9 +230,13 @@ def main(args):
             sampler.set_epoch(epoch)
         try:
             stats = train_one_epoch(model, loader, optimizer, device, epoch, args, amp_dtype, scaler, teacher,
-                                    model_without_ddp.encoder, log_writer)
+                                    model_without_ddp.encoder, log_writer, nonfinite_skipped)
         except NonFiniteLossError as err:
             raise SystemExit(f"error: {err}") from None
+        if stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
+            raise SystemExit(f"error: no image of epoch {epoch} could be read ({stats['bad_images']} files failed, "
+                             f"see the warnings above); check --data_path {args.data_path}")
+        nonfinite_skipped += stats["nonfinite_skipped"]
         if dist_info.is_main:
             state = checkpoint_state(epoch)
             save_checkpoint(state, last_checkpoint_path(args.output_dir))

@@ -2,9 +2,10 @@
 
 Both expose one interface used by pre-training, fine-tuning and linear probing:
 
-- `forward_features(x, mask=None)`: `x` [N, 3, H, W] normalised images, `mask` bool [N, L] with True = masked
-  (every row masking the same number of tokens). Returns the final-norm tokens at the VISIBLE positions, in raster
-  order, [N, L_visible, D]. Masked tokens are dropped before the transformer, as in MAE.
+- `forward_features(x, mask=None, visible_ids=None)`: `x` [N, 3, H, W] normalised images, `mask` bool [N, L] with
+  True = masked (every row masking the same number of tokens). Returns the final-norm tokens at the VISIBLE
+  positions, in raster order, [N, L_visible, D]. Masked tokens are dropped before the transformer, as in MAE.
+  `visible_ids` (from `visible_token_ids`) saves recomputing them when the caller has them.
 - `forward(x)`: classification (global average pool, `fc_norm`, `head`) when built with `num_classes > 0`.
 
 Parameter names follow the released ConvMAE/DMJD checkpoints (`patch_embed1..4`, `blocks1..3`, `norm`,
@@ -32,12 +33,14 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def visible_token_ids(mask: torch.Tensor) -> torch.Tensor:
+def visible_token_ids(mask: torch.Tensor, num_visible: Optional[int] = None) -> torch.Tensor:
     """Indices of the visible tokens of each row of a bool mask [N, L], in raster order: [N, L_visible].
 
-    Every row must hide the same number of tokens (the masking functions guarantee it).
+    Every row must hide the same number of tokens (the masking functions guarantee it). Pass `num_visible` when it
+    is known: counting it reads the mask back to the host, which stalls a GPU step.
     """
-    num_visible = mask.shape[1] - int(mask[0].sum())
+    if num_visible is None:
+        num_visible = mask.shape[1] - int(mask[0].sum())
     # A stable sort of the 0/1 mask puts visible tokens first and keeps their raster order.
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
 
@@ -202,7 +205,8 @@ class ConvViT(_Encoder):
         visible = (~mask).reshape(-1, 1, *self.grid_size).float()
         return visible.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
-    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                         visible_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_input(x, mask)
         s1, s2, s3 = self.stage_strides
         vis1 = vis2 = None
@@ -221,8 +225,9 @@ class ConvViT(_Encoder):
         x = self.patch_embed3(x).flatten(2).transpose(1, 2)
         x = self.patch_embed4(x) + self.pos_embed
 
-        ids = visible_token_ids(mask) if mask is not None else None
-        if ids is not None:
+        ids = None
+        if mask is not None:
+            ids = visible_token_ids(mask) if visible_ids is None else visible_ids
             x = gather_tokens(x, ids)
         for blk in self.blocks3:
             x = blk(x)
@@ -260,11 +265,12 @@ class ViT(_Encoder):
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=2e-5)
 
-    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                         visible_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check_input(x, mask)
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         if mask is not None:
-            x = gather_tokens(x, visible_token_ids(mask))
+            x = gather_tokens(x, visible_token_ids(mask) if visible_ids is None else visible_ids)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -302,6 +308,9 @@ class LinearProbe(nn.Module):
 # Named architectures. `*_encoder_args` are shared with the DMJD factories in models_dmjd.py.
 
 CONVVIT_ARCHS = {
+    # stride 8 (2 x 2 x 2) for 32-pixel images such as Fashion-MNIST in the demo
+    "mini": dict(patch_size=(2, 2, 2), embed_dim=(32, 64, 128), depth=(1, 1, 3), num_heads=4,
+                 mlp_ratio=(4.0, 4.0, 4.0)),
     "tiny": dict(embed_dim=(32, 48, 64), depth=(1, 1, 2), num_heads=2, mlp_ratio=(4.0, 4.0, 2.0)),
     "small": dict(embed_dim=(128, 256, 384), depth=(2, 2, 11), num_heads=6, mlp_ratio=(4.0, 4.0, 4.0)),
     "base": dict(embed_dim=(256, 384, 768), depth=(2, 2, 11), num_heads=12, mlp_ratio=(8.0, 8.0, 4.0)),
@@ -327,6 +336,12 @@ def _classifier_defaults(kwargs):
 def _no_pretrained(pretrained: bool, name: str):
     if pretrained:
         raise ValueError(f"{name}: no hub weights; load a checkpoint with util.checkpoint instead")
+
+
+@register_model
+def convvit_mini_patch8(pretrained=False, **kwargs):
+    _no_pretrained(pretrained, "convvit_mini_patch8")
+    return ConvViT(**CONVVIT_ARCHS["mini"], **_classifier_defaults(kwargs))
 
 
 @register_model

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block
 from models_convvit import (CONVVIT_ARCHS, VIT_ARCHS, BlockNorm, ConvViT, ViT, gather_tokens, init_linear_and_norm,
                             visible_token_ids)
 from util.hog import hog_targets
-from util.masking import disjoint_masks
+from util.masking import disjoint_masks, num_masked_units
 from util.pos_embed import sincos_pos_embed_2d
 
 PRED_TYPES = ("hog", "pixel")
@@ -168,17 +168,23 @@ class DMJD(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.pixel_mean) / self.pixel_std
 
+    @property
+    def num_visible_tokens(self) -> int:
+        """Visible patches per view of the masks that make_masks draws."""
+        unit = self.block_size if self.mask_type == "block" else 1
+        n_units = (self.grid_size[0] // unit) * (self.grid_size[1] // unit)
+        return (n_units - num_masked_units(n_units, self.mask_ratio)) * unit * unit
+
     def make_masks(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return disjoint_masks(batch_size, self.grid_size, self.num_views, self.mask_ratio, self.pred_ratio,
                               self.mask_type, self.block_size, generator=generator, device=device)
 
-    def decode(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Visible tokens [N, Lv, D] and mask [N, L] -> predictions at all L tokens [N, L, target_dim]."""
+    def decode(self, latent: torch.Tensor, visible_ids: torch.Tensor) -> torch.Tensor:
+        """Visible tokens [N, Lv, D] at `visible_ids` [N, Lv] -> predictions at all L tokens [N, L, target_dim]."""
         x = self.decoder_embed(latent)
-        n, length = mask.shape
-        full = self.mask_token.to(x.dtype).expand(n, length, -1).clone()
-        ids = visible_token_ids(mask)
-        full.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        length = self.grid_size[0] * self.grid_size[1]
+        full = self.mask_token.to(x.dtype).expand(x.shape[0], length, -1).clone()
+        full.scatter_(1, visible_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         x = full + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -203,8 +209,10 @@ class DMJD(nn.Module):
         The `vis_*` entries are present only when the visible branch exists (theta > 0) and runs.
         """
         batch = images.shape[0]
+        num_visible = None  # counted from given masks; known for our own (no host sync in the training step)
         if masks is None:
             masks = self.make_masks(batch, device=images.device)
+            num_visible = self.num_visible_tokens
         if masks.dim() != 3 or masks.shape[1:] != (batch, self.grid_size[0] * self.grid_size[1]):
             raise ValueError(f"masks of shape {tuple(masks.shape)}, expected [K, {batch}, "
                              f"{self.grid_size[0] * self.grid_size[1]}]")
@@ -222,12 +230,12 @@ class DMJD(nn.Module):
             hog = hog_targets(raw, self.patch_size, self.hog_cell_size, self.hog_bins)
         mask_target = hog if self.pred_type == "hog" else normalized_pixel_targets(x, self.patch_size)
 
-        latent = self.encoder.forward_features(x.repeat(num_views, 1, 1, 1), mask)
-        outputs = {"masks": masks, "pred": self.decode(latent, mask).float(), "target": mask_target}
+        ids = visible_token_ids(mask, num_visible)
+        latent = self.encoder.forward_features(x.repeat(num_views, 1, 1, 1), mask, ids)
+        outputs = {"masks": masks, "pred": self.decode(latent, ids).float(), "target": mask_target}
 
         if run_visible:
             vis_full = teacher(x) if self.vis_target == "ema" else hog
-            ids = visible_token_ids(mask)
             outputs["vis_ids"] = ids
             outputs["vis_target"] = gather_tokens(vis_full.repeat(num_views, 1, 1), ids)
             outputs["vis_pred"] = self.visible_branch(latent).float()
@@ -278,6 +286,14 @@ _DEC2 = dict(decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16, decod
 _VIT_DEC8 = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4.0)
 _TINY_DEC = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, decoder_mlp_ratio=2.0,
                  projector_dim=64)
+
+
+@register_model
+def dmjd_convit_mini_patch8_hog(pretrained=False, **kwargs):
+    """The demo model: 32-pixel images, 4 x 4 tokens, HOG cells of 4 pixels (108 numbers per token)."""
+    decoder = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, decoder_mlp_ratio=2.0,
+                   projector_dim=64, hog_cell_size=4)
+    return _build(ConvViT, CONVVIT_ARCHS["mini"], decoder, dict(kwargs, pretrained=pretrained))
 
 
 @register_model

@@ -255,3 +255,20 @@ def test_script_with_torchrun_two_processes(cls_data, tmp_path, name):
     stdout = script(name, cls_data, tmp_path / "ddp", "--epochs", "1", "--batch_size", "2", "--finetune",
                     str(cls_data / "pre.pth"), torchrun=True)
     assert "world size 2" in stdout and "on 9 images" in stdout  # sharded evaluation counts each image once
+
+
+def test_finetune_skips_unreadable_files(cls_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(cls_data / "train", data / "train")
+    shutil.copytree(cls_data / "val", data / "val")
+    (data / "train" / "a" / "empty.png").write_bytes(b"")
+    (data / "val" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "main_finetune.py"), "--model", "convvit_tiny_patch16", "--input_size", "64",
+           "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
+           "--nb_classes", "3", "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "empty.png" in proc.stderr and "broken.png" in proc.stderr
+    assert "on 9 images" in proc.stdout  # the 9 readable validation images are all counted, the broken one is not

@@ -244,3 +244,10 @@ def test_autocast_loss_matches_fp32(dtype):
             low, parts = model(x, masks)
     assert low.dtype == torch.float32 and parts["loss_mask"].dtype == torch.float32
     torch.testing.assert_close(low, ref, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"mask_type": "rand", "mask_ratio": 0.75}, {"num_views": 3, "mask_ratio": 0.7}])
+def test_known_visible_count_matches_the_masks(kwargs):
+    model = tiny_dmjd(**kwargs)
+    masks = model.make_masks(3)
+    assert (~masks).sum(-1).unique().tolist() == [model.num_visible_tokens]

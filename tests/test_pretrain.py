@@ -1,6 +1,8 @@
 """main_pretrain.py end to end on a tiny ImageFolder (CPU, gloo)."""
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import main_pretrain
 from engine_pretrain import NonFiniteLossError, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +161,111 @@ def test_nonfinite_loss_stops_naming_the_step():
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*loss_mask nan"):
         train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, Args())
     assert model.calls == 8  # detected at the next read-back (every print_freq steps), not at the end
+
+
+class _NaNAt(torch.nn.Module):
+    """Finite losses except at the given calls: a NaN loss, or (grad_only) a finite loss with a NaN gradient."""
+
+    def __init__(self, bad_calls, grad_only=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.bad_calls, self.grad_only, self.calls = set(bad_calls), grad_only, 0
+
+    def forward(self, images, teacher=None):
+        loss = self.weight * images.float().mean()
+        if self.calls in self.bad_calls:
+            # sqrt(w - w) is 0 with gradient 0 * inf = NaN
+            loss = loss + torch.sqrt(self.weight - self.weight) if self.grad_only else loss * float("nan")
+        self.calls += 1
+        return loss, {"loss_mask": loss.detach(), "loss_vis": 2 * loss.detach()}
+
+
+class _CountingTeacher:
+    updates = 0
+
+    def update(self, student, momentum):
+        self.updates += 1
+
+
+def _skip_args(skip_nonfinite, accum_iter=1):
+    class Args:
+        lr, min_lr, warmup_epochs, epochs, clip_grad, print_freq, ema_momentum = 0.1, 0.1, 0, 1, None, 4, 0.9
+    Args.skip_nonfinite, Args.accum_iter = skip_nonfinite, accum_iter
+    return Args()
+
+
+@pytest.mark.parametrize("grad_only", [False, True])
+def test_skip_nonfinite_skips_the_update_and_the_teacher(grad_only):
+    model, teacher = _NaNAt({2, 5}, grad_only), _CountingTeacher()
+    loader = [(torch.ones(2, 3, 4, 4), torch.zeros(2), 0) for _ in range(8)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, _skip_args(2), teacher=teacher,
+                            student_encoder=model)
+    assert stats["nonfinite_skipped"] == 2 and teacher.updates == 6
+    assert torch.isfinite(model.weight) and model.weight.item() == pytest.approx(1 - 6 * 0.1)
+    assert np.isfinite(stats["loss"])  # the skipped steps are left out of the means
+
+
+def test_skip_nonfinite_stops_after_n_naming_the_step_and_both_losses():
+    model = _NaNAt({1, 3})
+    loader = [(torch.ones(2, 3, 4, 4), torch.zeros(2), 0) for _ in range(8)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # One skip was spent in an earlier epoch; accumulation pairs calls 0-1 and 2-3: step 1 is skipped, 3 stops.
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*loss_mask nan, loss_vis nan; 2 earlier"):
+        train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, _skip_args(2, accum_iter=2),
+                        nonfinite_skipped_before=1)
+    assert model.calls == 4 and torch.isfinite(model.weight)  # stopped before the update, not at a later read-back
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block_size", "0"], "--block_size must be >= 1"),
+    (["--keep_last", "-1"], "--keep_last must be >= 0"),
+    (["--skip_nonfinite", "-1"], "--skip_nonfinite must be >= 0"),
+    (["--num_workers", "-2"], "--num_workers must be >= 0"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--blr", "-1"], "--blr must be > 0"),
+    (["--clip_grad", "0"], "--clip_grad must be > 0"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda"),
+    (["--resume", "no/such/checkpoint.pth"], "--resume 'no/such/checkpoint.pth' is not a file"),
+    (["--mask_ratio", "0"], "--mask_ratio must be in (0, 1)"),
+    (["--num_views", "0"], "--num_views must be >= 1"),
+    (["--epochs", "2", "--warmup_epochs", "5"], "--warmup_epochs must be in [0, --epochs]"),
+    (["--theta", "-1"], "--theta must be >= 0"),
+    (["--ema_momentum", "1.5"], "--ema_momentum must be in [0, 1]"),
+    (["--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1]"),
+])
+def test_validate_args_names_the_flag(flags, message):
+    args = main_pretrain.get_args_parser().parse_args(flags)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main_pretrain.validate_args(args)
+
+
+@pytest.mark.parametrize("images, world_size, batch, accum, message", [
+    (16, 8, 4, 1, "--batch_size 4 x 8 processes needs at least"),
+    (16, 1, 4, 5, "--accum_iter 5 needs 5 batches of 4 per process in an epoch; 16 images over 1 processes give 4"),
+    (16, 2, 4, 3, "--accum_iter 3 needs"),
+])
+def test_dataset_too_small_for_the_step_is_an_early_error(images, world_size, batch, accum, message):
+    args = main_pretrain.get_args_parser().parse_args(["--batch_size", str(batch), "--accum_iter", str(accum)])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main_pretrain.check_dataset_size(images, args, world_size)
+    args.accum_iter = 1
+    main_pretrain.check_dataset_size(images, args, 1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multinode_c10d_rendezvous_on_loopback(data_root, tmp_path):
+    """The rendezvous that multi-node runs use (PRETRAIN.md), with one node of two processes."""
+    out = tmp_path / "c10d"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=dmjd_test"]
+    proc = run(launcher + pretrain_cmd(data_root, out, "--epochs", "1")[1:])
+    assert "world size 2" in proc.stdout and "x 8 images / 256" in proc.stdout
+    log = read_log(out)
+    assert len(log) == 1 and log[0]["train_steps"] == 2 and log[0]["train_images"] == 16

@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict, save_checkpoint
-from util.datasets import image_folder
+from util.datasets import image_folder, skip_bad_collate
 from util.misc import DistInfo, cleanup_distributed, init_distributed, seed_everything
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -94,7 +94,8 @@ def build_loaders(args, run: Run, train_transform, val_transform):
         val_sampler = ShardSampler(len(val_set), dist_info.rank, dist_info.world_size)
     else:
         val_sampler = torch.utils.data.SequentialSampler(val_set)
-    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and run.device.type == "cuda")
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and run.device.type == "cuda",
+                  collate_fn=skip_bad_collate)
     val_loader = torch.utils.data.DataLoader(val_set, sampler=val_sampler, batch_size=args.batch_size,
                                              drop_last=False, **common)
     if args.eval:

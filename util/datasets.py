@@ -1,10 +1,99 @@
 """Image folders and transforms. Pre-training batches are uint8 crops: they travel to the device once and are
-normalised there, next to the HOG target that needs the raw pixel values."""
-import os
+normalised there, next to the HOG target that needs the raw pixel values.
 
+Bad files do not stop a run. An image that cannot be read (zero bytes, truncated, not an image at all) is skipped
+with an `UnreadableImageWarning` naming the file: the dataset returns None for it, and `skip_bad_collate` drops the
+Nones and counts them, so every batch is `(images, labels, num_bad)`. Images in other modes than RGB (grayscale,
+alpha, palette, CMYK, 16-bit) are converted to RGB.
+"""
+import os
+import warnings
+from typing import List, Optional, Tuple
+
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
+
+# Transparent pixels are shown over white, as an image viewer would show them.
+ALPHA_BACKGROUND = (255, 255, 255, 255)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnreadableImageWarning(UserWarning):
+    """A file in the dataset could not be decoded; it was skipped."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL mode to 8-bit RGB.
+
+    Alpha (RGBA, LA, PA, palettes or grayscale with a transparent colour) is composited over white. 16-bit images
+    (I;16*, and I, which is how Pillow may open them) are scaled from 0-65535 to 0-255: Pillow's own convert()
+    clips them at 255, which turns most 16-bit images white. Float images (F) are taken to be in [0, 1].
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        gray = np.rint(np.clip(np.asarray(image, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if "A" in mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, ALPHA_BACKGROUND), rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, 1, CMYK, YCbCr; a mode Pillow cannot convert raises (a bad image)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decodes the whole file now (Pillow is lazy), so that truncation is found here, and returns RGB."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    return to_rgb(image)
+
+
+class RobustImageFolder(datasets.ImageFolder):
+    """ImageFolder (same `classes`, `class_to_idx`, `samples`, `targets`) whose unreadable files give None.
+
+    Use it with `skip_bad_collate`. Only decoding is guarded: an error in the transform is a bug and is raised.
+    """
+
+    def __init__(self, root: str, transform=None, target_transform=None):
+        super().__init__(root, transform=transform, target_transform=target_transform, loader=load_rgb)
+
+    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, int]]:
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}",
+                          UnreadableImageWarning)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def skip_bad_collate(batch: List[Optional[tuple]]):
+    """Collates the readable samples of a batch and counts the skipped ones.
+
+    Returns `(images, labels, num_bad)`. A batch with bad files is smaller than `batch_size`; when none of its files
+    could be read, images and labels are None (the training engines then still take their step, see
+    engine_pretrain.train_one_epoch). num_bad is a plain int: counting needs no device sync.
+    """
+    good = [sample for sample in batch if sample is not None]
+    num_bad = len(batch) - len(good)
+    if not good:
+        return None, None, num_bad
+    images, labels = default_collate(good)
+    return images, labels, num_bad
 
 
 def pretrain_transform(input_size: int, min_crop_scale: float = 0.5) -> transforms.Compose:
@@ -15,18 +104,18 @@ def pretrain_transform(input_size: int, min_crop_scale: float = 0.5) -> transfor
     ])
 
 
-def image_folder(data_path: str, split: str, transform) -> datasets.ImageFolder:
+def image_folder(data_path: str, split: str, transform) -> RobustImageFolder:
+    """`<data_path>/<split>/<class>/<image>` as a RobustImageFolder; a missing or empty folder fails here."""
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no '{split}/' folder under --data_path {data_path!r}: expected an ImageFolder "
                                 f"tree {root}/<class>/<image>")
     try:
-        dataset = datasets.ImageFolder(root, transform=transform)
+        dataset = RobustImageFolder(root, transform=transform)
     except FileNotFoundError as err:  # no class folders, or class folders without images
         raise FileNotFoundError(f"{root} holds no images in class sub-folders: {err}") from None
     return dataset
 
 
-def build_pretrain_dataset(data_path: str, input_size: int, min_crop_scale: float = 0.5) -> datasets.ImageFolder:
+def build_pretrain_dataset(data_path: str, input_size: int, min_crop_scale: float = 0.5) -> RobustImageFolder:
     return image_folder(data_path, "train", pretrain_transform(input_size, min_crop_scale))
-

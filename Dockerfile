@@ -1,0 +1,19 @@
+# DMJD on GPUs. torch and torchvision come with the base image; requirements.txt adds the rest without reinstalling
+# them (the image's versions already meet its lower bounds). Another base: --build-arg BASE_IMAGE=<image>.
+#   docker build -t dmjd .
+#   docker run --gpus all --ipc=host -v /path/to/imagenet:/data -v /path/to/out:/out dmjd \
+#       torchrun --nproc_per_node=8 main_pretrain.py --data_path /data --output_dir /out/dmjd_convit_b
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /workspace/dmjd
+
+# Dependencies first: a code change does not reinstall them.
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt \
+    && python -c "import torch, torchvision, timm, submitit; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+COPY . .
+CMD ["python", "main_pretrain.py", "--help"]

@@ -1,0 +1,211 @@
+"""Bad and unusual image files: converted to RGB, or skipped with a warning naming them and counted."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torchvision import datasets
+
+import models_dmjd  # noqa: F401  (registers the DMJD models)
+from engine_pretrain import train_one_epoch
+from util.datasets import (RobustImageFolder, UnreadableImageWarning, build_pretrain_dataset, image_folder, load_rgb,
+                           skip_bad_collate, to_rgb)
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_FILES = ("empty.jpg", "truncated.png", "truncated.jpg", "notes.JPEG")
+
+
+def _shape(rng, channels=3):
+    img = np.full((72, 80, channels), 30, np.uint8)
+    y, x = rng.integers(0, 50, 2)
+    img[y:y + 20, x:x + 25] = rng.integers(60, 256, channels)
+    return img
+
+
+def _save_truncated(image, path, fmt):
+    full = path.with_suffix(".full")
+    image.save(full, fmt)
+    data = full.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    full.unlink()
+
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory):
+    """16 files: 12 readable in 7 modes, 4 unreadable (zero bytes, truncated PNG and JPEG, text named .JPEG)."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    good, odd = root / "train" / "good", root / "train" / "odd"
+    good.mkdir(parents=True)
+    odd.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(_shape(rng)).save(good / f"{i}.png")
+    Image.fromarray(_shape(rng, 1)[..., 0], "L").save(odd / "gray.jpg")
+    Image.fromarray(_shape(rng, 2), "LA").save(odd / "gray_alpha.png")
+    Image.fromarray(_shape(rng, 4), "RGBA").save(odd / "rgba.png")
+    Image.fromarray(_shape(rng)).convert("P").save(odd / "palette.png")
+    Image.fromarray(_shape(rng)).convert("CMYK").save(odd / "cmyk.jpg")
+    Image.fromarray(_shape(rng, 1)[..., 0].astype(np.uint16) * 257).save(odd / "sixteen_bit.png")
+    (odd / "empty.jpg").write_bytes(b"")
+    _save_truncated(Image.fromarray(_shape(rng)), odd / "truncated.png", "PNG")
+    _save_truncated(Image.fromarray(_shape(rng)), odd / "truncated.jpg", "JPEG")
+    (odd / "notes.JPEG").write_text("not an image\n")
+    return root
+
+
+def test_modes_convert_to_rgb():
+    gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(gray, "L"))), np.stack([gray] * 3, -1))
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0] = (200, 10, 20, 255)  # opaque row keeps its colour
+    rgba[1] = (200, 10, 20, 0)  # transparent row shows the white background
+    out = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    assert out[0].tolist() == [[200, 10, 20]] * 2 and out[1].tolist() == [[255, 255, 255]] * 2
+
+    la = Image.fromarray(np.dstack([np.full((2, 2), 90, np.uint8), np.full((2, 2), 255, np.uint8)]), "LA")
+    assert np.asarray(to_rgb(la)).tolist() == [[[90, 90, 90]] * 2] * 2
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert np.asarray(to_rgb(palette)).tolist() == [[[0, 0, 0], [10, 200, 30]]]
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(palette)).tolist() == [[[255, 255, 255], [10, 200, 30]]]
+
+    cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
+    assert np.asarray(to_rgb(cmyk)).tolist() == [[[255, 0, 0]]]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_is_scaled_not_clipped(mode, tmp_path):
+    values = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    image = Image.fromarray(values) if mode == "I;16" else Image.fromarray(values.astype(np.int32), "I")
+    assert image.mode == mode
+    out = np.asarray(to_rgb(image))
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    assert out.min() == 0 and out.max() == 255 and abs(out.mean() - 127.5) < 1  # Pillow's convert would give ~255
+    assert np.abs(out[..., 0].astype(int) - values / 257).max() <= 0.5
+    # The same through a 16-bit PNG on disk.
+    Image.fromarray(values).save(tmp_path / "a.png")
+    assert np.array_equal(np.asarray(load_rgb(str(tmp_path / "a.png"))), out)
+
+
+def test_unreadable_files_give_none_and_a_warning_naming_them(mixed_root):
+    dataset = build_pretrain_dataset(str(mixed_root), 64)
+    assert isinstance(dataset, datasets.ImageFolder) and dataset.classes == ["good", "odd"]
+    assert len(dataset.samples) == len(dataset.targets) == 16 and dataset.class_to_idx == {"good": 0, "odd": 1}
+    for index, (path, _) in enumerate(dataset.samples):
+        if os.path.basename(path) in BAD_FILES:
+            with pytest.warns(UnreadableImageWarning, match=os.path.basename(path)):
+                assert dataset[index] is None
+        else:
+            image, label = dataset[index]
+            assert image.dtype == torch.uint8 and image.shape == (3, 64, 64) and label == dataset.targets[index]
+
+
+def test_skip_bad_collate_drops_and_counts():
+    sample = (torch.zeros(3, 4, 4, dtype=torch.uint8), 1)
+    images, labels, num_bad = skip_bad_collate([sample, None, sample, None])
+    assert images.shape == (2, 3, 4, 4) and labels.tolist() == [1, 1] and num_bad == 2
+    assert skip_bad_collate([None, None]) == (None, None, 2)
+
+
+def test_empty_folders_fail_clearly(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        image_folder(str(tmp_path), "train", None)
+    (tmp_path / "train" / "a").mkdir()
+    (tmp_path / "train" / "a" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        image_folder(str(tmp_path), "train", None)
+    assert RobustImageFolder.__mro__[1] is datasets.ImageFolder
+
+
+def test_a_batch_without_readable_images_still_steps_without_moving_the_weights():
+    torch.manual_seed(0)
+    model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    args = SimpleNamespace(accum_iter=1, lr=0.5, min_lr=0.5, warmup_epochs=0, epochs=1, clip_grad=None,
+                           print_freq=10, input_size=64, skip_nonfinite=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train_one_epoch(model, [(None, None, 4)], optimizer, torch.device("cpu"), 0, args)
+    assert stats["steps"] == 1 and stats["images"] == 0 and stats["bad_images"] == 4 and stats["empty_batches"] == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the placeholder crop has no weight in the gradient
+
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    stats = train_one_epoch(model, [(images, None, 1), (None, None, 2)], optimizer, torch.device("cpu"), 0, args)
+    assert stats["images"] == 2 and stats["bad_images"] == 3 and stats["empty_batches"] == 1
+    assert np.isfinite(stats["loss"]) and stats["loss"] > 0  # averaged over the batches with images only
+    assert not torch.equal(model.state_dict()["decoder_pred.weight"], before["decoder_pred.weight"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pretraining_skips_and_counts_bad_files(mixed_root, tmp_path, workers):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "main_pretrain.py"), "--model", "dmjd_convit_tiny_patch16_dec1_hog",
+           "--input_size", "64", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0",
+           "--num_workers", str(workers), "--device", "cpu", "--print_freq", "1",
+           "--data_path", str(mixed_root), "--output_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in BAD_FILES:  # 16 files in batches of 4: every file is drawn once
+        assert f"skipping unreadable image {mixed_root / 'train' / 'odd' / name}" in proc.stderr, name
+    assert "4 unreadable images skipped" in proc.stdout
+    (record,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert record["train_bad_images"] == 4 and record["train_images"] == 12
+    assert record["train_steps"] == 4 and np.isfinite(record["train_loss"])
+
+
+DDP_STEP_SCRIPT = """
+import datetime, json, os
+from types import SimpleNamespace
+import timm, torch, torch.distributed as dist
+import models_dmjd
+from engine_pretrain import train_one_epoch
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+torch.manual_seed(0)
+model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
+# rank 0 meets a batch without any readable image at its second step; rank 1 never does
+batches = [(images, None, 0), (None, None, 2), (images, None, 1)] if rank == 0 else [(images, None, 0)] * 3
+args = SimpleNamespace(accum_iter=1, lr=1e-3, min_lr=1e-3, warmup_epochs=0, epochs=1, clip_grad=None, print_freq=1,
+                       input_size=64, skip_nonfinite=0)
+stats = train_one_epoch(torch.nn.parallel.DistributedDataParallel(model), batches, optimizer, torch.device("cpu"),
+                        0, args)
+print(json.dumps({"stats": stats, "checksum": sum(p.double().sum().item() for p in model.parameters()),
+                  "steps": [int(s["step"]) for s in optimizer.state.values()][0]}))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_take_the_same_steps_when_one_has_no_readable_image():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_STEP_SCRIPT], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK=str(rank),
+                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0]["steps"] == results[1]["steps"] == 3
+    assert results[0]["checksum"] == results[1]["checksum"]  # the replicas stayed identical
+    for result in results:  # counts summed over the ranks
+        assert result["stats"]["images"] == 10 and result["stats"]["bad_images"] == 3
+        assert result["stats"]["empty_batches"] == 1
