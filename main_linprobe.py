@@ -26,6 +26,7 @@ def get_args_parser():
     p.add_argument("--accum_iter", default=1, type=int)
     p.add_argument("--model", default="convvit_base_patch16", type=str)
     p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--min_crop_scale", default=0.08, type=float, help="RandomResizedCrop's smallest area fraction")
     p.add_argument("--weight_decay", default=0.0, type=float)
     p.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr x total batch / 256)")
     p.add_argument("--blr", default=0.1, type=float, help="0.1 for ConViT-B, 0.05 for ConViT-L")
@@ -48,12 +49,14 @@ def lars_param_groups(head: torch.nn.Module, weight_decay: float):
 
 
 def main(args):
+    if not 0 < args.min_crop_scale <= 1:
+        raise SystemExit(f"error: --min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
     run = setup_run(args)
     check_model_name(args.model)
     if args.lr is None:
         args.lr = args.blr * run.images_per_step / 256
         print(f"lr = blr {args.blr:.3g} x {run.images_per_step} images / 256 = {args.lr:.4g}")
-    loaders = build_loaders(args, run, linprobe_transform(args.input_size), eval_transform(args.input_size))
+    loaders = build_loaders(args, run, linprobe_transform(args.input_size, args.min_crop_scale), eval_transform(args.input_size))
 
     encoder = timm.create_model(args.model, img_size=args.input_size, num_classes=0, global_pool=False)
     if args.finetune:

@@ -20,9 +20,10 @@ from engine_pretrain import NonFiniteLossError, train_one_epoch
 from models_dmjd import EMATeacher
 from util.checkpoint import (find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
                              periodic_checkpoint_path, prune_periodic_checkpoints, save_checkpoint)
-from util.datasets import build_pretrain_dataset, skip_bad_collate
+from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate
 from util.misc import cleanup_distributed, init_distributed, seed_everything
 from util.schedules import adaptive_lr, reachable_pred_ratio
+from util.visualization import make_figure
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -66,10 +67,13 @@ def get_args_parser():
     g.add_argument("--device", default="auto", type=str, help="auto, cuda or cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", type=str, help="checkpoint to resume (default: output_dir's last one)")
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)")
+    g.add_argument("--vis_freq", default=20, type=int,
+                   help="TensorBoard picture of masks and predictions every N epochs (0 = never)")
     g.add_argument("--print_freq", default=20, type=int, help="read losses back from the device every N steps")
     g.add_argument("--num_workers", default=10, type=int)
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
@@ -96,7 +100,7 @@ def validate_args(args) -> None:
     for flag in ("batch_size", "accum_iter", "epochs", "input_size", "print_freq", "save_freq", "block_size"):
         if getattr(args, flag) < 1:
             bad(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
-    for flag in ("keep_last", "skip_nonfinite", "num_workers", "weight_decay", "min_lr"):
+    for flag in ("keep_last", "vis_freq", "skip_nonfinite", "num_workers", "weight_decay", "min_lr"):
         if getattr(args, flag) < 0:
             bad(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
     for flag in ("blr", "lr", "clip_grad"):
@@ -185,6 +189,8 @@ def main(args):
         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=skip_bad_collate,
         persistent_workers=args.num_workers > 0)
 
+    if args.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay as they are
     if dist_info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -214,6 +220,9 @@ def main(args):
     if dist_info.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    vis_images = None
+    if dist_info.is_main and args.vis_freq > 0:
+        vis_images = sample_images(args.data_path, "train", args.input_size, 4).to(device)
 
     def checkpoint_state(epoch):
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
@@ -246,6 +255,9 @@ def main(args):
             record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if vis_images is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
+                figure = make_figure(model_without_ddp, vis_images, min_glyph=0)
+                log_writer.add_image("masks_and_predictions", figure, epoch, dataformats="HWC")
             log_writer.flush()
     total = time.time() - start_time
     print(f"training time {datetime.timedelta(seconds=int(total))}")

@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 import models_dmjd  # noqa: F401  (registers the DMJD models with timm)
 from main_pretrain import build_model, get_args_parser as pretrain_args_parser, validate_args
 from util.checkpoint import load_checkpoint, load_state_dict_strict
-from util.datasets import image_folder
+from util.datasets import sample_images
 from util.misc import resolve_device
 from util.visualization import make_figure
 
@@ -64,18 +64,6 @@ def model_args(args, saved: dict):
     return merged
 
 
-def load_images(data_path: str, split: str, input_size: int, num_images: int) -> torch.Tensor:
-    """A centre crop of `num_images` images spread evenly over the folder (so over its classes): uint8 [N, 3, S, S]."""
-    transform = transforms.Compose([
-        transforms.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.PILToTensor(),
-    ])
-    dataset = image_folder(data_path, split, transform)
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(num_images, len(dataset))).round().astype(int))
-    return torch.stack([dataset[int(i)][0] for i in picks])
-
-
 def main(args):
     if args.num_images < 1:
         raise SystemExit(f"error: --num_images must be >= 1, got {args.num_images}")
@@ -103,7 +91,7 @@ def main(args):
     device = resolve_device(args.device)
     model.to(device)
 
-    images = load_images(args.data_path, args.split, margs.input_size, args.num_images)
+    images = sample_images(args.data_path, args.split, margs.input_size, args.num_images)
     figure = make_figure(model, images, seed=args.seed, min_panel=args.min_panel, min_glyph=args.min_glyph)
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)

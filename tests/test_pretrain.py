@@ -69,7 +69,11 @@ def test_pretrain_runs_logs_and_resumes(data_root, tmp_path):
     assert [r["epoch"] for r in log] == [0, 1]
     assert all(np.isfinite(r["train_loss"]) and r["train_loss_vis"] > 0 for r in log)
     assert sorted(os.listdir(out)).count("checkpoint-1.pth") == 1 and not (out / "checkpoint-0.pth").exists()
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    assert {"train/loss", "train/loss_mask", "train/loss_vis", "train/lr", "train/momentum"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Images("masks_and_predictions")] == [1]  # --vis_freq 20: the last epoch
     ckpt = load(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 1 and ckpt["teacher"] is not None and isinstance(ckpt["args"], dict)
 

@@ -119,3 +119,25 @@ def image_folder(data_path: str, split: str, transform) -> RobustImageFolder:
 
 def build_pretrain_dataset(data_path: str, input_size: int, min_crop_scale: float = 0.5) -> RobustImageFolder:
     return image_folder(data_path, "train", pretrain_transform(input_size, min_crop_scale))
+
+
+def sample_images(data_path: str, split: str, input_size: int, num_images: int) -> torch.Tensor:
+    """Centre crops of `num_images` readable images spread evenly over the folder (so over its classes), for
+    pictures: uint8 [N, 3, S, S]."""
+    transform = transforms.Compose([
+        transforms.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.PILToTensor(),
+    ])
+    dataset = image_folder(data_path, split, transform)
+    step = max(1, len(dataset) // max(1, num_images))
+    picked = []
+    for index in list(range(0, len(dataset), step)) + list(range(len(dataset))):
+        sample = dataset[index]
+        if sample is not None:
+            picked.append(sample[0])
+        if len(picked) == num_images:
+            break
+    if not picked:
+        raise ValueError(f"no readable image in {data_path}/{split}")
+    return torch.stack(picked)

@@ -23,9 +23,9 @@ def finetune_transform(input_size: int, auto_augment: str = "rand-m9-mstd0.5-inc
                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def linprobe_transform(input_size: int) -> transforms.Compose:
+def linprobe_transform(input_size: int, min_crop_scale: float = 0.08) -> transforms.Compose:
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(input_size, scale=(min_crop_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
