@@ -352,9 +352,9 @@ def test_bad_inputs_raise():
 def test_cpu_and_cuda_agree():
     images = torch.cat([_to_tensor(crop[:64, :64]) for crop in _real_crops().values()])
     cpu_hist = hog_histograms(images)
-    cuda_hist = hog_histograms(images.cuda())
+    cuda_hist = hog_histograms(images.to("cuda"))
     assert cuda_hist.device.type == "cuda"
     torch.testing.assert_close(cuda_hist.cpu(), cpu_hist, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(
-        hog_targets(images.cuda(), 16).cpu(), hog_targets(images, 16), rtol=1e-4, atol=1e-4
+        hog_targets(images.to("cuda"), 16).cpu(), hog_targets(images, 16), rtol=1e-4, atol=1e-4
     )
