@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine_pretrain import autocast_context
 from util.misc import all_reduce_mean, all_reduce_sum, apply_gradients
-from util.schedules import cosine_lr, set_lr
+from util.schedules import adjust_learning_rate, epoch_iterations
 
 
 def train_one_epoch(model: torch.nn.Module, criterion, data_loader, optimizer: torch.optim.Optimizer,
@@ -17,9 +17,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader, optimizer: t
                     mixup_fn=None, log_writer=None) -> Dict[str, float]:
     model.train()
     accum = args.accum_iter
-    iters = (len(data_loader) // accum) * accum
-    if iters == 0:
-        raise ValueError(f"an epoch has {len(data_loader)} batches per process, fewer than --accum_iter {accum}")
+    iters = epoch_iterations(len(data_loader), accum)
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), device=device)
@@ -33,8 +31,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, data_loader, optimizer: t
             break
         progress = epoch + it / iters
         if it % accum == 0:
-            lr = cosine_lr(progress, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            set_lr(optimizer, lr)
+            lr = adjust_learning_rate(optimizer, progress, args)
         # A batch whose files were all unreadable still takes its step (every DDP rank must), with zero weight.
         weight = 1.0
         if images is None:

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 import torch
 
 from util.misc import all_reduce_min, all_reduce_sum, apply_gradients
-from util.schedules import cosine_lr, cosine_momentum, set_lr
+from util.schedules import adjust_learning_rate, cosine_momentum, epoch_iterations
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,9 +40,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     """
     model.train()
     accum = args.accum_iter
-    iters = (len(data_loader) // accum) * accum  # a partial accumulation at the end would leak into the next epoch
-    if iters == 0:
-        raise ValueError(f"an epoch has {len(data_loader)} batches per process, fewer than --accum_iter {accum}")
+    iters = epoch_iterations(len(data_loader), accum)
     steps_per_epoch = iters // accum
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     skip_budget = getattr(args, "skip_nonfinite", 0)
@@ -65,8 +63,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
             break
         progress = epoch + it / iters
         if it % accum == 0:
-            lr = cosine_lr(progress, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-            set_lr(optimizer, lr)
+            lr = adjust_learning_rate(optimizer, progress, args)
         images = batch[0]
         bad_images += batch[2] if len(batch) > 2 else 0
         has_images = images is not None and len(images) > 0

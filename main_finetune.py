@@ -15,7 +15,7 @@ from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401  (registers the classifiers with timm)
 from util.checkpoint import check_encoder_loaded, load_pretrained
-from util.classification import add_run_args, build_loaders, check_model_name, fit, setup_run
+from util.classification import add_run_args, build_loaders, check_classifier_name, fit, setup_run
 from util.transforms import eval_transform, finetune_transform
 
 
@@ -65,7 +65,7 @@ def get_args_parser():
 
 def main(args):
     run = setup_run(args)
-    check_model_name(args.model)
+    check_classifier_name(args.model)
     if args.lr is None:
         args.lr = args.blr * run.images_per_step / 256
         print(f"lr = blr {args.blr:.3g} x {run.images_per_step} images / 256 = {args.lr:.4g}")

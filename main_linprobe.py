@@ -15,7 +15,7 @@ from timm.optim import Lars
 import models_convvit  # noqa: F401  (registers the encoders with timm)
 from models_convvit import LinearProbe
 from util.checkpoint import check_encoder_loaded, load_pretrained
-from util.classification import add_run_args, build_loaders, check_model_name, fit, setup_run
+from util.classification import add_run_args, build_loaders, check_classifier_name, fit, setup_run
 from util.transforms import eval_transform, linprobe_transform
 
 
@@ -52,7 +52,7 @@ def main(args):
     if not 0 < args.min_crop_scale <= 1:
         raise SystemExit(f"error: --min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
     run = setup_run(args)
-    check_model_name(args.model)
+    check_classifier_name(args.model)
     if args.lr is None:
         args.lr = args.blr * run.images_per_step / 256
         print(f"lr = blr {args.blr:.3g} x {run.images_per_step} images / 256 = {args.lr:.4g}")

@@ -21,11 +21,10 @@ from models_dmjd import EMATeacher
 from util.checkpoint import (find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
                              periodic_checkpoint_path, prune_periodic_checkpoints, save_checkpoint)
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate
-from util.misc import cleanup_distributed, init_distributed, seed_everything
+from util.misc import check_model_name, cleanup_distributed, init_distributed, resolve_amp, seed_everything
 from util.schedules import adaptive_lr, reachable_pred_ratio
 from util.visualization import make_figure
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 def get_args_parser():
@@ -118,11 +117,7 @@ def validate_args(args) -> None:
         bad("--ema_momentum", f"must be in [0, 1], got {args.ema_momentum}")
     if not 0 < args.min_crop_scale <= 1:
         bad("--min_crop_scale", f"must be in (0, 1], got {args.min_crop_scale}")
-    if args.model not in timm.list_models("dmjd_*"):
-        import difflib
-        close = difflib.get_close_matches(args.model, timm.list_models("dmjd_*"), n=3, cutoff=0.4)
-        bad("--model", f"{args.model!r} is not a DMJD model" + (f"; did you mean {', '.join(close)}?" if close else
-                                                                f"; choose from {', '.join(timm.list_models('dmjd_*'))}"))
+    check_model_name(args.model, timm.list_models("dmjd_*"), "a DMJD model")
 
 
 def check_dataset_size(num_images: int, args, world_size: int) -> None:
@@ -151,8 +146,7 @@ def main(args):
     validate_args(args)
     dist_info = init_distributed(args.device)
     device = dist_info.device
-    amp_name = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
-    amp_dtype = AMP_DTYPES[amp_name]
+    amp_name, amp_dtype = resolve_amp(args.amp, device)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}  device {device}, world size {dist_info.world_size}, "
           f"amp {amp_name}")
     print(json.dumps(vars(args), indent=1, default=str))

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401  (registers the models)
 from engine_pretrain import autocast_context  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
-from util.misc import resolve_device, synchronize  # noqa: E402
+from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
 
 # Each path switches on one fast path over the plain fp32 step; "all" switches on every one that applies.
 PATHS = ("plain", "fused_attn", "fused_adamw", "channels_last", "bf16", "compile", "all")
@@ -109,7 +109,7 @@ def count_flops(model, teacher, images, device, amp_dtype):
 
 
 def time_path(args, device, path: Path, images):
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[path.amp]
+    amp_dtype = AMP_DTYPES[path.amp]
     model, step_model, teacher, optimizer = build(args, device, path)
     if path.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

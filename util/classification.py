@@ -2,7 +2,6 @@
 evaluation, best/last checkpoints, log.txt and TensorBoard."""
 import argparse
 import datetime
-import difflib
 import json
 import os
 import time
@@ -16,10 +15,8 @@ from torch.utils.tensorboard import SummaryWriter
 from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint import find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict, save_checkpoint
 from util.datasets import image_folder, skip_bad_collate
-from util.misc import DistInfo, cleanup_distributed, init_distributed, seed_everything
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
+from util.misc import (DistInfo, check_model_name, cleanup_distributed, init_distributed, resolve_amp,
+                        seed_everything)
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and run")
@@ -58,20 +55,16 @@ def setup_run(args) -> Run:
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise SystemExit(f"error: --warmup_epochs must be in [0, --epochs], got {args.warmup_epochs}")
     dist_info = init_distributed(args.device)
-    amp_name = ("bf16" if dist_info.device.type == "cuda" else "none") if args.amp == "auto" else args.amp
+    amp_name, amp_dtype = resolve_amp(args.amp, dist_info.device)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}  device {dist_info.device}, "
           f"world size {dist_info.world_size}, amp {amp_name}")
     print(json.dumps(vars(args), indent=1, default=str))
     seed_everything(args.seed + dist_info.rank)
-    return Run(dist_info, AMP_DTYPES[amp_name], args.batch_size * args.accum_iter * dist_info.world_size)
+    return Run(dist_info, amp_dtype, args.batch_size * args.accum_iter * dist_info.world_size)
 
 
-def check_model_name(name: str) -> None:
-    names = [n for n in timm.list_models(["convvit_*", "vit_*_patch16"]) if timm.is_model(n)]
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
-        raise SystemExit(f"error: --model {name!r} is not a classifier of this project" +
-                         (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(names)}"))
+def check_classifier_name(name: str) -> None:
+    check_model_name(name, timm.list_models(["convvit_*", "vit_*_patch16"]), "a classifier of this project")
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -1,6 +1,7 @@
 """Distributed set-up and small run-time helpers. Everything works on CPU (gloo) as well as CUDA (NCCL)."""
 import builtins
 import datetime
+import difflib
 import os
 import random
 from dataclasses import dataclass
@@ -33,6 +34,25 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
     return device
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_amp(name: str, device: torch.device):
+    """`--amp` -> (name, autocast dtype or None); "auto" is bf16 on CUDA and none (fp32) on CPU."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "none"
+    return name, AMP_DTYPES[name]
+
+
+def check_model_name(name: str, candidates, what: str) -> None:
+    """Exits naming --model and the closest registered names when `name` is not among `candidates`."""
+    candidates = list(candidates)
+    if name not in candidates:
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+        raise SystemExit(f"error: --model {name!r} is not {what}" +
+                         (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(candidates)}"))
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:

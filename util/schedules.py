@@ -20,6 +20,21 @@ def cosine_momentum(progress: float, start: float, epochs: float, end: float = 1
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def epoch_iterations(num_batches: int, accum_iter: int) -> int:
+    """Batches an epoch uses: whole accumulation windows only (a partial one would leak into the next epoch)."""
+    iters = (num_batches // accum_iter) * accum_iter
+    if iters == 0:
+        raise ValueError(f"an epoch has {num_batches} batches per process, fewer than --accum_iter {accum_iter}")
+    return iters
+
+
+def adjust_learning_rate(optimizer, progress: float, args) -> float:
+    """Sets the warmup + cosine lr of `progress` (fractional epochs) from args.lr/min_lr/warmup_epochs/epochs."""
+    lr = cosine_lr(progress, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    set_lr(optimizer, lr)
+    return lr
+
+
 def set_lr(optimizer, lr: float) -> None:
     """Sets every group's lr, honouring a per-group `lr_scale` (layer-wise decay)."""
     for group in optimizer.param_groups:
