@@ -45,6 +45,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     skip_budget = getattr(args, "skip_nonfinite", 0)
     check_every_step = skip_budget > 0
+    channels_last = getattr(args, "channels_last", False)
 
     names = ("loss", "loss_mask", "loss_vis")
     sums = torch.zeros(len(names), device=device)
@@ -73,6 +74,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
             empty_batches += 1
             images = torch.zeros(1, 3, args.input_size, args.input_size, dtype=torch.uint8)
         images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
 
         sync_now = (it + 1) % accum == 0
         no_sync = model.no_sync() if (is_ddp and not sync_now) else contextlib.nullcontext()

@@ -67,6 +67,8 @@ def get_args_parser():
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory for the conv stages and the input (default: on with CUDA, off on the CPU)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", type=str, help="checkpoint to resume (default: output_dir's last one)")
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
@@ -151,8 +153,15 @@ def main(args):
           f"amp {amp_name}")
     print(json.dumps(vars(args), indent=1, default=str))
 
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
+
     seed_everything(args.seed + dist_info.rank)
     model = build_model(args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights only; the teacher copies the format
     model_without_ddp = model
     teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -186,8 +195,8 @@ def main(args):
     if args.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay as they are
     if dist_info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(  # gradients live in the all-reduce buckets: no copy
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                            no_weight_decay_list=model_without_ddp.no_weight_decay())

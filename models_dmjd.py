@@ -92,8 +92,8 @@ class EMATeacher(nn.Module):
         student_params = [p.detach() for p in student.parameters()]
         if len(teacher_params) != len(student_params):
             raise ValueError("the teacher and the student encoder have different parameters")
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        # t <- t + (1 - m)(s - t) = m t + (1 - m) s, in one pass over the weights
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
 class DMJD(nn.Module):

@@ -68,11 +68,96 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", default=3, type=int, help="untimed steps (compilation happens here)")
     p.add_argument("--steps", default=10, type=int, help="timed steps")
-    p.add_argument("--peak_tflops", default=None, type=float, help="the device's dense peak for the chosen precision")
+    p.add_argument("--peak_tflops", default=None, type=peak_arg,
+                   help="the device's dense peak in TFLOP/s, or 'measure': time a large bf16 (CUDA) or fp32 (CPU) "
+                        "matmul here and use that")
+    p.add_argument("--memory", action="store_true",
+                   help="also estimate activation memory per image (fp32 and bf16 autocast) and the largest batch")
+    p.add_argument("--memory_gib", default=None, type=float,
+                   help="device memory for the largest-batch estimate (default: the GPU's, or 80 on the CPU)")
     p.add_argument("--data", default=None, help="data mode: an ImageFolder root with train/")
     p.add_argument("--num_workers", default=8, type=int, help="data mode: loader workers")
-    p.add_argument("--batches", default=50, type=int, help="data mode: timed batches")
+    p.add_argument("--batches", default=50, type=int,
+                   help="data mode: timed batches (at least 10 x the workers' queue of 2 batches each)")
     return p.parse_args(argv)
+
+
+def peak_arg(value: str):
+    if value == "measure":
+        return value
+    try:
+        peak = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of TFLOP/s or 'measure', got {value!r}") from None
+    if not peak > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return peak
+
+
+def measure_matmul_tflops(device: torch.device, size: int = None, seconds: float = 2.0):
+    """Dense matmul throughput: bf16 on CUDA (the precision of the fast path), fp32 on the CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        n += 10
+        synchronize(device)
+    return 2 * size ** 3 * n / (time.perf_counter() - start) / 1e12, dtype
+
+
+def saved_activation_bytes(model, teacher, images, device, amp_dtype) -> int:
+    """Bytes that one forward keeps for backward: every tensor autograd saves, counted once per storage, without
+    the parameters themselves. Its growth with the batch is the activation memory per image."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with autocast_context(device, amp_dtype):
+            loss, _ = model(images, teacher=teacher)
+    del loss
+    return sum(storages.values())
+
+
+def memory_estimate(args, device, amp: str, batches=(1, 2)):
+    """(activation bytes per image, batch-independent bytes, largest batch for the given memory).
+
+    Batch-independent: fp32 weights, gradients and the two AdamW moments (16 bytes per parameter), the EMA
+    teacher, plus what the forward saves whatever the batch (e.g. bf16 copies of the weights under autocast).
+    The largest batch keeps 10% of the memory back for the allocator's fragmentation and kernel workspaces."""
+    amp_dtype = AMP_DTYPES[amp]
+    model, _, teacher, _ = build(args, device, Path(fused_attn=True))
+    sizes = []
+    for batch in batches:
+        images = torch.randint(0, 256, (batch, 3, args.input_size, args.input_size), dtype=torch.uint8,
+                               device=device)
+        sizes.append(saved_activation_bytes(model, teacher, images, device, amp_dtype))
+    per_image = (sizes[1] - sizes[0]) / (batches[1] - batches[0])
+    fixed_saved = sizes[0] - per_image * batches[0]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+    fixed = 16 * n_params + 4 * n_teacher + max(0.0, fixed_saved)
+    if args.memory_gib:
+        capacity = args.memory_gib * 2 ** 30
+    elif device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+    else:
+        capacity = 80 * 2 ** 30
+    largest = int((0.9 * capacity - fixed) // per_image) if per_image > 0 else None
+    del model, teacher
+    return per_image, fixed, largest, capacity
 
 
 def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
@@ -131,8 +216,10 @@ def time_path(args, device, path: Path, images):
     for _ in range(args.warmup):
         step()
     synchronize(device)
+    resident = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)  # weights, AdamW moments, teacher (gradients are freed)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -143,63 +230,104 @@ def time_path(args, device, path: Path, images):
     del model, step_model, teacher, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return seconds, peak, flops
+    return seconds, peak, resident, flops
 
 
-def run_steps(args):
+def run_steps(args, deadline: float = None, base_ips: float = None):
+    """Times each of --paths; ratios are to the first path, or to `base_ips` (images/s of an earlier run in this
+    process); with a `deadline` (time.perf_counter()), paths not started by then are skipped."""
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as in main_pretrain.py
     images = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8,
                            device=device)
     print(f"model {args.model}  input {args.input_size}  views {args.num_views}  batch {args.batch_size}  "
           f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})  "
-          f"torch {torch.__version__}  timm {timm.__version__}")
-    results = {}
-    base_ips = None
+          f"torch {torch.__version__}  timm {timm.__version__}", flush=True)
+    results = {"paths": {}}
+    peak_tflops = args.peak_tflops
+    if peak_tflops == "measure":
+        peak_tflops, dtype = measure_matmul_tflops(device)
+        print(f"measured dense peak: {peak_tflops:.1f} TFLOP/s ({str(dtype).replace('torch.', '')} matmul)", flush=True)
+        results["measured_peak_tflops"] = peak_tflops
     print(f"{'path':<14}{'ms/step':>10}{'images/s':>11}{'ratio':>8}{'GFLOP/img f+b':>15}{'TFLOP/s':>9}"
-          f"{'% peak':>8}{'peak GiB':>10}{'MiB/img':>9}")
+          f"{'% peak':>8}{'peak GiB':>10}{'act MiB/img':>13}", flush=True)
     for name in [n.strip() for n in args.paths.split(",") if n.strip()]:
         path = path_config(name, device)
-        seconds, peak, (fwd, fwd_bwd) = time_path(args, device, path, images)
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"{name:<14} skipped: out of time", flush=True)
+            results["paths"][name] = {"skipped": True}
+            continue
+        try:
+            seconds, peak, resident, (fwd, fwd_bwd) = time_path(args, device, path, images)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"{name:<14} out of memory at batch {args.batch_size}", flush=True)
+            results["paths"][name] = {"out_of_memory": True}
+            continue
         ips = args.batch_size / seconds
         base_ips = base_ips or ips
         tflops = fwd_bwd * ips / 1e12
-        pct = f"{100 * tflops / args.peak_tflops:.1f}" if args.peak_tflops else "-"
+        pct = f"{100 * tflops / peak_tflops:.1f}" if peak_tflops else "-"
         mem = f"{peak / 2 ** 30:.2f}" if peak is not None else "-"
-        per_img = f"{peak / args.batch_size / 2 ** 20:.0f}" if peak is not None else "-"
+        per_img = f"{(peak - resident) / args.batch_size / 2 ** 20:.0f}" if peak is not None else "-"
         print(f"{name:<14}{seconds * 1000:>10.1f}{ips:>11.1f}{ips / base_ips:>8.2f}{fwd_bwd / 1e9:>15.1f}"
-              f"{tflops:>9.2f}{pct:>8}{mem:>10}{per_img:>9}", flush=True)
-        results[name] = {"images_per_s": ips, "step_s": seconds, "gflops_fwd": fwd / 1e9,
-                         "gflops_fwd_bwd": fwd_bwd / 1e9, "peak_bytes": peak}
+              f"{tflops:>9.2f}{pct:>8}{mem:>10}{per_img:>13}", flush=True)
+        results["paths"][name] = {"images_per_s": ips, "ratio": ips / base_ips, "step_s": seconds,
+                                  "gflops_fwd": fwd / 1e9, "gflops_fwd_bwd": fwd_bwd / 1e9, "tflops": tflops,
+                                  "fraction_of_peak": tflops / peak_tflops if peak_tflops else None,
+                                  "peak_bytes": peak, "resident_bytes": resident}
     if device.type == "cpu":
         import resource
         print(f"peak host memory (max RSS of the process) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+    if args.memory:
+        results["memory"] = {}
+        for amp in ("none", "bf16"):
+            per_image, fixed, largest, capacity = memory_estimate(args, device, amp)
+            print(f"memory ({'fp32' if amp == 'none' else amp}): {per_image / 2 ** 20:.1f} MiB of activations saved "
+                  f"for backward per image, {fixed / 2 ** 30:.3g} GiB independent of the batch (weights, gradients, "
+                  f"AdamW, teacher); largest batch in {capacity / 2 ** 30:.0f} GiB, 10% held back: {largest}",
+                  flush=True)
+            results["memory"][amp] = {"activation_bytes_per_image": per_image, "fixed_bytes": fixed,
+                                      "largest_batch": largest, "capacity_bytes": capacity}
     return results
 
 
 def run_data(args):
-    from util.datasets import build_pretrain_dataset
+    """Images/s of the input pipeline alone, as main_pretrain.py builds it.
+
+    Workers fill a queue of `num_workers x 2` batches ahead of the consumer, so a short timed window would mostly
+    drain that queue; the window is therefore at least 10 times the queue (at most 10% optimistic), and it runs
+    over epoch boundaries (each a small refill bubble, so on the conservative side)."""
+    from util.datasets import build_pretrain_dataset, skip_bad_collate
     device = resolve_device(args.device)
     dataset = build_pretrain_dataset(args.data, args.input_size)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"error: {args.data}/train has {len(dataset)} images, fewer than --batch_size {args.batch_size}")
+    prefetch = 2
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=skip_bad_collate,  # as main_pretrain.py
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0, prefetch_factor=4
-                                         if args.num_workers > 0 else None)
-    it = iter(loader)
-    for _ in range(min(5, args.batches)):  # start the workers
-        next(it)
+                                         persistent_workers=args.num_workers > 0,
+                                         prefetch_factor=prefetch if args.num_workers > 0 else None)
+    batches = max(args.batches, 10 * args.num_workers * prefetch)
+
+    def forever():
+        while True:
+            yield from loader
+
+    it = forever()
+    next(it)  # the workers are up
     start, n = time.perf_counter(), 0
-    for _ in range(args.batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        batch[0].to(device, non_blocking=True)
-        n += batch[0].shape[0]
+    for _ in range(batches):
+        images = next(it)[0]
+        if images is not None:  # None: no readable image in the batch
+            images.to(device, non_blocking=True)
+            n += images.shape[0]
     synchronize(device)
     ips = n / (time.perf_counter() - start)
-    print(f"data pipeline: {ips:.1f} images/s with {args.num_workers} workers (batch {args.batch_size}, "
-          f"{args.input_size} px crops, to {device})")
+    print(f"data pipeline: {ips:.1f} images/s with {args.num_workers} workers ({batches} batches of "
+          f"{args.batch_size}, {args.input_size} px crops, to {device})", flush=True)
     return ips
 
 

@@ -1,10 +1,16 @@
-"""The fast paths of benchmarks/throughput.py and main_pretrain.py give the plain path's loss on a fixed batch."""
+"""The fast paths of benchmarks/throughput.py and main_pretrain.py give the plain path's loss on a fixed batch,
+and the steady-state training step never waits for the host."""
+import math
+
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models_dmjd  # noqa: F401
 from benchmarks.throughput import set_fused_attention
+from engine_pretrain import train_one_epoch
+from models_dmjd import EMATeacher
 
 
 def fixed_batch(model):
@@ -69,3 +75,62 @@ def test_compiled_model_matches(reference):
     model, images, masks, plain = reference
     compiled = torch.compile(model)
     torch.testing.assert_close(loss_of(compiled, images, masks), plain, rtol=1e-4, atol=1e-4)
+
+
+# Ops that make a CUDA host wait for the device: a value read back (item, bool, tolist, printing) or an output
+# whose shape depends on the data (boolean indexing, nonzero, unique, masked_select).
+_SYNC_OPS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique",
+             "repeat_interleave", "equal", "allclose")
+
+
+class _SyncRecorder(TorchDispatchMode):
+    """Records the ops above, by iteration. The optimizer's `step` counters are exempt: torch keeps them on the
+    host (non-capturable AdamW), so reading them costs no device sync."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer, self.iteration, self.seen = optimizer, -1, []
+
+    def _host_counter(self, tensor):
+        return any(tensor is state.get("step") for state in self.optimizer.state.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if (name in _SYNC_OPS or name.startswith("_unique")) and not (args and self._host_counter(args[0])):
+            self.seen.append((self.iteration, name))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("vis_target,accum,fused", [("hog", 1, True), ("ema", 2, False)])
+def test_steady_state_step_never_waits_for_the_host(vis_target, accum, fused):
+    """Every iteration but the last (which prints, checks finiteness and sums the epoch) reads nothing back."""
+    class Args:
+        lr, min_lr, warmup_epochs, epochs, clip_grad, print_freq, ema_momentum = 1e-3, 0.0, 1, 2, 1.0, 1000, 0.99
+        input_size, skip_nonfinite, accum_iter = 64, 0, accum
+
+    torch.manual_seed(0)
+    model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64, vis_target=vis_target)
+    teacher = EMATeacher(model.encoder) if model.uses_teacher else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                  **({"fused": True} if fused else {"foreach": True}))
+    recorder = _SyncRecorder(optimizer)
+
+    def loader():
+        for it in range(6):
+            recorder.iteration = it
+            yield torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.zeros(2), 0
+
+    class Loader:
+        def __iter__(self):
+            return loader()
+
+        def __len__(self):
+            return 6
+
+    with recorder:
+        stats = train_one_epoch(model, Loader(), optimizer, torch.device("cpu"), 0, Args(), teacher=teacher,
+                                student_encoder=model.encoder)
+    assert stats["images"] == 12 and all(math.isfinite(stats[k]) for k in ("loss", "loss_mask", "loss_vis"))
+    assert recorder.seen, "the recorder saw nothing: it does not intercept the reads it should"
+    early = [(it, op) for it, op in recorder.seen if it < 5]
+    assert not early, f"host reads in steady-state iterations: {early}"

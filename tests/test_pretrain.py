@@ -111,13 +111,27 @@ def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path):
 
 def test_torchrun_two_processes_gloo(data_root, tmp_path):
     out = tmp_path / "ddp"
+    # channels-last weights under DDP: the gradient buckets follow each parameter's layout
     proc = run(pretrain_cmd(data_root, out, "--epochs", "1", "--accum_iter", "2", "--batch_size", "2",
-                            torchrun=True))
-    assert "world size 2" in proc.stdout
+                            "--channels_last", torchrun=True))
+    assert "world size 2" in proc.stdout and "Grad strides do not match" not in proc.stderr
     # 2 processes x 2 images x 2 accumulation steps = 8 unique images per optimizer step
     assert "x 8 images / 256" in proc.stdout
     log = read_log(out)
     assert len(log) == 1 and log[0]["train_steps"] == 2 and np.isfinite(log[0]["train_loss"])
+
+
+def test_channels_last_flag_changes_the_layout_not_the_losses(data_root, tmp_path):
+    logs = {}
+    for flag in ("--no-channels_last", "--channels_last"):
+        out = tmp_path / flag.strip("-")
+        run(pretrain_cmd(data_root, out, "--epochs", "1", "--vis_target", "ema", flag))
+        logs[flag] = read_log(out)[0]
+        weight = load(out / "checkpoint-last.pth")["model"]["encoder.patch_embed1.proj.weight"]
+        assert weight.is_contiguous(memory_format=torch.channels_last) == (flag == "--channels_last")
+        assert not weight.is_contiguous() or flag != "--channels_last"
+    for key in ("train_loss", "train_loss_mask", "train_loss_vis"):
+        assert logs["--channels_last"][key] == pytest.approx(logs["--no-channels_last"][key], rel=1e-4)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -141,8 +141,8 @@ def fit(model: torch.nn.Module, criterion, optimizer, loaders, args, run: Run, m
         return stats
 
     if dist_info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(  # gradients live in the all-reduce buckets: no copy
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
     log_writer = None
     if dist_info.is_main:

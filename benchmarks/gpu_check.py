@@ -1,0 +1,220 @@
+"""The speed check of one GPU machine, in one command of under 5 minutes:
+
+    python benchmarks/gpu_check.py --out perf_report
+
+1. The machine: card, memory, CPU cores, torch / CUDA / cuDNN / timm versions.
+2. The dense bf16 peak, measured with a large matmul (the reference for "% of peak").
+3. The input pipeline: an ImageNet-like JPEG folder is written (benchmarks/jpeg_folder.py), then decoded, cropped,
+   flipped, collated and copied to the GPU by as many workers as there are cores, in images/s.
+4. The pre-training step of ConViT-B DMJD (224 px, 2 views, decoder 8) for each fast path but compile against the
+   plain fp32 path at the same batch: images/s, ratio, TFLOP/s and % of peak.
+5. Activation memory per image (fp32, bf16) and the largest batch that fits.
+6. All fast paths together (bf16, compiled) at the largest batch that fits (--target_batch), with its ratio to
+   the plain path; then torch.compile alone at the comparison batch (compiling takes a minute or two, so last).
+7. The verdict: the fraction of the measured peak against --target_fraction, and whether the input pipeline keeps
+   up with the step.
+
+Everything printed also goes to <out>/gpu_check.md, and the figures to <out>/gpu_check.json, as they are measured:
+a run stopped early keeps what it has. Stages not started by --budget_s are skipped (and say so).
+It runs on the CPU too (--device cpu with a tiny model), which is how the test suite keeps it working.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import timm
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import throughput  # noqa: E402
+from benchmarks.jpeg_folder import make_jpeg_folder  # noqa: E402
+from util.misc import resolve_device  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser("DMJD GPU speed check")
+    p.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--batch_size", default=64, type=int, help="batch of the per-path comparison (fits fp32)")
+    p.add_argument("--target_batch", default=None, type=int,
+                   help="batch of the all-fast-paths run (default: the largest that fits in bf16, a multiple of 32, "
+                        "at most 256)")
+    p.add_argument("--paths", default="plain,fused_attn,fused_adamw,channels_last,bf16",
+                   help="compared at --batch_size, the first being the baseline")
+    p.add_argument("--target_paths", default="all", help="run at --target_batch")
+    p.add_argument("--last_paths", default="compile", help="run last, at --batch_size")
+    p.add_argument("--warmup", default=3, type=int)
+    p.add_argument("--steps", default=10, type=int)
+    p.add_argument("--num_images", default=8192, type=int, help="JPEGs written for the input pipeline")
+    p.add_argument("--data_batch", default=64, type=int)
+    p.add_argument("--num_workers", default=None, type=int, help="loader workers (default: the CPU count)")
+    p.add_argument("--target_fraction", default=0.40, type=float, help="of the measured dense bf16 peak")
+    p.add_argument("--budget_s", default=270, type=float, help="stages not started by then are skipped")
+    return p.parse_args(argv)
+
+
+class Report:
+    def __init__(self, out):
+        os.makedirs(out, exist_ok=True)
+        self.md_path, self.json_path = os.path.join(out, "gpu_check.md"), os.path.join(out, "gpu_check.json")
+        self.figures = {}
+        open(self.md_path, "w").close()
+
+    def line(self, text=""):
+        print(text, flush=True)
+        with open(self.md_path, "a") as f:
+            f.write(text + "\n")
+
+    @contextlib.contextmanager
+    def verbatim(self):
+        """What is printed inside goes to the terminal and, as a code block, to the report."""
+        self.line("```")
+        with open(self.md_path, "a") as f, contextlib.redirect_stdout(_Tee(sys.stdout, f)):
+            yield
+        self.line("```")
+
+    def save(self, key, value):
+        self.figures[key] = value
+        with open(self.json_path, "w") as f:
+            json.dump(self.figures, f, indent=1, default=str)
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def step_args(cli, device, batch, paths):
+    return throughput.parse_args([
+        "--model", cli.model, "--input_size", str(cli.input_size), "--batch_size", str(batch), "--paths", paths,
+        "--warmup", str(cli.warmup), "--steps", str(cli.steps), "--device", str(device)])
+
+
+def main(cli):
+    start = time.perf_counter()
+    deadline = start + cli.budget_s
+    device = resolve_device(cli.device)
+    report = Report(cli.out)
+    workers = cli.num_workers if cli.num_workers is not None else os.cpu_count()
+
+    report.line("## Machine")
+    machine = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+               "cpu_count": os.cpu_count(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        machine.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                       cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        if shutil.which("nvidia-smi"):
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,power.limit,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True)
+            machine["nvidia_smi"] = smi.stdout.strip()
+    for key, value in machine.items():
+        report.line(f"- {key}: {value}")
+    report.save("machine", machine)
+
+    report.line("\n## Dense peak")
+    peak, dtype = throughput.measure_matmul_tflops(device)
+    report.line(f"{peak:.1f} TFLOP/s ({str(dtype).replace('torch.', '')} matmul)")
+    report.save("peak_tflops", peak)
+
+    report.line(f"\n## Input pipeline ({workers} workers)")
+    with tempfile.TemporaryDirectory() as tmp:
+        mean_bytes, mean_pixels = make_jpeg_folder(tmp, cli.num_images, workers=os.cpu_count())
+        report.line(f"{cli.num_images} JPEGs, {mean_bytes / 1024:.0f} KB and {mean_pixels / 1e3:.0f} kpixels on average")
+        data_args = throughput.parse_args(["--data", tmp, "--num_workers", str(workers), "--batch_size",
+                                           str(cli.data_batch), "--input_size", str(cli.input_size), "--device",
+                                           str(device)])
+        with report.verbatim():
+            data_ips = throughput.run_data(data_args)
+    report.save("data_images_per_s", data_ips)
+
+    report.line(f"\n## Pre-training step, each fast path (batch {cli.batch_size})")
+    with report.verbatim():
+        results = throughput.run_steps(step_args(cli, device, cli.batch_size, cli.paths), deadline=deadline)
+    _table(report, results, peak)
+    report.save("paths", results["paths"])
+    measured = [r for r in results["paths"].values() if "images_per_s" in r]
+    base_ips = measured[0]["images_per_s"] if measured else None
+
+    report.line("\n## Memory")
+    memory = {}
+    if time.perf_counter() < deadline:
+        for amp in ("none", "bf16"):
+            per_image, fixed, largest, capacity = throughput.memory_estimate(
+                step_args(cli, device, cli.batch_size, "plain"), device, amp)
+            memory[amp] = {"activation_mib_per_image": per_image / 2 ** 20, "fixed_gib": fixed / 2 ** 30,
+                           "largest_batch": largest}
+            report.line(f"- {'fp32' if amp == 'none' else amp}: {per_image / 2 ** 20:.1f} MiB of activations per "
+                        f"image, {fixed / 2 ** 30:.3g} GiB fixed; largest batch in {capacity / 2 ** 30:.0f} GiB "
+                        f"(10% held back): {largest}")
+        report.save("memory", memory)
+    else:
+        report.line("skipped: out of time")
+
+    target_batch = cli.target_batch
+    if target_batch is None:
+        largest = memory.get("bf16", {}).get("largest_batch") or 2 * cli.batch_size
+        target_batch = max(cli.batch_size, min(256, largest // 32 * 32))
+    report.line(f"\n## {cli.target_paths} at batch {target_batch}; {cli.last_paths} at batch {cli.batch_size} "
+                f"(ratios to {cli.paths.split(',')[0]} at batch {cli.batch_size})")
+    with report.verbatim():
+        target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips)
+        if any(r.get("out_of_memory") for r in target["paths"].values()) and target_batch > cli.batch_size:
+            target_batch = cli.batch_size
+            target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips)
+        last = throughput.run_steps(step_args(cli, device, cli.batch_size, cli.last_paths), deadline, base_ips) \
+            if cli.last_paths else {"paths": {}}
+    target["paths"] = {f"{name} (batch {target_batch})": r for name, r in target["paths"].items()}
+    _table(report, {"paths": {**target["paths"], **last["paths"]}}, peak)
+    report.save("target", target["paths"])
+    report.save("last", last["paths"])
+
+    report.line("\n## Verdict")
+    best = max((r for part in (results, target, last) for r in part["paths"].values() if "tflops" in r),
+               key=lambda r: r["tflops"], default=None)
+    if best is None:
+        report.line("no step was measured")
+    else:
+        fraction = best["tflops"] / peak
+        report.line(f"- best step: {best['images_per_s']:.0f} images/s, {best['tflops']:.1f} TFLOP/s = "
+                    f"{100 * fraction:.1f}% of the measured peak (target {100 * cli.target_fraction:.0f}%): "
+                    f"{'met' if fraction >= cli.target_fraction else 'NOT met'}")
+        report.line(f"- input pipeline: {data_ips:.0f} images/s against the step's {best['images_per_s']:.0f}: "
+                    f"{'keeps up' if data_ips >= best['images_per_s'] else 'does NOT keep up'}")
+        report.save("verdict", {"fraction_of_peak": fraction, "step_images_per_s": best["images_per_s"],
+                                "data_images_per_s": data_ips})
+    report.line(f"\n{time.perf_counter() - start:.0f} s in all")
+
+
+def _table(report, results, peak):
+    report.line("\n| path | images/s | ratio | TFLOP/s | % of measured peak | peak GiB |")
+    report.line("|---|---|---|---|---|---|")
+    for name, r in results["paths"].items():
+        if "images_per_s" not in r:
+            report.line(f"| {name} | {'out of memory' if r.get('out_of_memory') else 'skipped'} | | | | |")
+            continue
+        mem = f"{r['peak_bytes'] / 2 ** 30:.1f}" if r["peak_bytes"] is not None else "-"
+        report.line(f"| {name} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | {r['tflops']:.3g} | "
+                    f"{100 * r['tflops'] / peak:.1f} | {mem} |")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,112 @@
+"""benchmarks/: the memory accounting, the JPEG folder, the data mode and the one-command GPU check (run on CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import throughput
+from benchmarks.jpeg_folder import SIZES, make_jpeg_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _TwoLayers(torch.nn.Module):
+    """Saves, per image: the input (10 floats) for the first weight's gradient, the ReLU output (20, shared by
+    the ReLU and the second layer) and the output (5) for the square: 35 floats, 140 bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+
+    def forward(self, x, teacher=None):
+        return self.net(x.float()).pow(2).mean(), {}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_saved_activation_bytes_counts_each_storage_once_without_weights(batch):
+    model = _TwoLayers()
+    got = throughput.saved_activation_bytes(model, None, torch.ones(batch, 10), torch.device("cpu"), None)
+    assert got == 140 * batch
+
+
+def test_memory_estimate_is_linear_in_the_batch():
+    args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
+                                  "--memory_gib", "1"])
+    per_image, fixed, largest, capacity = throughput.memory_estimate(args, torch.device("cpu"), "none")
+    model = throughput.build(args, torch.device("cpu"), throughput.Path(fused_attn=True))[0]
+    images = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    at_4 = throughput.saved_activation_bytes(model, None, images, torch.device("cpu"), None)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert per_image > 0 and fixed >= 16 * n_params and capacity == 2 ** 30
+    assert at_4 == pytest.approx(fixed - 16 * n_params + 4 * per_image, rel=1e-6)
+    assert largest == int((0.9 * capacity - fixed) // per_image)
+
+
+def test_jpeg_folder_writes_readable_imagenet_sized_photos(tmp_path):
+    mean_bytes, mean_pixels = make_jpeg_folder(str(tmp_path), 12, workers=2, seed=3)
+    files = sorted((tmp_path / "train").rglob("*.jpg"))
+    assert len(files) == 12 and len({f.parent.name for f in files}) == 10
+    for f in files:
+        with Image.open(f) as image:
+            assert image.format == "JPEG" and image.mode == "RGB" and image.size in SIZES
+    assert 20_000 < mean_bytes < 400_000 and mean_pixels == pytest.approx(
+        sum(Image.open(f).size[0] * Image.open(f).size[1] for f in files) / 12)
+
+
+def test_data_mode_times_at_least_ten_queues(tmp_path, capsys):
+    make_jpeg_folder(str(tmp_path), 10, workers=1)
+    args = throughput.parse_args(["--data", str(tmp_path), "--num_workers", "1", "--batch_size", "4",
+                                  "--batches", "3", "--input_size", "64", "--device", "cpu"])
+    assert throughput.run_data(args) > 0
+    assert "20 batches of 4" in capsys.readouterr().out  # 10 x (1 worker x 2 batches queued) > --batches 3
+
+
+def test_data_mode_rejects_a_folder_smaller_than_the_batch(tmp_path):
+    make_jpeg_folder(str(tmp_path), 3, workers=1)
+    args = throughput.parse_args(["--data", str(tmp_path), "--batch_size", "4", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="fewer than --batch_size 4"):
+        throughput.run_data(args)
+
+
+def test_peak_flag_takes_a_number_or_measure():
+    assert throughput.parse_args(["--peak_tflops", "989"]).peak_tflops == 989.0
+    assert throughput.parse_args(["--peak_tflops", "measure"]).peak_tflops == "measure"
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--peak_tflops", "fast"])
+
+
+def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out), "--device", "cpu",
+           "--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64", "--batch_size", "2",
+           "--target_batch", "4", "--paths", "plain,fused_attn", "--target_paths", "fused_adamw",
+           "--last_paths", "channels_last", "--warmup", "1", "--steps", "1", "--num_images", "16",
+           "--data_batch", "4", "--num_workers", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "gpu_check.md").read_text()
+    for heading in ("## Machine", "## Dense peak", "## Input pipeline", "## Pre-training step", "## Memory",
+                    "fused_adamw at batch 4", "## Verdict"):
+        assert heading in report
+    assert "data pipeline:" in report and "| fused_adamw (batch 4) |" in report and "| channels_last |" in report
+    figures = json.loads((out / "gpu_check.json").read_text())
+    assert figures["paths"]["plain"]["ratio"] == 1.0 and figures["paths"]["fused_attn"]["images_per_s"] > 0
+    assert figures["memory"]["bf16"]["activation_mib_per_image"] > 0
+    assert figures["verdict"]["data_images_per_s"] == figures["data_images_per_s"] > 0
+
+
+def test_gpu_check_skips_stages_past_its_budget(tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out), "--device", "cpu",
+           "--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64", "--batch_size", "2",
+           "--num_images", "8", "--data_batch", "4", "--num_workers", "0", "--budget_s", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "gpu_check.md").read_text()
+    assert "plain          skipped: out of time" in report and "no step was measured" in report
