@@ -11,8 +11,9 @@
 5. Activation memory per image (fp32, bf16) and the largest batch that fits.
 6. All fast paths together (bf16, compiled) at the largest batch that fits (--target_batch), with its ratio to
    the plain path; then torch.compile alone at the comparison batch (compiling takes a minute or two, so last).
-7. The verdict: the fraction of the measured peak against --target_fraction, and whether the input pipeline keeps
-   up with the step.
+7. The verdict: images/s of the best step times the dense model's FLOPs per image (the plain path's count, the
+   work the authors' release does per image), as a fraction of the measured peak, against --target_fraction; the
+   executed fraction too (the sparse conv stages execute fewer FLOPs); and whether the input pipeline keeps up.
 
 Everything printed also goes to <out>/gpu_check.md, and the figures to <out>/gpu_check.json, as they are measured:
 a run stopped early keeps what it has. Stages not started by --budget_s are skipped (and say so).
@@ -48,17 +49,18 @@ def parse_args(argv=None):
     p.add_argument("--target_batch", default=None, type=int,
                    help="batch of the all-fast-paths run (default: the largest that fits in bf16, a multiple of 32, "
                         "at most 256)")
-    p.add_argument("--paths", default="plain,fused_attn,fused_adamw,channels_last,bf16",
+    p.add_argument("--paths", default="plain,sparse_stages,fused_attn,fused_adamw,channels_last,bf16",
                    help="compared at --batch_size, the first being the baseline")
     p.add_argument("--target_paths", default="all", help="run at --target_batch")
     p.add_argument("--last_paths", default="compile", help="run last, at --batch_size")
     p.add_argument("--warmup", default=3, type=int)
-    p.add_argument("--steps", default=10, type=int)
+    p.add_argument("--steps", default=8, type=int)
     p.add_argument("--num_images", default=8192, type=int, help="JPEGs written for the input pipeline")
     p.add_argument("--data_batch", default=64, type=int)
     p.add_argument("--num_workers", default=None, type=int, help="loader workers (default: the CPU count)")
     p.add_argument("--target_fraction", default=0.40, type=float, help="of the measured dense bf16 peak")
-    p.add_argument("--budget_s", default=270, type=float, help="stages not started by then are skipped")
+    p.add_argument("--budget_s", default=240, type=float,
+                   help="stages not started by then are skipped (a compile stage started then ends within 5 min)")
     return p.parse_args(argv)
 
 
@@ -193,13 +195,22 @@ def main(cli):
     if best is None:
         report.line("no step was measured")
     else:
-        fraction = best["tflops"] / peak
-        report.line(f"- best step: {best['images_per_s']:.0f} images/s, {best['tflops']:.1f} TFLOP/s = "
-                    f"{100 * fraction:.1f}% of the measured peak (target {100 * cli.target_fraction:.0f}%): "
-                    f"{'met' if fraction >= cli.target_fraction else 'NOT met'}")
+        # The target is stated in the dense model's work per image (what the authors' release computes); the
+        # sparse conv stages do less for the same result, so both figures are given.
+        first = next(iter(results["paths"].values()), {})
+        dense_gflops = first.get("gflops_fwd_bwd", best["gflops_fwd_bwd"])
+        executed = best["tflops"] / peak
+        equivalent = best["images_per_s"] * dense_gflops / 1e3 / peak
+        needed = cli.target_fraction * peak * 1e3 / dense_gflops
+        report.line(f"- best step: {best['images_per_s']:.0f} images/s; executed {best['tflops']:.1f} TFLOP/s = "
+                    f"{100 * executed:.1f}% of the measured peak ({best['gflops_fwd_bwd']:.0f} GFLOPs per image)")
+        report.line(f"- in the dense model's {dense_gflops:.0f} GFLOPs per image: {100 * equivalent:.1f}% of the "
+                    f"measured peak; the target, {100 * cli.target_fraction:.0f}%, is {needed:.0f} images/s: "
+                    f"{'met' if equivalent >= cli.target_fraction else 'NOT met'}")
         report.line(f"- input pipeline: {data_ips:.0f} images/s against the step's {best['images_per_s']:.0f}: "
                     f"{'keeps up' if data_ips >= best['images_per_s'] else 'does NOT keep up'}")
-        report.save("verdict", {"fraction_of_peak": fraction, "step_images_per_s": best["images_per_s"],
+        report.save("verdict", {"images_per_s": best["images_per_s"], "executed_fraction_of_peak": executed,
+                                "dense_equivalent_fraction_of_peak": equivalent, "target_images_per_s": needed,
                                 "data_images_per_s": data_ips})
     report.line(f"\n{time.perf_counter() - start:.0f} s in all")
 

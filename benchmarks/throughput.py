@@ -31,11 +31,12 @@ from models_dmjd import EMATeacher  # noqa: E402
 from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
 
 # Each path switches on one fast path over the plain fp32 step; "all" switches on every one that applies.
-PATHS = ("plain", "fused_attn", "fused_adamw", "channels_last", "bf16", "compile", "all")
+PATHS = ("plain", "sparse_stages", "fused_attn", "fused_adamw", "channels_last", "bf16", "compile", "all")
 
 
 @dataclass
 class Path:
+    sparse_stages: bool = False
     fused_attn: bool = False
     fused_adamw: bool = False
     channels_last: bool = False
@@ -49,8 +50,8 @@ def path_config(name: str, device: torch.device) -> Path:
     if name == "bf16":
         return Path(amp="bf16")
     if name == "all":
-        return Path(True, True, True, "bf16" if device.type == "cuda" else "none", True)
-    if name in ("fused_attn", "fused_adamw", "channels_last", "compile"):
+        return Path(True, True, True, True, "bf16" if device.type == "cuda" else "none", True)
+    if name in ("sparse_stages", "fused_attn", "fused_adamw", "channels_last", "compile"):
         return Path(**{name: True})
     raise SystemExit(f"error: unknown path {name!r} in --paths; choose from {', '.join(PATHS)}")
 
@@ -131,14 +132,14 @@ def saved_activation_bytes(model, teacher, images, device, amp_dtype) -> int:
     return sum(storages.values())
 
 
-def memory_estimate(args, device, amp: str, batches=(1, 2)):
+def memory_estimate(args, device, amp: str, batches=(1, 2), sparse_stages: bool = True):
     """(activation bytes per image, batch-independent bytes, largest batch for the given memory).
 
     Batch-independent: fp32 weights, gradients and the two AdamW moments (16 bytes per parameter), the EMA
     teacher, plus what the forward saves whatever the batch (e.g. bf16 copies of the weights under autocast).
     The largest batch keeps 10% of the memory back for the allocator's fragmentation and kernel workspaces."""
     amp_dtype = AMP_DTYPES[amp]
-    model, _, teacher, _ = build(args, device, Path(fused_attn=True))
+    model, _, teacher, _ = build(args, device, Path(sparse_stages=sparse_stages, fused_attn=True))
     sizes = []
     for batch in batches:
         images = torch.randint(0, 256, (batch, 3, args.input_size, args.input_size), dtype=torch.uint8,
@@ -171,6 +172,8 @@ def build(args, device, path: Path):
     model = timm.create_model(args.model, img_size=args.input_size, num_views=args.num_views,
                               mask_ratio=args.mask_ratio, vis_target=args.vis_target, theta=args.theta).to(device)
     set_fused_attention(model, path.fused_attn)
+    if hasattr(model.encoder, "sparse_stages"):  # ConViT: conv stages at the visible tokens only
+        model.encoder.sparse_stages = path.sparse_stages
     if path.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
@@ -271,7 +274,7 @@ def run_steps(args, deadline: float = None, base_ips: float = None):
         pct = f"{100 * tflops / peak_tflops:.1f}" if peak_tflops else "-"
         mem = f"{peak / 2 ** 30:.2f}" if peak is not None else "-"
         per_img = f"{(peak - resident) / args.batch_size / 2 ** 20:.0f}" if peak is not None else "-"
-        print(f"{name:<14}{seconds * 1000:>10.1f}{ips:>11.1f}{ips / base_ips:>8.2f}{fwd_bwd / 1e9:>15.1f}"
+        print(f"{name:<14}{seconds * 1000:>10.1f}{ips:>11.1f}{ips / base_ips:>8.2f}{fwd_bwd / 1e9:>15.4g}"
               f"{tflops:>9.2f}{pct:>8}{mem:>10}{per_img:>13}", flush=True)
         results["paths"][name] = {"images_per_s": ips, "ratio": ips / base_ips, "step_s": seconds,
                                   "gflops_fwd": fwd / 1e9, "gflops_fwd_bwd": fwd_bwd / 1e9, "tflops": tflops,
@@ -282,14 +285,19 @@ def run_steps(args, deadline: float = None, base_ips: float = None):
         print(f"peak host memory (max RSS of the process) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
     if args.memory:
         results["memory"] = {}
-        for amp in ("none", "bf16"):
-            per_image, fixed, largest, capacity = memory_estimate(args, device, amp)
-            print(f"memory ({'fp32' if amp == 'none' else amp}): {per_image / 2 ** 20:.1f} MiB of activations saved "
-                  f"for backward per image, {fixed / 2 ** 30:.3g} GiB independent of the batch (weights, gradients, "
-                  f"AdamW, teacher); largest batch in {capacity / 2 ** 30:.0f} GiB, 10% held back: {largest}",
-                  flush=True)
-            results["memory"][amp] = {"activation_bytes_per_image": per_image, "fixed_bytes": fixed,
-                                      "largest_batch": largest, "capacity_bytes": capacity}
+        # sparse conv stages are what main_pretrain.py runs; the dense ones (ConViT only) for comparison
+        stages = ("sparse", "dense") if "convit" in args.model else ("sparse",)
+        for kind in stages:
+            for amp in ("none", "bf16"):
+                per_image, fixed, largest, capacity = memory_estimate(args, device, amp,
+                                                                      sparse_stages=kind == "sparse")
+                label = f"{'fp32' if amp == 'none' else amp}{', dense conv stages' if kind == 'dense' else ''}"
+                print(f"memory ({label}): {per_image / 2 ** 20:.1f} MiB of activations saved for backward per image, "
+                      f"{fixed / 2 ** 30:.3g} GiB independent of the batch (weights, gradients, AdamW, teacher); "
+                      f"largest batch in {capacity / 2 ** 30:.0f} GiB, 10% held back: {largest}", flush=True)
+                key = amp if kind == "sparse" else f"{amp}_dense_stages"
+                results["memory"][key] = {"activation_bytes_per_image": per_image, "fixed_bytes": fixed,
+                                          "largest_batch": largest, "capacity_bytes": capacity}
     return results
 
 

@@ -38,13 +38,15 @@ def test_memory_estimate_is_linear_in_the_batch():
     args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
                                   "--memory_gib", "1"])
     per_image, fixed, largest, capacity = throughput.memory_estimate(args, torch.device("cpu"), "none")
-    model = throughput.build(args, torch.device("cpu"), throughput.Path(fused_attn=True))[0]
+    model = throughput.build(args, torch.device("cpu"), throughput.Path(sparse_stages=True, fused_attn=True))[0]
     images = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
     at_4 = throughput.saved_activation_bytes(model, None, images, torch.device("cpu"), None)
     n_params = sum(p.numel() for p in model.parameters())
     assert per_image > 0 and fixed >= 16 * n_params and capacity == 2 ** 30
     assert at_4 == pytest.approx(fixed - 16 * n_params + 4 * per_image, rel=1e-6)
     assert largest == int((0.9 * capacity - fixed) // per_image)
+    dense_per_image = throughput.memory_estimate(args, torch.device("cpu"), "none", sparse_stages=False)[0]
+    assert dense_per_image > 1.3 * per_image  # the sparse conv stages keep only the visible tokens' activations
 
 
 def test_jpeg_folder_writes_readable_imagenet_sized_photos(tmp_path):
@@ -98,7 +100,10 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
     figures = json.loads((out / "gpu_check.json").read_text())
     assert figures["paths"]["plain"]["ratio"] == 1.0 and figures["paths"]["fused_attn"]["images_per_s"] > 0
     assert figures["memory"]["bf16"]["activation_mib_per_image"] > 0
-    assert figures["verdict"]["data_images_per_s"] == figures["data_images_per_s"] > 0
+    verdict = figures["verdict"]
+    assert verdict["data_images_per_s"] == figures["data_images_per_s"] > 0
+    assert verdict["dense_equivalent_fraction_of_peak"] == pytest.approx(
+        verdict["images_per_s"] * figures["paths"]["plain"]["gflops_fwd_bwd"] / 1e3 / figures["peak_tflops"])
 
 
 def test_gpu_check_skips_stages_past_its_budget(tmp_path):

@@ -33,6 +33,15 @@ def reference():
     return model, images, masks, loss_of(model, images, masks)
 
 
+def test_sparse_stages(reference):
+    model, images, masks, plain = reference
+    assert model.encoder.sparse_stages  # the default
+    model.encoder.sparse_stages = False
+    dense = loss_of(model, images, masks)
+    model.encoder.sparse_stages = True
+    torch.testing.assert_close(dense, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_attention(reference):
     model, images, masks, plain = reference
     set_fused_attention(model, True)
@@ -134,3 +143,18 @@ def test_steady_state_step_never_waits_for_the_host(vis_target, accum, fused):
     assert recorder.seen, "the recorder saw nothing: it does not intercept the reads it should"
     early = [(it, op) for it, op in recorder.seen if it < 5]
     assert not early, f"host reads in steady-state iterations: {early}"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_come_back_in_each_parameters_layout(channels_last):
+    """DDP's gradient buckets are views with each parameter's strides: a gradient in another layout is copied
+    every step (and DDP warns). The sparse stages use conv weights as matrices, so this is checked here."""
+    torch.manual_seed(0)
+    model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    loss, _ = model(images)
+    loss.backward()
+    mismatched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not mismatched

@@ -43,10 +43,11 @@ def test_visible_token_ids_keep_raster_order():
     assert visible_token_ids(mask).tolist() == [[1, 2], [0, 3]]
 
 
+@pytest.mark.parametrize("sparse_stages", [False, True])
 @pytest.mark.parametrize("fuse_stages", [False, True])
-def test_masked_pixels_do_not_leak_into_visible_tokens(fuse_stages):
+def test_masked_pixels_do_not_leak_into_visible_tokens(fuse_stages, sparse_stages):
     torch.manual_seed(0)
-    model = tiny_convvit(fuse_stages=fuse_stages).eval()
+    model = tiny_convvit(fuse_stages=fuse_stages, sparse_stages=sparse_stages).eval()
     mask = disjoint_masks(2, model.grid_size, 1, 0.5, mask_type="rand", generator=torch.Generator().manual_seed(1))[0]
     x = torch.randn(2, 3, 64, 64)
     pixel_mask = mask.reshape(2, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
@@ -60,9 +61,9 @@ def test_masked_pixels_do_not_leak_into_visible_tokens(fuse_stages):
 
 
 def test_masked_conv_stage_would_leak_without_the_mask():
-    """Control: the same edit does reach visible tokens when the conv stages ignore the mask."""
+    """Control: the same edit does reach visible tokens when the (dense) conv stages ignore the mask."""
     torch.manual_seed(0)
-    model = tiny_convvit().eval()
+    model = tiny_convvit(sparse_stages=False).eval()
     mask = torch.zeros(1, 16, dtype=torch.bool)
     mask[0, 5] = True  # an inner token: its neighbours are visible
     x = torch.randn(1, 3, 64, 64)
@@ -73,6 +74,39 @@ def test_masked_conv_stage_would_leak_without_the_mask():
             blk.forward = (lambda b: (lambda t, visible=None: type(b).forward(b, t, None)))(blk)
         leaked = (model.forward_features(x2, mask) - model.forward_features(x, mask)).abs().max()
     assert leaked > 1e-3
+
+
+@pytest.mark.parametrize("size, mask_type, channels_last, drop_path", [
+    ((64, 64), "block", False, 0.0),
+    ((48, 80), "rand", False, 0.0),
+    ((64, 64), "rand", True, 0.0),
+    ((64, 96), "block", False, 0.2),
+])
+def test_sparse_stages_match_the_dense_path(size, mask_type, channels_last, drop_path):
+    """The conv stages run at the visible tokens only, with the dense masked path's outputs and gradients."""
+    torch.manual_seed(0)
+    dense = tiny_convvit(img_size=size, fuse_stages=True, sparse_stages=False, drop_path_rate=drop_path)
+    sparse = tiny_convvit(img_size=size, fuse_stages=True, sparse_stages=True, drop_path_rate=drop_path)
+    sparse.load_state_dict(dense.state_dict())
+    mask = disjoint_masks(3, dense.grid_size, 2, 0.5, mask_type=mask_type,
+                          block_size=2 if mask_type == "block" else 1,
+                          generator=torch.Generator().manual_seed(2)).reshape(6, -1)
+    x = torch.randn(6, 3, *size)
+    grads = []
+    for model in (dense, sparse):
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        inp = (x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()).requires_grad_()
+        torch.manual_seed(5)  # the same drop-path draws: one per sample and block, in the same order
+        out = model.forward_features(inp, mask)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), inp.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_d, gx_d, gp_d), (out_s, gx_s, gp_s) = grads
+    torch.testing.assert_close(out_s, out_d, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx_s, gx_d, rtol=1e-4, atol=1e-6)
+    assert gp_s.keys() == gp_d.keys() and any(k.startswith("blocks1.") for k in gp_s)
+    for name in gp_d:
+        torch.testing.assert_close(gp_s[name], gp_d[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_vit_masked_tokens_do_not_leak():
