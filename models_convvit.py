@@ -48,8 +48,9 @@ def visible_token_ids(mask: torch.Tensor, num_visible: Optional[int] = None) -> 
 
 
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """tokens [N, L, D], ids [N, M] -> [N, M, D]."""
-    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    """tokens [N, L, *rest], ids [N, M] -> [N, M, *rest]."""
+    index = ids.reshape(*ids.shape, *([1] * (tokens.dim() - 2))).expand(-1, -1, *tokens.shape[2:])
+    return torch.gather(tokens, 1, index)
 
 
 def init_linear_and_norm(module: nn.Module) -> None:
@@ -167,17 +168,16 @@ def _embed_within_tokens(conv: nn.Conv2d, x: torch.Tensor, side: int) -> torch.T
 def _depthwise_on_visible(conv: nn.Conv2d, y: torch.Tensor, ids: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """The depth-wise conv of the map that holds `y` [N, M, S * S, C] at the visible tokens `ids` and zeros
     elsewhere, read back at the visible tokens."""
-    n, m, s2, c = y.shape
+    n, _, s2, c = y.shape
     side, (gh, gw) = int(round(s2 ** 0.5)), grid
-    index = ids[:, :, None, None].expand(-1, -1, s2, c)
-    dense = y.new_zeros(n, gh * gw, s2, c).scatter(1, index, y)
+    dense = y.new_zeros(n, gh * gw, s2, c).scatter(1, ids[:, :, None, None].expand(-1, -1, s2, c), y)
     image = dense.reshape(n, gh, gw, side, side, c).permute(0, 1, 3, 2, 4, 5).reshape(n, gh * side, gw * side, c)
     image = image.permute(0, 3, 1, 2)  # an NCHW view of channels-last memory
     if not _channels_last_strides(conv.weight):
         image = image.contiguous()  # the conv then gives the weight's gradient in the weight's own layout
     out = conv(image)
     out = out.permute(0, 2, 3, 1).reshape(n, gh, side, gw, side, c).permute(0, 1, 3, 2, 4, 5)
-    return torch.gather(out.reshape(n, gh * gw, s2, c), 1, index)
+    return gather_tokens(out.reshape(n, gh * gw, s2, c), ids)
 
 
 class _Encoder(nn.Module):
@@ -315,13 +315,12 @@ class ConvViT(_Encoder):
         depth-wise mixers run on a map that is zero at the masked tokens. Same values as the dense path (a test
         checks outputs and gradients), with the conv stages' FLOPs cut by the mask ratio.
         """
-        n, m = ids.shape
+        n = ids.shape[0]
         p, (gh, gw) = self.patch_size, self.grid_size
         s1, s2, s3 = self.stage_strides
         # Each visible token's p x p pixels, channels last, in raster order: [N, M, p * p, 3].
         pixels = x.permute(0, 2, 3, 1).reshape(n, gh, p, gw, p, -1).permute(0, 1, 3, 2, 4, 5)
-        pixels = pixels.reshape(n, gh * gw, p * p, -1)
-        pixels = torch.gather(pixels, 1, ids[:, :, None, None].expand(-1, -1, p * p, pixels.shape[-1]))
+        pixels = gather_tokens(pixels.reshape(n, gh * gw, p * p, -1), ids)
 
         embed = self.patch_embed1
         x = embed.act(embed.norm(_embed_within_tokens(embed.proj, pixels, p)))
