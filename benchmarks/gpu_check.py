@@ -164,9 +164,8 @@ def main(cli):
                 step_args(cli, device, cli.batch_size, "plain"), device, amp)
             memory[amp] = {"activation_mib_per_image": per_image / 2 ** 20, "fixed_gib": fixed / 2 ** 30,
                            "largest_batch": largest}
-            report.line(f"- {'fp32' if amp == 'none' else amp}: {per_image / 2 ** 20:.1f} MiB of activations per "
-                        f"image, {fixed / 2 ** 30:.3g} GiB fixed; largest batch in {capacity / 2 ** 30:.0f} GiB "
-                        f"(10% held back): {largest}")
+            report.line(f"- {'fp32' if amp == 'none' else amp}: "
+                        f"{throughput.memory_line(per_image, fixed, largest, capacity)}")
         report.save("memory", memory)
     else:
         report.line("skipped: out of time")

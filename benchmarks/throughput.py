@@ -161,6 +161,13 @@ def memory_estimate(args, device, amp: str, batches=(1, 2), sparse_stages: bool 
     return per_image, fixed, largest, capacity
 
 
+def memory_line(per_image: float, fixed: float, largest, capacity: float) -> str:
+    """memory_estimate's figures in words."""
+    return (f"{per_image / 2 ** 20:.1f} MiB of activations saved for backward per image, {fixed / 2 ** 30:.3g} GiB "
+            f"independent of the batch (weights, gradients, AdamW, teacher); largest batch in "
+            f"{capacity / 2 ** 30:.0f} GiB, 10% held back: {largest}")
+
+
 def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if hasattr(module, "fused_attn"):
@@ -292,9 +299,7 @@ def run_steps(args, deadline: float = None, base_ips: float = None):
                 per_image, fixed, largest, capacity = memory_estimate(args, device, amp,
                                                                       sparse_stages=kind == "sparse")
                 label = f"{'fp32' if amp == 'none' else amp}{', dense conv stages' if kind == 'dense' else ''}"
-                print(f"memory ({label}): {per_image / 2 ** 20:.1f} MiB of activations saved for backward per image, "
-                      f"{fixed / 2 ** 30:.3g} GiB independent of the batch (weights, gradients, AdamW, teacher); "
-                      f"largest batch in {capacity / 2 ** 30:.0f} GiB, 10% held back: {largest}", flush=True)
+                print(f"memory ({label}): {memory_line(per_image, fixed, largest, capacity)}", flush=True)
                 key = amp if kind == "sparse" else f"{amp}_dense_stages"
                 results["memory"][key] = {"activation_bytes_per_image": per_image, "fixed_bytes": fixed,
                                           "largest_batch": largest, "capacity_bytes": capacity}
