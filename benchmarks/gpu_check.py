@@ -9,9 +9,13 @@
 4. The pre-training step of ConViT-B DMJD (224 px, 2 views, decoder 8) for each fast path but compile against the
    plain fp32 path at the same batch: images/s, ratio, TFLOP/s and % of peak.
 5. Activation memory per image (fp32, bf16) and the largest batch that fits.
-6. All fast paths together (bf16, compiled) at the largest batch that fits (--target_batch), with its ratio to
-   the plain path; then torch.compile alone at the comparison batch (compiling takes a minute or two, so last).
-7. The verdict: images/s of the best step times the dense model's FLOPs per image (the plain path's count, the
+6. All fast paths together at the largest batch that fits (--target_batch), eager and then compiled, with their
+   ratios to the plain path.
+7. Where the eager step's time goes (--profile_path): the operators with the most device time, the share of the
+   matmul-like ones, and how busy the GPU is (well under 100% means it waits for the host).
+8. torch.compile alone at the comparison batch (compiling takes a minute or two, so last).
+A path that fails (a compiler error, say) is reported with its traceback and the check goes on.
+9. The verdict: images/s of the best step times the dense model's FLOPs per image (the plain path's count, the
    work the authors' release does per image), as a fraction of the measured peak, against --target_fraction; the
    executed fraction too (the sparse conv stages execute fewer FLOPs); and whether the input pipeline keeps up.
 
@@ -51,7 +55,9 @@ def parse_args(argv=None):
                         "at most 256)")
     p.add_argument("--paths", default="plain,sparse_stages,fused_attn,fused_adamw,channels_last,bf16",
                    help="compared at --batch_size, the first being the baseline")
-    p.add_argument("--target_paths", default="all", help="run at --target_batch")
+    p.add_argument("--target_paths", default="all_eager,all", help="run at --target_batch")
+    p.add_argument("--profile_path", default="all_eager",
+                   help="profiled at --target_batch after the target paths: time per operator ('' to skip)")
     p.add_argument("--last_paths", default="compile", help="run last, at --batch_size")
     p.add_argument("--warmup", default=3, type=int)
     p.add_argument("--steps", default=8, type=int)
@@ -150,7 +156,8 @@ def main(cli):
 
     report.line(f"\n## Pre-training step, each fast path (batch {cli.batch_size})")
     with report.verbatim():
-        results = throughput.run_steps(step_args(cli, device, cli.batch_size, cli.paths), deadline=deadline)
+        results = throughput.run_steps(step_args(cli, device, cli.batch_size, cli.paths), deadline=deadline,
+                                       keep_going=True)
     _table(report, results, peak)
     report.save("paths", results["paths"])
     measured = [r for r in results["paths"].values() if "images_per_s" in r]
@@ -174,19 +181,30 @@ def main(cli):
     if target_batch is None:
         largest = memory.get("bf16", {}).get("largest_batch") or 2 * cli.batch_size
         target_batch = max(cli.batch_size, min(256, largest // 32 * 32))
-    report.line(f"\n## {cli.target_paths} at batch {target_batch}; {cli.last_paths} at batch {cli.batch_size} "
-                f"(ratios to {cli.paths.split(',')[0]} at batch {cli.batch_size})")
+    report.line(f"\n## {cli.target_paths} at batch {target_batch} (ratios to {cli.paths.split(',')[0]} at batch "
+                f"{cli.batch_size})")
     with report.verbatim():
-        target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips)
+        target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
+                                      keep_going=True)
         if any(r.get("out_of_memory") for r in target["paths"].values()) and target_batch > cli.batch_size:
             target_batch = cli.batch_size
-            target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips)
-        last = throughput.run_steps(step_args(cli, device, cli.batch_size, cli.last_paths), deadline, base_ips) \
-            if cli.last_paths else {"paths": {}}
+            target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
+                                          keep_going=True)
     target["paths"] = {f"{name} (batch {target_batch})": r for name, r in target["paths"].items()}
-    _table(report, {"paths": {**target["paths"], **last["paths"]}}, peak)
+    _table(report, target, peak)
     report.save("target", target["paths"])
-    report.save("last", last["paths"])
+
+    if cli.profile_path:
+        _profile(report, cli, device, target_batch, deadline)
+
+    last = {"paths": {}}
+    if cli.last_paths:
+        report.line(f"\n## {cli.last_paths} at batch {cli.batch_size}")
+        with report.verbatim():
+            last = throughput.run_steps(step_args(cli, device, cli.batch_size, cli.last_paths), deadline, base_ips,
+                                        keep_going=True)
+        _table(report, last, peak)
+        report.save("last", last["paths"])
 
     report.line("\n## Verdict")
     best = max((r for part in (results, target, last) for r in part["paths"].values() if "tflops" in r),
@@ -201,9 +219,9 @@ def main(cli):
         executed = best["tflops"] / peak
         equivalent = best["images_per_s"] * dense_gflops / 1e3 / peak
         needed = cli.target_fraction * peak * 1e3 / dense_gflops
-        report.line(f"- best step: {best['images_per_s']:.0f} images/s; executed {best['tflops']:.1f} TFLOP/s = "
-                    f"{100 * executed:.1f}% of the measured peak ({best['gflops_fwd_bwd']:.0f} GFLOPs per image)")
-        report.line(f"- in the dense model's {dense_gflops:.0f} GFLOPs per image: {100 * equivalent:.1f}% of the "
+        report.line(f"- best step: {best['images_per_s']:.0f} images/s; executed {best['tflops']:.3g} TFLOP/s = "
+                    f"{100 * executed:.1f}% of the measured peak ({best['gflops_fwd_bwd']:.4g} GFLOPs per image)")
+        report.line(f"- in the dense model's {dense_gflops:.4g} GFLOPs per image: {100 * equivalent:.1f}% of the "
                     f"measured peak; the target, {100 * cli.target_fraction:.0f}%, is {needed:.0f} images/s: "
                     f"{'met' if equivalent >= cli.target_fraction else 'NOT met'}")
         report.line(f"- input pipeline: {data_ips:.0f} images/s against the step's {best['images_per_s']:.0f}: "
@@ -214,12 +232,37 @@ def main(cli):
     report.line(f"\n{time.perf_counter() - start:.0f} s in all")
 
 
+def _profile(report, cli, device, batch, deadline):
+    report.line(f"\n## Where the time goes ({cli.profile_path}, batch {batch})")
+    if time.perf_counter() > deadline:
+        report.line("skipped: out of time")
+        return
+    images = torch.randint(0, 256, (batch, 3, cli.input_size, cli.input_size), dtype=torch.uint8, device=device)
+    try:
+        prof = throughput.profile_path(step_args(cli, device, batch, cli.profile_path), device,
+                                       throughput.path_config(cli.profile_path, device), images)
+    except Exception as err:  # a profiler that fails here must not cost the verdict
+        report.line(f"failed: {type(err).__name__}: {err}")
+        return
+    finally:
+        del images
+    busy = f"device busy {100 * prof['busy_fraction']:.0f}% of the wall time; " if prof["busy_fraction"] else ""
+    report.line(f"{prof['wall_ms_per_step']:.1f} ms per step; {busy}matmul, attention and convolution operators "
+                f"{100 * prof['matmul_fraction']:.0f}% of the operators' self time")
+    report.line("\n| operator | ms per step | share |")
+    report.line("|---|---|---|")
+    for row in prof["top"]:
+        report.line(f"| {row['op'].replace('|', '/')} | {row['ms_per_step']:.2f} | {100 * row['fraction']:.1f}% |")
+    report.save("profile", prof)
+
+
 def _table(report, results, peak):
     report.line("\n| path | images/s | ratio | TFLOP/s | % of measured peak | peak GiB |")
     report.line("|---|---|---|---|---|---|")
     for name, r in results["paths"].items():
         if "images_per_s" not in r:
-            report.line(f"| {name} | {'out of memory' if r.get('out_of_memory') else 'skipped'} | | | | |")
+            status = "out of memory" if r.get("out_of_memory") else f"failed: {r['error']}".replace("|", "/") if "error" in r else "skipped"
+            report.line(f"| {name} | {status} | | | | |")
             continue
         mem = f"{r['peak_bytes'] / 2 ** 30:.1f}" if r["peak_bytes"] is not None else "-"
         report.line(f"| {name} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | {r['tflops']:.3g} | "

@@ -15,9 +15,11 @@ Data mode: decode, crop, flip, collate and host-to-device copy from an ImageFold
     python benchmarks/throughput.py --data /path/to/imagenet --num_workers 16 --batch_size 256
 """
 import argparse
+import gc
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import timm
@@ -30,8 +32,10 @@ from engine_pretrain import autocast_context  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
 from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
 
-# Each path switches on one fast path over the plain fp32 step; "all" switches on every one that applies.
-PATHS = ("plain", "sparse_stages", "fused_attn", "fused_adamw", "channels_last", "bf16", "compile", "all")
+# Each path switches on one fast path over the plain fp32 step; "all" switches on every one that applies, and
+# "all_eager" every one but compile (what main_pretrain.py runs on CUDA without --compile).
+PATHS = ("plain", "sparse_stages", "fused_attn", "fused_adamw", "channels_last", "bf16", "compile", "all",
+         "all_eager")
 
 
 @dataclass
@@ -49,8 +53,8 @@ def path_config(name: str, device: torch.device) -> Path:
         return Path()
     if name == "bf16":
         return Path(amp="bf16")
-    if name == "all":
-        return Path(True, True, True, True, "bf16" if device.type == "cuda" else "none", True)
+    if name in ("all", "all_eager"):
+        return Path(True, True, True, True, "bf16" if device.type == "cuda" else "none", name == "all")
     if name in ("sparse_stages", "fused_attn", "fused_adamw", "channels_last", "compile"):
         return Path(**{name: True})
     raise SystemExit(f"error: unknown path {name!r} in --paths; choose from {', '.join(PATHS)}")
@@ -203,7 +207,8 @@ def count_flops(model, teacher, images, device, amp_dtype):
     return forward / images.shape[0], (forward + counter.get_total_flops()) / images.shape[0]
 
 
-def time_path(args, device, path: Path, images):
+def make_step(args, device, path: Path, images):
+    """The pre-training step of a path, as a closure over its model, optimizer and (channels-last) images."""
     amp_dtype = AMP_DTYPES[path.amp]
     model, step_model, teacher, optimizer = build(args, device, path)
     if path.channels_last:
@@ -223,6 +228,11 @@ def time_path(args, device, path: Path, images):
         if teacher is not None:
             teacher.update(model.encoder, 0.996)
 
+    return step, model, teacher, images
+
+
+def time_path(args, device, path: Path, images):
+    step, model, teacher, images = make_step(args, device, path, images)
     for _ in range(args.warmup):
         step()
     synchronize(device)
@@ -236,16 +246,55 @@ def time_path(args, device, path: Path, images):
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    flops = count_flops(model, teacher, images, device, amp_dtype)
-    del model, step_model, teacher, optimizer
+    flops = count_flops(model, teacher, images, device, AMP_DTYPES[path.amp])
+    del step, model, teacher
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds, peak, resident, flops
 
 
-def run_steps(args, deadline: float = None, base_ips: float = None):
+# Operators of the matmul kind (linear layers, attention, convolutions); most of the rest is memory-bound.
+MATMUL_LIKE = ("mm", "linear", "conv", "attention", "gemm")
+
+
+def profile_path(args, device, path: Path, images, steps: int = 3, rows: int = 20):
+    """Where one path's step spends its time: the operators with the most self time on the device (the CPU
+    without a GPU) over `steps` steps after warm-up, the share of matmul-like operators, and how busy the device
+    was (its operators' time over the wall time: well under 100% means the step waits for the host)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    step, model, teacher, _ = make_step(args, device, path, images)
+    for _ in range(max(1, args.warmup)):
+        step()
+    synchronize(device)
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    del step, model, teacher
+    # Operators only: the kernels they launch are listed as events of their own, and would be counted twice.
+    self_us = {e.key: e.self_device_time_total if on_device else e.self_cpu_time_total
+               for e in prof.key_averages() if e.device_type == DeviceType.CPU}
+    self_us = {key: t for key, t in self_us.items() if t > 0}
+    total_us = sum(self_us.values())
+    matmul_us = sum(t for key, t in self_us.items() if any(word in key.removeprefix("aten::") for word in MATMUL_LIKE))
+    top = sorted(self_us.items(), key=lambda kv: -kv[1])[:rows]
+    if on_device:
+        torch.cuda.empty_cache()
+    return {"wall_ms_per_step": wall_us / 1e3 / steps, "busy_fraction": total_us / wall_us if on_device else None,
+            "matmul_fraction": matmul_us / total_us if total_us else 0.0,
+            "top": [{"op": key, "ms_per_step": t / 1e3 / steps, "fraction": t / total_us} for key, t in top]}
+
+
+def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: bool = False):
     """Times each of --paths; ratios are to the first path, or to `base_ips` (images/s of an earlier run in this
-    process); with a `deadline` (time.perf_counter()), paths not started by then are skipped."""
+    process); with a `deadline` (time.perf_counter()), paths not started by then are skipped. A path that runs out
+    of memory is reported and skipped; with `keep_going`, so is one that fails otherwise (e.g. a compiler error),
+    with its traceback printed, so that one broken path does not cost the figures of the others."""
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in main_pretrain.py
@@ -268,12 +317,25 @@ def run_steps(args, deadline: float = None, base_ips: float = None):
             print(f"{name:<14} skipped: out of time", flush=True)
             results["paths"][name] = {"skipped": True}
             continue
+        failure = None
         try:
             seconds, peak, resident, (fwd, fwd_bwd) = time_path(args, device, path, images)
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            failure = {"out_of_memory": True}
             print(f"{name:<14} out of memory at batch {args.batch_size}", flush=True)
-            results["paths"][name] = {"out_of_memory": True}
+        except Exception as err:
+            if not keep_going:
+                raise
+            traceback.print_exc(file=sys.stdout)
+            lines = str(err).strip().splitlines()
+            failure = {"error": f"{type(err).__name__}: {lines[0] if lines else ''}"}
+            print(f"{name:<14} failed: {failure['error']}", flush=True)
+        if failure is not None:
+            results["paths"][name] = failure
+            # The failed step's tensors were held by the traceback, released on leaving the except clause.
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         ips = args.batch_size / seconds
         base_ips = base_ips or ips

@@ -94,12 +94,16 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "gpu_check.md").read_text()
     for heading in ("## Machine", "## Dense peak", "## Input pipeline", "## Pre-training step", "## Memory",
-                    "fused_adamw at batch 4", "## Verdict"):
+                    "fused_adamw at batch 4", "## Where the time goes (all_eager, batch 4)", "## channels_last at batch 2",
+                    "## Verdict"):
         assert heading in report
     assert "data pipeline:" in report and "| fused_adamw (batch 4) |" in report and "| channels_last |" in report
     figures = json.loads((out / "gpu_check.json").read_text())
     assert figures["paths"]["plain"]["ratio"] == 1.0 and figures["paths"]["fused_attn"]["images_per_s"] > 0
     assert figures["memory"]["bf16"]["activation_mib_per_image"] > 0
+    profile = figures["profile"]
+    assert profile["wall_ms_per_step"] > 0 and 0 < profile["matmul_fraction"] < 1 and len(profile["top"]) == 20
+    assert sum(row["fraction"] for row in profile["top"]) <= 1 + 1e-9 and "| aten::mm |" in report
     verdict = figures["verdict"]
     assert verdict["data_images_per_s"] == figures["data_images_per_s"] > 0
     assert verdict["dense_equivalent_fraction_of_peak"] == pytest.approx(
@@ -115,3 +119,33 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "gpu_check.md").read_text()
     assert "plain          skipped: out of time" in report and "no step was measured" in report
+
+
+def test_a_failing_path_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    real_time_path = throughput.time_path
+
+    def time_path(args, device, path, images):
+        if path.fused_adamw:
+            raise RuntimeError("the compiler broke\nsecond line")
+        return real_time_path(args, device, path, images)
+
+    monkeypatch.setattr(throughput, "time_path", time_path)
+    args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
+                                  "--batch_size", "2", "--paths", "plain,fused_adamw,fused_attn", "--warmup", "0",
+                                  "--steps", "1", "--device", "cpu"])
+    with pytest.raises(RuntimeError, match="the compiler broke"):
+        throughput.run_steps(args)
+    results = throughput.run_steps(args, keep_going=True)
+    assert results["paths"]["fused_adamw"] == {"error": "RuntimeError: the compiler broke"}
+    assert results["paths"]["plain"]["images_per_s"] > 0 and results["paths"]["fused_attn"]["images_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "Traceback" in out and "fused_adamw    failed: RuntimeError: the compiler broke" in out
+
+
+def test_all_eager_is_all_but_compile():
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        every, eager = throughput.path_config("all", device), throughput.path_config("all_eager", device)
+        assert every.compile and not eager.compile
+        assert every.amp == eager.amp == ("bf16" if device.type == "cuda" else "none")
+        assert (every.sparse_stages, every.fused_attn, every.fused_adamw, every.channels_last) == \
+            (eager.sparse_stages, eager.fused_attn, eager.fused_adamw, eager.channels_last) == (True,) * 4
