@@ -266,6 +266,7 @@ def main(args):
     print(f"training time {datetime.timedelta(seconds=int(total))}")
     if log_writer is not None:
         log_writer.close()
+    del model  # the DDP wrapper, before the process group (see cleanup_distributed)
     cleanup_distributed()
 
 

@@ -179,5 +179,6 @@ def fit(model: torch.nn.Module, criterion, optimizer, loaders, args, run: Run, m
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 {best_acc1:.2f}%")
     if log_writer is not None:
         log_writer.close()
+    del model  # the DDP wrapper, before the process group (see cleanup_distributed)
     cleanup_distributed()
     return stats

@@ -2,6 +2,7 @@
 import builtins
 import datetime
 import difflib
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -87,7 +88,11 @@ def _print_on_main_only(is_main: bool) -> None:
 
 
 def cleanup_distributed() -> None:
+    """Ends the process group. Callers drop their DDP wrapper first: a DDP reducer freed after the group, as the
+    group's last owner, destroys it without releasing the GIL, which can deadlock with a gloo worker thread that
+    still needs the GIL to free the tensors of its last all-reduce (seen with torch 2.11)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP holds reference cycles: free the dropped reducers now, while the group still lives
         dist.destroy_process_group()
 
 
