@@ -63,16 +63,6 @@ def init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _norm_2d(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of an [N, C, H, W] map, returned in the map's own memory format: the conv that
-    follows then gives its weight's gradient in the layout of a weight of that format (DDP's gradient buckets
-    expect the parameter's own strides)."""
-    out = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # a channels-last view
-    if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous()
-    return out
-
-
 class ConvPatchEmbed(nn.Module):
     """Non-overlapping convolution (kernel = stride = patch), then LayerNorm and GELU, on [N, C, H, W] maps."""
 
@@ -84,7 +74,9 @@ class ConvPatchEmbed(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(_norm_2d(self.norm, self.proj(x)))
+        x = self.proj(x)
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.act(x)
 
 
 class ConvMlp(nn.Module):
@@ -115,12 +107,16 @@ class ConvBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
 
+    @staticmethod
+    def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = self.conv1(_norm_2d(self.norm1, x))
+        y = self.conv1(self._norm(self.norm1, x))
         if visible is not None:
             y = y * visible
         x = x + self.drop_path(self.conv2(self.attn(y)))
-        return x + self.drop_path(self.mlp(_norm_2d(self.norm2, x)))
+        return x + self.drop_path(self.mlp(self._norm(self.norm2, x)))
 
     def forward_visible(self, x: torch.Tensor, ids: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """The same block on the visible positions only: `x` [N, M, S * S, C] holds, for each of the M visible

@@ -13,6 +13,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_finetune import evaluate, train_one_epoch
+from models_convvit import ConvBlock
 from util.checkpoint import find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict, save_checkpoint
 from util.datasets import image_folder, skip_bad_collate
 from util.misc import (DistInfo, check_model_name, cleanup_distributed, init_distributed, resolve_amp,
@@ -117,6 +118,12 @@ def fit(model: torch.nn.Module, criterion, optimizer, loaders, args, run: Run, m
     checkpoint; keeps checkpoint-last.pth and checkpoint-best.pth. Returns the last evaluation."""
     train_loader, val_loader = loaders
     dist_info, device = run.dist, run.device
+    if any(isinstance(m, ConvBlock) for m in model.modules()):
+        # The LayerNorms of ConViT's conv stages leave their maps channels-last, so the convs give channels-last
+        # weight gradients: weights stored the same way are what DDP's gradient buckets expect (no copy, no
+        # layout warning), and the conv kernels need no format conversion. Same parameters, so the optimizer's
+        # references stay valid.
+        model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
     scaler = torch.amp.GradScaler(device.type) if run.amp_dtype is torch.float16 else None
     start_epoch, best_acc1 = 0, 0.0
