@@ -55,7 +55,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     bad_losses = torch.zeros(len(names), device=device)
     window_start, window_iters, window_count, pending_count, counted = time.time(), 0, 0, 0, 0
-    num_images = bad_images = empty_batches = nonfinite_skipped = 0
+    num_images = bad_images = empty_batches = nonfinite_skipped = window_images_start = 0
     lr = momentum = float("nan")
 
     optimizer.zero_grad(set_to_none=True)
@@ -139,9 +139,10 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
                 _raise_if_nonfinite(first_bad_step, bad_losses, names, epoch, iters)
             if window_count:
                 means = (window / window_count).tolist()
-                elapsed = (time.time() - window_start) / window_iters
+                seconds = time.time() - window_start  # the losses were just read back: the window's work is done
                 line = "  ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
-                print(f"Epoch [{epoch}] [{it + 1}/{iters}]  lr {lr:.3e}  {line}  {elapsed:.3f} s/it", flush=True)
+                print(f"Epoch [{epoch}] [{it + 1}/{iters}]  lr {lr:.3e}  {line}  {seconds / window_iters:.3f} s/it  "
+                      f"{(num_images - window_images_start) / seconds:.1f} images/s per process", flush=True)
                 if log_writer is not None:
                     x = int((progress + 1 / iters) * 1000)  # epoch_1000x: comparable across batch sizes
                     for n, v in zip(names, means):
@@ -150,7 +151,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
                     if teacher is not None:
                         log_writer.add_scalar("train/momentum", momentum, x)
                 window.zero_()  # else (mid-accumulation, or no image yet) the next line covers this window too
-                window_start, window_iters, window_count = time.time(), 0, 0
+                window_start, window_iters, window_count, window_images_start = time.time(), 0, 0, num_images
 
     counts = torch.tensor([counted, num_images, bad_images, empty_batches], dtype=torch.float64)
     totals = all_reduce_sum(torch.cat([sums.double().cpu(), counts]).to(device))

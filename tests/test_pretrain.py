@@ -65,6 +65,8 @@ def test_pretrain_runs_logs_and_resumes(data_root, tmp_path):
     out = tmp_path / "run"
     proc = run(pretrain_cmd(data_root, out, "--vis_target", "ema", "--save_freq", "1", "--keep_last", "1"))
     assert "lr = blr 0.0006 x 4 images / 256 x (pred_ratio 1 / mask_ratio 0.6)" in proc.stdout
+    speeds = [float(m) for m in re.findall(r" s/it  ([0-9.]+) images/s per process", proc.stdout)]
+    assert speeds and all(speed > 0 for speed in speeds)
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
     assert all(np.isfinite(r["train_loss"]) and r["train_loss_vis"] > 0 for r in log)
