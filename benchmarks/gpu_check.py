@@ -65,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--data_batch", default=64, type=int)
     p.add_argument("--num_workers", default=None, type=int, help="loader workers (default: the CPU count)")
     p.add_argument("--target_fraction", default=0.40, type=float, help="of the measured dense bf16 peak")
-    p.add_argument("--budget_s", default=240, type=float,
-                   help="stages not started by then are skipped (a compile stage started then ends within 5 min)")
+    p.add_argument("--budget_s", default=180, type=float,
+                   help="seconds after which no stage (path) starts; a compile stage takes about two minutes, so one "
+                        "started just before ends the check within 5 minutes")
     return p.parse_args(argv)
 
 
