@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", default=None, type=int, help="loader workers (default: the CPU count)")
     p.add_argument("--target_fraction", default=0.40, type=float, help="of the measured dense bf16 peak")
     p.add_argument("--budget_s", default=180, type=float,
-                   help="seconds after which no stage (path) starts; a compile stage takes about two minutes, so one "
+                   help="seconds after which no stage (path) starts; a compile takes a minute or two, so one "
                         "started just before ends the check within 5 minutes")
     return p.parse_args(argv)
 
