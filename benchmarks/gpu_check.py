@@ -184,19 +184,24 @@ def main(cli):
         target_batch = max(cli.batch_size, min(256, largest // 32 * 32))
     report.line(f"\n## {cli.target_paths} at batch {target_batch} (ratios to {cli.paths.split(',')[0]} at batch "
                 f"{cli.batch_size})")
+    target = {"paths": {}}
+    profile_batch = target_batch
     with report.verbatim():
-        target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
-                                      keep_going=True)
-        if any(r.get("out_of_memory") for r in target["paths"].values()) and target_batch > cli.batch_size:
-            target_batch = cli.batch_size
-            target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
-                                          keep_going=True)
-    target["paths"] = {f"{name} (batch {target_batch})": r for name, r in target["paths"].items()}
+        first = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
+                                     keep_going=True)
+        target["paths"].update({f"{name} (batch {target_batch})": r for name, r in first["paths"].items()})
+        too_big = [name for name, r in first["paths"].items() if r.get("out_of_memory")]
+        if too_big and target_batch > cli.batch_size:  # only these again, at the comparison batch
+            retry = throughput.run_steps(step_args(cli, device, cli.batch_size, ",".join(too_big)), deadline,
+                                         base_ips, keep_going=True)
+            target["paths"].update({f"{name} (batch {cli.batch_size})": r for name, r in retry["paths"].items()})
+            if cli.profile_path in too_big:
+                profile_batch = cli.batch_size
     _table(report, target, peak)
     report.save("target", target["paths"])
 
     if cli.profile_path:  # a few seconds, so not held to the budget: the compile before it may have used it up
-        _profile(report, cli, device, target_batch)
+        _profile(report, cli, device, profile_batch)
 
     last = {"paths": {}}
     if cli.last_paths:

@@ -149,3 +149,28 @@ def test_all_eager_is_all_but_compile():
         assert every.amp == eager.amp == ("bf16" if device.type == "cuda" else "none")
         assert (every.sparse_stages, every.fused_attn, every.fused_adamw, every.channels_last) == \
             (eager.sparse_stages, eager.fused_attn, eager.fused_adamw, eager.channels_last) == (True,) * 4
+
+
+def test_gpu_check_retries_only_the_paths_out_of_memory_at_the_target_batch(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+    real_time_path = throughput.time_path
+
+    def time_path(args, device, path, images):
+        if path.fused_adamw and args.batch_size == 4:
+            raise torch.OutOfMemoryError("pretend the card is full")
+        return real_time_path(args, device, path, images)
+
+    monkeypatch.setattr(throughput, "time_path", time_path)
+    cli = gpu_check.parse_args([
+        "--out", str(tmp_path), "--device", "cpu", "--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size",
+        "64", "--batch_size", "2", "--target_batch", "4", "--paths", "plain", "--target_paths",
+        "fused_attn,fused_adamw", "--profile_path", "fused_adamw", "--last_paths", "", "--warmup", "0", "--steps", "1",
+        "--num_images", "8", "--data_batch", "4", "--num_workers", "0"])
+    gpu_check.main(cli)
+    target = json.loads((tmp_path / "gpu_check.json").read_text())["target"]
+    assert target["fused_adamw (batch 4)"] == {"out_of_memory": True}
+    assert target["fused_attn (batch 4)"]["images_per_s"] > 0 and target["fused_adamw (batch 2)"]["images_per_s"] > 0
+    assert "fused_attn (batch 2)" not in target  # what fitted is not run again
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "| fused_adamw (batch 4) | out of memory |" in report
+    assert "## Where the time goes (fused_adamw, batch 2)" in report
