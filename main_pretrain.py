@@ -26,7 +26,6 @@ from util.schedules import adaptive_lr, reachable_pred_ratio
 from util.visualization import make_figure
 
 
-
 def get_args_parser():
     p = argparse.ArgumentParser("DMJD pre-training", add_help=True)
     p.add_argument("--batch_size", default=64, type=int, help="images per GPU (each gives --num_views views)")

@@ -187,10 +187,10 @@ def main(cli):
     target = {"paths": {}}
     profile_batch = target_batch
     with report.verbatim():
-        first = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
-                                     keep_going=True)
-        target["paths"].update({f"{name} (batch {target_batch})": r for name, r in first["paths"].items()})
-        too_big = [name for name, r in first["paths"].items() if r.get("out_of_memory")]
+        at_target = throughput.run_steps(step_args(cli, device, target_batch, cli.target_paths), deadline, base_ips,
+                                         keep_going=True)
+        target["paths"].update({f"{name} (batch {target_batch})": r for name, r in at_target["paths"].items()})
+        too_big = [name for name, r in at_target["paths"].items() if r.get("out_of_memory")]
         if too_big and target_batch > cli.batch_size:  # only these again, at the comparison batch
             retry = throughput.run_steps(step_args(cli, device, cli.batch_size, ",".join(too_big)), deadline,
                                          base_ips, keep_going=True)
@@ -220,8 +220,8 @@ def main(cli):
     else:
         # The target is stated in the dense model's work per image (what the authors' release computes); the
         # sparse conv stages do less for the same result, so both figures are given.
-        first = next(iter(results["paths"].values()), {})
-        dense_gflops = first.get("gflops_fwd_bwd", best["gflops_fwd_bwd"])
+        baseline = next(iter(results["paths"].values()), {})
+        dense_gflops = baseline.get("gflops_fwd_bwd", best["gflops_fwd_bwd"])
         executed = best["tflops"] / peak
         equivalent = best["images_per_s"] * dense_gflops / 1e3 / peak
         needed = cli.target_fraction * peak * 1e3 / dense_gflops
@@ -240,15 +240,12 @@ def main(cli):
 
 def _profile(report, cli, device, batch):
     report.line(f"\n## Where the time goes ({cli.profile_path}, batch {batch})")
-    images = torch.randint(0, 256, (batch, 3, cli.input_size, cli.input_size), dtype=torch.uint8, device=device)
     try:
         prof = throughput.profile_path(step_args(cli, device, batch, cli.profile_path), device,
-                                       throughput.path_config(cli.profile_path, device), images)
+                                       throughput.path_config(cli.profile_path, device))
     except Exception as err:  # a profiler that fails here must not cost the verdict
         report.line(f"failed: {type(err).__name__}: {err}")
         return
-    finally:
-        del images
     busy = f"device busy {100 * prof['busy_fraction']:.0f}% of the wall time; " if prof["busy_fraction"] else ""
     report.line(f"{prof['wall_ms_per_step']:.1f} ms per step; {busy}matmul, attention and convolution operators "
                 f"{100 * prof['matmul_fraction']:.0f}% of the operators' self time")
@@ -264,7 +261,12 @@ def _table(report, results, peak):
     report.line("|---|---|---|---|---|---|")
     for name, r in results["paths"].items():
         if "images_per_s" not in r:
-            status = "out of memory" if r.get("out_of_memory") else f"failed: {r['error']}".replace("|", "/") if "error" in r else "skipped"
+            if r.get("out_of_memory"):
+                status = "out of memory"
+            elif "error" in r:
+                status = f"failed: {r['error']}".replace("|", "/")
+            else:
+                status = "skipped"
             report.line(f"| {name} | {status} | | | | |")
             continue
         mem = f"{r['peak_bytes'] / 2 ** 30:.1f}" if r["peak_bytes"] is not None else "-"

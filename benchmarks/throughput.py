@@ -117,6 +117,11 @@ def measure_matmul_tflops(device: torch.device, size: int = None, seconds: float
     return 2 * size ** 3 * n / (time.perf_counter() - start) / 1e12, dtype
 
 
+def synthetic_images(batch: int, input_size: int, device) -> torch.Tensor:
+    """Random uint8 crops [batch, 3, input_size, input_size] already on the device, as the step takes them."""
+    return torch.randint(0, 256, (batch, 3, input_size, input_size), dtype=torch.uint8, device=device)
+
+
 def saved_activation_bytes(model, teacher, images, device, amp_dtype) -> int:
     """Bytes that one forward keeps for backward: every tensor autograd saves, counted once per storage, without
     the parameters themselves. Its growth with the batch is the activation memory per image."""
@@ -146,8 +151,7 @@ def memory_estimate(args, device, amp: str, batches=(1, 2), sparse_stages: bool 
     model, _, teacher, _ = build(args, device, Path(sparse_stages=sparse_stages, fused_attn=True))
     sizes = []
     for batch in batches:
-        images = torch.randint(0, 256, (batch, 3, args.input_size, args.input_size), dtype=torch.uint8,
-                               device=device)
+        images = synthetic_images(batch, args.input_size, device)
         sizes.append(saved_activation_bytes(model, teacher, images, device, amp_dtype))
     per_image = (sizes[1] - sizes[0]) / (batches[1] - batches[0])
     fixed_saved = sizes[0] - per_image * batches[0]
@@ -257,13 +261,14 @@ def time_path(args, device, path: Path, images):
 MATMUL_LIKE = ("mm", "linear", "conv", "attention", "gemm")
 
 
-def profile_path(args, device, path: Path, images, steps: int = 3, rows: int = 20):
-    """Where one path's step spends its time: the operators with the most self time on the device (the CPU
-    without a GPU) over `steps` steps after warm-up, the share of matmul-like operators, and how busy the device
-    was (its operators' time over the wall time: well under 100% means the step waits for the host)."""
+def profile_path(args, device, path: Path, steps: int = 3, rows: int = 20):
+    """Where one path's step at --batch_size spends its time: the operators with the most self time on the device
+    (the CPU without a GPU) over `steps` steps after warm-up, the share of matmul-like operators, and how busy the
+    device was (its operators' time over the wall time: well under 100% means the step waits for the host)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    step, model, teacher, _ = make_step(args, device, path, images)
+    images = synthetic_images(args.batch_size, args.input_size, device)
+    step, model, teacher, images = make_step(args, device, path, images)
     for _ in range(max(1, args.warmup)):
         step()
     synchronize(device)
@@ -275,7 +280,7 @@ def profile_path(args, device, path: Path, images, steps: int = 3, rows: int = 2
             step()
         synchronize(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    del step, model, teacher
+    del step, model, teacher, images
     # Operators only: the kernels they launch are listed as events of their own, and would be counted twice.
     self_us = {e.key: e.self_device_time_total if on_device else e.self_cpu_time_total
                for e in prof.key_averages() if e.device_type == DeviceType.CPU}
@@ -298,8 +303,7 @@ def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: 
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in main_pretrain.py
-    images = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8,
-                           device=device)
+    images = synthetic_images(args.batch_size, args.input_size, device)
     print(f"model {args.model}  input {args.input_size}  views {args.num_views}  batch {args.batch_size}  "
           f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})  "
           f"torch {torch.__version__}  timm {timm.__version__}", flush=True)

@@ -19,6 +19,7 @@ from util.datasets import image_folder, skip_bad_collate
 from util.misc import (DistInfo, check_model_name, cleanup_distributed, init_distributed, resolve_amp,
                         seed_everything)
 
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and run")
     g.add_argument("--data_path", default="/datasets/imagenet", type=str, help="ImageFolder root with train/ and val/")
