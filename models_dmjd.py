@@ -151,6 +151,10 @@ class DMJD(nn.Module):
             if module is not None:
                 module.apply(init_linear_and_norm)
         nn.init.normal_(self.mask_token, std=0.02)
+        # HOG is computed once per image and the views index it. True computes it on every view's copy instead, as
+        # a straightforward multi-view step would: the same values, K times the work. For measuring that saving
+        # (benchmarks/throughput.py's plain path); training never sets it.
+        self.hog_per_view = False
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     def target_dim(self, kind: str) -> int:
@@ -192,30 +196,39 @@ class DMJD(nn.Module):
 
     # -- training step ----------------------------------------------------------------------------------------------
     def forward_outputs(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                        teacher: Optional[EMATeacher] = None, visible_branch: bool = True) -> Dict[str, torch.Tensor]:
+                        teacher: Optional[EMATeacher] = None, visible_branch: bool = True,
+                        num_visible: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """Runs both branches and returns what the losses (and pictures of the model) are computed from.
 
         images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None).
         `visible_branch=False` skips the visible branch (and needs no teacher), for pictures of the masked branch.
+        `num_visible`: the visible tokens per row of the given masks, when the caller knows it (for masks from
+        `make_masks`, `num_visible_tokens`); else they are counted, which reads the masks back to the host. It is
+        checked against masks on the CPU, where counting costs no wait; on a GPU it is trusted.
 
         Returns a dict, rows of the view-stacked tensors ordered view-major (row k * B + b is view k of image b):
             masks       bool [K, B, L], the masks used;
             pred        float32 [K * B, L, T], the decoder's prediction at every token (the loss uses masked ones);
             target      [B, L, T], the masked-branch target per image: whitened HOG (util.hog.hog_targets) or
-                        per-patch normalised pixels (normalized_pixel_targets of the normalised image);
+                        per-patch normalised pixels (normalized_pixel_targets of the normalised image); per row,
+                        [K * B, L, T], with `hog_per_view`;
             vis_ids     long [K * B, L_visible], the visible tokens of each row in raster order;
             vis_pred    float32 [K * B, L_visible, T_vis], the visible branch's prediction at those tokens;
             vis_target  [K * B, L_visible, T_vis], its target (HOG, or the EMA teacher's tokens) at those tokens.
         The `vis_*` entries are present only when the visible branch exists (theta > 0) and runs.
         """
         batch = images.shape[0]
-        num_visible = None  # counted from given masks; known for our own (no host sync in the training step)
-        if masks is None:
+        given = masks is not None
+        if not given:
             masks = self.make_masks(batch, device=images.device)
-            num_visible = self.num_visible_tokens
+            num_visible = self.num_visible_tokens  # known for our own masks: no host sync in the training step
         if masks.dim() != 3 or masks.shape[1:] != (batch, self.grid_size[0] * self.grid_size[1]):
             raise ValueError(f"masks of shape {tuple(masks.shape)}, expected [K, {batch}, "
                              f"{self.grid_size[0] * self.grid_size[1]}]")
+        if given and num_visible is not None and masks.device.type == "cpu":
+            counts = sorted(set((~masks).sum(-1).flatten().tolist()))
+            if counts != [num_visible]:
+                raise ValueError(f"num_visible={num_visible}, but the masks leave {counts} tokens visible per row")
         run_visible = visible_branch and self.visible_branch is not None
         if run_visible and self.vis_target == "ema" and teacher is None:
             raise ValueError("vis_target='ema' needs the EMA teacher passed to forward")
@@ -224,10 +237,11 @@ class DMJD(nn.Module):
         raw = images.float()
         x = self.normalize(raw)
 
-        # Targets once per image; views only index them.
+        # Targets once per image; views only index them (hog_per_view: once per row, for comparison).
         hog = None
         if self.pred_type == "hog" or (run_visible and self.vis_target == "hog"):
-            hog = hog_targets(raw, self.patch_size, self.hog_cell_size, self.hog_bins)
+            hog = hog_targets(raw.repeat(num_views, 1, 1, 1) if self.hog_per_view else raw,
+                              self.patch_size, self.hog_cell_size, self.hog_bins)
         mask_target = hog if self.pred_type == "hog" else normalized_pixel_targets(x, self.patch_size)
 
         ids = visible_token_ids(mask, num_visible)
@@ -237,19 +251,20 @@ class DMJD(nn.Module):
         if run_visible:
             vis_full = teacher(x) if self.vis_target == "ema" else hog
             outputs["vis_ids"] = ids
-            outputs["vis_target"] = gather_tokens(vis_full.repeat(num_views, 1, 1), ids)
+            outputs["vis_target"] = gather_tokens(_per_row(vis_full, mask.shape[0]), ids)
             outputs["vis_pred"] = self.visible_branch(latent).float()
         return outputs
 
     def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                teacher: Optional[EMATeacher] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None).
+                teacher: Optional[EMATeacher] = None,
+                num_visible: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """images: uint8 [B, 3, H, W] (or float in 0-255); masks: bool [K, B, L], True = masked (drawn here if None);
+        `num_visible` as in `forward_outputs`.
 
         Returns the total loss and a dict of detached branch losses (tensors: no host sync here).
         """
-        out = self.forward_outputs(images, masks, teacher)
-        num_views = out["masks"].shape[0]
-        per_token = (out["pred"] - out["target"].repeat(num_views, 1, 1)).pow(2).mean(dim=-1)
+        out = self.forward_outputs(images, masks, teacher, num_visible=num_visible)
+        per_token = (out["pred"] - _per_row(out["target"], out["pred"].shape[0])).pow(2).mean(dim=-1)
         maskf = out["masks"].flatten(0, 1).float()
         loss_mask = (per_token * maskf).sum() / maskf.sum()
         losses = {"loss_mask": loss_mask.detach()}
@@ -260,6 +275,11 @@ class DMJD(nn.Module):
             loss = loss + self.theta * loss_vis
             losses["loss_vis"] = loss_vis.detach()
         return loss, losses
+
+
+def _per_row(target: torch.Tensor, rows: int) -> torch.Tensor:
+    """A target per image [B, ...] repeated for the views' `rows` = K * B rows; one already per row is kept."""
+    return target if target.shape[0] == rows else target.repeat(rows // target.shape[0], *[1] * (target.dim() - 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

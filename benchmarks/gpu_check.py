@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--target_batch", default=None, type=int,
                    help="batch of the all-fast-paths run (default: the largest that fits in bf16, a multiple of 32, "
                         "at most 256)")
-    p.add_argument("--paths", default="plain,sparse_stages,fused_attn,fused_adamw,channels_last,bf16",
+    p.add_argument("--paths", default="plain,sparse_stages,fused_attn,fused_adamw,channels_last,bf16,hog_once,"
+                                      "device_masks,no_sync",
                    help="compared at --batch_size, the first being the baseline")
     p.add_argument("--target_paths", default="all_eager,all", help="run at --target_batch")
     p.add_argument("--profile_path", default="all_eager",

@@ -2,10 +2,11 @@
 
 Step mode (default): forward (both branches), backward, AdamW step and EMA update on synthetic uint8 images already
 on the device, timed after warm-up. Each fast path can be switched on alone, so one run measures its effect against
-a plain baseline built in the same process:
+a plain baseline (the step as the authors' release runs it, see PATHS) built in the same process:
 
     python benchmarks/throughput.py --model dmjd_convit_base_patch16_dec8_hog --batch_size 64 \
-        --paths plain,fused_attn,fused_adamw,channels_last,bf16,compile,all --peak_tflops 989
+        --paths plain,sparse_stages,fused_attn,fused_adamw,channels_last,bf16,hog_once,device_masks,no_sync,all \
+        --peak_tflops 989
 
 prints images/s (unique images; each has --num_views views), the ratio to the first path, peak memory and memory
 per image, FLOPs per image (torch.utils.flop_counter) and the achieved fraction of --peak_tflops.
@@ -17,6 +18,7 @@ Data mode: decode, crop, flip, collate and host-to-device copy from an ImageFold
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -32,10 +34,13 @@ from engine_pretrain import autocast_context  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
 from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
 
-# Each path switches on one fast path over the plain fp32 step; "all" switches on every one that applies, and
-# "all_eager" every one but compile (what main_pretrain.py runs on CUDA without --compile).
-PATHS = ("plain", "sparse_stages", "fused_attn", "fused_adamw", "channels_last", "bf16", "compile", "all",
-         "all_eager")
+# The plain path is the step as the authors' release runs it: fp32, dense conv stages, unfused attention, a
+# per-parameter AdamW, contiguous memory, HOG computed for every view, masks drawn on the host and copied over, and
+# the loss read back every step. Each other path switches on one fast path over it; "all" switches on every one
+# that applies, and "all_eager" every one but compile (what main_pretrain.py runs on CUDA without --compile).
+SWITCHES = ("sparse_stages", "fused_attn", "fused_adamw", "channels_last", "compile", "hog_once", "device_masks",
+            "no_sync")
+PATHS = ("plain", *SWITCHES[:5], "bf16", *SWITCHES[5:], "all", "all_eager")
 
 
 @dataclass
@@ -46,6 +51,9 @@ class Path:
     channels_last: bool = False
     amp: str = "none"
     compile: bool = False
+    hog_once: bool = False  # HOG once per image, indexed by the views (plain: once per view)
+    device_masks: bool = False  # masks drawn on the device (plain: on the host, then copied)
+    no_sync: bool = False  # nothing read back in the step (plain: the loss, every step)
 
 
 def path_config(name: str, device: torch.device) -> Path:
@@ -54,8 +62,9 @@ def path_config(name: str, device: torch.device) -> Path:
     if name == "bf16":
         return Path(amp="bf16")
     if name in ("all", "all_eager"):
-        return Path(True, True, True, True, "bf16" if device.type == "cuda" else "none", name == "all")
-    if name in ("sparse_stages", "fused_attn", "fused_adamw", "channels_last", "compile"):
+        every = {switch: True for switch in SWITCHES}
+        return Path(**{**every, "compile": name == "all"}, amp="bf16" if device.type == "cuda" else "none")
+    if name in SWITCHES:
         return Path(**{name: True})
     raise SystemExit(f"error: unknown path {name!r} in --paths; choose from {', '.join(PATHS)}")
 
@@ -73,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", default=3, type=int, help="untimed steps (compilation happens here)")
     p.add_argument("--steps", default=10, type=int, help="timed steps")
+    p.add_argument("--repeats", default=1, type=positive_int,
+                   help="rounds through all --paths; each path's figures are the median of its rounds")
     p.add_argument("--peak_tflops", default=None, type=peak_arg,
                    help="the device's dense peak in TFLOP/s, or 'measure': time a large bf16 (CUDA) or fp32 (CPU) "
                         "matmul here and use that")
@@ -85,6 +96,16 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=50, type=int,
                    help="data mode: timed batches (at least 10 x the workers' queue of 2 batches each)")
     return p.parse_args(argv)
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
 
 
 def peak_arg(value: str):
@@ -148,7 +169,8 @@ def memory_estimate(args, device, amp: str, batches=(1, 2), sparse_stages: bool 
     teacher, plus what the forward saves whatever the batch (e.g. bf16 copies of the weights under autocast).
     The largest batch keeps 10% of the memory back for the allocator's fragmentation and kernel workspaces."""
     amp_dtype = AMP_DTYPES[amp]
-    model, _, teacher, _ = build(args, device, Path(sparse_stages=sparse_stages, fused_attn=True))
+    training = Path(sparse_stages=sparse_stages, fused_attn=True, hog_once=True, device_masks=True, no_sync=True)
+    model, _, teacher, _ = build(args, device, training)
     sizes = []
     for batch in batches:
         images = synthetic_images(batch, args.input_size, device)
@@ -187,6 +209,7 @@ def build(args, device, path: Path):
     model = timm.create_model(args.model, img_size=args.input_size, num_views=args.num_views,
                               mask_ratio=args.mask_ratio, vis_target=args.vis_target, theta=args.theta).to(device)
     set_fused_attention(model, path.fused_attn)
+    model.hog_per_view = not path.hog_once
     if hasattr(model.encoder, "sparse_stages"):  # ConViT: conv stages at the visible tokens only
         model.encoder.sparse_stages = path.sparse_stages
     if path.channels_last:
@@ -212,16 +235,22 @@ def count_flops(model, teacher, images, device, amp_dtype):
 
 
 def make_step(args, device, path: Path, images):
-    """The pre-training step of a path, as a closure over its model, optimizer and (channels-last) images."""
+    """The pre-training step of a path, as a closure over its model, optimizer and (channels-last) images; returns
+    the step, the model, the teacher (or None), the images and the optimizer."""
     amp_dtype = AMP_DTYPES[path.amp]
     model, step_model, teacher, optimizer = build(args, device, path)
     if path.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
+    num_visible = model.num_visible_tokens
 
     def step():
+        masks = None  # drawn on the device by the model
+        if not path.device_masks:  # as a data loader hands them over: drawn on the host, pinned, copied
+            masks = model.make_masks(images.shape[0])
+            masks = (masks.pin_memory() if device.type == "cuda" else masks).to(device, non_blocking=True)
         with autocast_context(device, amp_dtype):
-            loss, _ = step_model(images, teacher=teacher)
+            loss, _ = step_model(images, masks, teacher=teacher, num_visible=num_visible)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.step(optimizer)
@@ -231,12 +260,16 @@ def make_step(args, device, path: Path, images):
         optimizer.zero_grad(set_to_none=True)
         if teacher is not None:
             teacher.update(model.encoder, 0.996)
+        if not path.no_sync:
+            loss.item()  # logged every step: the host waits for the step to finish
 
-    return step, model, teacher, images
+    return step, model, teacher, images, optimizer
 
 
-def time_path(args, device, path: Path, images):
-    step, model, teacher, images = make_step(args, device, path, images)
+def time_path(args, device, path: Path, images, with_flops: bool = True):
+    """Seconds per step after warm-up, peak and resident device memory (None on the CPU) and, `with_flops`,
+    (forward, forward + backward) FLOPs per image."""
+    step, model, teacher, images, _ = make_step(args, device, path, images)
     for _ in range(args.warmup):
         step()
     synchronize(device)
@@ -250,7 +283,7 @@ def time_path(args, device, path: Path, images):
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    flops = count_flops(model, teacher, images, device, AMP_DTYPES[path.amp])
+    flops = count_flops(model, teacher, images, device, AMP_DTYPES[path.amp]) if with_flops else None
     del step, model, teacher
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -268,7 +301,7 @@ def profile_path(args, device, path: Path, steps: int = 3, rows: int = 20):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     images = synthetic_images(args.batch_size, args.input_size, device)
-    step, model, teacher, images = make_step(args, device, path, images)
+    step, model, teacher, images, _ = make_step(args, device, path, images)
     for _ in range(max(1, args.warmup)):
         step()
     synchronize(device)
@@ -296,10 +329,12 @@ def profile_path(args, device, path: Path, steps: int = 3, rows: int = 20):
 
 
 def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: bool = False):
-    """Times each of --paths; ratios are to the first path, or to `base_ips` (images/s of an earlier run in this
-    process); with a `deadline` (time.perf_counter()), paths not started by then are skipped. A path that runs out
-    of memory is reported and skipped; with `keep_going`, so is one that fails otherwise (e.g. a compiler error),
-    with its traceback printed, so that one broken path does not cost the figures of the others."""
+    """Times each of --paths, --repeats times over (in rounds through all of them, so that a machine's drift
+    reaches every path alike); ratios are to the first path of the same round, or to `base_ips` (images/s of an
+    earlier run in this process), and with several rounds each path gets the median. With a `deadline`
+    (time.perf_counter()), paths not started by then are skipped. A path that runs out of memory is reported and
+    skipped; with `keep_going`, so is one that fails otherwise (e.g. a compiler error), with its traceback printed,
+    so that one broken path does not cost the figures of the others."""
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in main_pretrain.py
@@ -313,46 +348,90 @@ def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: 
         peak_tflops, dtype = measure_matmul_tflops(device)
         print(f"measured dense peak: {peak_tflops:.1f} TFLOP/s ({str(dtype).replace('torch.', '')} matmul)", flush=True)
         results["measured_peak_tflops"] = peak_tflops
-    print(f"{'path':<14}{'ms/step':>10}{'images/s':>11}{'ratio':>8}{'GFLOP/img f+b':>15}{'TFLOP/s':>9}"
-          f"{'% peak':>8}{'peak GiB':>10}{'act MiB/img':>13}", flush=True)
-    for name in [n.strip() for n in args.paths.split(",") if n.strip()]:
-        path = path_config(name, device)
-        if deadline is not None and time.perf_counter() > deadline:
-            print(f"{name:<14} skipped: out of time", flush=True)
-            results["paths"][name] = {"skipped": True}
+    header = (f"{'path':<14}{'ms/step':>10}{'images/s':>11}{'ratio':>8}{'GFLOP/img f+b':>15}{'TFLOP/s':>9}"
+              f"{'% peak':>8}{'peak GiB':>10}{'act MiB/img':>13}")
+    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    configs = {name: path_config(name, device) for name in names}  # unknown names fail before any work
+    rounds = {name: [] for name in names}  # per measured round: (seconds, ratio)
+    figures = {}  # per path, from its first round: peak memory, resident memory, FLOPs
+    ended = {}  # paths that failed, ran out of memory or were never started in time
+    for round_index in range(args.repeats):
+        # Each round starts one path further on, so that no path always runs first (on a shared CPU the first path
+        # of a round was seen to run slower); with one round the order is --paths'.
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        if args.repeats == 1:
+            print(header, flush=True)
+        else:
+            print(f"round {round_index + 1} of {args.repeats}, in the order {','.join(order)}", flush=True)
+        measured = {}  # this round's seconds per step
+        for name in order:
+            if name in ended:
+                continue
+            if deadline is not None and time.perf_counter() > deadline:
+                print(f"{name:<14} skipped: out of time", flush=True)
+                if not rounds[name]:
+                    ended[name] = {"skipped": True}
+                continue
+            failure = None
+            try:
+                seconds, peak, resident, flops = time_path(args, device, configs[name], images,
+                                                           with_flops=name not in figures)
+            except torch.OutOfMemoryError:
+                failure = {"out_of_memory": True}
+                print(f"{name:<14} out of memory at batch {args.batch_size}", flush=True)
+            except Exception as err:
+                if not keep_going:
+                    raise
+                traceback.print_exc(file=sys.stdout)
+                lines = str(err).strip().splitlines()
+                failure = {"error": f"{type(err).__name__}: {lines[0] if lines else ''}"}
+                print(f"{name:<14} failed: {failure['error']}", flush=True)
+            if failure is not None:
+                ended[name] = failure
+                # The failed step's tensors were held by the traceback, released on leaving the except clause.
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            figures.setdefault(name, (peak, resident, flops))
+            measured[name] = seconds
+            if args.repeats == 1:  # the order is --paths': the baseline, if measured, came first
+                ips = args.batch_size / seconds
+                print(_step_line(name, args.batch_size, seconds, ips / (base_ips or ips), *figures[name],
+                                 peak_tflops), flush=True)
+                base_ips = base_ips or ips
+        # the ratios of the round: to `base_ips`, else to the round's first path in --paths order that was measured
+        round_base = base_ips if args.repeats == 1 or base_ips else \
+            next((args.batch_size / measured[n] for n in names if n in measured), None)
+        if args.repeats > 1 and measured:
+            print(header, flush=True)
+        for name in names:
+            if name in measured:
+                ratio = args.batch_size / measured[name] / round_base
+                rounds[name].append((measured[name], ratio))
+                if args.repeats > 1:
+                    print(_step_line(name, args.batch_size, measured[name], ratio, *figures[name], peak_tflops),
+                          flush=True)
+    if args.repeats > 1:
+        print(f"median of {args.repeats} rounds (ratio: the median of the rounds' ratios, and their range)\n{header}",
+              flush=True)
+    for name in names:
+        if not rounds[name]:
+            results["paths"][name] = ended[name]
             continue
-        failure = None
-        try:
-            seconds, peak, resident, (fwd, fwd_bwd) = time_path(args, device, path, images)
-        except torch.OutOfMemoryError:
-            failure = {"out_of_memory": True}
-            print(f"{name:<14} out of memory at batch {args.batch_size}", flush=True)
-        except Exception as err:
-            if not keep_going:
-                raise
-            traceback.print_exc(file=sys.stdout)
-            lines = str(err).strip().splitlines()
-            failure = {"error": f"{type(err).__name__}: {lines[0] if lines else ''}"}
-            print(f"{name:<14} failed: {failure['error']}", flush=True)
-        if failure is not None:
-            results["paths"][name] = failure
-            # The failed step's tensors were held by the traceback, released on leaving the except clause.
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
+        seconds, ratio = (statistics.median(column) for column in zip(*rounds[name]))
+        peak, resident, (fwd, fwd_bwd) = figures[name]
         ips = args.batch_size / seconds
-        base_ips = base_ips or ips
         tflops = fwd_bwd * ips / 1e12
-        pct = f"{100 * tflops / peak_tflops:.1f}" if peak_tflops else "-"
-        mem = f"{peak / 2 ** 30:.2f}" if peak is not None else "-"
-        per_img = f"{(peak - resident) / args.batch_size / 2 ** 20:.0f}" if peak is not None else "-"
-        print(f"{name:<14}{seconds * 1000:>10.1f}{ips:>11.1f}{ips / base_ips:>8.2f}{fwd_bwd / 1e9:>15.4g}"
-              f"{tflops:>9.2f}{pct:>8}{mem:>10}{per_img:>13}", flush=True)
-        results["paths"][name] = {"images_per_s": ips, "ratio": ips / base_ips, "step_s": seconds,
+        if args.repeats > 1:
+            ratios = [r for _, r in rounds[name]]
+            print(_step_line(name, args.batch_size, seconds, ratio, *figures[name], peak_tflops) +
+                  f"  (ratio {min(ratios):.2f} to {max(ratios):.2f} over {len(ratios)} rounds)", flush=True)
+        results["paths"][name] = {"images_per_s": ips, "ratio": ratio, "step_s": seconds,
                                   "gflops_fwd": fwd / 1e9, "gflops_fwd_bwd": fwd_bwd / 1e9, "tflops": tflops,
                                   "fraction_of_peak": tflops / peak_tflops if peak_tflops else None,
-                                  "peak_bytes": peak, "resident_bytes": resident}
+                                  "peak_bytes": peak, "resident_bytes": resident,
+                                  "rounds": [{"step_s": t, "ratio": r} for t, r in rounds[name]]}
     if device.type == "cpu":
         import resource
         print(f"peak host memory (max RSS of the process) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
@@ -370,6 +449,17 @@ def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: 
                 results["memory"][key] = {"activation_bytes_per_image": per_image, "fixed_bytes": fixed,
                                           "largest_batch": largest, "capacity_bytes": capacity}
     return results
+
+
+def _step_line(name, batch, seconds, ratio, peak, resident, flops, peak_tflops) -> str:
+    fwd_bwd = flops[1]
+    ips = batch / seconds
+    tflops = fwd_bwd * ips / 1e12
+    pct = f"{100 * tflops / peak_tflops:.1f}" if peak_tflops else "-"
+    mem = f"{peak / 2 ** 30:.2f}" if peak is not None else "-"
+    per_img = f"{(peak - resident) / batch / 2 ** 20:.0f}" if peak is not None else "-"
+    return (f"{name:<14}{seconds * 1000:>10.1f}{ips:>11.1f}{ratio:>8.2f}{fwd_bwd / 1e9:>15.4g}{tflops:>9.2f}"
+            f"{pct:>8}{mem:>10}{per_img:>13}")
 
 
 def run_data(args):

@@ -3,3 +3,35 @@ import sys
 
 # The project is a set of flat scripts (as MAE): make the repository root importable however pytest is started.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+# Ops that make a CUDA host wait for the device: a value read back (item, bool, tolist, printing) or an output
+# whose shape depends on the data (boolean indexing, nonzero, unique, masked_select).
+_HOST_READ_OPS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique",
+                  "repeat_interleave", "equal", "allclose")
+
+
+class HostReadRecorder(TorchDispatchMode):
+    """Records the ops above, by `iteration` (set by the test). The optimizer's `step` counters are exempt: torch
+    keeps them on the host (non-capturable AdamW), so reading them costs no device sync."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer, self.iteration, self.seen = optimizer, -1, []
+
+    def _host_counter(self, tensor):
+        return any(tensor is state.get("step") for state in self.optimizer.state.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if (name in _HOST_READ_OPS or name.startswith("_unique")) and not (args and self._host_counter(args[0])):
+            self.seen.append((self.iteration, name))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_read_recorder():
+    """HostReadRecorder, to be built on the run's optimizer and entered around the steps."""
+    return HostReadRecorder

@@ -124,10 +124,10 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
 def test_a_failing_path_is_reported_and_the_others_still_run(monkeypatch, capsys):
     real_time_path = throughput.time_path
 
-    def time_path(args, device, path, images):
+    def time_path(args, device, path, images, **kwargs):
         if path.fused_adamw:
             raise RuntimeError("the compiler broke\nsecond line")
-        return real_time_path(args, device, path, images)
+        return real_time_path(args, device, path, images, **kwargs)
 
     monkeypatch.setattr(throughput, "time_path", time_path)
     args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
@@ -147,18 +147,49 @@ def test_all_eager_is_all_but_compile():
         every, eager = throughput.path_config("all", device), throughput.path_config("all_eager", device)
         assert every.compile and not eager.compile
         assert every.amp == eager.amp == ("bf16" if device.type == "cuda" else "none")
-        assert (every.sparse_stages, every.fused_attn, every.fused_adamw, every.channels_last) == \
-            (eager.sparse_stages, eager.fused_attn, eager.fused_adamw, eager.channels_last) == (True,) * 4
+        others = [s for s in throughput.SWITCHES if s != "compile"]
+        assert len(others) == 7 and all(getattr(every, s) and getattr(eager, s) for s in others)
+        plain = throughput.path_config("plain", device)
+        assert plain.amp == "none" and not any(getattr(plain, s) for s in throughput.SWITCHES)
+        for switch in throughput.SWITCHES:  # each switches on one thing over plain
+            assert [s for s in throughput.SWITCHES if getattr(throughput.path_config(switch, device), s)] == [switch]
+
+
+@pytest.mark.parametrize("name", ["plain", "all_eager"])
+def test_plain_step_is_the_releases_and_the_fast_one_reads_nothing_back(name, monkeypatch, host_read_recorder):
+    """plain computes HOG for every view, draws masks on the host and reads the loss back every step; all_eager
+    computes HOG once per image, draws masks on the device and reads nothing back."""
+    import models_dmjd
+    device = torch.device("cpu")
+    args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
+                                  "--batch_size", "2", "--device", "cpu"])
+    step, model, _, _, optimizer = throughput.make_step(args, device, throughput.path_config(name, device),
+                                                        throughput.synthetic_images(2, 64, device))
+    hog_rows, drawn_on = [], []
+    real_hog, real_masks = models_dmjd.hog_targets, model.make_masks
+    monkeypatch.setattr(models_dmjd, "hog_targets", lambda images, *a: hog_rows.append(len(images)) or
+                        real_hog(images, *a))
+    monkeypatch.setattr(model, "make_masks", lambda batch, device=None, generator=None: drawn_on.append(device) or
+                        real_masks(batch, device, generator))
+    step()  # the optimizer's state exists from here on
+    recorder = host_read_recorder(optimizer)
+    with recorder:
+        step()
+    fast = name == "all_eager"
+    assert hog_rows == [2 if fast else 4] * 2  # 2 images, 2 views
+    assert drawn_on == [device if fast else None] * 2  # the model's draw on the images' device, or the host's
+    reads = [op for _, op in recorder.seen]
+    assert reads == [] if fast else "_local_scalar_dense" in reads  # loss.item()
 
 
 def test_gpu_check_retries_only_the_paths_out_of_memory_at_the_target_batch(tmp_path, monkeypatch):
     from benchmarks import gpu_check
     real_time_path = throughput.time_path
 
-    def time_path(args, device, path, images):
+    def time_path(args, device, path, images, **kwargs):
         if path.fused_adamw and args.batch_size == 4:
             raise torch.OutOfMemoryError("pretend the card is full")
-        return real_time_path(args, device, path, images)
+        return real_time_path(args, device, path, images, **kwargs)
 
     monkeypatch.setattr(throughput, "time_path", time_path)
     cli = gpu_check.parse_args([
@@ -174,3 +205,35 @@ def test_gpu_check_retries_only_the_paths_out_of_memory_at_the_target_batch(tmp_
     report = (tmp_path / "gpu_check.md").read_text()
     assert "| fused_adamw (batch 4) | out of memory |" in report
     assert "## Where the time goes (fused_adamw, batch 2)" in report
+
+
+def test_repeats_run_rounds_through_all_paths_and_give_medians(monkeypatch, capsys):
+    real_time_path, order = throughput.time_path, []
+
+    def time_path(args, device, path, images, **kwargs):
+        order.append((path.fused_attn, kwargs["with_flops"]))
+        if path.fused_adamw:
+            raise RuntimeError("broken")
+        return real_time_path(args, device, path, images, **kwargs)
+
+    monkeypatch.setattr(throughput, "time_path", time_path)
+    args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
+                                  "--batch_size", "2", "--paths", "plain,fused_attn,fused_adamw", "--warmup", "0",
+                                  "--steps", "1", "--repeats", "3", "--device", "cpu"])
+    results = throughput.run_steps(args, keep_going=True)
+    # round by round, each starting one path further on; FLOPs counted in the first round only; the failing path
+    # is not tried again
+    assert order == [(False, True), (True, True), (False, True)] + [(True, False), (False, False)] + \
+        [(False, False), (True, False)]
+    assert list(results["paths"]) == ["plain", "fused_attn", "fused_adamw"]
+    plain, fused = results["paths"]["plain"], results["paths"]["fused_attn"]
+    assert [r["ratio"] for r in plain["rounds"]] == [1.0] * 3 and plain["ratio"] == 1.0
+    steps = sorted(r["step_s"] for r in fused["rounds"])
+    assert len(steps) == 3 and fused["step_s"] == steps[1] and fused["images_per_s"] == 2 / steps[1]
+    assert fused["ratio"] == sorted(r["ratio"] for r in fused["rounds"])[1]
+    assert results["paths"]["fused_adamw"] == {"error": "RuntimeError: broken"}
+    out = capsys.readouterr().out
+    assert "round 2 of 3, in the order fused_attn,fused_adamw,plain" in out and "median of 3 rounds" in out
+    assert "over 3 rounds)" in out
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--repeats", "0"])

@@ -5,7 +5,6 @@ import math
 import pytest
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import models_dmjd  # noqa: F401
 from benchmarks.throughput import set_fused_attention
@@ -62,6 +61,38 @@ def test_bf16_autocast_within_tolerance(reference):
     torch.testing.assert_close(loss_of(model, images, masks, dtype=torch.bfloat16), plain, rtol=0.05, atol=0.02)
 
 
+@pytest.mark.parametrize("pred_type", ["hog", "pixel"])
+def test_hog_once_per_image_matches_hog_per_view(reference, pred_type):
+    """The views index one HOG per image; computing it for every view's copy (hog_per_view) gives the same loss."""
+    model, images, masks, plain = reference
+    if pred_type == "pixel":  # the visible branch alone takes HOG
+        torch.manual_seed(0)
+        model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64, pred_type="pixel").eval()
+        set_fused_attention(model, False)
+        plain = loss_of(model, images, masks)
+    assert not model.hog_per_view  # the default
+    model.hog_per_view = True
+    per_view = loss_of(model, images, masks)
+    model.hog_per_view = False
+    torch.testing.assert_close(per_view, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_known_visible_count_matches_counting_and_a_wrong_one_fails(reference):
+    model, images, masks, _ = reference
+    with torch.no_grad():
+        counted = torch.stack(list(_losses(model(images, masks))))
+        known = torch.stack(list(_losses(model(images, masks, num_visible=model.num_visible_tokens))))
+    torch.testing.assert_close(known, counted, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"num_visible={model.num_visible_tokens + 1}, but the masks leave "
+                                         rf"\[{model.num_visible_tokens}\] tokens visible"):
+        model(images, masks, num_visible=model.num_visible_tokens + 1)
+
+
+def _losses(output):
+    loss, parts = output
+    return loss, parts["loss_mask"], parts["loss_vis"]
+
+
 def test_fused_adamw_step_matches_foreach():
     torch.manual_seed(0)
     a = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64)
@@ -86,32 +117,8 @@ def test_compiled_model_matches(reference):
     torch.testing.assert_close(loss_of(compiled, images, masks), plain, rtol=1e-4, atol=1e-4)
 
 
-# Ops that make a CUDA host wait for the device: a value read back (item, bool, tolist, printing) or an output
-# whose shape depends on the data (boolean indexing, nonzero, unique, masked_select).
-_SYNC_OPS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique",
-             "repeat_interleave", "equal", "allclose")
-
-
-class _SyncRecorder(TorchDispatchMode):
-    """Records the ops above, by iteration. The optimizer's `step` counters are exempt: torch keeps them on the
-    host (non-capturable AdamW), so reading them costs no device sync."""
-
-    def __init__(self, optimizer):
-        super().__init__()
-        self.optimizer, self.iteration, self.seen = optimizer, -1, []
-
-    def _host_counter(self, tensor):
-        return any(tensor is state.get("step") for state in self.optimizer.state.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if (name in _SYNC_OPS or name.startswith("_unique")) and not (args and self._host_counter(args[0])):
-            self.seen.append((self.iteration, name))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("vis_target,accum,fused", [("hog", 1, True), ("ema", 2, False)])
-def test_steady_state_step_never_waits_for_the_host(vis_target, accum, fused):
+def test_steady_state_step_never_waits_for_the_host(vis_target, accum, fused, host_read_recorder):
     """Every iteration but the last (which prints, checks finiteness and sums the epoch) reads nothing back."""
     class Args:
         lr, min_lr, warmup_epochs, epochs, clip_grad, print_freq, ema_momentum = 1e-3, 0.0, 1, 2, 1.0, 1000, 0.99
@@ -122,7 +129,7 @@ def test_steady_state_step_never_waits_for_the_host(vis_target, accum, fused):
     teacher = EMATeacher(model.encoder) if model.uses_teacher else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
                                   **({"fused": True} if fused else {"foreach": True}))
-    recorder = _SyncRecorder(optimizer)
+    recorder = host_read_recorder(optimizer)
 
     def loader():
         for it in range(6):
