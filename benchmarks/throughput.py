@@ -356,8 +356,8 @@ def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: 
     figures = {}  # per path, from its first round: peak memory, resident memory, FLOPs
     ended = {}  # paths that failed, ran out of memory or were never started in time
     for round_index in range(args.repeats):
-        # Each round starts one path further on, so that no path always runs first (on a shared CPU the first path
-        # of a round was seen to run slower); with one round the order is --paths'.
+        # Each round starts one path further on, so that a path's place in the order cannot bias its median (on a
+        # shared CPU the first path of a round was seen to run slower); with one round the order is --paths'.
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         if args.repeats == 1:
             print(header, flush=True)
@@ -400,9 +400,9 @@ def run_steps(args, deadline: float = None, base_ips: float = None, keep_going: 
                 print(_step_line(name, args.batch_size, seconds, ips / (base_ips or ips), *figures[name],
                                  peak_tflops), flush=True)
                 base_ips = base_ips or ips
-        # the ratios of the round: to `base_ips`, else to the round's first path in --paths order that was measured
-        round_base = base_ips if args.repeats == 1 or base_ips else \
-            next((args.batch_size / measured[n] for n in names if n in measured), None)
+        # the round's ratios: to `base_ips` (with one round, the first path's if none was given), else to the
+        # round's first path in --paths order that was measured
+        round_base = base_ips or next((args.batch_size / measured[n] for n in names if n in measured), None)
         if args.repeats > 1 and measured:
             print(header, flush=True)
         for name in names:

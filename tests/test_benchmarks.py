@@ -179,7 +179,7 @@ def test_plain_step_is_the_releases_and_the_fast_one_reads_nothing_back(name, mo
     assert hog_rows == [2 if fast else 4] * 2  # 2 images, 2 views
     assert drawn_on == [device if fast else None] * 2  # the model's draw on the images' device, or the host's
     reads = [op for _, op in recorder.seen]
-    assert reads == [] if fast else "_local_scalar_dense" in reads  # loss.item()
+    assert (reads == []) if fast else ("_local_scalar_dense" in reads)  # loss.item()
 
 
 def test_gpu_check_retries_only_the_paths_out_of_memory_at_the_target_batch(tmp_path, monkeypatch):
