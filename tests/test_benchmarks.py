@@ -94,8 +94,8 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "gpu_check.md").read_text()
     for heading in ("## Machine", "## Dense peak", "## Input pipeline", "## Pre-training step", "## Memory",
-                    "fused_adamw at batch 4", "## Where the time goes (all_eager, batch 4)", "## channels_last at batch 2",
-                    "## Verdict"):
+                    "fused_adamw at batch 4", "## Where the time goes (all_eager, batch 4)",
+                    "## channels_last at batch 2", "## Verdict"):
         assert heading in report
     assert "data pipeline:" in report and "| fused_adamw (batch 4) |" in report and "| channels_last |" in report
     figures = json.loads((out / "gpu_check.json").read_text())
@@ -121,15 +121,23 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     assert "plain          skipped: out of time" in report and "no step was measured" in report
 
 
-def test_a_failing_path_is_reported_and_the_others_still_run(monkeypatch, capsys):
+def _break_time_path(monkeypatch, error, when, calls=None):
+    """Replaces throughput.time_path by one that raises `error` for the paths where `when(args, path)` holds, and
+    appends each call's (path, keyword arguments) to `calls` when given."""
     real_time_path = throughput.time_path
 
     def time_path(args, device, path, images, **kwargs):
-        if path.fused_adamw:
-            raise RuntimeError("the compiler broke\nsecond line")
+        if calls is not None:
+            calls.append((path, kwargs))
+        if when(args, path):
+            raise error
         return real_time_path(args, device, path, images, **kwargs)
 
     monkeypatch.setattr(throughput, "time_path", time_path)
+
+
+def test_a_failing_path_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    _break_time_path(monkeypatch, RuntimeError("the compiler broke\nsecond line"), lambda args, path: path.fused_adamw)
     args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
                                   "--batch_size", "2", "--paths", "plain,fused_adamw,fused_attn", "--warmup", "0",
                                   "--steps", "1", "--device", "cpu"])
@@ -184,14 +192,8 @@ def test_plain_step_is_the_releases_and_the_fast_one_reads_nothing_back(name, mo
 
 def test_gpu_check_retries_only_the_paths_out_of_memory_at_the_target_batch(tmp_path, monkeypatch):
     from benchmarks import gpu_check
-    real_time_path = throughput.time_path
-
-    def time_path(args, device, path, images, **kwargs):
-        if path.fused_adamw and args.batch_size == 4:
-            raise torch.OutOfMemoryError("pretend the card is full")
-        return real_time_path(args, device, path, images, **kwargs)
-
-    monkeypatch.setattr(throughput, "time_path", time_path)
+    _break_time_path(monkeypatch, torch.OutOfMemoryError("pretend the card is full"),
+                     lambda args, path: path.fused_adamw and args.batch_size == 4)
     cli = gpu_check.parse_args([
         "--out", str(tmp_path), "--device", "cpu", "--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size",
         "64", "--batch_size", "2", "--target_batch", "4", "--paths", "plain", "--target_paths",
@@ -208,23 +210,16 @@ def test_gpu_check_retries_only_the_paths_out_of_memory_at_the_target_batch(tmp_
 
 
 def test_repeats_run_rounds_through_all_paths_and_give_medians(monkeypatch, capsys):
-    real_time_path, order = throughput.time_path, []
-
-    def time_path(args, device, path, images, **kwargs):
-        order.append((path.fused_attn, kwargs["with_flops"]))
-        if path.fused_adamw:
-            raise RuntimeError("broken")
-        return real_time_path(args, device, path, images, **kwargs)
-
-    monkeypatch.setattr(throughput, "time_path", time_path)
+    calls = []
+    _break_time_path(monkeypatch, RuntimeError("broken"), lambda args, path: path.fused_adamw, calls)
     args = throughput.parse_args(["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
                                   "--batch_size", "2", "--paths", "plain,fused_attn,fused_adamw", "--warmup", "0",
                                   "--steps", "1", "--repeats", "3", "--device", "cpu"])
     results = throughput.run_steps(args, keep_going=True)
     # round by round, each starting one path further on; FLOPs counted in the first round only; the failing path
     # is not tried again
-    assert order == [(False, True), (True, True), (False, True)] + [(True, False), (False, False)] + \
-        [(False, False), (True, False)]
+    assert [(path.fused_attn, kwargs["with_flops"]) for path, kwargs in calls] == \
+        [(False, True), (True, True), (False, True)] + [(True, False), (False, False)] + [(False, False), (True, False)]
     assert list(results["paths"]) == ["plain", "fused_attn", "fused_adamw"]
     plain, fused = results["paths"]["plain"], results["paths"]["fused_attn"]
     assert [r["ratio"] for r in plain["rounds"]] == [1.0] * 3 and plain["ratio"] == 1.0
