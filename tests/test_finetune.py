@@ -18,7 +18,6 @@ from main_linprobe import lars_param_groups
 from models_convvit import LinearProbe
 from util.checkpoint import check_encoder_loaded, export_encoder, load_pretrained, save_checkpoint
 from util.classification import ShardSampler
-from util.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +28,8 @@ def pretrain_checkpoint(path, model_name="dmjd_convit_tiny_patch16_dec1_hog", im
     with torch.no_grad():  # move the weights away from any fresh initialisation
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    save_checkpoint({"model": model.state_dict(), "epoch": 0, "args": {"input_size": img_size}}, str(path))
+    save_checkpoint({"model": model.state_dict(), "epoch": 0, "args": {"model": model_name, "input_size": img_size}},
+                    str(path))
     return model
 
 
@@ -188,12 +188,6 @@ def test_linear_probe_trains_only_the_head():
         assert not torch.equal(probe.head.state_dict()[k], head[k]), k
 
 
-def test_eval_transform_resizes_to_input_over_0875():
-    img = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
-    tf = eval_transform(224)
-    assert tf.transforms[0].size == 256 and tf(img).shape == (3, 224, 224)
-
-
 def test_shard_sampler_covers_every_sample_once():
     shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(11))
@@ -274,3 +268,35 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "empty.png" in proc.stderr and "broken.png" in proc.stderr
     assert "on 9 images" in proc.stdout  # the 9 readable validation images are all counted, the broken one is not
+
+
+def test_every_pretraining_model_names_a_classifier_that_takes_its_encoder():
+    from util.checkpoint import PRETRAIN_ONLY_PREFIXES, classifier_for
+    for name in timm.list_models("dmjd_*"):
+        encoder = timm.create_model(name).encoder.state_dict()
+        encoder = {k: v for k, v in encoder.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+        classifier = timm.create_model(classifier_for(name), num_classes=0, global_pool=False).state_dict()
+        assert {k: v.shape for k, v in classifier.items()} == {k: v.shape for k, v in encoder.items()}, name
+
+
+def test_another_architecture_is_named_with_the_classifier_to_use(tmp_path, capsys):
+    pretrain_checkpoint(tmp_path / "mini.pth", "dmjd_convit_mini_patch8_hog", img_size=32)
+    model = timm.create_model("convvit_base_patch16", img_size=32, num_classes=10)
+    with pytest.raises(RuntimeError, match=r"'dmjd_convit_mini_patch8_hog'; fine-tune or probe it with --model "
+                                           r"convvit_mini_patch8"):
+        load_pretrained(model, str(tmp_path / "mini.pth"))
+    assert "resampled" not in capsys.readouterr().out  # no note about a step that never happened
+    with pytest.raises(RuntimeError, match="--model convvit_mini_patch8"):
+        load_pretrained(timm.create_model("vit_tiny_patch16", img_size=32, num_classes=10), str(tmp_path / "mini.pth"))
+    # same shapes, other names: found by the check of the loaded keys, with the same hint
+    pretrain_checkpoint(tmp_path / "vit.pth", "dmjd_vit_tiny_patch16_dec1_hog", img_size=64)
+    missing, unexpected = load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=10),
+                                          str(tmp_path / "vit.pth"))
+    with pytest.raises(RuntimeError, match="--model vit_tiny_patch16"):
+        check_encoder_loaded(missing, unexpected, str(tmp_path / "vit.pth"))
+
+
+def test_resampling_note_names_both_grids(tmp_path, capsys):
+    pretrain_checkpoint(tmp_path / "pre.pth")  # 64 px, patch 16: 4 x 4
+    load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=96, num_classes=5), str(tmp_path / "pre.pth"))
+    assert "resampled pos_embed from the checkpoint's 4 x 4 grid to this model's 6 x 6" in capsys.readouterr().out
