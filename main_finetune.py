@@ -20,40 +20,44 @@ from util.transforms import eval_transform, finetune_transform
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("fine-tuning for image classification", add_help=True)
+    p = argparse.ArgumentParser("fine-tuning for image classification",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch_size", default=128, type=int, help="images per GPU (released: 1024 in all)")
-    p.add_argument("--epochs", default=100, type=int)
-    p.add_argument("--accum_iter", default=1, type=int)
+    p.add_argument("--epochs", default=100, type=int, help="50 for ConViT-L")
+    p.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="convvit_base_patch16", type=str)
-    g.add_argument("--input_size", default=224, type=int)
+    g.add_argument("--model", default="convvit_base_patch16", type=str,
+                   help="the classifier built on the pre-trained encoder")
+    g.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
     g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=True,
                    help="mean of the tokens then fc_norm (default), or the final norm then the mean")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--clip_grad", default=None, type=float)
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr x total batch / 256)")
-    g.add_argument("--blr", default=5e-4, type=float)
+    g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)")
+    g.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)")
+    g.add_argument("--blr", default=5e-4, type=float, help="base lr: lr = blr x total batch / 256")
     g.add_argument("--layer_decay", default=0.65, type=float, help="layer-wise lr decay (0.75 for ConViT-L)")
-    g.add_argument("--min_lr", default=1e-6, type=float)
-    g.add_argument("--warmup_epochs", default=5, type=float)
+    g.add_argument("--min_lr", default=1e-6, type=float, help="lr at the end of the cosine")
+    g.add_argument("--warmup_epochs", default=5, type=float, help="linear lr warmup, at most --epochs")
 
     g = p.add_argument_group("augmentation")
     g.add_argument("--color_jitter", default=None, type=float, help="only used without --aa")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=str, help="timm auto-augment policy")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
     g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", type=str)
-    g.add_argument("--recount", default=1, type=int)
+    g.add_argument("--remode", default="pixel", type=str, help="random erasing fill: pixel, rand or const")
+    g.add_argument("--recount", default=1, type=int, help="random erasing regions per image")
     g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)")
-    g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+")
-    g.add_argument("--mixup_prob", default=1.0, type=float)
-    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+",
+                   help="cutmix box size bounds as fractions (overrides --cutmix)")
+    g.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix instead of mixup")
+    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
+                   help="one mixing per batch, pair of images or image")
 
     g = p.add_argument_group("initialisation")
     g.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
@@ -76,8 +80,11 @@ def main(args):
     model = timm.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
                               drop_path_rate=args.drop_path, global_pool=args.global_pool)
     if args.finetune:
-        missing, unexpected = load_pretrained(model, args.finetune, args.checkpoint_key)
-        check_encoder_loaded(missing, unexpected, args.finetune)
+        try:
+            missing, unexpected = load_pretrained(model, args.finetune, args.checkpoint_key)
+            check_encoder_loaded(missing, unexpected, args.finetune)
+        except (RuntimeError, KeyError, FileNotFoundError) as err:
+            raise SystemExit(f"error: --finetune {err}") from None
     model.to(run.device)
 
     mixup_fn = None

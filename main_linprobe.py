@@ -20,18 +20,18 @@ from util.transforms import eval_transform, linprobe_transform
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("linear probing", add_help=True)
+    p = argparse.ArgumentParser("linear probing", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch_size", default=512, type=int, help="images per GPU (released: 4096 in all)")
     p.add_argument("--epochs", default=90, type=int, help="90 for ConViT-B, 50 for ConViT-L")
-    p.add_argument("--accum_iter", default=1, type=int)
-    p.add_argument("--model", default="convvit_base_patch16", type=str)
-    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step")
+    p.add_argument("--model", default="convvit_base_patch16", type=str, help="the classifier whose encoder is probed")
+    p.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
     p.add_argument("--min_crop_scale", default=0.08, type=float, help="RandomResizedCrop's smallest area fraction")
-    p.add_argument("--weight_decay", default=0.0, type=float)
-    p.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr x total batch / 256)")
+    p.add_argument("--weight_decay", default=0.0, type=float, help="LARS weight decay")
+    p.add_argument("--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)")
     p.add_argument("--blr", default=0.1, type=float, help="0.1 for ConViT-B, 0.05 for ConViT-L")
-    p.add_argument("--min_lr", default=0.0, type=float)
-    p.add_argument("--warmup_epochs", default=10, type=float)
+    p.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine")
+    p.add_argument("--warmup_epochs", default=10, type=float, help="linear lr warmup, at most --epochs")
     p.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
     p.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
                    help="probe the student encoder, or the EMA teacher's")
@@ -60,8 +60,11 @@ def main(args):
 
     encoder = timm.create_model(args.model, img_size=args.input_size, num_classes=0, global_pool=False)
     if args.finetune:
-        missing, unexpected = load_pretrained(encoder, args.finetune, args.checkpoint_key)
-        check_encoder_loaded(missing, unexpected, args.finetune, allowed_missing=())
+        try:
+            missing, unexpected = load_pretrained(encoder, args.finetune, args.checkpoint_key)
+            check_encoder_loaded(missing, unexpected, args.finetune, allowed_missing=())
+        except (RuntimeError, KeyError, FileNotFoundError) as err:
+            raise SystemExit(f"error: --finetune {err}") from None
     elif not args.eval:
         print("warning: no --finetune checkpoint: probing a randomly initialised encoder")
     model = LinearProbe(encoder, args.nb_classes).to(run.device)

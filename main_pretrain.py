@@ -27,19 +27,20 @@ from util.visualization import make_figure
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DMJD pre-training", add_help=True)
+    p = argparse.ArgumentParser("DMJD pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch_size", default=64, type=int, help="images per GPU (each gives --num_views views)")
-    p.add_argument("--epochs", default=400, type=int)
+    p.add_argument("--epochs", default=400, type=int, help="pre-training epochs")
     p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
 
     g = p.add_argument_group("model and method")
-    g.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog", type=str)
-    g.add_argument("--input_size", default=224, type=int)
+    g.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog", type=str, help="a registered dmjd_* model")
+    g.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
     g.add_argument("--num_views", default=2, type=int, help="disjointly masked views per image (1 = MaskFeat/ConvMAE)")
     g.add_argument("--mask_ratio", default=0.6, type=float, help="corruption rate: fraction masked in one view")
     g.add_argument("--pred_ratio", default=None, type=float,
-                   help="prediction rate: fraction masked in at least one view (default: min(1, views x mask_ratio))")
-    g.add_argument("--mask_type", default="block", choices=["block", "rand"])
+                   help="prediction rate: fraction masked in at least one view (none: min(1, views x mask_ratio))")
+    g.add_argument("--mask_type", default="block", choices=["block", "rand"],
+                   help="block: units of --block_size x --block_size patches (SimMIM); rand: single patches")
     g.add_argument("--block_size", default=2, type=int, help="block masking unit, in patches")
     g.add_argument("--pred_type", default="hog", choices=["hog", "pixel"], help="target of the masked tokens")
     g.add_argument("--vis_target", default="hog", choices=["hog", "ema"], help="target of the visible tokens")
@@ -48,11 +49,11 @@ def get_args_parser():
     g.add_argument("--min_crop_scale", default=0.5, type=float, help="RandomResizedCrop's smallest area fraction")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: the adaptive rule from --blr)")
+    g.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay (none on biases and norms)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (none: the adaptive rule from --blr)")
     g.add_argument("--blr", default=6e-4, type=float, help="base lr: lr = blr x images / 256 x pred / mask ratio")
-    g.add_argument("--min_lr", default=0.0, type=float)
-    g.add_argument("--warmup_epochs", default=20, type=float)
+    g.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine")
+    g.add_argument("--warmup_epochs", default=20, type=float, help="linear lr warmup, per iteration")
     g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (3.0 for ConViT-L)")
     g.add_argument("--skip_nonfinite", default=0, type=int,
                    help="skip up to N optimizer steps with a non-finite loss in the run, then stop (0: stop at the "
@@ -60,23 +61,24 @@ def get_args_parser():
 
     g = p.add_argument_group("run")
     g.add_argument("--data_path", default="/datasets/imagenet", type=str, help="ImageFolder root holding train/")
-    g.add_argument("--output_dir", default="./output_dir", type=str)
-    g.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints and log.txt")
+    g.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (none: --output_dir)")
     g.add_argument("--device", default="auto", type=str, help="auto, cuda or cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory for the conv stages and the input (default: on with CUDA, off on the CPU)")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", type=str, help="checkpoint to resume (default: output_dir's last one)")
+                   help="NHWC memory for the conv stages and the input (none: on with CUDA, off on the CPU)")
+    g.add_argument("--seed", default=0, type=int, help="seeds crops, masks and shuffling")
+    g.add_argument("--resume", default="", type=str, help="checkpoint to resume (none: output_dir's last one)")
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)")
     g.add_argument("--vis_freq", default=20, type=int,
                    help="TensorBoard picture of masks and predictions every N epochs (0 = never)")
     g.add_argument("--print_freq", default=20, type=int, help="read losses back from the device every N steps")
-    g.add_argument("--num_workers", default=10, type=int)
-    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--num_workers", default=10, type=int, help="data-loading processes")
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                   help="pinned host memory for the batches (CUDA)")
     return p
 
 
@@ -111,7 +113,8 @@ def validate_args(args) -> None:
     if args.resume and not os.path.isfile(args.resume):
         bad("--resume", f"{args.resume!r} is not a file")
     if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
-        bad("--warmup_epochs", f"must be in [0, --epochs], got {args.warmup_epochs}")
+        bad("--warmup_epochs", f"must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}; give a shorter warmup "
+                                "for a short run")
     if args.theta < 0:
         bad("--theta", f"must be >= 0, got {args.theta}")
     if not 0 <= args.ema_momentum <= 1:

@@ -250,7 +250,7 @@ def test_skip_nonfinite_stops_after_n_naming_the_step_and_both_losses():
     (["--resume", "no/such/checkpoint.pth"], "--resume 'no/such/checkpoint.pth' is not a file"),
     (["--mask_ratio", "0"], "--mask_ratio must be in (0, 1)"),
     (["--num_views", "0"], "--num_views must be >= 1"),
-    (["--epochs", "2", "--warmup_epochs", "5"], "--warmup_epochs must be in [0, --epochs]"),
+    (["--epochs", "2", "--warmup_epochs", "5"], "--warmup_epochs must be in [0, --epochs 2], got 5.0; give a shorter"),
     (["--theta", "-1"], "--theta must be >= 0"),
     (["--ema_momentum", "1.5"], "--ema_momentum must be in [0, 1]"),
     (["--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1]"),

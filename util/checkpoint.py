@@ -100,11 +100,36 @@ def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
     return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
 
 
+def classifier_for(pretrain_model: str) -> str:
+    """The classifier name that fine-tunes and probes the encoder of a `dmjd_*` pre-training model: the name without
+    the `dmjd_` prefix and the decoder / target suffix (`dmjd_convit_base_patch16_dec8_hog` -> `convvit_base_patch16`).
+    Classifier names are returned as they are."""
+    name = re.sub(r"(_dec\d+)?_(hog|pixel)$", "", pretrain_model)
+    name = name[len("dmjd_"):] if name.startswith("dmjd_") else name
+    return name.replace("convit_", "convvit_", 1) if name.startswith("convit_") else name
+
+
+def saved_model_hint(checkpoint) -> str:
+    """' It holds the encoder of X; fine-tune or probe it with --model Y.' from a checkpoint's saved arguments
+    (a loaded dict, or a path read lazily), or '' when it has none."""
+    if isinstance(checkpoint, str):
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an unreadable file has no hint to give; the caller's error says what is wrong
+            return ""
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    model = args.get("model") if isinstance(args, dict) else None
+    if not isinstance(model, str):
+        return ""
+    return f" It holds the encoder of {model!r}; fine-tune or probe it with --model {classifier_for(model)}."
+
+
 def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
     """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
 
     Loads with weights_only=True; drops pre-training-only keys and a head whose shape does not fit; resamples the
-    position embedding to the model's grid.
+    position embedding to the model's grid. Weights of another architecture fail here, with an error that names the
+    checkpoint's model and the classifier that fits it.
     """
     checkpoint = load_checkpoint(path)
     state = encoder_state_dict(checkpoint, key)
@@ -112,28 +137,35 @@ def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
     for name in [k for k in state if k.startswith("head.")]:
         if name not in own or own[name].shape != state[name].shape:
             del state[name]  # a classifier for other classes (or none): the new head starts fresh
+    # Position embeddings of another length are resampled below; of another width they are another architecture.
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape
+                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])]
+    if mismatched:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
+        raise RuntimeError(f"{path} does not fit this model: shapes differ for {len(mismatched)} weights "
+                           f"(checkpoint vs model: {shown}).{saved_model_hint(checkpoint)}")
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         old_grid = None
         args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else None
         if args and args.get("input_size") and getattr(model, "patch_size", None):
             side = int(args["input_size"]) // model.patch_size
             old_grid = (side, side) if side * side == state["pos_embed"].shape[1] else None
+        old_length = state["pos_embed"].shape[1]
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size, old_grid)
-        print(f"resampled pos_embed from {old_grid or 'a square grid'} to {model.grid_size}")
-    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if mismatched:
-        raise RuntimeError(f"{path}: shapes differ from the model for {', '.join(mismatched[:10])}: "
-                           "is it another architecture?")
+        old_grid = old_grid or (int(round(old_length ** 0.5)),) * 2  # resampling checked that it is square
+        print(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
+              f"{model.grid_size[0]} x {model.grid_size[1]}")
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
 def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.", "fc_norm.")) -> None:
-    """Fails, naming the keys, when any encoder weight was not in the checkpoint."""
+    """Fails, naming the keys (and the checkpoint's model, when it says), when any encoder weight was not in the
+    checkpoint."""
     absent = [k for k in missing if not k.startswith(tuple(allowed_missing))]
     if absent:
         raise RuntimeError(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
-                         f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
+                           f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?{saved_model_hint(path)}")
     print(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
 
 
@@ -146,14 +178,19 @@ def export_encoder(path: str, out_path: str, key: str = "model") -> None:
     save_checkpoint(state, out_path)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser("export the encoder of a DMJD pre-training checkpoint")
-    parser.add_argument("checkpoint")
-    parser.add_argument("output")
+    parser = argparse.ArgumentParser("export the encoder of a DMJD pre-training checkpoint",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="a pre-training checkpoint")
+    parser.add_argument("output", help="the encoder-only checkpoint to write")
     parser.add_argument("--key", default="model", choices=["model", "teacher"],
                         help="the student encoder, or the EMA teacher's")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     export_encoder(cli.checkpoint, cli.output, cli.key)
     print(f"wrote {cli.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,20 +23,21 @@ from util.misc import (DistInfo, check_model_name, cleanup_distributed, init_dis
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and run")
     g.add_argument("--data_path", default="/datasets/imagenet", type=str, help="ImageFolder root with train/ and val/")
-    g.add_argument("--nb_classes", default=1000, type=int)
-    g.add_argument("--output_dir", default="./output_dir", type=str)
-    g.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--nb_classes", default=1000, type=int, help="size of the classifier")
+    g.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints and log.txt")
+    g.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (none: --output_dir)")
     g.add_argument("--device", default="auto", type=str, help="auto, cuda or cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="checkpoint to resume (default: output_dir's last one)")
+    g.add_argument("--seed", default=0, type=int, help="seeds crops, augmentation and shuffling")
+    g.add_argument("--resume", default="", help="checkpoint to resume (none: output_dir's last one)")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on val/")
     g.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
                    help="shard evaluation over processes (exact: no padding); off = every process evaluates all")
-    g.add_argument("--print_freq", default=20, type=int)
-    g.add_argument("--num_workers", default=10, type=int)
-    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--print_freq", default=20, type=int, help="steps between log lines")
+    g.add_argument("--num_workers", default=10, type=int, help="data-loading processes")
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                   help="pinned host memory for the batches (CUDA)")
 
 
 @dataclass
@@ -55,7 +56,8 @@ def setup_run(args) -> Run:
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.warmup_epochs <= args.epochs:
-        raise SystemExit(f"error: --warmup_epochs must be in [0, --epochs], got {args.warmup_epochs}")
+        raise SystemExit(f"error: --warmup_epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}; "
+                         f"give a shorter warmup for a short run")
     dist_info = init_distributed(args.device)
     amp_name, amp_dtype = resolve_amp(args.amp, dist_info.device)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}  device {dist_info.device}, "
