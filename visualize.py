@@ -29,8 +29,8 @@ MODEL_FLAGS = ("model", "input_size", "num_views", "mask_ratio", "pred_ratio", "
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DMJD pictures", add_help=True)
-    p.add_argument("--checkpoint", default="", help="a main_pretrain.py checkpoint (default: random init)")
+    p = argparse.ArgumentParser("DMJD pictures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="", help="a main_pretrain.py checkpoint (none: random init)")
     p.add_argument("--data_path", required=True, help="ImageFolder root")
     p.add_argument("--split", default="train", help="sub-folder of --data_path to read")
     p.add_argument("--num_images", default=4, type=int, help="images (rows), spread evenly over the folder")
@@ -40,14 +40,15 @@ def get_args_parser():
     p.add_argument("--min_glyph", default=12, type=int, help="smallest HOG cell in pixels (0: no extra upscaling)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     g = p.add_argument_group("model (default: the checkpoint's, else main_pretrain.py's defaults)")
-    g.add_argument("--model", default=None)
-    g.add_argument("--input_size", default=None, type=int)
-    g.add_argument("--num_views", default=None, type=int)
-    g.add_argument("--mask_ratio", default=None, type=float)
-    g.add_argument("--pred_ratio", default=None, type=float)
-    g.add_argument("--mask_type", default=None, choices=["block", "rand"])
-    g.add_argument("--block_size", default=None, type=int)
-    g.add_argument("--pred_type", default=None, choices=["hog", "pixel"])
+    g.add_argument("--model", default=None, help="a registered dmjd_* model")
+    g.add_argument("--input_size", default=None, type=int, help="crop size in pixels")
+    g.add_argument("--num_views", default=None, type=int, help="views per image")
+    g.add_argument("--mask_ratio", default=None, type=float, help="corruption rate of one view")
+    g.add_argument("--pred_ratio", default=None, type=float,
+                   help="prediction rate (recomputed when --num_views or --mask_ratio change)")
+    g.add_argument("--mask_type", default=None, choices=["block", "rand"], help="block or random masking")
+    g.add_argument("--block_size", default=None, type=int, help="block masking unit, in patches")
+    g.add_argument("--pred_type", default=None, choices=["hog", "pixel"], help="masked-token target")
     return p
 
 

@@ -46,21 +46,21 @@ COLOURS = {"maskfeat": (31, 119, 180), "dm": (255, 127, 14), "dmjd_hog": (44, 16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD convergence at small scale")
-    p.add_argument("--model", default="dmjd_convit_mini_patch8_hog")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p = argparse.ArgumentParser("DMJD convergence at small scale", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="dmjd_convit_mini_patch8_hog", help="the DMJD model pre-trained")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="runs to compare")
     p.add_argument("--budget", default=300, type=float, help="pre-training seconds per run")
     p.add_argument("--evals", default=5, type=int, help="evaluations per run, evenly spaced in time (plus t = 0)")
-    p.add_argument("--seeds", nargs="+", default=[0], type=int)
-    p.add_argument("--batch_size", default=128, type=int)
-    p.add_argument("--blr", default=1.5e-3, type=float)
-    p.add_argument("--mask_ratio", default=0.6, type=float)
-    p.add_argument("--mask_type", default="rand", choices=["rand", "block"])
+    p.add_argument("--seeds", nargs="+", default=[0], type=int, help="one run per seed and configuration")
+    p.add_argument("--batch_size", default=128, type=int, help="images per step")
+    p.add_argument("--blr", default=1.5e-3, type=float, help="base lr of the adaptive rule")
+    p.add_argument("--mask_ratio", default=0.6, type=float, help="corruption rate of one view")
+    p.add_argument("--mask_type", default="rand", choices=["rand", "block"], help="random or block masking")
     p.add_argument("--warmup_fraction", default=0.05, type=float, help="of the budget")
     p.add_argument("--probe_train", default=20000, type=int, help="training images for the probe and k-NN")
     p.add_argument("--data_dir", default=None, help="folder with the Fashion-MNIST idx files")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="docs/convergence")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--out", default="docs/convergence", help="folder for the csv, png and md")
     return p.parse_args(argv)
 
 

@@ -44,14 +44,14 @@ from util.misc import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD GPU speed check")
+    p = argparse.ArgumentParser("DMJD GPU speed check", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog")
-    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog", help="the DMJD model timed")
+    p.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
     p.add_argument("--batch_size", default=64, type=int, help="batch of the per-path comparison (fits fp32)")
     p.add_argument("--target_batch", default=None, type=int,
-                   help="batch of the all-fast-paths run (default: the largest that fits in bf16, a multiple of 32, "
+                   help="batch of the all-fast-paths run (none: the largest that fits in bf16, a multiple of 32, "
                         "at most 256)")
     p.add_argument("--paths", default="plain,sparse_stages,fused_attn,fused_adamw,channels_last,bf16,hog_once,"
                                       "device_masks,no_sync",
@@ -60,11 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--profile_path", default="all_eager",
                    help="profiled at --target_batch after the target paths: time per operator ('' to skip)")
     p.add_argument("--last_paths", default="compile", help="run last, at --batch_size")
-    p.add_argument("--warmup", default=3, type=int)
-    p.add_argument("--steps", default=8, type=int)
+    p.add_argument("--warmup", default=3, type=int, help="untimed steps per path")
+    p.add_argument("--steps", default=8, type=int, help="timed steps per path")
     p.add_argument("--num_images", default=8192, type=int, help="JPEGs written for the input pipeline")
-    p.add_argument("--data_batch", default=64, type=int)
-    p.add_argument("--num_workers", default=None, type=int, help="loader workers (default: the CPU count)")
+    p.add_argument("--data_batch", default=64, type=int, help="batch of the input-pipeline timing")
+    p.add_argument("--num_workers", default=None, type=int, help="loader workers (none: the CPU count)")
     p.add_argument("--target_fraction", default=0.40, type=float, help="of the measured dense bf16 peak")
     p.add_argument("--budget_s", default=180, type=float,
                    help="seconds after which no stage (path) starts; a compile takes a minute or two, so one "

@@ -75,13 +75,17 @@ def make_jpeg_folder(root: str, num_images: int, workers: int = 1, seed: int = 0
     return sum(p[0] for p in parts) / num_images, sum(p[1] for p in parts) / num_images
 
 
+def parse_args(argv=None):
+    p = argparse.ArgumentParser("ImageNet-like JPEG ImageFolder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("root", help="folder to create; the images go to root/train/<class>/")
+    p.add_argument("--num_images", default=4000, type=int, help="JPEGs to write")
+    p.add_argument("--workers", default=os.cpu_count(), type=int, help="processes that write them")
+    p.add_argument("--seed", default=0, type=int, help="seeds the pictures")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser("ImageNet-like JPEG ImageFolder")
-    p.add_argument("root")
-    p.add_argument("--num_images", default=4000, type=int)
-    p.add_argument("--workers", default=os.cpu_count(), type=int)
-    p.add_argument("--seed", default=0, type=int)
-    cli = p.parse_args()
+    cli = parse_args()
     mean_bytes, mean_pixels = make_jpeg_folder(cli.root, cli.num_images, cli.workers, cli.seed)
     print(f"{cli.num_images} JPEGs in {cli.root}/train: {mean_bytes / 1024:.0f} KB and {mean_pixels / 1e3:.0f} "
           f"kpixels per image on average")

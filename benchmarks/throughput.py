@@ -70,16 +70,16 @@ def path_config(name: str, device: torch.device) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD pre-training throughput")
-    p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog")
+    p = argparse.ArgumentParser("DMJD pre-training throughput", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog", help="the DMJD model timed")
     p.add_argument("--batch_size", default=64, type=int, help="images per step (x num_views samples)")
-    p.add_argument("--input_size", default=224, type=int)
-    p.add_argument("--num_views", default=2, type=int)
-    p.add_argument("--mask_ratio", default=0.6, type=float)
-    p.add_argument("--vis_target", default="hog", choices=["hog", "ema"])
-    p.add_argument("--theta", default=1.0, type=float)
+    p.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
+    p.add_argument("--num_views", default=2, type=int, help="views per image")
+    p.add_argument("--mask_ratio", default=0.6, type=float, help="corruption rate of one view")
+    p.add_argument("--vis_target", default="hog", choices=["hog", "ema"], help="visible-branch target")
+    p.add_argument("--theta", default=1.0, type=float, help="visible-loss weight (0: no visible branch)")
     p.add_argument("--paths", default="plain,all", help=f"comma-separated, from {', '.join(PATHS)}")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--warmup", default=3, type=int, help="untimed steps (compilation happens here)")
     p.add_argument("--steps", default=10, type=int, help="timed steps")
     p.add_argument("--repeats", default=1, type=positive_int,
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true",
                    help="also estimate activation memory per image (fp32 and bf16 autocast) and the largest batch")
     p.add_argument("--memory_gib", default=None, type=float,
-                   help="device memory for the largest-batch estimate (default: the GPU's, or 80 on the CPU)")
+                   help="device memory for the largest-batch estimate (none: the GPU's, or 80 on the CPU)")
     p.add_argument("--data", default=None, help="data mode: an ImageFolder root with train/")
     p.add_argument("--num_workers", default=8, type=int, help="data mode: loader workers")
     p.add_argument("--batches", default=50, type=int,

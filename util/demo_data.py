@@ -220,14 +220,15 @@ def prepare_fashion_mnist(root: str, sources: Optional[Sequence[str]] = None, ma
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fashion-MNIST as an ImageFolder tree (root/train, root/val)")
+    p = argparse.ArgumentParser(description="Fashion-MNIST as an ImageFolder tree (root/train, root/val)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root", default="data/fashion_mnist", help="folder to create")
-    p.add_argument("--max_train", type=int, default=None, help="keep at most N training images (even per class)")
-    p.add_argument("--max_val", type=int, default=None, help="keep at most N validation images (even per class)")
-    p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE when writing (default: 28)")
+    p.add_argument("--max_train", type=int, default=None, help="keep at most N training images (even per class; none: all)")
+    p.add_argument("--max_val", type=int, default=None, help="keep at most N validation images (even per class; none: all)")
+    p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE when writing (none: keep 28)")
     p.add_argument("--source", action="append", default=None,
-                   help=f"folder holding the idx files (repeatable; default: {DEBIAN_DIR})")
-    p.add_argument("--download_dir", default="", help="where to download them if needed (default: <root>_download)")
+                   help=f"folder holding the idx files (repeatable; none: {DEBIAN_DIR})")
+    p.add_argument("--download_dir", default="", help="where to download them if needed (empty: <root>_download)")
     p.add_argument("--no_download", action="store_true", help="fail rather than download")
     args = p.parse_args(argv)
     try:

@@ -21,20 +21,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def launcher_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description, epilog="All other flags are passed to the training script.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)  # a training flag must never be read as a launcher one
     p.add_argument("--nodes", default=1, type=int, help="number of nodes")
     p.add_argument("--ngpus", default=8, type=int, help="GPUs (and tasks) per node")
     p.add_argument("--timeout", default=4320, type=int, help="job duration in minutes (requeued when it runs out)")
     p.add_argument("--partition", default=None, type=str, help="SLURM partition")
     p.add_argument("--job_dir", default="", type=str,
-                   help="submitit's logs and pickles; %%j is the job id (default: <output_dir>/submitit)")
+                   help="submitit's logs and pickles; %%j is the job id (empty: <output_dir>/submitit)")
     p.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
     p.add_argument("--comment", default="", type=str, help="SLURM comment")
     p.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data-loading workers)")
-    p.add_argument("--mem_gb_per_gpu", default=40, type=int)
+    p.add_argument("--mem_gb_per_gpu", default=40, type=int, help="host memory per GPU")
     p.add_argument("--max_requeues", default=30, type=int, help="give up after this many timeouts")
     p.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
-                   help="submitit executor (default: slurm when available, else local)")
+                   help="submitit executor (none: slurm when available, else local)")
     return p
 
 
