@@ -1,78 +1,120 @@
-"""The DMJD demo on a laptop: Fashion-MNIST, a small ConViT pre-trained with DMJD on the CPU, and linear probes of
-the pre-trained and of a randomly initialised encoder. Run it with `bash demo.sh` (which sets up the environment and
-the data package) or directly with `python demo.py`.
+"""The DMJD demo on a laptop: Fashion-MNIST, a small ConViT pre-trained with DMJD on the CPU, linear probes of the
+pre-trained and of a randomly initialised encoder, and a picture of what the model predicts. Run it with
+`bash demo.sh` (which sets up the environment and the data package) or directly with `python demo.py`.
 
 Every stage runs the project's own scripts, exactly as an ImageNet run would, on the ImageFolder tree that
-`util/demo_data.py` writes; the commands are printed so that they can be re-run by hand.
+`util/demo_data.py` writes. The commands are printed as they run, ready to paste into a shell in this folder.
 """
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from typing import Dict, List
 
 from util.demo_data import prepare_fashion_mnist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+PRETRAIN_MODEL = "dmjd_convit_mini_patch8_hog"
+CLASSIFIER = "convvit_mini_patch8"  # the classifier built on PRETRAIN_MODEL's encoder
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD demo")
+    p = argparse.ArgumentParser("DMJD demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=os.path.join(ROOT, "data", "fashion_mnist"), help="where the ImageFolder goes")
-    p.add_argument("--output_dir", default=os.path.join(ROOT, "output_dir", "demo"))
-    p.add_argument("--pretrain_epochs", default=2, type=int)
-    p.add_argument("--probe_epochs", default=2, type=int)
+    p.add_argument("--output_dir", default=os.path.join(ROOT, "output_dir", "demo"),
+                   help="pre-training, probes and the picture (emptied at start)")
+    p.add_argument("--pretrain_epochs", default=2, type=int, help="DMJD pre-training epochs")
+    p.add_argument("--probe_epochs", default=2, type=int, help="linear-probe epochs")
     p.add_argument("--probe_train", default=20000, type=int, help="training images of the probe (per-class subsample)")
     p.add_argument("--probe_blr", default=10.0, type=float,
                    help="LARS base lr: far above the 90-epoch ImageNet recipe's 0.1, for a probe of 2 epochs")
     p.add_argument("--max_train", default=None, type=int, help="use a per-class subsample of the training set")
-    p.add_argument("--num_workers", default=2, type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--num_workers", default=2, type=int, help="data-loading workers of every stage")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
 
-def run(cmd):
-    print("\n$ " + " ".join(cmd), flush=True)
+def shown(path: str) -> str:
+    """A path relative to the repository when it lies inside it: the printed commands run from there."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
+def command_line(cmd: List[str]) -> str:
+    """The command as a shell line that runs it unchanged (every argument quoted as the shell needs)."""
+    return shlex.join(cmd)
+
+
+def stage_commands(args, data: str, probe_data: str) -> Dict[str, List[str]]:
+    """The argument lists of the demo's stages, and of the next steps it suggests; none holds an empty value, so
+    each runs as printed."""
+    python = shown(sys.executable)
+    out = args.output_dir
+    common = ["--input_size", "32", "--num_workers", str(args.num_workers), "--device", args.device,
+              "--print_freq", "50"]
+    checkpoint = shown(os.path.join(out, "pretrain", "checkpoint-last.pth"))
+    probe = [python, "main_linprobe.py", "--model", CLASSIFIER, "--nb_classes", "10", "--batch_size", "256",
+             "--epochs", str(args.probe_epochs), "--warmup_epochs", "0", "--blr", str(args.probe_blr),
+             "--min_crop_scale", "0.6", *common, "--data_path", shown(probe_data)]
+    return {
+        "pretrain": [python, "main_pretrain.py", "--model", PRETRAIN_MODEL, "--mask_type", "rand",
+                     "--batch_size", "128", "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "0.2",
+                     "--blr", "1.5e-3", "--min_crop_scale", "0.6", *common, "--data_path", shown(data),
+                     "--output_dir", shown(os.path.join(out, "pretrain"))],
+        "probe_pretrained": probe + ["--finetune", checkpoint, "--output_dir", shown(os.path.join(out, "probe_pretrained"))],
+        "probe_random": probe + ["--output_dir", shown(os.path.join(out, "probe_random_init"))],
+        "picture": [python, "visualize.py", "--checkpoint", checkpoint, "--data_path", shown(data), "--split", "val",
+                    "--num_images", "6", "--output", shown(os.path.join(out, "predictions.png"))],
+        # printed as next steps, not run
+        "picture_3_views": [python, "visualize.py", "--checkpoint", checkpoint, "--data_path", shown(data),
+                            "--split", "val", "--num_images", "6", "--num_views", "3",
+                            "--output", shown(os.path.join(out, "predictions_3_views.png"))],
+        "finetune": [python, "main_finetune.py", "--model", CLASSIFIER, "--finetune", checkpoint, "--nb_classes", "10",
+                     "--batch_size", "128", "--epochs", "1", "--warmup_epochs", "0.2", "--blr", "1e-3",
+                     "--layer_decay", "0.75", "--drop_path", "0.0", "--aa", "rand-m9-mstd0.5-inc1",
+                     "--mixup", "0", "--cutmix", "0", "--reprob", "0", *common,
+                     "--data_path", shown(probe_data), "--output_dir", shown(os.path.join(out, "finetune"))],
+    }
+
+
+def run(cmd: List[str]) -> float:
+    print("\n$ " + command_line(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     return time.time() - start
 
 
-def final_accuracy(output_dir):
+def final_accuracy(cmd: List[str]) -> float:
+    """The last epoch's top-1 of a fine-tuning or probing command, from its --output_dir's log.txt."""
+    output_dir = os.path.join(ROOT, cmd[cmd.index("--output_dir") + 1])
     with open(os.path.join(output_dir, "log.txt")) as f:
         return json.loads(f.read().splitlines()[-1])["test_acc1"]
 
 
 def main(args):
     start = time.time()
+    args.output_dir = os.path.abspath(args.output_dir)
     if os.path.isdir(args.output_dir):  # a fresh run each time, not a resumed one
         shutil.rmtree(args.output_dir)
     data = prepare_fashion_mnist(args.data, max_train=args.max_train, verbose=True)
-    common = ["--input_size", "32", "--num_workers", str(args.num_workers), "--device", args.device,
-              "--data_path", data, "--print_freq", "50"]
-    pre_dir = os.path.join(args.output_dir, "pretrain")
-    pretrain_s = run([sys.executable, "main_pretrain.py", "--model", "dmjd_convit_mini_patch8_hog",
-                      "--mask_type", "rand", "--batch_size", "128", "--epochs", str(args.pretrain_epochs),
-                      "--warmup_epochs", "0.2", "--blr", "1.5e-3", "--min_crop_scale", "0.6",
-                      "--output_dir", pre_dir, *common])
-    checkpoint = os.path.join(pre_dir, "checkpoint-last.pth")
-
     # The probe trains on a per-class subsample (a second ImageFolder tree) and is tested on all 10,000 images.
     probe_data = prepare_fashion_mnist(args.data + f"_probe{args.probe_train}", max_train=args.probe_train,
                                        verbose=True)
-    probe_common = [c if c != data else probe_data for c in common]
-    probe = [sys.executable, "main_linprobe.py", "--model", "convvit_mini_patch8", "--nb_classes", "10",
-             "--batch_size", "256", "--epochs", str(args.probe_epochs), "--warmup_epochs", "0",
-             "--blr", str(args.probe_blr), "--min_crop_scale", "0.6", *probe_common]
-    results = {}
-    for name, extra in (("pre-trained", ["--finetune", checkpoint]), ("random init", [])):
-        out = os.path.join(args.output_dir, "probe_" + name.replace(" ", "_").replace("-", "_"))
-        run(probe + ["--output_dir", out, "--resume", "", *extra])
-        results[name] = final_accuracy(out)
+    commands = stage_commands(args, data, probe_data)
 
-    print("\n" + "=" * 72)
+    pretrain_s = run(commands["pretrain"])
+    results = {}
+    for name, stage in (("pre-trained", "probe_pretrained"), ("random init", "probe_random")):
+        run(commands[stage])
+        results[name] = final_accuracy(commands[stage])
+    run(commands["picture"])
+
+    out = shown(args.output_dir)
+    print("\n" + "=" * 78)
     print(f"Fashion-MNIST linear probe ({args.probe_epochs} epochs on {args.probe_train} images), top-1 on the "
           f"10,000 test images:")
     print(f"  encoder pre-trained with DMJD for {args.pretrain_epochs} epochs ({pretrain_s / 60:.1f} min): "
@@ -80,7 +122,18 @@ def main(args):
     print(f"  the same encoder, randomly initialised:        {results['random init']:.2f}%")
     print(f"  difference: {results['pre-trained'] - results['random init']:+.2f} points; "
           f"demo time {(time.time() - start) / 60:.1f} min")
-    print("=" * 72)
+    print("=" * 78)
+    print(f"\nFiles (in {out}/):")
+    print("  pretrain/checkpoint-last.pth   the pre-trained DMJD model (encoder, decoder, visible branch)")
+    print("  pretrain/log.txt, probe_*/log.txt   one JSON line per epoch")
+    print("  predictions.png                masks, the tokens each view predicts, HOG target and predictions")
+    print(f"  data: {shown(data)} (ImageFolder train/ and val/), {shown(probe_data)} (the probe's subsample)")
+    print("\nNext steps:")
+    print(f"  1. Look at {out}/predictions.png, or draw other images or more views:")
+    print("       " + command_line(commands["picture_3_views"]))
+    print(f"  2. Watch the losses and the pictures in TensorBoard:  tensorboard --logdir {out}")
+    print("  3. Fine-tune the pre-trained encoder (a few minutes on the CPU; see FINETUNE.md):")
+    print("       " + command_line(commands["finetune"]))
     return results
 
 

@@ -1,0 +1,44 @@
+"""The demo's commands: every one it prints can be pasted back and is accepted by the script it runs."""
+import importlib
+import os
+import shlex
+
+import pytest
+
+import demo
+import main_pretrain
+from util.classification import check_classifier_name
+
+
+@pytest.fixture(scope="module")
+def commands():
+    args = demo.parse_args([])
+    args.output_dir = os.path.join(demo.ROOT, "output_dir", "demo")
+    return demo.stage_commands(args, os.path.join(demo.ROOT, "data", "fashion_mnist"),
+                               os.path.join(demo.ROOT, "data", "fashion_mnist_probe20000"))
+
+
+def test_the_demo_runs_and_suggests_every_stage(commands):
+    assert list(commands) == ["pretrain", "probe_pretrained", "probe_random", "picture", "picture_3_views",
+                              "finetune"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "probe_pretrained", "probe_random", "picture", "picture_3_views",
+                                   "finetune"])
+def test_each_printed_command_pastes_back_and_parses(commands, stage):
+    cmd = commands[stage]
+    printed = demo.command_line(cmd)
+    assert shlex.split(printed) == cmd  # the shell gives the script exactly these arguments
+    assert all(arg.strip() for arg in cmd), f"an empty argument in {printed}"
+    script = importlib.import_module(cmd[1].removesuffix(".py"))
+    args = script.get_args_parser().parse_args(cmd[2:])
+    if script is main_pretrain:
+        main_pretrain.validate_args(args)
+    elif cmd[1] in ("main_finetune.py", "main_linprobe.py"):
+        check_classifier_name(args.model)
+        assert args.warmup_epochs <= args.epochs
+
+
+def test_paths_with_spaces_are_quoted(commands):
+    cmd = commands["pretrain"] + ["--output_dir", "my runs/demo"]
+    assert shlex.split(demo.command_line(cmd)) == cmd
