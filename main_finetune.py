@@ -6,6 +6,8 @@
 Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
+from dataclasses import dataclass
+from typing import Optional
 
 import timm
 import torch
@@ -14,8 +16,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401  (registers the classifiers with timm)
-from util.checkpoint import check_encoder_loaded, load_pretrained
-from util.classification import add_run_args, build_loaders, check_classifier_name, fit, setup_run
+from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
+                             classification_loaders, evaluate_checkpoint, load_encoder, resolve_classification,
+                             train_and_evaluate)
+from models_convvit import conv_weights_channels_last
+from training.config import add_run_flags
+from training.run import Run, TrainState
+from training.step import TrainStep
+from util.schedules import epoch_iterations
 from util.transforms import eval_transform, finetune_transform
 
 
@@ -63,49 +71,76 @@ def get_args_parser():
     g.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
     g.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
                    help="take the student encoder, or the EMA teacher's")
-    add_run_args(p)
+    add_classification_flags(add_run_flags(p, data_help="ImageFolder root with train/ and val/"))
     return p
 
 
+@dataclass(frozen=True)
+class FinetuneConfig(ClassificationConfig):
+    drop_path: float
+    global_pool: bool
+    layer_decay: float
+    color_jitter: Optional[float]
+    aa: str
+    smoothing: float
+    reprob: float
+    remode: str
+    recount: int
+    mixup: float
+    cutmix: float
+    cutmix_minmax: Optional[list]
+    mixup_prob: float
+    mixup_switch_prob: float
+    mixup_mode: str
+
+
+def validate_args(args) -> argparse.Namespace:
+    """Fails before any work, naming the flag; returns `args` unchanged."""
+    check_classification_flags(args)
+    return args
+
+
 def main(args):
-    run = setup_run(args)
-    check_classifier_name(args.model)
-    if args.lr is None:
-        args.lr = args.blr * run.images_per_step / 256
-        print(f"lr = blr {args.blr:.3g} x {run.images_per_step} images / 256 = {args.lr:.4g}")
+    cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
+    with Run(cfg) as run:
+        print(lr_line)
+        finetune(run, cfg)
 
-    train_tf = finetune_transform(args.input_size, args.aa, args.reprob, args.remode, args.recount, args.color_jitter)
-    loaders = build_loaders(args, run, train_tf, eval_transform(args.input_size))
 
-    model = timm.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                              drop_path_rate=args.drop_path, global_pool=args.global_pool)
-    if args.finetune:
-        try:
-            missing, unexpected = load_pretrained(model, args.finetune, args.checkpoint_key)
-            check_encoder_loaded(missing, unexpected, args.finetune)
-        except (RuntimeError, KeyError, FileNotFoundError) as err:
-            raise SystemExit(f"error: --finetune {err}") from None
-    model.to(run.device)
+def finetune(run: Run, cfg: FinetuneConfig):
+    train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
+    train_loader, val_loader = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
+
+    model = timm.create_model(cfg.model, img_size=cfg.input_size, num_classes=cfg.nb_classes,
+                              drop_path_rate=cfg.drop_path, global_pool=cfg.global_pool)
+    if cfg.finetune:
+        load_encoder(model, cfg)
+    model = conv_weights_channels_last(model.to(run.device))
+    if cfg.eval:
+        return evaluate_checkpoint(run, cfg, model, val_loader)
 
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        if args.batch_size % 2:
-            raise SystemExit(f"error: --batch_size {args.batch_size} must be even for mixup / cutmix")
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+        if cfg.batch_size % 2:
+            raise SystemExit(f"error: --batch_size {cfg.batch_size} must be even for mixup / cutmix")
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                         label_smoothing=cfg.smoothing, num_classes=cfg.nb_classes)
         print("mixup / cutmix on: soft-target cross-entropy")
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
 
-    param_groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
-                                            layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, fused=run.device.type == "cuda")
-    fit(model, criterion, optimizer, loaders, args, run, mixup_fn)
+    trained = run.wrap(model)
+    param_groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(),
+                                            layer_decay=cfg.layer_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, fused=run.device.type == "cuda")
+    step = TrainStep.for_run(trained, optimizer, cfg, run.rank, epoch_iterations(len(train_loader), cfg.accum_iter))
+    return train_and_evaluate(run, cfg, trained, TrainState(model, optimizer, step), criterion,
+                              (train_loader, val_loader), mixup_fn)
 
 
 if __name__ == "__main__":

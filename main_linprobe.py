@@ -7,15 +7,21 @@ linear classifier, trained with LARS.
 Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
+from dataclasses import dataclass
 
 import timm
 import torch
 from timm.optim import Lars
 
 import models_convvit  # noqa: F401  (registers the encoders with timm)
-from models_convvit import LinearProbe
-from util.checkpoint import check_encoder_loaded, load_pretrained
-from util.classification import add_run_args, build_loaders, check_classifier_name, fit, setup_run
+from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
+                             classification_loaders, evaluate_checkpoint, load_encoder, resolve_classification,
+                             train_and_evaluate)
+from models_convvit import LinearProbe, conv_weights_channels_last
+from training.config import add_run_flags
+from training.run import Run, TrainState
+from training.step import TrainStep
+from util.schedules import epoch_iterations
 from util.transforms import eval_transform, linprobe_transform
 
 
@@ -35,9 +41,14 @@ def get_args_parser():
     p.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
     p.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
                    help="probe the student encoder, or the EMA teacher's")
-    add_run_args(p)
+    add_classification_flags(add_run_flags(p, data_help="ImageFolder root with train/ and val/"))
     p.set_defaults(clip_grad=None)
     return p
+
+
+@dataclass(frozen=True)
+class LinprobeConfig(ClassificationConfig):
+    min_crop_scale: float
 
 
 def lars_param_groups(head: torch.nn.Module, weight_decay: float):
@@ -48,32 +59,39 @@ def lars_param_groups(head: torch.nn.Module, weight_decay: float):
             {"params": vectors, "weight_decay": 0.0, "always_adapt": False}]
 
 
-def main(args):
+def validate_args(args) -> argparse.Namespace:
+    """Fails before any work, naming the flag; returns `args` unchanged."""
     if not 0 < args.min_crop_scale <= 1:
         raise SystemExit(f"error: --min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
-    run = setup_run(args)
-    check_classifier_name(args.model)
-    if args.lr is None:
-        args.lr = args.blr * run.images_per_step / 256
-        print(f"lr = blr {args.blr:.3g} x {run.images_per_step} images / 256 = {args.lr:.4g}")
-    loaders = build_loaders(args, run, linprobe_transform(args.input_size, args.min_crop_scale), eval_transform(args.input_size))
+    check_classification_flags(args)
+    return args
 
-    encoder = timm.create_model(args.model, img_size=args.input_size, num_classes=0, global_pool=False)
-    if args.finetune:
-        try:
-            missing, unexpected = load_pretrained(encoder, args.finetune, args.checkpoint_key)
-            check_encoder_loaded(missing, unexpected, args.finetune, allowed_missing=())
-        except (RuntimeError, KeyError, FileNotFoundError) as err:
-            raise SystemExit(f"error: --finetune {err}") from None
-    elif not args.eval:
+
+def main(args):
+    cfg, lr_line = resolve_classification(LinprobeConfig, validate_args(args))
+    with Run(cfg) as run:
+        print(lr_line)
+        probe(run, cfg)
+
+
+def probe(run: Run, cfg: LinprobeConfig):
+    train_loader, val_loader = classification_loaders(run, cfg, linprobe_transform(cfg.input_size, cfg.min_crop_scale),
+                                                      eval_transform(cfg.input_size))
+    encoder = timm.create_model(cfg.model, img_size=cfg.input_size, num_classes=0, global_pool=False)
+    if cfg.finetune:
+        load_encoder(encoder, cfg, allowed_missing=())
+    elif not cfg.eval:
         print("warning: no --finetune checkpoint: probing a randomly initialised encoder")
-    model = LinearProbe(encoder, args.nb_classes).to(run.device)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    print(f"trainable parameters: {trainable}")
+    model = conv_weights_channels_last(LinearProbe(encoder, cfg.nb_classes).to(run.device))
+    if cfg.eval:
+        return evaluate_checkpoint(run, cfg, model, val_loader)
+    print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
-    optimizer = Lars(lars_param_groups(model.head, args.weight_decay), lr=args.lr, momentum=0.9)
-    criterion = torch.nn.CrossEntropyLoss()
-    fit(model, criterion, optimizer, loaders, args, run)
+    trained = run.wrap(model)
+    optimizer = Lars(lars_param_groups(model.head, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
+    step = TrainStep.for_run(trained, optimizer, cfg, run.rank, epoch_iterations(len(train_loader), cfg.accum_iter))
+    return train_and_evaluate(run, cfg, trained, TrainState(model, optimizer, step), torch.nn.CrossEntropyLoss(),
+                              (train_loader, val_loader))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ size and the patch sizes; nothing assumes 224 pixels.
 from functools import partial
 from typing import Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import Block
 
+from util.misc import check_model_name
 from util.pos_embed import sincos_pos_embed_2d
 
 __all__ = ["ConvViT", "ViT", "LinearProbe", "gather_tokens", "visible_token_ids", "init_linear_and_norm"]
@@ -489,3 +491,24 @@ def vit_base_patch16(pretrained=False, **kwargs):
 def vit_large_patch16(pretrained=False, **kwargs):
     _no_pretrained(pretrained, "vit_large_patch16")
     return ViT(**VIT_ARCHS["large"], **_classifier_defaults(kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the training scripts ask of the registry and of the models.
+
+CLASSIFIER_PATTERNS = ["convvit_*", "vit_*_patch16"]
+
+
+def check_classifier_name(name: str) -> None:
+    """Exits naming --model and the closest classifier names when `name` is not a classifier of this project."""
+    check_model_name(name, timm.list_models(CLASSIFIER_PATTERNS), "a classifier of this project")
+
+
+def conv_weights_channels_last(model: nn.Module) -> nn.Module:
+    """`model` with its conv weights stored channels-last when it has ConViT conv stages: their LayerNorms leave the
+    maps channels-last, so the convs give channels-last weight gradients, which is what DDP's gradient buckets then
+    expect (no copy, no layout warning), and the conv kernels need no format conversion. In place: the same
+    parameters, so an optimizer's references stay valid."""
+    if any(isinstance(m, ConvBlock) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model

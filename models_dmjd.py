@@ -16,6 +16,7 @@ computed on the device from the very pixels the encoder sees; it normalises them
 import copy
 from typing import Dict, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from models_convvit import (CONVVIT_ARCHS, VIT_ARCHS, BlockNorm, ConvViT, ViT, g
                             visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
+from util.schedules import reachable_pred_ratio
 from util.pos_embed import sincos_pos_embed_2d
 
 PRED_TYPES = ("hog", "pixel")
@@ -100,7 +102,7 @@ class DMJD(nn.Module):
     def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, decoder_mlp_ratio: float = 4.0, pred_type: str = "hog",
                  vis_target: str = "hog", theta: float = 1.0, num_views: int = 2, mask_ratio: float = 0.6,
-                 pred_ratio: float = 1.0, mask_type: str = "block", block_size: int = 2, projector_dim: int = 512,
+                 pred_ratio: Optional[float] = None, mask_type: str = "block", block_size: int = 2, projector_dim: int = 512,
                  vis_loss_beta: float = 2.0, hog_cell_size: int = 8, hog_bins: int = 9):
         super().__init__()
         if pred_type not in PRED_TYPES:
@@ -109,6 +111,8 @@ class DMJD(nn.Module):
             raise ValueError(f"vis_target must be one of {VIS_TARGETS}, got {vis_target!r}")
         if theta < 0:
             raise ValueError(f"theta must be >= 0, got {theta}")
+        if pred_ratio is None:  # the largest prediction rate the views reach
+            pred_ratio = reachable_pred_ratio(num_views, mask_ratio)
         self.encoder = encoder
         self.patch_size = encoder.patch_size
         self.grid_size = encoder.grid_size
@@ -151,10 +155,6 @@ class DMJD(nn.Module):
             if module is not None:
                 module.apply(init_linear_and_norm)
         nn.init.normal_(self.mask_token, std=0.02)
-        # HOG is computed once per image and the views index it. True computes it on every view's copy instead, as
-        # a straightforward multi-view step would: the same values, K times the work. For measuring that saving
-        # (benchmarks/throughput.py's plain path); training never sets it.
-        self.hog_per_view = False
 
     # -- helpers ----------------------------------------------------------------------------------------------------
     def target_dim(self, kind: str) -> int:
@@ -168,6 +168,10 @@ class DMJD(nn.Module):
 
     def no_weight_decay(self):
         return {"mask_token", "decoder_pos_embed"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def hog(self, raw: torch.Tensor) -> torch.Tensor:
+        """The HOG target of each image [B, L, T] (raw 0-255 pixels): computed once per image, the views index it."""
+        return hog_targets(raw, self.patch_size, self.hog_cell_size, self.hog_bins)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.pixel_mean) / self.pixel_std
@@ -209,9 +213,9 @@ class DMJD(nn.Module):
         Returns a dict, rows of the view-stacked tensors ordered view-major (row k * B + b is view k of image b):
             masks       bool [K, B, L], the masks used;
             pred        float32 [K * B, L, T], the decoder's prediction at every token (the loss uses masked ones);
-            target      [B, L, T], the masked-branch target per image: whitened HOG (util.hog.hog_targets) or
-                        per-patch normalised pixels (normalized_pixel_targets of the normalised image); per row,
-                        [K * B, L, T], with `hog_per_view`;
+            target      [B, L, T], the masked-branch target per image: whitened HOG (`hog`) or per-patch
+                        normalised pixels (normalized_pixel_targets of the normalised image); [K * B, L, T] when
+                        `hog` gives one per row;
             vis_ids     long [K * B, L_visible], the visible tokens of each row in raster order;
             vis_pred    float32 [K * B, L_visible, T_vis], the visible branch's prediction at those tokens;
             vis_target  [K * B, L_visible, T_vis], its target (HOG, or the EMA teacher's tokens) at those tokens.
@@ -237,11 +241,10 @@ class DMJD(nn.Module):
         raw = images.float()
         x = self.normalize(raw)
 
-        # Targets once per image; views only index them (hog_per_view: once per row, for comparison).
+        # Targets once per image; views only index them.
         hog = None
         if self.pred_type == "hog" or (run_visible and self.vis_target == "hog"):
-            hog = hog_targets(raw.repeat(num_views, 1, 1, 1) if self.hog_per_view else raw,
-                              self.patch_size, self.hog_cell_size, self.hog_bins)
+            hog = self.hog(raw)
         mask_target = hog if self.pred_type == "hog" else normalized_pixel_targets(x, self.patch_size)
 
         ids = visible_token_ids(mask, num_visible)
@@ -283,9 +286,26 @@ def _per_row(target: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Models from main_pretrain.py's flags.
+
+DEFAULT_MODEL = "dmjd_convit_base_patch16_dec8_hog"  # the released recipe
+MODEL_FLAGS = ("num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta")
+
+
+def create_from_flags(flags: dict, **kwargs) -> DMJD:
+    """The DMJD model that main_pretrain.py's flags describe (a run config's `flags()`, or a checkpoint's saved
+    `args`): --model at --input_size with the masking and target flags. Flags left out (or None) take the model's
+    defaults: the released recipe, with the largest prediction rate the views reach."""
+    method = {k: flags[k] for k in MODEL_FLAGS if flags.get(k) is not None}
+    if flags.get("input_size") is not None:
+        method["img_size"] = flags["input_size"]
+    return timm.create_model(flags.get("model") or DEFAULT_MODEL, **method, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Named models. Keyword arguments reach DMJD (masking, targets, theta) or the encoder (img_size, drop_path_rate).
 
-_ENCODER_KEYS = ("img_size", "drop_path_rate", "in_chans")
+_ENCODER_KEYS = ("img_size", "drop_path_rate", "in_chans", "sparse_stages")
 
 
 def _build(encoder_cls, arch: dict, decoder: dict, kwargs) -> DMJD:

@@ -8,24 +8,16 @@ Without --checkpoint a randomly initialised model is drawn from --model and frie
 """
 import argparse
 import os
-from types import SimpleNamespace
 
-import numpy as np
+import timm
 import torch
 from PIL import Image
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
-import models_dmjd  # noqa: F401  (registers the DMJD models with timm)
-from main_pretrain import build_model, get_args_parser as pretrain_args_parser, validate_args
+from models_dmjd import DEFAULT_MODEL, MODEL_FLAGS, create_from_flags
 from util.checkpoint import load_checkpoint, load_state_dict_strict
 from util.datasets import sample_images
-from util.misc import resolve_device
+from util.misc import check_model_name, resolve_device
 from util.visualization import make_figure
-
-# Flags shared with main_pretrain.py that shape the model and its masks.
-MODEL_FLAGS = ("model", "input_size", "num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size",
-               "pred_type", "vis_target", "theta")
 
 
 def get_args_parser():
@@ -52,17 +44,15 @@ def get_args_parser():
     return p
 
 
-def model_args(args, saved: dict):
-    """main_pretrain.py's defaults, then the checkpoint's args, then the flags given here."""
-    merged = vars(pretrain_args_parser().parse_args([]))
-    merged.update({k: saved[k] for k in MODEL_FLAGS if k in saved})
-    given = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+def model_flags(args, saved: dict) -> dict:
+    """The checkpoint's model flags, then the flags given here; the prediction rate is recomputed when the views
+    or the corruption rate change and it is not given."""
+    names = ("model", "input_size", *MODEL_FLAGS)
+    flags = {k: saved[k] for k in names if saved.get(k) is not None}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}  # the flags this script has
     if {"num_views", "mask_ratio"} & given.keys() and "pred_ratio" not in given:
-        merged["pred_ratio"] = None  # recomputed from the new views and ratio
-    merged.update(given)
-    merged = SimpleNamespace(**merged)
-    validate_args(merged)
-    return merged
+        flags.pop("pred_ratio", None)
+    return {**flags, **given}
 
 
 def main(args):
@@ -78,9 +68,14 @@ def main(args):
             raise SystemExit(f"error: {args.checkpoint} is not a main_pretrain.py checkpoint (a dict with 'model' and "
                              f"an 'args' dict)")
         saved = ckpt["args"]
-    margs = model_args(args, saved)
+    flags = model_flags(args, saved)
+    name = flags.setdefault("model", DEFAULT_MODEL)
+    check_model_name(name, timm.list_models("dmjd_*"), "a DMJD model")
     torch.manual_seed(args.seed)  # the weights of a random model
-    model = build_model(margs)
+    try:
+        model = create_from_flags(flags)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.checkpoint:
         try:
             load_state_dict_strict(model, ckpt["model"])
@@ -88,17 +83,18 @@ def main(args):
             raise SystemExit(f"error: {args.checkpoint}: {err}") from None
         print(f"loaded {args.checkpoint} (epoch {ckpt.get('epoch', '?')})")
     else:
-        print(f"no --checkpoint: a randomly initialised {margs.model}")
+        print(f"no --checkpoint: a randomly initialised {name}")
     device = resolve_device(args.device)
     model.to(device)
 
-    images = sample_images(args.data_path, args.split, margs.input_size, args.num_images)
+    input_size = model.encoder.img_size[0]
+    images = sample_images(args.data_path, args.split, input_size, args.num_images)
     figure = make_figure(model, images, seed=args.seed, min_panel=args.min_panel, min_glyph=args.min_glyph)
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)
     Image.fromarray(figure).save(args.output)
-    print(f"{margs.model} at {margs.input_size} px, {margs.num_views} view(s), mask_ratio {margs.mask_ratio}, "
-          f"pred_ratio {margs.pred_ratio:.3g}, {margs.pred_type} target: {len(images)} images")
+    print(f"{name} at {input_size} px, {model.num_views} view(s), mask_ratio {model.mask_ratio}, "
+          f"pred_ratio {model.pred_ratio:.3g}, {model.pred_type} target: {len(images)} images")
     print(os.path.abspath(args.output))
 
 

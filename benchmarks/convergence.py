@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401
+from engine_pretrain import LOSS_NAMES  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
+from training.step import NonFiniteLossError, TrainStep  # noqa: E402
 from util.demo_data import DEBIAN_DIR, _locate, read_idx  # noqa: E402
-from util.misc import apply_gradients, resolve_device, synchronize  # noqa: E402
+from util.misc import resolve_device, synchronize  # noqa: E402
 from util.schedules import adaptive_lr, cosine_lr, cosine_momentum, reachable_pred_ratio  # noqa: E402
 
 CONFIGS = {
@@ -144,6 +146,10 @@ def pretrain_run(args, name, seed, data, device):
     lr, _ = adaptive_lr(args.blr, args.batch_size, pred_ratio, args.mask_ratio)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.05)
+    # the training step of main_pretrain.py, its schedules following the clock: progress = time / budget
+    step = TrainStep(model, optimizer, lambda progress: cosine_lr(progress, lr, 0.0, args.warmup_fraction, 1.0),
+                     loss_names=LOSS_NAMES, teacher=teacher, student=model.encoder if teacher else None,
+                     momentum_schedule=(lambda progress: cosine_momentum(progress, 0.996, 1.0)) if teacher else None)
     generator = torch.Generator(device=device).manual_seed(seed)
     train_x = data[0]
     eval_times = [args.budget * (i + 1) / args.evals for i in range(args.evals)]
@@ -155,20 +161,17 @@ def pretrain_run(args, name, seed, data, device):
         synchronize(device)
         start = time.perf_counter()
         while trained + (time.perf_counter() - start) < until:
-            progress = (trained + time.perf_counter() - start) / args.budget  # the schedule follows the clock
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(progress, lr, 0.0, args.warmup_fraction, 1.0)
+            progress = (trained + time.perf_counter() - start) / args.budget
             idx = torch.randint(0, len(train_x), (args.batch_size,), generator=generator, device=device)
-            loss, _ = model(augment(train_x[idx], generator), teacher=teacher)
-            loss.backward()
-            apply_gradients(optimizer, None, model.parameters())
-            if teacher is not None:
-                teacher.update(model.encoder, cosine_momentum(progress, 0.996, 1.0))
+            images = augment(train_x[idx], generator)
+            step(lambda: model(images, teacher=teacher), progress, steps)
             steps += 1
         synchronize(device)
         trained += time.perf_counter() - start
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"{name} seed {seed}: non-finite loss after {steps} steps")
+        try:
+            step.raise_if_nonfinite()
+        except NonFiniteLossError as err:
+            raise RuntimeError(f"{name} seed {seed}: {err}") from None
         acc, knn_acc = evaluate(model, data, args.probe_train, seed)
         row = dict(config=name, seed=seed, seconds=round(trained, 1), steps=steps, images=steps * args.batch_size,
                    probe_acc=acc, knn_acc=knn_acc)

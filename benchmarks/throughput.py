@@ -16,7 +16,9 @@ Data mode: decode, crop, flip, collate and host-to-device copy from an ImageFold
     python benchmarks/throughput.py --data /path/to/imagenet --num_workers 16 --batch_size 256
 """
 import argparse
+import contextlib
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -26,12 +28,16 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from timm.layers import set_fused_attn, use_fused_attn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401  (registers the models)
-from engine_pretrain import autocast_context  # noqa: E402
+from engine_pretrain import LOSS_NAMES  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
+from training.meters import LossMeter  # noqa: E402
+from training.step import TrainStep, autocast_context  # noqa: E402
+from util.hog import hog_targets  # noqa: E402
 from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
 
 # The plain path is the step as the authors' release runs it: fp32, dense conv stages, unfused attention, a
@@ -41,6 +47,7 @@ from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
 SWITCHES = ("sparse_stages", "fused_attn", "fused_adamw", "channels_last", "compile", "hog_once", "device_masks",
             "no_sync")
 PATHS = ("plain", *SWITCHES[:5], "bf16", *SWITCHES[5:], "all", "all_eager")
+BENCHMARK_LR = 1e-4
 
 
 @dataclass
@@ -198,20 +205,34 @@ def memory_line(per_image: float, fixed: float, largest, capacity: float) -> str
             f"{capacity / 2 ** 30:.0f} GiB, 10% held back: {largest}")
 
 
-def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
+@contextlib.contextmanager
+def fused_attention(enabled: bool):
+    """timm's switch for the attention kernel (fused SDPA or the explicit softmax), for the models built inside."""
+    before = use_fused_attn()
+    set_fused_attn(enabled)
+    try:
+        yield
+    finally:
+        set_fused_attn(before)
+
+
+def hog_per_view(model) -> None:
+    """Replaces the model's per-image HOG by the release's: HOG of every view's copy of the image, the same values
+    for K times the work."""
+    def hog(raw):
+        return hog_targets(raw.repeat(model.num_views, 1, 1, 1), model.patch_size, model.hog_cell_size, model.hog_bins)
+    model.hog = hog
 
 
 def build(args, device, path: Path):
     torch.manual_seed(0)
-    model = timm.create_model(args.model, img_size=args.input_size, num_views=args.num_views,
-                              mask_ratio=args.mask_ratio, vis_target=args.vis_target, theta=args.theta).to(device)
-    set_fused_attention(model, path.fused_attn)
-    model.hog_per_view = not path.hog_once
-    if hasattr(model.encoder, "sparse_stages"):  # ConViT: conv stages at the visible tokens only
-        model.encoder.sparse_stages = path.sparse_stages
+    encoder_options = {"sparse_stages": path.sparse_stages} if "convit" in args.model else {}
+    with fused_attention(path.fused_attn):
+        model = timm.create_model(args.model, img_size=args.input_size, num_views=args.num_views,
+                                  mask_ratio=args.mask_ratio, vis_target=args.vis_target, theta=args.theta,
+                                  **encoder_options).to(device)
+    if not path.hog_once:
+        hog_per_view(model)
     if path.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
@@ -235,33 +256,31 @@ def count_flops(model, teacher, images, device, amp_dtype):
 
 
 def make_step(args, device, path: Path, images):
-    """The pre-training step of a path, as a closure over its model, optimizer and (channels-last) images; returns
-    the step, the model, the teacher (or None), the images and the optimizer."""
-    amp_dtype = AMP_DTYPES[path.amp]
+    """The pre-training step of a path: training's own TrainStep (autocast, grad scaler with fp16, optimizer, EMA
+    teacher) on its model, with its losses summed on the device as the engine does; returns a closure that takes one
+    step, the model, the teacher (or None), the (channels-last) images and the optimizer."""
     model, step_model, teacher, optimizer = build(args, device, path)
     if path.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
     num_visible = model.num_visible_tokens
+    train_step = TrainStep(step_model, optimizer, lambda progress: BENCHMARK_LR, amp_dtype=AMP_DTYPES[path.amp],
+                           loss_names=LOSS_NAMES, teacher=teacher, student=model.encoder if teacher else None,
+                           momentum_schedule=(lambda progress: 0.996) if teacher else None)
+    meter = LossMeter(LOSS_NAMES, device)
+    index = itertools.count()
 
-    def step():
+    def forward():
         masks = None  # drawn on the device by the model
         if not path.device_masks:  # as a data loader hands them over: drawn on the host, pinned, copied
             masks = model.make_masks(images.shape[0])
             masks = (masks.pin_memory() if device.type == "cuda" else masks).to(device, non_blocking=True)
-        with autocast_context(device, amp_dtype):
-            loss, _ = step_model(images, masks, teacher=teacher, num_visible=num_visible)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            teacher.update(model.encoder, 0.996)
+        return step_model(images, masks, teacher=teacher, num_visible=num_visible)
+
+    def step():
+        losses, count = train_step(forward, 0.0, next(index))
+        meter.add(losses, count)
         if not path.no_sync:
-            loss.item()  # logged every step: the host waits for the step to finish
+            losses[0].item()  # the loss read every step, as the release logs it: the host waits for the step
 
     return step, model, teacher, images, optimizer
 

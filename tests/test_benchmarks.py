@@ -175,8 +175,9 @@ def test_plain_step_is_the_releases_and_the_fast_one_reads_nothing_back(name, mo
                                                         throughput.synthetic_images(2, 64, device))
     hog_rows, drawn_on = [], []
     real_hog, real_masks = models_dmjd.hog_targets, model.make_masks
-    monkeypatch.setattr(models_dmjd, "hog_targets", lambda images, *a: hog_rows.append(len(images)) or
-                        real_hog(images, *a))
+    for module in (models_dmjd, throughput):  # the model's HOG per image, and the plain path's per view
+        monkeypatch.setattr(module, "hog_targets", lambda images, *a: hog_rows.append(len(images)) or
+                            real_hog(images, *a))
     monkeypatch.setattr(model, "make_masks", lambda batch, device=None, generator=None: drawn_on.append(device) or
                         real_masks(batch, device, generator))
     step()  # the optimizer's state exists from here on
@@ -232,3 +233,26 @@ def test_repeats_run_rounds_through_all_paths_and_give_medians(monkeypatch, caps
     assert "over 3 rounds)" in out
     with pytest.raises(SystemExit):
         throughput.parse_args(["--repeats", "0"])
+
+
+@pytest.mark.parametrize("pred_type", ["hog", "pixel"])
+def test_the_plain_paths_hog_per_view_gives_the_losses_of_hog_per_image(pred_type):
+    """The views index one HOG per image; computing it for every view's copy (the plain path's hog_per_view) gives
+    the same losses (with pixel targets the visible branch alone takes HOG)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64, pred_type=pred_type).eval()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    masks = model.make_masks(4, generator=torch.Generator().manual_seed(1))
+
+    def losses():
+        with torch.no_grad():
+            loss, parts = model(images, masks)
+        return torch.stack([loss, parts["loss_mask"], parts["loss_vis"]])
+
+    assert model.hog(images.float()).shape[0] == 4  # the default: once per image
+    once = losses()
+    throughput.hog_per_view(model)
+    assert model.hog(images.float()).shape[0] == 4 * model.num_views
+    torch.testing.assert_close(losses(), once, rtol=1e-6, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 
 import demo
 import main_pretrain
-from util.classification import check_classifier_name
+from models_convvit import check_classifier_name
 
 
 @pytest.fixture(scope="module")

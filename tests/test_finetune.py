@@ -3,13 +3,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401
@@ -17,7 +16,6 @@ import models_dmjd  # noqa: F401
 from main_linprobe import lars_param_groups
 from models_convvit import LinearProbe
 from util.checkpoint import check_encoder_loaded, export_encoder, load_pretrained, save_checkpoint
-from util.classification import ShardSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,38 +186,32 @@ def test_linear_probe_trains_only_the_head():
         assert not torch.equal(probe.head.state_dict()[k], head[k]), k
 
 
-def test_shard_sampler_covers_every_sample_once():
-    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
-    assert sorted(sum(shards, [])) == list(range(11))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The scripts end to end.
 
 @pytest.fixture(scope="module")
-def cls_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 3)):
-        for c, cls in enumerate(("a", "b", "c")):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = np.full((72, 80, 3), 60 * c + 20, np.uint8) + rng.integers(0, 30, (72, 80, 3), dtype=np.uint8)
-                Image.fromarray(img).save(folder / f"{i}.png")
+def cls_data(image_folder):
+    root = image_folder("cls", {"train": 8, "val": 3}, classes=("a", "b", "c"))
     pretrain_checkpoint(root / "pre.pth")
     return root
 
 
-def script(name, data, out, *extra, torchrun=False):
+def script_cmd(name, data, out, *extra, torchrun=False):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]
-    cmd = launcher + [str(ROOT / name), "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "4",
-                      "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
-                      "--nb_classes", "3", "--print_freq", "2", "--data_path", str(data), "--output_dir", str(out),
-                      *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return launcher + [str(ROOT / name), "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "4",
+                       "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
+                       "--nb_classes", "3", "--print_freq", "2", "--data_path", str(data), "--output_dir", str(out),
+                       *extra]
+
+
+def script_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def script(name, data, out, *extra, torchrun=False):
+    cmd = script_cmd(name, data, out, *extra, torchrun=torchrun)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # The conv weights' gradients keep the weights' layout, as DDP's gradient buckets expect.
     assert "Grad strides do not match" not in proc.stderr, proc.stderr[-3000:]
@@ -244,6 +236,29 @@ def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
     assert "continuing at epoch 2" in stdout
     stdout = script(name, cls_data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-best.pth"))
     assert "accuracy of the network on 9 test images" in stdout
+
+
+def test_killed_finetuning_with_loader_workers_resumes_to_the_same_weights(cls_data, tmp_path):
+    """Crops, RandAugment, erasing and mixup are seeded from (seed, epoch, index / step): a resumed run (with new
+    loader workers) continues exactly as an uninterrupted one."""
+    args = ("--epochs", "3", "--warmup_epochs", "1", "--num_workers", "2", "--mixup", "0.8", "--cutmix", "1.0",
+            "--finetune", str(cls_data / "pre.pth"))
+    script("main_finetune.py", cls_data, tmp_path / "straight", *args)
+    out = tmp_path / "killed"
+    cmd = script_cmd("main_finetune.py", cls_data, out, *args)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    script("main_finetune.py", cls_data, out, *args)
+    a, b = (torch.load(d / "checkpoint-last.pth", weights_only=True) for d in (tmp_path / "straight", out))
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    last = [json.loads(line) for line in (tmp_path / "straight" / "log.txt").read_text().splitlines()][-1]
+    assert last == [json.loads(line) for line in (out / "log.txt").read_text().splitlines()][-1]
 
 
 @pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])

@@ -208,13 +208,8 @@ def test_make_figure_rejects_bad_images():
 
 # -- visualize.py ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    for cls in ("a", "b"):
-        (root / "train" / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(smooth_image(80, seed=10 * i + len(cls))[:72]).save(root / "train" / cls / f"{i}.png")
-    return root
+def folder(image_folder):
+    return image_folder("images", {"train": 2})
 
 
 def test_visualize_script_with_a_checkpoint(folder, tmp_path):

@@ -141,3 +141,14 @@ def sample_images(data_path: str, split: str, input_size: int, num_images: int) 
     if not picked:
         raise ValueError(f"no readable image in {data_path}/{split}")
     return torch.stack(picked)
+
+
+def classification_folders(data_path: str, train_transform, val_transform, nb_classes: int, with_train: bool = True):
+    """`train/` (unless `with_train` is False: then None) and `val/` ImageFolders for classification; more classes
+    than `nb_classes` in either fails here, naming the folder."""
+    val_set = image_folder(data_path, "val", val_transform)
+    train_set = image_folder(data_path, "train", train_transform) if with_train else None
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        if dataset is not None and len(dataset.classes) > nb_classes:
+            raise ValueError(f"{data_path}/{name} has {len(dataset.classes)} classes but --nb_classes is {nb_classes}")
+    return train_set, val_set

@@ -56,10 +56,15 @@ def check_model_name(name: str, candidates, what: str) -> None:
                          (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(candidates)}"))
 
 
+def launch_world_size() -> int:
+    """The number of processes the launcher started (torchrun's WORLD_SIZE; 1 for a plain `python` run)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU."""
     device = resolve_device(device_name)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launch_world_size()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":

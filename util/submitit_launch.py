@@ -90,8 +90,7 @@ def parse_args(module, description: str, argv=None):
         args.output_dir = opts.job_dir
     if not opts.job_dir:
         opts.job_dir = os.path.join(args.output_dir, "submitit")
-    if hasattr(module, "validate_args"):  # bad flags fail now, not after hours in the queue
-        module.validate_args(args)
+    args = module.validate_args(args)  # bad flags fail now, not after hours in the queue; derived ones are explicit
     return opts, args
 
 

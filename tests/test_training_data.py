@@ -1,0 +1,95 @@
+"""training.data: seeded samples, the epoch sampler and exact sharded evaluation."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from training.data import EpochSampler, SeededSamples, ShardSampler, mixed_seed, seed_step, train_loader
+from util.misc import DistInfo
+
+
+class _RandomDraws(Dataset):
+    """Each item: its index and one draw from each of Python's, NumPy's and torch's global generators."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        return torch.tensor([index, random.random(), np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
+
+
+def draws(loader, epochs=(0, 1)):
+    out = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(epoch)
+        out.append(torch.cat(list(loader)))
+    return out
+
+
+def test_shard_sampler_covers_every_sample_once():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+def test_a_sample_depends_on_seed_epoch_and_index_only_not_on_the_workers():
+    by_workers = {}
+    for workers in (0, 2):
+        loader = train_loader(_RandomDraws(), 3, seed=5, dist=DistInfo(), num_workers=workers, pin_memory=False)
+        by_workers[workers] = draws(loader)
+    for a, b in zip(by_workers[0], by_workers[2]):
+        assert torch.equal(a, b)
+    epoch0, epoch1 = by_workers[0]
+    assert not torch.equal(epoch0, epoch1)  # another epoch, another order and other draws
+    # the same index in another epoch draws differently; the same (epoch, index) always draws the same
+    dataset = SeededSamples(_RandomDraws(), seed=5)
+    assert torch.equal(dataset[(0, 3)], dataset[(0, 3)]) and not torch.equal(dataset[(0, 3)], dataset[(1, 3)])
+
+
+def test_persistent_workers_give_each_epoch_its_own_draws_after_a_restart():
+    """A resumed run starts new workers at epoch 1: its samples must equal those of workers that ran epoch 0."""
+    loader = train_loader(_RandomDraws(), 3, seed=1, dist=DistInfo(), num_workers=2, pin_memory=False)
+    straight = draws(loader)[1]
+    resumed = train_loader(_RandomDraws(), 3, seed=1, dist=DistInfo(), num_workers=2, pin_memory=False)
+    assert torch.equal(draws(resumed, epochs=(1,))[0], straight)
+
+
+@pytest.mark.parametrize("length, world_size", [(12, 1), (13, 2), (10, 3)])
+def test_epoch_sampler_deals_one_permutation_over_the_ranks(length, world_size):
+    shares = []
+    for rank in range(world_size):
+        sampler = EpochSampler(length, seed=0, rank=rank, world_size=world_size)
+        sampler.set_epoch(4)
+        shares.append([i for e, i in sampler])
+        assert all(e == 4 for e, _ in sampler) and len(sampler) == length // world_size
+    flat = sum(shares, [])
+    assert len(set(flat)) == len(flat) == (length // world_size) * world_size  # disjoint, equal, tail dropped
+    other = EpochSampler(length, seed=0, rank=0, world_size=world_size)
+    other.set_epoch(5)
+    assert [i for _, i in other] != shares[0] or length // world_size < 2
+
+
+def test_epoch_sampler_can_start_in_the_middle_of_an_epoch():
+    sampler = EpochSampler(20, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start=7)
+    assert list(sampler) == full[7:] and len(sampler) == 13
+    with pytest.raises(ValueError, match="outside this rank's 20 samples"):
+        sampler.set_epoch(2, start=21)
+
+
+def test_step_seeds_depend_on_rank_and_index():
+    seed_step(0, 0, 5)
+    a = torch.rand(3)
+    seed_step(0, 0, 5)
+    assert torch.equal(torch.rand(3), a)
+    seed_step(0, 1, 5)
+    assert not torch.equal(torch.rand(3), a)
+    assert len({mixed_seed(0, e, i) for e in range(50) for i in range(1000)}) == 50 * 1000
+
+
+def test_train_loader_drops_the_last_partial_batch():
+    loader = train_loader(_RandomDraws(), 5, seed=2, dist=DistInfo(), num_workers=0, pin_memory=False)
+    assert len(loader) == 2 and [len(batch) for batch in loader] == [5, 5]

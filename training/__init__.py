@@ -1,0 +1,13 @@
+"""The training layer that every script and benchmark shares, between `util/` (pure helpers) and the scripts.
+
+- `training.config`: the shared run flags and the frozen, typed config that flags are resolved into once.
+- `training.step`: `TrainStep`, the optimizer step of every loop (autocast, accumulation with `no_sync`, fp16 grad
+  scaler, clipping, EMA teacher, one non-finite policy).
+- `training.meters`: losses summed on the device and read every `--print_freq` steps, and the progress lines (ETA,
+  images/s, data wait, peak memory).
+- `training.data`: loaders whose every sample is seeded from (seed, epoch, index), so that a resumed run sees the
+  same crops as an uninterrupted one, and exact sharded evaluation.
+- `training.run`: the run skeleton (process group, DDP, resume, checkpoints, log.txt, TensorBoard, teardown).
+
+Nothing here imports a top-level module: models, engines and scripts build on it, not the other way round.
+"""

@@ -1,0 +1,116 @@
+"""The flags every training script shares, their checks, and the frozen config that a script's flags are resolved
+into once: engines and the run skeleton read the config, never `args`."""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from util.misc import AMP_DTYPES
+from util.schedules import cosine_lr
+
+
+def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> argparse._ArgumentGroup:
+    """Data, output, device, precision, seeding, resume, logging and loading flags (the same in every script)."""
+    g = parser.add_argument_group("data and run")
+    g.add_argument("--data_path", default="/datasets/imagenet", type=str, help=data_help)
+    g.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints and log.txt")
+    g.add_argument("--log_dir", default=None, type=str, help="TensorBoard folder (none: --output_dir)")
+    g.add_argument("--device", default="auto", type=str, help="auto, cuda, cuda:<index> or cpu")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--seed", default=0, type=int, help="seeds crops, augmentation, masks and shuffling")
+    g.add_argument("--resume", default="", type=str, help="checkpoint to resume (none: output_dir's last one)")
+    g.add_argument("--print_freq", default=20, type=int,
+                   help="steps between log lines; the losses are read back from the device only then")
+    g.add_argument("--skip_nonfinite", default=0, type=int,
+                   help="skip up to N optimizer steps with a non-finite loss in the run, then stop (0: stop at the "
+                        "first; N > 0 reads the loss back every step)")
+    g.add_argument("--num_workers", default=10, type=int, help="data-loading processes")
+    g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                   help="pinned host memory for the batches (CUDA)")
+    return g
+
+
+def flag_error(flag: str, why: str) -> SystemExit:
+    return SystemExit(f"error: {flag} {why}")
+
+
+def check_run_flags(args) -> None:
+    """The checks every training script makes before any work; each failure names its flag. Reads, never writes."""
+    for flag in ("batch_size", "accum_iter", "epochs", "input_size", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise flag_error(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
+    for flag in ("skip_nonfinite", "num_workers", "weight_decay", "min_lr"):
+        if getattr(args, flag) < 0:
+            raise flag_error(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
+    for flag in ("blr", "lr", "clip_grad"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            raise flag_error(f"--{flag}", f"must be > 0, got {getattr(args, flag)}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise flag_error("--device", f"must be auto, cpu, cuda or cuda:<index>, got {args.device!r}")
+    if args.resume and not os.path.isfile(args.resume):
+        raise flag_error("--resume", f"{args.resume!r} is not a file")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise flag_error("--warmup_epochs", f"must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}; "
+                                            f"give a shorter warmup for a short run")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every training run is: its flags with every default resolved (lr, precision, world size).
+
+    Scripts subclass it with their own flags and build it once with `from_args`; it is saved in checkpoints as
+    `args` (`flags()`), so that a checkpoint says exactly how it was trained.
+    """
+    model: str
+    input_size: int
+    batch_size: int
+    epochs: int
+    accum_iter: int
+    lr: float  # resolved from --blr unless given
+    blr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    clip_grad: Optional[float]
+    skip_nonfinite: int
+    data_path: str
+    output_dir: str
+    log_dir: Optional[str]
+    device: str
+    amp: str  # resolved: "bf16", "fp16" or "none"
+    seed: int
+    resume: str
+    print_freq: int
+    num_workers: int
+    pin_mem: bool
+    world_size: int  # processes in the run
+
+    @classmethod
+    def from_args(cls, args, **resolved):
+        """The config of `args`: every field from the flag of the same name, except those given as `resolved`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(resolved) - names
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+        return cls(**{name: resolved[name] if name in resolved else getattr(args, name) for name in names})
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return AMP_DTYPES[self.amp]
+
+    @property
+    def images_per_step(self) -> int:
+        """Unique images per optimizer step, over all processes."""
+        return self.batch_size * self.accum_iter * self.world_size
+
+    def lr_at(self, progress: float) -> float:
+        """Linear warmup to --lr over --warmup_epochs, then a half-cosine to --min_lr at --epochs."""
+        return cosine_lr(progress, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
+
+    def flags(self) -> dict:
+        """The config as a plain dict of flag names to values (what checkpoints keep as `args`)."""
+        return dataclasses.asdict(self)

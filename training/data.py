@@ -1,0 +1,105 @@
+"""Loaders that make a run reproducible, and exact sharded evaluation.
+
+Training samples are asked for as (epoch, index) pairs, and each is transformed with Python's, NumPy's and torch's
+generators seeded from (seed, epoch, index). A crop then depends on nothing else: not on the worker that makes it,
+on how long the workers have lived (persistent workers are seeded once, when they start), or on the number of
+workers. So a run resumed at an epoch (or step) boundary sees exactly the crops an uninterrupted run would, and
+`seed_step` does the same for the randomness of the main process (masks, drop path, mixup).
+"""
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from util.misc import DistInfo, seed_everything
+
+_MIX = (0x9E3779B1, 0x85EBCA77)  # odd multipliers above any dataset size: distinct keys give distinct seeds
+
+
+def mixed_seed(seed: int, major: int, minor: int) -> int:
+    """One 63-bit seed for a (seed, major, minor) key, e.g. (seed, epoch, sample index)."""
+    return ((seed * _MIX[0] + major) * _MIX[1] + minor) % 2 ** 63
+
+
+def seed_step(seed: int, rank: int, index: int) -> None:
+    """Seeds the main process's generators for run-wide iteration `index` on `rank`."""
+    seed_everything(mixed_seed(seed, rank, index))
+
+
+class SeededSamples(Dataset):
+    """`dataset` whose items are asked for as (epoch, index), each made with generators seeded from
+    (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        seed_everything(mixed_seed(self.seed, epoch, index))
+        return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """(epoch, index) pairs for one process: a permutation of the dataset drawn from (seed, epoch), cut to a multiple
+    of the world size (every process takes as many batches, as DDP requires) and dealt round-robin over the ranks.
+
+    `set_epoch(epoch, start)` chooses the epoch and skips the first `start` samples of this rank's share, so that a
+    run resumed in the middle of an epoch neither repeats nor skips a sample.
+    """
+
+    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if length < world_size:
+            raise ValueError(f"{length} samples cannot be shared by {world_size} processes")
+        self.length, self.seed, self.rank, self.world_size, self.shuffle = length, seed, rank, world_size, shuffle
+        self.per_rank = length // world_size
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.per_rank:
+            raise ValueError(f"start {start} is outside this rank's {self.per_rank} samples")
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.length)
+        share = order[:self.per_rank * self.world_size][self.rank::self.world_size]
+        return iter([(self.epoch, int(i)) for i in share[self.start:]])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class ShardSampler(Sampler):
+    """Every `world_size`-th index from `rank`: each sample is evaluated once, with no padding duplicates."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, dist: DistInfo, num_workers: int, pin_memory: bool,
+                 collate_fn: Optional[Callable] = None) -> DataLoader:
+    """Shuffled, sharded, seeded batches of `batch_size` (the last partial batch dropped); set the epoch with
+    `loader.sampler.set_epoch`."""
+    return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size,
+                      sampler=EpochSampler(len(dataset), seed, dist.rank, dist.world_size),
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
+                      persistent_workers=num_workers > 0)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, sharded: bool, num_workers: int,
+                pin_memory: bool, collate_fn: Optional[Callable] = None) -> DataLoader:
+    """Every sample once, in order: sharded over the processes (no padding), or all of them on every process."""
+    sampler = ShardSampler(len(dataset), dist.rank, dist.world_size) if sharded and dist.distributed else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_fn)

@@ -1,0 +1,136 @@
+"""Losses summed on the device, and progress lines: what a training or evaluation loop prints every `print_freq`
+iterations. Nothing here reads the device in between, so the steady-state step never waits for the host."""
+import datetime
+import time
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from training.step import TrainStep
+from util.misc import all_reduce_sum
+
+
+class LossMeter:
+    """Named sums on the device, for the epoch and for the window since the last read.
+
+    `add` takes a device tensor of one value per name (summed over `count` samples); `read_window` reads the
+    window's means back (one host read) and starts a new window; `totals` sums the epoch over all ranks.
+    """
+
+    def __init__(self, names: Sequence[str], device: torch.device):
+        self.names = tuple(names)
+        self.total = torch.zeros(len(self.names), device=device)
+        self.window = torch.zeros(len(self.names), device=device)
+        self.count = self.window_count = 0
+
+    def add(self, values: torch.Tensor, count: int) -> None:
+        self.total += values
+        self.window += values
+        self.count += count
+        self.window_count += count
+
+    def read_window(self) -> Optional[Dict[str, float]]:
+        """The window's means, or None when it holds nothing yet (it then carries on into the next window)."""
+        if not self.window_count:
+            return None
+        means = dict(zip(self.names, (self.window / self.window_count).tolist()))
+        self.window.zero_()
+        self.window_count = 0
+        return means
+
+    def totals(self, **counts: int) -> Dict[str, float]:
+        """The epoch's means over every rank, and the given host counts summed over every rank."""
+        extra = torch.tensor([self.count, *counts.values()], dtype=torch.float64)
+        summed = all_reduce_sum(torch.cat([self.total.double().cpu(), extra]).to(self.total.device)).tolist()
+        sums, (count, *others) = summed[:len(self.names)], summed[len(self.names):]
+        result = {n: s / count if count else float("nan") for n, s in zip(self.names, sums)}
+        result.update({k: int(v) for k, v in zip(counts, others)})
+        return result
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+class Progress:
+    """Iterates at most `total` batches and times them; `line` prints what people expect of a log line.
+
+    Each line gives the iteration, the ETA of the loop and (with `later_iters`, the iterations of the epochs still
+    to come) of the run, the given values, s/it and images/s since the last line, the time spent waiting for data,
+    and on CUDA the peak memory allocated so far. Call `line` right after reading values back from the device:
+    the host then waits for the window's work, so its time is the device's, not the host's queueing.
+    """
+
+    def __init__(self, header: str, total: int, print_freq: int, device: torch.device, later_iters: int = 0):
+        self.header, self.total, self.print_freq = header, total, print_freq
+        self.device, self.later_iters = device, later_iters
+        self.images = self.window_images = 0
+        self.data_seconds = self.window_data_seconds = 0.0
+        self.start = self.window_start = time.perf_counter()
+        self.window_iters = self.iterations = 0
+
+    def track(self, iterable: Iterable) -> Iterator[Tuple[int, object]]:
+        """(index, batch) for the first `total` batches, timing how long each one was waited for."""
+        batches = iter(iterable)
+        self.start = self.window_start = time.perf_counter()
+        for index in range(self.total):
+            wait_start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - wait_start
+            self.data_seconds += waited
+            self.window_data_seconds += waited
+            self.window_iters += 1
+            self.iterations += 1
+            yield index, batch
+
+    def count(self, images: int) -> None:
+        self.images += images
+        self.window_images += images
+
+    def due(self, index: int) -> bool:
+        return (index + 1) % self.print_freq == 0 or index + 1 == self.total
+
+    def line(self, index: int, values: Optional[Dict[str, float]] = None, **scalars) -> str:
+        now = time.perf_counter()
+        done = index + 1
+        per_iter = (now - self.start) / done
+        window = max(now - self.window_start, 1e-9)
+        eta = per_iter * (self.total - done)
+        parts = [f"{self.header} [{done}/{self.total}]", f"eta {format_seconds(eta)}" +
+                 (f" (run {format_seconds(eta + per_iter * self.later_iters)})" if self.later_iters else "")]
+        parts += [f"{k} {v:.3e}" if k == "lr" else f"{k} {v:.4f}" for k, v in scalars.items()]
+        parts += [f"{k} {v:.4f}" for k, v in (values or {}).items()]
+        parts += [f"{window / max(1, self.window_iters):.3f} s/it",
+                  f"{self.window_images / window:.1f} images/s per process",
+                  f"data {self.window_data_seconds / max(1, self.window_iters):.3f} s/it"]
+        if self.device.type == "cuda":
+            parts.append(f"mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB")
+        text = "  ".join(parts)
+        print(text, flush=True)
+        self.window_start, self.window_iters, self.window_images, self.window_data_seconds = now, 0, 0, 0.0
+        return text
+
+    def summary(self) -> str:
+        """Total time, s/it, images/s and data wait of the whole loop."""
+        seconds = time.perf_counter() - self.start
+        iters = max(1, self.iterations)
+        return (f"{format_seconds(seconds)} ({seconds / iters:.3f} s/it, {self.images / max(seconds, 1e-9):.1f} "
+                f"images/s per process, data {self.data_seconds / iters:.3f} s/it)")
+
+
+def log_window(step: TrainStep, meter: LossMeter, progress: Progress, index: int, epoch: int, writer=None,
+               **scalars) -> None:
+    """A progress line of the losses since the last one (the only host read of the loop), after the non-finite
+    check that every rank takes at the same iterations; the same values to TensorBoard on an epoch_1000x axis."""
+    step.raise_if_nonfinite()
+    means = meter.read_window()
+    if means is None:  # mid-accumulation, or no readable image yet: the next line covers this window too
+        return
+    progress.line(index, means, lr=step.lr, **scalars)
+    if writer is not None:
+        x = int((epoch + (index + 1) / progress.total) * 1000)  # comparable across batch sizes
+        for name, value in {**means, "lr": step.lr, **scalars}.items():
+            writer.add_scalar(f"train/{name}", value, x)

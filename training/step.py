@@ -1,0 +1,177 @@
+"""The optimizer step of every training loop, from `accum_iter` micro-batches, and its one non-finite policy."""
+import contextlib
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from training.data import seed_step
+from util.misc import all_reduce_min, apply_gradients
+from util.schedules import set_lr
+
+Losses = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss (or gradient) that the run may not skip; the last good checkpoint is kept."""
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+class TrainStep:
+    """Takes the optimizer step of a training loop, one micro-batch at a time.
+
+    Each call runs `forward()` under autocast (bf16, fp16 or none), scales its loss by the micro-batch's weight
+    and 1 / `accum_iter`, and runs backward; on the micro-batches before the last of a window, DDP's gradient
+    all-reduce is skipped (`no_sync`). The last one of each window sets the lr of the window's first progress
+    (`lr_schedule`, a pure function of progress in epochs), unscales (fp16, with a grad scaler), clips, steps,
+    zeroes the gradients and updates the EMA teacher with `momentum_schedule(progress)`.
+
+    `forward()` returns the loss, or the loss and a dict of detached parts named in `loss_names[1:]` (missing
+    parts count as 0). A call returns, once per applied optimizer step, the window's summed losses (a device
+    tensor, one value per name, each micro-batch's weighted by its weight) and the number of micro-batches with
+    weight > 0; else None.
+
+    With `seed`, the main process's generators are seeded from (seed, rank, index) before each `forward()`, so
+    that its randomness (masks, drop path, mixup inside `forward`) does not depend on where a run was resumed.
+
+    Non-finite losses, one policy for every loop:
+    - `skip_nonfinite` 0: nothing is read back in the step. The first micro-batch with a non-finite loss is
+      remembered on the device; `raise_if_nonfinite()`, called when the losses are read anyway (every
+      `--print_freq` steps), raises NonFiniteLossError naming it, on every rank.
+    - `skip_nonfinite` N > 0: before each optimizer step the window's losses (and, without a grad scaler, the
+      gradients) are checked on the host and agreed on by all ranks; a bad step is skipped (no optimizer or teacher
+      update) until N have been skipped in the run (`skipped` counts them, resumed runs included); the next raises.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_schedule: Callable[[float], float], *, accum_iter: int = 1,
+                 amp_dtype: Optional[torch.dtype] = None, clip_grad: Optional[float] = None,
+                 skip_nonfinite: int = 0, skipped: int = 0, loss_names: Sequence[str] = ("loss",),
+                 teacher=None, student: Optional[torch.nn.Module] = None,
+                 momentum_schedule: Optional[Callable[[float], float]] = None,
+                 iters_per_epoch: Optional[int] = None, seed: Optional[int] = None, rank: int = 0):
+        if accum_iter < 1:
+            raise ValueError(f"accum_iter must be >= 1, got {accum_iter}")
+        if (teacher is None) != (momentum_schedule is None) or (teacher is not None and student is None):
+            raise ValueError("an EMA teacher needs its student and a momentum schedule")
+        self.model, self.optimizer = model, optimizer
+        self.lr_schedule, self.momentum_schedule = lr_schedule, momentum_schedule
+        self.accum_iter, self.amp_dtype, self.clip_grad = accum_iter, amp_dtype, clip_grad
+        self.skip_nonfinite, self.skipped = skip_nonfinite, skipped
+        self.loss_names = tuple(loss_names)
+        self.teacher, self.student = teacher, student
+        self.iters_per_epoch = iters_per_epoch  # only to name a bad step's epoch and iteration
+        self.seed, self.rank = seed, rank
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype is torch.float16 else None
+        self.is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.lr = self.momentum = float("nan")
+
+        n = len(self.loss_names)
+        self._micro = 0  # micro-batches taken in the current window
+        self._window = torch.zeros(n, device=self.device)
+        self._window_count = 0
+        self._window_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_losses = torch.zeros(n, device=self.device)
+        optimizer.zero_grad(set_to_none=True)
+
+    @classmethod
+    def for_run(cls, model, optimizer, cfg, rank: int, iters_per_epoch: int, **kwargs) -> "TrainStep":
+        """The step a training script takes: the config's lr schedule, accumulation, precision, clipping and
+        non-finite policy (`cfg`: a training.config.TrainConfig), seeded from --seed."""
+        return cls(model, optimizer, cfg.lr_at, accum_iter=cfg.accum_iter, amp_dtype=cfg.amp_dtype,
+                   clip_grad=cfg.clip_grad, skip_nonfinite=cfg.skip_nonfinite, iters_per_epoch=iters_per_epoch,
+                   seed=cfg.seed, rank=rank, **kwargs)
+
+    def __call__(self, forward: Callable[[], Losses], progress: float, index: int,
+                 weight: float = 1.0) -> Optional[Tuple[torch.Tensor, int]]:
+        """One micro-batch at `progress` (fractional epochs) and run-wide micro-batch `index` (named in errors)."""
+        if self._micro == 0:
+            self.lr = self.lr_schedule(progress)
+            set_lr(self.optimizer, self.lr)
+        last = self._micro + 1 == self.accum_iter
+        no_sync = self.model.no_sync() if (self.is_ddp and not last) else contextlib.nullcontext()
+        if self.seed is not None:  # masks, drop path, mixup: a function of (seed, rank, index), as resume needs
+            seed_step(self.seed, self.rank, index)
+        with no_sync:
+            with autocast_context(self.device, self.amp_dtype):
+                out = forward()
+            loss, parts = out if isinstance(out, tuple) else (out, {})
+            scaled = loss * (weight / self.accum_iter)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+        # A zero-weight micro-batch (a placeholder) is still checked for finiteness, never averaged in.
+        values = weight * torch.stack([loss.detach().float()] + [
+            parts[n].float() if n in parts else torch.zeros((), device=self.device) for n in self.loss_names[1:]])
+        finite = torch.isfinite(values).all()
+        if self.skip_nonfinite:
+            self._window_finite &= finite
+        else:
+            newly_bad = (~finite) & (self._first_bad < 0)
+            self._first_bad = torch.where(newly_bad, torch.full_like(self._first_bad, index), self._first_bad)
+            self._bad_losses = torch.where(newly_bad, values, self._bad_losses)
+        self._window += values
+        self._window_count += int(weight > 0)
+        self._micro += 1
+        if not last:
+            return None
+        return self._finish_window(progress, index)
+
+    def _finish_window(self, progress: float, index: int) -> Optional[Tuple[torch.Tensor, int]]:
+        window, count = self._window, self._window_count
+        applied = True
+        if self.skip_nonfinite:
+            if self.scaler is None:  # with fp16 the grad scaler already skips steps with non-finite gradients
+                self._window_finite &= _grads_finite(self.params, self.device)
+            applied = bool(all_reduce_min(self._window_finite.to(torch.int32)))  # host read; every rank agrees
+        if applied:
+            apply_gradients(self.optimizer, self.scaler, self.params, self.clip_grad)
+            if self.teacher is not None:
+                self.momentum = self.momentum_schedule(progress)
+                self.teacher.update(self.student, self.momentum)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip(window / max(1, count), index)
+        self._micro, self._window_count = 0, 0
+        self._window = torch.zeros_like(window)
+        self._window_finite.fill_(True)
+        return (window, count) if applied else None
+
+    def _skip(self, means: torch.Tensor, index: int) -> None:
+        self.skipped += 1
+        shown = ", ".join(f"{n} {v}" for n, v in zip(self.loss_names, means.tolist()))
+        if self.skipped > self.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradients at step {index}{self.where(index)}: {shown}; {self.skipped - 1} "
+                f"earlier non-finite steps were skipped (--skip_nonfinite {self.skip_nonfinite}). Stopping; the "
+                f"last good checkpoint is kept.")
+        print(f"non-finite loss or gradients at step {index}{self.where(index)}: {shown}; update skipped "
+              f"({self.skipped} of --skip_nonfinite {self.skip_nonfinite})", flush=True)
+
+    def where(self, index: int) -> str:
+        """' (epoch e, iteration i)' for a run-wide micro-batch index, when the epoch's length is known."""
+        iters = self.iters_per_epoch
+        return f" (epoch {index // iters}, iteration {index % iters})" if iters else ""
+
+    def raise_if_nonfinite(self) -> None:
+        """Raises NonFiniteLossError on every rank if any rank met a non-finite loss (with `skip_nonfinite` 0)."""
+        never = torch.iinfo(torch.long).max
+        first = torch.where(self._first_bad >= 0, self._first_bad, torch.full_like(self._first_bad, never))
+        index = int(all_reduce_min(first))
+        if index != never:
+            shown = ", ".join(f"{n} {v}" for n, v in zip(self.loss_names, self._bad_losses.tolist()))
+            raise NonFiniteLossError(f"non-finite loss at step {index}{self.where(index)}: {shown}. Stopping; the "
+                                     f"last good checkpoint is kept.")
+
+
+def _grads_finite(params, device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
