@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401  (registers the classifiers with timm)
-from util.checkpoint import check_encoder_loaded, load_pretrained
+from util.checkpoint import architecture_kwargs, check_encoder_loaded, find_resume, load_pretrained
 from util.classification import add_run_args, build_loaders, check_classifier_name, fit, setup_run
 from util.transforms import eval_transform, finetune_transform
 
@@ -30,7 +30,8 @@ def get_args_parser():
     g.add_argument("--input_size", default=224, type=int)
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
     g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=True,
-                   help="mean of the tokens then fc_norm (default), or the final norm then the mean")
+                   help="mean of the tokens then a fresh norm (fc_norm, default), or the pre-trained final norm then "
+                        "the mean")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--clip_grad", default=None, type=float)
@@ -73,8 +74,11 @@ def main(args):
     train_tf = finetune_transform(args.input_size, args.aa, args.reprob, args.remode, args.recount, args.color_jitter)
     loaders = build_loaders(args, run, train_tf, eval_transform(args.input_size))
 
+    # A checkpoint in MAE's / timm's ViT layout (with a class token) is fine-tuned with its class token, as MAE does.
+    resume = find_resume(args.resume, None if args.eval else args.output_dir)
+    layout = architecture_kwargs(resume) if resume else architecture_kwargs(args.finetune, args.checkpoint_key)
     model = timm.create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
-                              drop_path_rate=args.drop_path, global_pool=args.global_pool)
+                              drop_path_rate=args.drop_path, fc_norm=args.global_pool, **layout)
     if args.finetune:
         missing, unexpected = load_pretrained(model, args.finetune, args.checkpoint_key)
         check_encoder_loaded(missing, unexpected, args.finetune)

@@ -232,3 +232,11 @@ def test_repeats_run_rounds_through_all_paths_and_give_medians(monkeypatch, caps
     assert "over 3 rounds)" in out
     with pytest.raises(SystemExit):
         throughput.parse_args(["--repeats", "0"])
+
+
+def test_grad_checkpointing_benchmark_reports_the_memory_saved(capsys):
+    from benchmarks import grad_checkpointing
+    rows = grad_checkpointing.main(["--models", "convvit_tiny_patch16", "--input_size", "64"])
+    (name, plain, checkpointed), = rows
+    assert name == "convvit_tiny_patch16" and 0 < checkpointed < plain
+    assert "| convvit_tiny_patch16 |" in capsys.readouterr().out

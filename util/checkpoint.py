@@ -1,12 +1,15 @@
-"""Checkpoints as plain dicts of tensors and primitives, written atomically and read with weights_only=True."""
+"""Checkpoints as plain dicts of tensors and primitives, written atomically and read with weights_only=True; encoder
+weights exported in timm's hub layout (config.json + model.safetensors) and read back from it."""
 import glob
+import json
+import math
 import os
 import re
 from typing import Optional
 
+import safetensors.torch
 import torch
-
-from util.pos_embed import resample_pos_embed
+from timm.layers import resample_abs_pos_embed
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -22,10 +25,25 @@ def save_checkpoint(state: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str) -> dict:
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+
+
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A .pth checkpoint as saved; a .safetensors file as {"model": tensors}; a folder in timm's hub layout (an
+    export of this module's CLI) as {"model": tensors, "config": its config.json}. `mmap` reads a .pth lazily (for
+    a look at its keys without reading the tensors)."""
+    if os.path.isdir(path):
+        weights, config = os.path.join(path, HUB_WEIGHTS), os.path.join(path, HUB_CONFIG)
+        if not (os.path.isfile(weights) and os.path.isfile(config)):
+            raise FileNotFoundError(f"{path} is a folder but not an export in timm's hub layout: it needs "
+                                    f"{HUB_WEIGHTS} and {HUB_CONFIG}")
+        with open(config) as f:
+            return {"model": safetensors.torch.load_file(weights), "config": json.load(f)}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        return {"model": safetensors.torch.load_file(path)}
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def periodic_checkpoint_path(output_dir: str, epoch: int) -> str:
@@ -58,9 +76,28 @@ def find_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
     return None
 
 
+# Checkpoints written before the ViT became timm's VisionTransformer hold its patch embedding's conv as
+# `patch_embed.weight` / `.bias`; timm's is `patch_embed.proj.*`.
+LEGACY_KEY_RENAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}
+
+
+def rename_legacy_keys(state_dict: dict, expected_keys) -> dict:
+    """Renames, in place, keys of checkpoints written before (LEGACY_KEY_RENAMES, under any module prefix) where
+    `expected_keys` (those of the module that loads them) have the new name."""
+    expected = set(expected_keys)
+    for key in list(state_dict):
+        for old, new in LEGACY_KEY_RENAMES.items():
+            if key == old or key.endswith("." + old):
+                renamed = key[:len(key) - len(old)] + new
+                if renamed in expected and renamed not in state_dict:
+                    state_dict[renamed] = state_dict.pop(key)
+    return state_dict
+
+
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, what: str = "model") -> None:
     """Loads every key or fails with the list of missing, unexpected and mismatched keys."""
     own = module.state_dict()
+    state_dict = rename_legacy_keys(dict(state_dict), own)
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
     mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -100,32 +137,61 @@ def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
     return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
 
 
-def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
-    """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
-
-    Loads with weights_only=True; drops pre-training-only keys and a head whose shape does not fit; resamples the
-    position embedding to the model's grid.
-    """
-    checkpoint = load_checkpoint(path)
-    state = encoder_state_dict(checkpoint, key)
+def fit_encoder_state(state: dict, model: torch.nn.Module, old_grid=None) -> dict:
+    """An encoder state dict adapted to `model`: the position embedding resampled (bicubic) to the model's token grid
+    (from `old_grid`, default the square grid that holds its patch tokens; a class token's row is kept as it is), a
+    classifier head of another shape, or one the model lacks, dropped. A class token in only one of the two fails,
+    naming the fix."""
     own = model.state_dict()
+    state = rename_legacy_keys(dict(state), own)
+    if ("cls_token" in state) != ("cls_token" in own):
+        has = "has" if "cls_token" in state else "has no"
+        raise ValueError(f"the checkpoint {has} class token (`cls_token`) but the model "
+                         f"{'has none' if 'cls_token' in state else 'has one'}: build the model with "
+                         f"class_token={'cls_token' in state} (util.checkpoint.architecture_kwargs reads it from the "
+                         "checkpoint)")
     for name in [k for k in state if k.startswith("head.")]:
         if name not in own or own[name].shape != state[name].shape:
             del state[name]  # a classifier for other classes (or none): the new head starts fresh
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        old_grid = None
-        args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else None
-        if args and args.get("input_size") and getattr(model, "patch_size", None):
-            side = int(args["input_size"]) // model.patch_size
-            old_grid = (side, side) if side * side == state["pos_embed"].shape[1] else None
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size, old_grid)
-        print(f"resampled pos_embed from {old_grid or 'a square grid'} to {model.grid_size}")
+        prefix = getattr(model, "num_prefix_tokens", 0)
+        length = state["pos_embed"].shape[1] - prefix
+        if old_grid is None:
+            side = int(round(length ** 0.5))
+            if side * side != length:
+                raise ValueError(f"cannot infer the grid of a position embedding with {length} patch tokens; pass "
+                                 "old_grid")
+            old_grid = (side, side)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
+                                                    old_size=list(old_grid), num_prefix_tokens=prefix)
+        print(f"resampled pos_embed from {tuple(old_grid)} to {tuple(model.grid_size)}")
+    return state
+
+
+def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
+    """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
+
+    Takes a checkpoint of ours, the authors' release, MAE's or timm's ViT layout, or an export (.pth,
+    .safetensors or a hub-layout folder); loads with weights_only=True; drops pre-training-only keys and a head whose
+    shape does not fit; resamples the position embedding to the model's grid.
+    """
+    state = fit_encoder_state(encoder_state_dict(load_checkpoint(path), key), model)
+    own = model.state_dict()
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if mismatched:
         raise RuntimeError(f"{path}: shapes differ from the model for {', '.join(mismatched[:10])}: "
                            "is it another architecture?")
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def architecture_kwargs(path: Optional[str], key: str = "model") -> dict:
+    """The build arguments a checkpoint's encoder layout needs beyond the architecture's name: `class_token=True`
+    for MAE's and timm's ViT layout. Reads only the keys (memory-mapped); no path, no arguments."""
+    if not path:
+        return {}
+    state = encoder_state_dict(load_checkpoint(path, mmap=True), key)
+    return {"class_token": True} if "cls_token" in state else {}
 
 
 def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.", "fc_norm.")) -> None:
@@ -137,23 +203,73 @@ def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.
     print(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
 
 
-def export_encoder(path: str, out_path: str, key: str = "model") -> None:
-    """Writes an encoder-only checkpoint {"model": encoder state dict} from a pre-training checkpoint."""
+def export_encoder(path: str, out_path: str, key: str = "model", model_name: Optional[str] = None) -> None:
+    """Exports the encoder of a checkpoint (pre-training, fine-tuning or probing; ours, the release's or MAE's).
+
+    `out_path` ending in .pth: an encoder-only checkpoint {"model": state dict, "args": ...}. Otherwise a folder in
+    timm's hub layout: config.json (the registered encoder's name, pretrained_cfg, the build arguments its weights
+    need) and model.safetensors (contiguous tensors; no pre-training-only keys), which
+    `timm.create_model("local-dir:FOLDER", pretrained=True)` loads once models_convvit is imported.
+    `model_name`: the registered encoder (default: from the checkpoint's args; a pre-training model's name gives
+    its encoder's)."""
     checkpoint = load_checkpoint(path)
-    state = {"model": encoder_state_dict(checkpoint, key)}
-    if isinstance(checkpoint.get("args"), dict):
-        state["args"] = checkpoint["args"]
-    save_checkpoint(state, out_path)
+    state = encoder_state_dict(checkpoint, key)
+    if out_path.endswith(".pth"):
+        out = {"model": state}
+        if isinstance(checkpoint.get("args"), dict):
+            out["args"] = checkpoint["args"]
+        save_checkpoint(out, out_path)
+        return
+    _export_hub_layout(checkpoint, state, out_path, model_name)
+
+
+def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: Optional[str]) -> None:
+    # Imported here: models_convvit imports this module.
+    import timm
+    import models_convvit
+    import models_dmjd
+
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    name = model_name or args.get("model") or checkpoint.get("config", {}).get("architecture")
+    if not name:
+        raise ValueError("the checkpoint does not name its model (no args): pass --model, the registered encoder")
+    name = models_dmjd.ENCODER_NAMES.get(name, name)
+    name = timm.models.get_deprecated_models("models_convvit").get(name, name)
+    if name not in models_convvit.ENCODER_ARCHS:
+        raise ValueError(f"{name!r} is not an encoder of this project; choose from "
+                         f"{', '.join(models_convvit.ENCODER_ARCHS)} or a dmjd_* pre-training model")
+    class_token = "cls_token" in state
+    size = args.get("input_size")
+    if not size and "pos_embed" in state:  # the square grid of the position embedding times the total stride
+        side = int(round((state["pos_embed"].shape[1] - class_token) ** 0.5))
+        kernels = [v.shape[-1] for k, v in state.items() if re.fullmatch(r"patch_embed\d?\.proj\.weight", k)]
+        size = side * math.prod(kernels)
+    if not size:
+        raise ValueError("cannot tell the input size the weights were trained at: the checkpoint has no args")
+    size = int(size)
+    layout = dict(img_size=[size, size], fc_norm="fc_norm.weight" in state)
+    if class_token:
+        layout["class_token"] = True
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    # A fresh model holds contiguous tensors, whatever memory format the weights were trained in (channels-last
+    # conv weights would stop safetensors), and loading strictly proves the folder rebuilds the same network.
+    model = timm.create_model(name, num_classes=num_classes, pretrained_cfg_overlay=dict(input_size=(3, size, size)),
+                              **layout)
+    load_state_dict_strict(model, state, "encoder")
+    timm.models.save_for_hf(model, folder, model_args=layout, safe_serialization=True)
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser("export the encoder of a DMJD pre-training checkpoint")
-    parser.add_argument("checkpoint")
-    parser.add_argument("output")
+    parser = argparse.ArgumentParser("export the encoder of a checkpoint: a folder in timm's hub layout "
+                                     "(config.json + model.safetensors), or an encoder-only .pth")
+    parser.add_argument("checkpoint", help="a pre-training, fine-tuning or probing checkpoint (or an export)")
+    parser.add_argument("output", help="a folder (timm's hub layout) or a file ending in .pth (encoder-only)")
     parser.add_argument("--key", default="model", choices=["model", "teacher"],
                         help="the student encoder, or the EMA teacher's")
+    parser.add_argument("--model", default=None,
+                        help="the registered encoder (default: from the checkpoint's args)")
     cli = parser.parse_args()
-    export_encoder(cli.checkpoint, cli.output, cli.key)
+    export_encoder(cli.checkpoint, cli.output, cli.key, cli.model)
     print(f"wrote {cli.output}")

@@ -66,7 +66,12 @@ def setup_run(args) -> Run:
 
 
 def check_classifier_name(name: str) -> None:
-    check_model_name(name, timm.list_models(["convvit_*", "vit_*_patch16"]), "a classifier of this project")
+    """Exits unless --model names an encoder of models_convvit; a former name works, with a note of the new one."""
+    renamed = timm.models.get_deprecated_models("models_convvit")
+    if name in renamed:
+        print(f"note: --model {name} is now called {renamed[name]}; the former name still works")
+        return
+    check_model_name(name, timm.list_models(module="models_convvit"), "a classifier of this project")
 
 
 class ShardSampler(torch.utils.data.Sampler):
