@@ -5,7 +5,7 @@
 For each model (the fine-tuning classifier: 1000 classes, fc_norm, drop path 0.1, train mode) it counts the bytes
 that autograd keeps for the backward of one forward, with and without checkpointing, at two batch sizes; their
 difference per image is the activation memory per image (batch-independent tensors cancel out). Counting saved
-tensors gives the same figure on any device, so it runs on the CPU, in fp32; bf16 autocast about halves both columns.
+tensors gives the same figure on any device, so it runs on the CPU; `--amp bf16` counts under bf16 autocast.
 """
 import argparse
 
@@ -33,12 +33,14 @@ def saved_activation_bytes(model: torch.nn.Module, run) -> tuple:
     return out, sum(storages.values())
 
 
-def per_image_bytes(model: torch.nn.Module, input_size: int, checkpointing: bool, batches=(1, 2)) -> float:
+def per_image_bytes(model: torch.nn.Module, input_size: int, checkpointing: bool, amp_dtype=None,
+                    batches=(1, 2)) -> float:
     model.set_grad_checkpointing(checkpointing)
     sizes = []
     for batch in batches:
         x = torch.randn(batch, 3, input_size, input_size)
-        out, kept = saved_activation_bytes(model, lambda: model(x))
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            out, kept = saved_activation_bytes(model, lambda: model(x))
         del out
         sizes.append(kept)
     return (sizes[1] - sizes[0]) / (batches[1] - batches[0])
@@ -49,22 +51,24 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["convvit_base_patch16", "convvit_large_patch16"])
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--drop_path", default=0.1, type=float)
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="count under bf16 autocast")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
-    print(f"fp32, {args.input_size} px, fine-tuning classifier in train mode; MiB of activations kept for backward "
-          "per image")
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    print(f"{'bf16 autocast' if amp_dtype else 'fp32'}, {args.input_size} px, fine-tuning classifier in train mode; "
+          "MiB of activations kept for backward per image")
     print("| model | without checkpointing | with checkpointing | saved |")
     print("|---|---|---|---|")
     rows = []
     for name in args.models:
         model = timm.create_model(name, img_size=args.input_size, num_classes=1000, fc_norm=True,
                                   drop_path_rate=args.drop_path).train()
-        plain = per_image_bytes(model, args.input_size, False)
-        checkpointed = per_image_bytes(model, args.input_size, True)
+        plain = per_image_bytes(model, args.input_size, False, amp_dtype)
+        checkpointed = per_image_bytes(model, args.input_size, True, amp_dtype)
         rows.append((name, plain, checkpointed))
         print(f"| {name} | {plain / 2 ** 20:.0f} | {checkpointed / 2 ** 20:.0f} | "
               f"{(plain - checkpointed) / 2 ** 20:.0f} ({100 * (1 - checkpointed / plain):.0f}%) |", flush=True)
