@@ -242,8 +242,8 @@ class ConvViT(nn.Module):
         self.grad_checkpointing = False
         self.fuse_stages = fuse_stages
         self.sparse_stages = sparse_stages
-        total = sum(depth)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # stochastic depth, linear in depth
+        # stochastic depth rising linearly over all blocks (on the CPU, also when built under torch.device("meta"))
+        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
 
         # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid_size).unsqueeze(0),
