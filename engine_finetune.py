@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from models_convvit import check_classifier_name
+from models_dmjd import ENCODER_NAMES
 from training.config import TrainConfig, check_run_flags
 from training.data import eval_loader, train_loader
 from training.meters import LossMeter, Progress, log_window
 from training.run import Run, TrainState
 from training.step import NonFiniteLossError, TrainStep, autocast_context
-from util.checkpoint import check_encoder_loaded, load_pretrained
+from util.checkpoint import ArchitectureMismatch, check_encoder_loaded, load_pretrained, saved_model
 from util.datasets import classification_folders, skip_bad_collate
 from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_device
 
@@ -43,24 +44,31 @@ def check_classification_flags(args) -> None:
     check_classifier_name(args.model)
 
 
-def resolve_classification(config_cls, args):
+def resolve_classification(config_cls, args, **resolved):
     """(config, lr line) of fine-tuning or probing flags, checked by the script's `validate_args`: lr = blr x total
-    batch / 256 (unless --lr is given) and the precision resolved for the launch's device and world size."""
+    batch / 256 (unless --lr is given), the precision resolved for the launch's device and world size, and any other
+    `resolved` fields as given."""
     device, world_size = resolve_device(args.device), launch_world_size()
     images_per_step = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
     line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
             f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
-    return config_cls.from_args(args, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size), line
+    return config_cls.from_args(args, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
+                                **resolved), line
 
 
-def load_encoder(model: torch.nn.Module, cfg: ClassificationConfig, allowed_missing=("head.", "fc_norm.")) -> None:
-    """--finetune's encoder weights into `model`; a checkpoint that does not fit ends the script naming why."""
+def load_encoder(model: torch.nn.Module, path: str, key: str = "model",
+                 allowed_missing=("head.", "fc_norm.")) -> None:
+    """--finetune's encoder weights into `model`; a checkpoint that does not fit ends the script saying why, and
+    which --model fits it when the checkpoint says what it was trained as."""
     try:
-        missing, unexpected = load_pretrained(model, cfg.finetune, cfg.checkpoint_key)
-        check_encoder_loaded(missing, unexpected, cfg.finetune, allowed_missing)
-    except (RuntimeError, KeyError, FileNotFoundError) as err:
-        raise SystemExit(f"error: --finetune {err}") from None
+        missing, unexpected = load_pretrained(model, path, key)
+        check_encoder_loaded(missing, unexpected, path, allowed_missing)
+    except (ArchitectureMismatch, ValueError, KeyError, FileNotFoundError) as err:
+        trained_as = saved_model(path)
+        hint = (f" It holds the encoder of {trained_as!r}: fine-tune or probe it with --model "
+                f"{ENCODER_NAMES.get(trained_as, trained_as)}." if trained_as else "")
+        raise SystemExit(f"error: --finetune {err}{hint}") from None
 
 
 def classification_loaders(run: Run, cfg: ClassificationConfig, train_transform, val_transform):

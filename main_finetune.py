@@ -24,6 +24,7 @@ from training.config import add_run_flags
 from training.run import Run, TrainState
 from training.step import TrainStep
 from util.schedules import epoch_iterations
+from util.checkpoint import architecture_kwargs
 from util.transforms import eval_transform, finetune_transform
 
 
@@ -40,7 +41,8 @@ def get_args_parser():
     g.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
     g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=True,
-                   help="mean of the tokens then fc_norm (default), or the final norm then the mean")
+                   help="mean of the tokens then a fresh norm (fc_norm, default), or the pre-trained final norm then "
+                        "the mean")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)")
@@ -111,10 +113,13 @@ def finetune(run: Run, cfg: FinetuneConfig):
     train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
     train_loader, val_loader = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
 
+    # A checkpoint in MAE's / timm's ViT layout (with a class token) is fine-tuned with its class token, as MAE does.
+    resume = run.resume_path(auto=not cfg.eval)
+    layout = architecture_kwargs(resume) if resume else architecture_kwargs(cfg.finetune, cfg.checkpoint_key)
     model = timm.create_model(cfg.model, img_size=cfg.input_size, num_classes=cfg.nb_classes,
-                              drop_path_rate=cfg.drop_path, global_pool=cfg.global_pool)
+                              drop_path_rate=cfg.drop_path, fc_norm=cfg.global_pool, **layout)
     if cfg.finetune:
-        load_encoder(model, cfg)
+        load_encoder(model, cfg.finetune, cfg.checkpoint_key)
     model = conv_weights_channels_last(model.to(run.device))
     if cfg.eval:
         return evaluate_checkpoint(run, cfg, model, val_loader)

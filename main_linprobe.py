@@ -1,5 +1,5 @@
-"""Linear probing of a frozen pre-trained encoder: mean-pooled final-norm tokens, BatchNorm without affine and a
-linear classifier, trained with LARS.
+"""Linear probing of a frozen pre-trained encoder: the release's features (the mean of the last block's tokens through
+a LayerNorm without affine), BatchNorm without affine and a linear classifier, trained with LARS.
 
     torchrun --nproc_per_node=8 main_linprobe.py --finetune out/dmjd_convit_b/checkpoint-399.pth \
         --data_path /path/to/imagenet --output_dir out/lin_convit_b
@@ -17,10 +17,11 @@ import models_convvit  # noqa: F401  (registers the encoders with timm)
 from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
                              classification_loaders, evaluate_checkpoint, load_encoder, resolve_classification,
                              train_and_evaluate)
-from models_convvit import LinearProbe, conv_weights_channels_last
+from models_convvit import PROBE_FEATURES, LinearProbe, conv_weights_channels_last
 from training.config import add_run_flags
 from training.run import Run, TrainState
 from training.step import TrainStep
+from util.checkpoint import architecture_kwargs, find_resume, load_checkpoint
 from util.schedules import epoch_iterations
 from util.transforms import eval_transform, linprobe_transform
 
@@ -41,6 +42,11 @@ def get_args_parser():
     p.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
     p.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
                    help="probe the student encoder, or the EMA teacher's")
+    p.add_argument("--probe_features", default=None, choices=PROBE_FEATURES,
+                   help="pool_then_fresh_norm: the release's (mean of the last block's tokens, then a LayerNorm "
+                        "without affine; the default); final_norm_then_pool: the mean of the final norm's tokens, as "
+                        "probes trained before this flag existed. A resumed probe keeps its own (none: the default, or "
+                        "the resumed probe's)")
     add_classification_flags(add_run_flags(p, data_help="ImageFolder root with train/ and val/"))
     p.set_defaults(clip_grad=None)
     return p
@@ -49,6 +55,7 @@ def get_args_parser():
 @dataclass(frozen=True)
 class LinprobeConfig(ClassificationConfig):
     min_crop_scale: float
+    probe_features: str  # resolved: the flag, or a resumed probe's own
 
 
 def lars_param_groups(head: torch.nn.Module, weight_decay: float):
@@ -57,6 +64,18 @@ def lars_param_groups(head: torch.nn.Module, weight_decay: float):
     vectors = [p for p in head.parameters() if p.ndim <= 1]
     return [{"params": matrices, "weight_decay": weight_decay, "always_adapt": True},
             {"params": vectors, "weight_decay": 0.0, "always_adapt": False}]
+
+
+def resumed_probe_features(args, resume) -> str:
+    """--probe_features, or the features a resumed probe was trained on (final_norm_then_pool for probes saved
+    before the flag existed); a conflict between the two stops the run."""
+    saved = None
+    if resume:
+        saved_args = load_checkpoint(resume, mmap=True).get("args") or {}
+        saved = saved_args.get("probe_features") or "final_norm_then_pool"
+    if args.probe_features and saved and args.probe_features != saved:
+        raise SystemExit(f"error: --probe_features {args.probe_features}, but {resume} was trained on {saved}")
+    return args.probe_features or saved or PROBE_FEATURES[0]
 
 
 def validate_args(args) -> argparse.Namespace:
@@ -68,7 +87,10 @@ def validate_args(args) -> argparse.Namespace:
 
 
 def main(args):
-    cfg, lr_line = resolve_classification(LinprobeConfig, validate_args(args))
+    args = validate_args(args)
+    resume = find_resume(args.resume, None if args.eval else args.output_dir)
+    cfg, lr_line = resolve_classification(LinprobeConfig, args,
+                                          probe_features=resumed_probe_features(args, resume))
     with Run(cfg) as run:
         print(lr_line)
         probe(run, cfg)
@@ -77,12 +99,15 @@ def main(args):
 def probe(run: Run, cfg: LinprobeConfig):
     train_loader, val_loader = classification_loaders(run, cfg, linprobe_transform(cfg.input_size, cfg.min_crop_scale),
                                                       eval_transform(cfg.input_size))
-    encoder = timm.create_model(cfg.model, img_size=cfg.input_size, num_classes=0, global_pool=False)
+    # A checkpoint in MAE's / timm's ViT layout (with a class token) is probed with its class token, as MAE does.
+    resume = run.resume_path(auto=not cfg.eval)
+    layout = architecture_kwargs(resume) if resume else architecture_kwargs(cfg.finetune, cfg.checkpoint_key)
+    encoder = timm.create_model(cfg.model, img_size=cfg.input_size, **layout)
     if cfg.finetune:
-        load_encoder(encoder, cfg, allowed_missing=())
+        load_encoder(encoder, cfg.finetune, cfg.checkpoint_key, allowed_missing=())
     elif not cfg.eval:
         print("warning: no --finetune checkpoint: probing a randomly initialised encoder")
-    model = conv_weights_channels_last(LinearProbe(encoder, cfg.nb_classes).to(run.device))
+    model = conv_weights_channels_last(LinearProbe(encoder, cfg.nb_classes, cfg.probe_features).to(run.device))
     if cfg.eval:
         return evaluate_checkpoint(run, cfg, model, val_loader)
     print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")

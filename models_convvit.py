@@ -1,40 +1,53 @@
-"""Encoders for masked image modeling: ConViT (ConvMAE's hybrid conv + transformer) and a plain ViT.
+"""Encoders for masked image modeling, as timm models: ConViT (ConvMAE's hybrid conv + transformer) and a plain ViT.
 
-Both expose one interface used by pre-training, fine-tuning and linear probing:
+Both follow timm's model contract (`pretrained_cfg`, `forward_features` / `forward_head`, `reset_classifier`,
+`features_only` / `forward_intermediates` / `prune_intermediate_layers`, `set_grad_checkpointing`,
+`dynamic_img_size`) and add the masked entry point that pre-training uses:
 
-- `forward_features(x, mask=None, visible_ids=None)`: `x` [N, 3, H, W] normalised images, `mask` bool [N, L] with
-  True = masked (every row masking the same number of tokens). Returns the final-norm tokens at the VISIBLE
-  positions, in raster order, [N, L_visible, D]. Masked tokens are dropped before the transformer, as in MAE.
-  `visible_ids` (from `visible_token_ids`) saves recomputing them when the caller has them. With a mask, ConViT's
-  conv stages run at the visible tokens only (`sparse_stages=True`, the default): the same values as the dense
-  masked stages, for a quarter fewer FLOPs per pre-training step of ConViT-B at the released mask ratio.
-- `forward(x)`: classification (global average pool, `fc_norm`, `head`) when built with `num_classes > 0`.
+- `forward_masked(x, mask, visible_ids=None)`: `x` [N, 3, H, W] normalised images at the built size, `mask` bool
+  [N, L] with True = masked (every row masking the same number of tokens). Returns the final-norm tokens at the
+  VISIBLE positions, in raster order, [N, L_visible, D] (a class token, if any, is used but not returned). Masked
+  tokens are dropped before the transformer, as in MAE. `visible_ids` (from `visible_token_ids`) saves recomputing
+  them. With a mask, ConViT's conv stages run at the visible tokens only (`sparse_stages=True`, the default): the
+  same values as the dense masked stages, for a quarter fewer FLOPs per pre-training step of ConViT-B at the
+  released mask ratio. It is a separate name because timm's `forward_features` takes no token mask.
+- `forward_features(x)`: timm's meaning, the final-norm tokens [N, L, D] of the whole image (a ConViT built with
+  `fuse_stages=True`, as in pre-training, adds its stage-1 and stage-2 projections before the norm).
 
-Parameter names follow the released ConvMAE/DMJD checkpoints (`patch_embed1..4`, `blocks1..3`, `norm`,
-`stage1_output_decode`, `stage2_output_decode`) so that loading them needs no renaming. Shapes follow the input
-size and the patch sizes; nothing assumes 224 pixels.
+Built with the defaults, a registered model is the pre-trained encoder as it is exported and shared: no classifier
+(`num_classes=0`), the final norm, then the mean of the tokens (`global_pool="avg"`). Fine-tuning builds it with
+`num_classes=N, fc_norm=True`: the mean of the tokens, then a fresh norm and the head (MAE / ConvMAE fine-tuning).
+
+ConViT's parameter names follow the released ConvMAE/DMJD checkpoints (`patch_embed1..4`, `blocks1..3`, `norm`,
+`stage1_output_decode`, `stage2_output_decode`) so that loading them needs no renaming. The ViT is timm's
+`VisionTransformer` (no class token, average pooling, sin-cos initialised positions): timm's and MAE's ViT
+checkpoints load with keys and values unchanged (with a class token, built with `class_token=True`). Shapes follow
+the input size and the patch sizes; nothing assumes 224 pixels.
 """
+import dataclasses
 from functools import partial
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
-from timm.models.vision_transformer import Block
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, global_pool_nlc, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model,
+                         register_model_deprecations)
+from timm.models._features import feature_take_indices  # timm has no public import path for it
+from timm.models.vision_transformer import Block, VisionTransformer
 
+from util.checkpoint import LEGACY_KEY_RENAMES, encoder_state_dict, fit_encoder_state, rename_legacy_keys
 from util.misc import check_model_name
 from util.pos_embed import sincos_pos_embed_2d
 
-__all__ = ["ConvViT", "ViT", "LinearProbe", "gather_tokens", "visible_token_ids", "init_linear_and_norm"]
+__all__ = ["ConvViT", "ViT", "LinearProbe", "PROBE_FEATURES", "gather_tokens", "visible_token_ids",
+           "init_linear_and_norm", "checkpoint_filter_fn", "ENCODER_ARCHS"]
+
 
 BlockNorm = partial(nn.LayerNorm, eps=1e-6)
-
-
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def visible_token_ids(mask: torch.Tensor, num_visible: Optional[int] = None) -> torch.Tensor:
@@ -63,6 +76,16 @@ def init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def _check_global_pool(global_pool, class_token: bool) -> None:
+    if isinstance(global_pool, bool):
+        raise ValueError(f"global_pool={global_pool}: it takes timm's pooling names ('avg', 'max', 'avgmax', '' for "
+                         "none); the former True / False is now fc_norm=True (pool, then norm) / False (norm, then "
+                         "pool)")
+    allowed = ("", "avg", "max", "avgmax") + (("token",) if class_token else ())
+    if global_pool not in allowed:
+        raise ValueError(f"global_pool={global_pool!r}: this model pools with one of {allowed}")
 
 
 class ConvPatchEmbed(nn.Module):
@@ -182,71 +205,54 @@ def _depthwise_on_visible(conv: nn.Conv2d, y: torch.Tensor, ids: torch.Tensor, g
     return gather_tokens(out.reshape(n, gh * gw, s2, c), ids)
 
 
-class _Encoder(nn.Module):
-    """What ConViT and ViT share: the token grid, the position embedding, the transformer stage and the head."""
-
-    def _init_common(self, img_size, patch_size: int, embed_dim: int, num_classes: int, global_pool: bool,
-                     learnable_pos_embed: bool) -> None:
-        self.img_size = _pair(img_size)
-        self.patch_size = patch_size  # total stride from pixels to tokens
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ValueError(f"input size {self.img_size} must be divisible by the model's stride {patch_size}")
-        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.embed_dim = self.num_features = embed_dim
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, self.grid_size).unsqueeze(0),
-                                      requires_grad=learnable_pos_embed)
-
-    def _build_head(self, norm_layer) -> None:
-        # Global pooling replaces the final norm with a norm after pooling (as MAE / ConvMAE fine-tuning).
-        self.norm = nn.Identity() if self.global_pool else norm_layer(self.embed_dim)
-        self.fc_norm = norm_layer(self.embed_dim) if self.global_pool else nn.Identity()
-        self.head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
-
-    def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if x.shape[-2:] != self.img_size:
-            raise ValueError(f"input of {tuple(x.shape[-2:])} pixels, the model was built for {self.img_size}")
-        if mask is not None and mask.shape != (x.shape[0], self.num_patches):
-            raise ValueError(f"mask of shape {tuple(mask.shape)}, expected {(x.shape[0], self.num_patches)}")
-
-    def no_weight_decay(self):
-        return {"pos_embed"}
-
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.fc_norm(tokens.mean(dim=1)) if self.global_pool else tokens.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class ConvViT(_Encoder):
+class ConvViT(nn.Module):
     """ConViT: two conv stages (strides 4 and 2 by default) and a transformer stage on the visible tokens.
 
     `fuse_stages=True` (pre-training) adds projections of the stage-1 and stage-2 maps to the token width, gathered
     at the visible tokens and added after the transformer blocks, before the final norm (ConvMAE's multi-scale
-    decoder input).
+    decoder input). `stride32_level=True` (set by `features_only=True`) adds the fourth feature level of ConvMAE's
+    segmentation backbone: a stride-2 3x3 conv, BatchNorm and GELU on the stage-3 map.
+
+    Feature levels (`feature_info`, `forward_intermediates`): the stage-1 and stage-2 maps, the stage-3 tokens as a
+    map (before the final norm unless `norm=True`), and the stride-32 level when built.
     """
 
     def __init__(self, img_size=224, patch_size: Sequence[int] = (4, 2, 2), in_chans: int = 3,
                  embed_dim: Sequence[int] = (256, 384, 768), depth: Sequence[int] = (2, 2, 11), num_heads: int = 12,
-                 mlp_ratio: Sequence[float] = (8.0, 8.0, 4.0), num_classes: int = 0, global_pool: bool = False,
-                 drop_path_rate: float = 0.0, fuse_stages: bool = False, learnable_pos_embed: bool = False,
-                 sparse_stages: bool = True):
+                 mlp_ratio: Sequence[float] = (8.0, 8.0, 4.0), num_classes: int = 0, global_pool: str = "avg",
+                 fc_norm: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 learnable_pos_embed: bool = False, dynamic_img_size: bool = False, stride32_level: bool = False,
+                 fuse_stages: bool = False, sparse_stages: bool = True):
         super().__init__()
         if not (len(patch_size) == len(embed_dim) == len(depth) == len(mlp_ratio) == 3):
             raise ValueError("ConvViT takes three stages: patch_size, embed_dim, depth and mlp_ratio need 3 values")
+        _check_global_pool(global_pool, class_token=False)
         self.stage_strides = tuple(int(p) for p in patch_size)
-        stride = self.stage_strides[0] * self.stage_strides[1] * self.stage_strides[2]
-        self._init_common(img_size, stride, embed_dim[2], num_classes, global_pool, learnable_pos_embed)
-        dpr = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        s1, s2, s3 = self.stage_strides
+        self.patch_size = s1 * s2 * s3  # total stride from pixels to tokens
+        self.img_size = to_2tuple(img_size)
+        if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
+            raise ValueError(f"input size {self.img_size} must be divisible by the model's stride {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim[2]
+        self.num_prefix_tokens = 0
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.fuse_stages = fuse_stages
+        self.sparse_stages = sparse_stages
+        # stochastic depth rising linearly over all blocks (on the CPU, also when built under torch.device("meta"))
+        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
 
-        self.patch_embed1 = ConvPatchEmbed(in_chans, embed_dim[0], patch_size[0])
-        self.patch_embed2 = ConvPatchEmbed(embed_dim[0], embed_dim[1], patch_size[1])
-        self.patch_embed3 = ConvPatchEmbed(embed_dim[1], embed_dim[2], patch_size[2])
+        # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid_size).unsqueeze(0),
+                                      requires_grad=learnable_pos_embed)
+        self.patch_embed1 = ConvPatchEmbed(in_chans, embed_dim[0], s1)
+        self.patch_embed2 = ConvPatchEmbed(embed_dim[0], embed_dim[1], s2)
+        self.patch_embed3 = ConvPatchEmbed(embed_dim[1], embed_dim[2], s3)
         self.patch_embed4 = nn.Linear(embed_dim[2], embed_dim[2])
         self.blocks1 = nn.ModuleList([ConvBlock(embed_dim[0], mlp_ratio[0], dpr[i]) for i in range(depth[0])])
         self.blocks2 = nn.ModuleList([ConvBlock(embed_dim[1], mlp_ratio[1], dpr[depth[0] + i])
@@ -254,13 +260,24 @@ class ConvViT(_Encoder):
         self.blocks3 = nn.ModuleList([
             Block(embed_dim[2], num_heads, mlp_ratio[2], qkv_bias=True, norm_layer=BlockNorm,
                   drop_path=dpr[depth[0] + depth[1] + i]) for i in range(depth[2])])
-        self.fuse_stages = fuse_stages
-        self.sparse_stages = sparse_stages
         if fuse_stages:
-            s23 = patch_size[1] * patch_size[2]
-            self.stage1_output_decode = nn.Conv2d(embed_dim[0], embed_dim[2], s23, stride=s23)
-            self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], patch_size[2], stride=patch_size[2])
-        self._build_head(BlockNorm)
+            self.stage1_output_decode = nn.Conv2d(embed_dim[0], embed_dim[2], s2 * s3, stride=s2 * s3)
+            self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], s3, stride=s3)
+        # Global pooling with fc_norm replaces the final norm by a norm after pooling (MAE / ConvMAE fine-tuning).
+        self.norm = nn.Identity() if fc_norm else BlockNorm(embed_dim[2])
+        # ConvMAE's segmentation backbone has no padding here (3x3 / 2 gives 15 x 15 from 32 x 32); padding 1 keeps
+        # the level at exactly a 32nd of an input that is a multiple of 32, and defined for any multiple of 16.
+        self.downsample32 = nn.Sequential(
+            nn.Conv2d(embed_dim[2], embed_dim[2], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[2]), nn.GELU(),
+        ) if stride32_level else None
+        self.fc_norm = BlockNorm(embed_dim[2]) if fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim[2], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dim[0], reduction=s1, module="blocks1"),
+                             dict(num_chs=embed_dim[1], reduction=s1 * s2, module="blocks2"),
+                             dict(num_chs=embed_dim[2], reduction=self.patch_size, module="blocks3")]
+        if stride32_level:
+            self.feature_info.append(dict(num_chs=embed_dim[2], reduction=2 * self.patch_size, module="downsample32"))
 
         self.apply(init_linear_and_norm)
         w = self.patch_embed3.proj.weight.data
@@ -268,47 +285,210 @@ class ConvViT(_Encoder):
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=2e-5)
 
+    # -- timm's model interface -------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Layer groups for layer-wise lr decay: the conv stages, every patch embedding and the position embedding
+        are layer 0, transformer block i is layer i + 1, the final norms and the head come last."""
+        return dict(stem=r"^(?:pos_embed|patch_embed\d|blocks1\.|blocks2\.|stage\d_output_decode)",
+                    blocks=[(r"^blocks3\.(\d+)", None), (r"^(?:norm|downsample32)", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every conv and transformer block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            _check_global_pool(global_pool, class_token=False)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.patch_embed1.proj.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
+                     else nn.Identity())
+
+    def set_input_size(self, img_size) -> None:
+        """Rebuilds for another input size: the position embedding is resampled to the new token grid."""
+        img_size = to_2tuple(img_size)
+        if img_size[0] % self.patch_size or img_size[1] % self.patch_size:
+            raise ValueError(f"input size {img_size} must be divisible by the model's stride {self.patch_size}")
+        grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
+        if grid != self.grid_size:
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed.data, new_size=grid,
+                                                                 old_size=self.grid_size, num_prefix_tokens=0),
+                                          requires_grad=self.pos_embed.requires_grad)
+        self.img_size, self.grid_size, self.num_patches = img_size, grid, grid[0] * grid[1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self._token_grid(x)
+        self._check_not_pruned()
+        stage1 = x = self._conv_blocks(self.blocks1, self.patch_embed1(x))
+        stage2 = x = self._conv_blocks(self.blocks2, self.patch_embed2(x))
+        x = self._transformer(self._tokens(x, grid))
+        if self.fuse_stages:
+            x = x + self._fused_stages(stage1, stage2)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=0)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The feature levels `indices` (an int n: the last n; None: all) as NCHW maps (or NLC tokens), and unless
+        `intermediates_only`, `forward_features`' output first: `(features, [maps])`. `norm` applies the final norm
+        to the stage-3 level; `stop_early` (or `intermediates_only`) skips the stages after the last level taken."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        if not intermediates_only:
+            last = max(last, 2) if stop_early else len(self.feature_info) - 1
+            self._check_not_pruned()
+        n = x.shape[0]
+        grid = self._token_grid(x)
+
+        def as_map(tokens):
+            return tokens.transpose(1, 2).reshape(n, -1, *grid)
+
+        def as_fmt(feature_map):
+            return feature_map if output_fmt == "NCHW" else feature_map.flatten(2).transpose(1, 2)
+
+        maps = []
+        stage1 = x = self._conv_blocks(self.blocks1, self.patch_embed1(x))
+        if 0 in take:
+            maps.append(as_fmt(x))
+        if last >= 1:
+            stage2 = x = self._conv_blocks(self.blocks2, self.patch_embed2(x))
+            if 1 in take:
+                maps.append(as_fmt(x))
+        if last >= 2:
+            x = self._transformer(self._tokens(x, grid))
+            if 2 in take:
+                level = self.norm(x) if norm else x
+                maps.append(level if output_fmt == "NLC" else as_map(level))
+            if 3 in take:
+                maps.append(as_fmt(self.downsample32(as_map(x))))
+        if intermediates_only:
+            return maps
+        if self.fuse_stages:
+            x = x + self._fused_stages(stage1, stage2)
+        return self.norm(x), maps
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drops what the feature levels `indices` do not need (later stages, the stride-32 level, the pre-training
+        fusion, the norm with `prune_norm`, the head with `prune_head`), so that every parameter left is used."""
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        self.feature_info = self.feature_info[:last + 1]
+        if last < 3:
+            self.downsample32 = None
+        if last < 2:
+            self.patch_embed3 = self.patch_embed4 = self.pos_embed = None
+            self.blocks3 = nn.ModuleList()
+            self.norm = nn.Identity()
+        if last < 1:
+            self.patch_embed2 = None
+            self.blocks2 = nn.ModuleList()
+        if self.fuse_stages:
+            self.fuse_stages = False
+            del self.stage1_output_decode, self.stage2_output_decode
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
+    # -- the stages -------------------------------------------------------------------------------------------------
+    def _token_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        height, width = x.shape[-2:]
+        if self.dynamic_img_size:
+            if height % self.patch_size or width % self.patch_size:
+                raise ValueError(f"input of {(height, width)} pixels: both sides must be multiples of the model's "
+                                 f"stride {self.patch_size}")
+        elif (height, width) != self.img_size:
+            raise ValueError(f"input of {(height, width)} pixels, the model was built for {self.img_size} "
+                             "(build it with that img_size, or with dynamic_img_size=True)")
+        return height // self.patch_size, width // self.patch_size
+
+    def _check_not_pruned(self) -> None:
+        if self.patch_embed3 is None:
+            raise RuntimeError("the transformer stage was pruned (prune_intermediate_layers): only "
+                               "forward_intermediates(..., intermediates_only=True) runs")
+
+    def _conv_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, visible: Optional[torch.Tensor] = None):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            if visible is None:
+                return checkpoint_seq(blocks, x)
+            for blk in blocks:
+                x = checkpoint(blk, x, visible)
+            return x
+        for blk in blocks:
+            x = blk(x, visible)
+        return x
+
+    def _transformer(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks3, x)
+        for blk in self.blocks3:
+            x = blk(x)
+        return x
+
+    def _tokens(self, stage2: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Stage-3 patch embedding of the stage-2 map, as tokens [N, L, D] with their position embedding."""
+        x = self.patch_embed4(self.patch_embed3(stage2).flatten(2).transpose(1, 2))
+        pos_embed = self.pos_embed
+        if tuple(grid) != tuple(self.grid_size):
+            pos_embed = resample_abs_pos_embed(pos_embed, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0)
+        return x + pos_embed
+
+    def _fused_stages(self, stage1: torch.Tensor, stage2: torch.Tensor) -> torch.Tensor:
+        return (self.stage1_output_decode(stage1).flatten(2).transpose(1, 2)
+                + self.stage2_output_decode(stage2).flatten(2).transpose(1, 2))
+
+    # -- pre-training: the masked entry point -----------------------------------------------------------------------
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor,
+                       visible_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final-norm tokens at the visible positions of `mask` [N, L] (True = masked), in raster order."""
+        _check_masked_input(self, x, mask)
+        ids = visible_token_ids(mask) if visible_ids is None else visible_ids
+        if self.sparse_stages:
+            return self._forward_visible(x, ids)
+        return self._forward_masked_dense(x, mask, ids)
+
     def _visible_map(self, mask: torch.Tensor, scale: int) -> torch.Tensor:
         """Token mask [N, L] -> float visibility map [N, 1, gh * scale, gw * scale], 1 = visible."""
         visible = (~mask).reshape(-1, 1, *self.grid_size).float()
         return visible.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
-    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                         visible_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_input(x, mask)
-        if mask is not None and self.sparse_stages:
-            return self._forward_visible(x, visible_token_ids(mask) if visible_ids is None else visible_ids)
-        s1, s2, s3 = self.stage_strides
-        vis1 = vis2 = None
-        if mask is not None:
-            vis1 = self._visible_map(mask, s2 * s3).to(x.dtype)
-            vis2 = self._visible_map(mask, s3).to(x.dtype)
-
-        x = self.patch_embed1(x)
-        for blk in self.blocks1:
-            x = blk(x, vis1)
-        stage1 = x
-        x = self.patch_embed2(x)
-        for blk in self.blocks2:
-            x = blk(x, vis2)
-        stage2 = x
-        x = self.patch_embed3(x).flatten(2).transpose(1, 2)
-        x = self.patch_embed4(x) + self.pos_embed
-
-        ids = None
-        if mask is not None:
-            ids = visible_token_ids(mask) if visible_ids is None else visible_ids
-            x = gather_tokens(x, ids)
-        for blk in self.blocks3:
-            x = blk(x)
+    def _forward_masked_dense(self, x: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The released masked path: the conv stages on the whole map, their mixers' inputs zeroed at masked tokens;
+        the transformer on the visible tokens."""
+        _, s2, s3 = self.stage_strides
+        vis1 = self._visible_map(mask, s2 * s3).to(x.dtype)
+        vis2 = self._visible_map(mask, s3).to(x.dtype)
+        stage1 = x = self._conv_blocks(self.blocks1, self.patch_embed1(x), vis1)
+        stage2 = x = self._conv_blocks(self.blocks2, self.patch_embed2(x), vis2)
+        x = self._transformer(gather_tokens(self._tokens(x, self.grid_size), ids))
         if self.fuse_stages:
-            for decode, feat in ((self.stage1_output_decode, stage1), (self.stage2_output_decode, stage2)):
-                feat = decode(feat).flatten(2).transpose(1, 2)
-                x = x + (gather_tokens(feat, ids) if ids is not None else feat)
+            x = x + gather_tokens(self._fused_stages(stage1, stage2), ids)
         return self.norm(x)
 
     def _forward_visible(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """`forward_features` with a mask, computing the conv stages at the visible tokens only.
+        """`forward_masked` computing the conv stages at the visible tokens only.
 
         In the masked conv stages a masked position never reaches a visible one: the patch embeddings do not cross
         token borders, the mixers' inputs are zeroed at masked positions and every other op is per position. So
@@ -319,82 +499,150 @@ class ConvViT(_Encoder):
         """
         n = ids.shape[0]
         p, (gh, gw) = self.patch_size, self.grid_size
-        s1, s2, s3 = self.stage_strides
+        _, s2, s3 = self.stage_strides
         # Each visible token's p x p pixels, channels last, in raster order: [N, M, p * p, 3].
         pixels = x.permute(0, 2, 3, 1).reshape(n, gh, p, gw, p, -1).permute(0, 1, 3, 2, 4, 5)
         pixels = gather_tokens(pixels.reshape(n, gh * gw, p * p, -1), ids)
 
         embed = self.patch_embed1
         x = embed.act(embed.norm(_embed_within_tokens(embed.proj, pixels, p)))
-        for blk in self.blocks1:
-            x = blk.forward_visible(x, ids, self.grid_size)
+        x = self._visible_blocks(self.blocks1, x, ids)
         stage1 = x  # [N, M, (s2 * s3)^2, C1]
         embed = self.patch_embed2
         x = embed.act(embed.norm(_embed_within_tokens(embed.proj, x, s2 * s3)))
-        for blk in self.blocks2:
-            x = blk.forward_visible(x, ids, self.grid_size)
+        x = self._visible_blocks(self.blocks2, x, ids)
         stage2 = x  # [N, M, s3^2, C2]
         embed = self.patch_embed3
         x = embed.act(embed.norm(_embed_within_tokens(embed.proj, x, s3))).squeeze(2)
         x = self.patch_embed4(x) + gather_tokens(self.pos_embed.expand(n, -1, -1), ids)
-        for blk in self.blocks3:
-            x = blk(x)
+        x = self._transformer(x)
         if self.fuse_stages:
             x = x + _embed_within_tokens(self.stage1_output_decode, stage1, s2 * s3).squeeze(2)
             x = x + _embed_within_tokens(self.stage2_output_decode, stage2, s3).squeeze(2)
         return self.norm(x)
 
-    def group_matcher(self, coarse: bool = False):
-        """Layer groups for layer-wise lr decay: the conv stages, every patch embedding and the position embedding
-        are layer 0, transformer block i is layer i + 1, the final norms and the head come last."""
-        return dict(stem=r"^(?:pos_embed|patch_embed\d|blocks1\.|blocks2\.|stage\d_output_decode)",
-                    blocks=[(r"^blocks3\.(\d+)", None), (r"^norm", (99999,))])
+    def _visible_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk.forward_visible, x, ids, self.grid_size)
+            else:
+                x = blk.forward_visible(x, ids, self.grid_size)
+        return x
 
 
-class ViT(_Encoder):
-    """Plain ViT without class token (MaskFeat-style backbone): patch embedding, sin-cos positions, blocks."""
+def _check_masked_input(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> None:
+    if tuple(x.shape[-2:]) != tuple(model.img_size):
+        raise ValueError(f"input of {tuple(x.shape[-2:])} pixels, the model was built for {tuple(model.img_size)}")
+    if mask.shape != (x.shape[0], model.num_patches):
+        raise ValueError(f"mask of shape {tuple(mask.shape)}, expected {(x.shape[0], model.num_patches)}")
 
-    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 0, global_pool: bool = False,
-                 drop_path_rate: float = 0.0, learnable_pos_embed: bool = False):
-        super().__init__()
-        self._init_common(img_size, int(patch_size), embed_dim, num_classes, global_pool, learnable_pos_embed)
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=BlockNorm, drop_path=dpr[i])
-            for i in range(depth)])
-        self._build_head(BlockNorm)
 
+def _legacy_vit_keys_hook(module, state_dict, prefix, *args) -> None:
+    rename_legacy_keys(state_dict, [prefix + new for new in LEGACY_KEY_RENAMES.values()])
+
+
+class ViT(VisionTransformer):
+    """timm's VisionTransformer as MAE / MaskFeat pre-train it: no class token, the mean of the tokens, a sin-cos
+    initialised position embedding (fixed in pre-training, learnable with `learnable_pos_embed=True`), Xavier init.
+
+    `class_token=True` builds MAE's layout (a class token with its own position, pooling still over the patch
+    tokens, as MAE fine-tunes), in which timm's and MAE's ViT checkpoints load unchanged.
+    """
+
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
+                 global_pool: str = "avg", embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, class_token: bool = False, fc_norm: bool = False,
+                 learnable_pos_embed: bool = False, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = False):
+        _check_global_pool(global_pool, class_token)
+        size = to_2tuple(img_size)
+        if size[0] % patch_size or size[1] % patch_size:
+            raise ValueError(f"input size {size} must be divisible by the model's stride {patch_size}")
+        super().__init__(img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                         global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, qkv_bias=True, class_token=class_token, fc_norm=fc_norm,
+                         dynamic_img_size=dynamic_img_size, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, weight_init="skip")
+        with torch.no_grad():
+            grid = sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size)
+            prefix = grid.new_zeros(self.num_prefix_tokens, embed_dim)  # MAE: a zero position for the class token
+            self.pos_embed.copy_(torch.cat([prefix, grid]).unsqueeze(0))
+        self.pos_embed.requires_grad_(learnable_pos_embed)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_linear_and_norm)
-        w = self.patch_embed.weight.data
+        w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=2e-5)
+        self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
 
-    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                         visible_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_input(x, mask)
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        if mask is not None:
-            x = gather_tokens(x, visible_token_ids(mask) if visible_ids is None else visible_ids)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            _check_global_pool(global_pool, self.has_class_token)
+        super().reset_classifier(num_classes, global_pool)
 
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^(?:pos_embed|patch_embed)", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+    @property
+    def patch_size(self) -> int:
+        """Total stride from pixels to tokens."""
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        return tuple(self.patch_embed.img_size)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor,
+                       visible_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final-norm tokens at the visible positions of `mask` [N, L] (True = masked), in raster order; a class
+        token takes part in the attention but is not returned."""
+        _check_masked_input(self, x, mask)
+        ids = visible_token_ids(mask) if visible_ids is None else visible_ids
+        x = self._pos_embed(self.patch_embed(x))
+        prefix = self.num_prefix_tokens
+        x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], ids)], dim=1)
+        x = self.norm_pre(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)[:, prefix:]
+
+
+# What the linear probe classifies (main_linprobe.py --probe_features):
+# - "pool_then_fresh_norm" (default): the authors' release (MAE's `--global_pool` probe): the mean of the last block's
+#   tokens, BEFORE the pre-trained final norm, through a fresh LayerNorm that stays at weight 1 / bias 0 (so it has
+#   no parameters here);
+# - "final_norm_then_pool": the mean of the pre-trained final norm's tokens, what this project's probe took before it
+#   followed the release; kept so that probe checkpoints trained that way resume and evaluate on their own features.
+PROBE_FEATURES = ("pool_then_fresh_norm", "final_norm_then_pool")
 
 
 class LinearProbe(nn.Module):
-    """A frozen encoder (no gradients, always in eval mode), the mean of its final-norm tokens, then BatchNorm
+    """A frozen encoder (no gradients, always in eval mode), its pooled features (see PROBE_FEATURES), then BatchNorm
     without affine and a linear classifier: the only parameters that learn are the classifier's."""
 
-    def __init__(self, encoder: _Encoder, num_classes: int):
+    def __init__(self, encoder: nn.Module, num_classes: int, features: str = "pool_then_fresh_norm"):
         super().__init__()
-        if encoder.global_pool or encoder.num_classes:
-            raise ValueError("the probe takes an encoder built with global_pool=False and num_classes=0")
+        if features not in PROBE_FEATURES:
+            raise ValueError(f"features must be one of {PROBE_FEATURES}, got {features!r}")
+        if encoder.num_classes or encoder.global_pool != "avg" or not isinstance(encoder.fc_norm, nn.Identity):
+            raise ValueError("the probe takes an encoder built with its defaults: num_classes=0, global_pool='avg', "
+                             "fc_norm=False")
+        if encoder.feature_info[-1]["reduction"] != encoder.patch_size:
+            raise ValueError("the probe takes an encoder whose last feature level is its token grid (a ConViT "
+                             "built without stride32_level)")
+        self.features = features
         self.encoder = encoder.requires_grad_(False)
+        # MAE's probe: a fresh LayerNorm frozen at weight 1 / bias 0, i.e. one without affine parameters
+        self.feature_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6, elementwise_affine=False)
         self.head = nn.Sequential(nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6),
                                   nn.Linear(encoder.embed_dim, num_classes))
         trunc_normal_(self.head[1].weight, std=0.01)
@@ -405,103 +653,186 @@ class LinearProbe(nn.Module):
         self.encoder.eval()
         return self
 
+    @torch.no_grad()
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features == "final_norm_then_pool":
+            return self.encoder.forward_head(self.encoder.forward_features(x), pre_logits=True)
+        # the last level is the last block's output before the final norm, patch tokens only
+        tokens = self.encoder.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True)[0]
+        return self.feature_norm(tokens.mean(dim=1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            features = self.encoder.forward_features(x).mean(dim=1)
-        return self.head(features)
+        return self.head(self.pooled_features(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Named architectures. `*_encoder_args` are shared with the DMJD factories in models_dmjd.py.
+# Loading weights through timm (pretrained_cfg_overlay=dict(file=...), local-dir: and hf-hub: exports).
 
-CONVVIT_ARCHS = {
-    # stride 8 (2 x 2 x 2) for 32-pixel images such as Fashion-MNIST in the demo
-    "mini": dict(patch_size=(2, 2, 2), embed_dim=(32, 64, 128), depth=(1, 1, 3), num_heads=4,
-                 mlp_ratio=(4.0, 4.0, 4.0)),
-    "tiny": dict(embed_dim=(32, 48, 64), depth=(1, 1, 2), num_heads=2, mlp_ratio=(4.0, 4.0, 2.0)),
-    "small": dict(embed_dim=(128, 256, 384), depth=(2, 2, 11), num_heads=6, mlp_ratio=(4.0, 4.0, 4.0)),
-    "base": dict(embed_dim=(256, 384, 768), depth=(2, 2, 11), num_heads=12, mlp_ratio=(8.0, 8.0, 4.0)),
-    "large": dict(embed_dim=(384, 768, 1024), depth=(2, 2, 23), num_heads=16, mlp_ratio=(8.0, 8.0, 4.0)),
+# Parameters that a model may have fresh, not from the checkpoint: a new classifier, the norm after pooling, the
+# segmentation level.
+_FRESH_PREFIXES = ("head.", "fc_norm.", "downsample32.")
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """timm's pretrained filter: any checkpoint util.checkpoint.load_pretrained takes (ours, the authors' release,
+    MAE's or timm's ViT, an export), adapted to `model`: the encoder's keys only, position embedding resampled, a
+    head of another size dropped, the pre-trained final norm dropped when the model pools before its norm (fc_norm),
+    as MAE fine-tunes. Fails with the keys when an encoder weight is missing or left over; prints what starts fresh.
+    """
+    state = fit_encoder_state(encoder_state_dict(state_dict), model)
+    dropped = sorted(k for k in state if k.startswith("norm.")) if isinstance(model.norm, nn.Identity) else []
+    if dropped:
+        print(f"unused: the pre-trained final norm {dropped}: the model pools, then applies its own fc_norm")
+        state = {k: v for k, v in state.items() if k not in dropped}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    absent = [k for k in missing if not k.startswith(_FRESH_PREFIXES)]
+    unexpected = sorted(k for k in state if k not in own)
+    if absent or unexpected:
+        hint = (" (a fine-tuned checkpoint: build the model with fc_norm=True)"
+                if "norm.weight" in absent and "fc_norm.weight" in unexpected else "")
+        raise RuntimeError(f"the weights do not fit {type(model).__name__}{hint}: missing {absent[:8] or 'none'}, "
+                           f"unexpected {unexpected[:8] or 'none'}")
+    if missing:
+        print(f"new (not in the weights): {missing}")
+    return state
+
+
+_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
+
+
+def _check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """No weights are published: pretrained=True needs a file, and a file is never ignored."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = kwargs.get("pretrained_cfg")
+    cfg = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg if isinstance(cfg, dict) else {}
+    given = [k for k in _WEIGHT_SOURCES if overlay.get(k) or cfg.get(k)]
+    if pretrained and not given:
+        raise ValueError(f"{variant}: no weights of this model are published, so pretrained=True needs a file: "
+                         "pretrained_cfg_overlay=dict(file=PATH) (.safetensors or .pth), or 'local-dir:FOLDER' / "
+                         "'hf-hub:ID' as the model name for an export of `python export_encoder.py`; or "
+                         "checkpoint_path=PATH without pretrained=True")
+    if not pretrained and any(overlay.get(k) for k in _WEIGHT_SOURCES):
+        raise ValueError(f"{variant}: pretrained_cfg_overlay names weights ({overlay}) but pretrained=False; pass "
+                         "pretrained=True to load them")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named architectures. ENCODER_ARCHS is shared with the DMJD factories in models_dmjd.py.
+
+ENCODER_ARCHS = {
+    # ConvMAE's names (small, base, large match its release); mini and tiny are this project's demo and test sizes.
+    # mini: stride 8 (2 x 2 x 2) for 32-pixel images such as Fashion-MNIST in the demo
+    "convvit_mini_patch8": (ConvViT, dict(patch_size=(2, 2, 2), embed_dim=(32, 64, 128), depth=(1, 1, 3),
+                                          num_heads=4, mlp_ratio=(4.0, 4.0, 4.0))),
+    "convvit_tiny_patch16": (ConvViT, dict(embed_dim=(32, 48, 64), depth=(1, 1, 2), num_heads=2,
+                                           mlp_ratio=(4.0, 4.0, 2.0))),
+    "convvit_small_patch16": (ConvViT, dict(embed_dim=(128, 256, 384), depth=(2, 2, 11), num_heads=6,
+                                            mlp_ratio=(4.0, 4.0, 4.0))),
+    "convvit_base_patch16": (ConvViT, dict(embed_dim=(256, 384, 768), depth=(2, 2, 11), num_heads=12,
+                                           mlp_ratio=(8.0, 8.0, 4.0))),
+    "convvit_large_patch16": (ConvViT, dict(embed_dim=(384, 768, 1024), depth=(2, 2, 23), num_heads=16,
+                                            mlp_ratio=(8.0, 8.0, 4.0))),
+    # timm's ViT family names, `gap_sincos`: global average pooling without class token, sin-cos positions.
+    # test: a test-size model (timm's vit_tiny is 192 wide and 12 deep).
+    "vit_test_patch16_gap_sincos": (ViT, dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)),
+    "vit_base_patch16_gap_sincos": (ViT, dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)),
+    "vit_large_patch16_gap_sincos": (ViT, dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)),
 }
-VIT_ARCHS = {
-    "tiny": dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0),
-    "base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
-}
 
 
-def _classifier_defaults(kwargs):
-    kwargs.setdefault("num_classes", 1000)
-    kwargs.setdefault("global_pool", True)
+def _cfg(first_conv: str, size: int = 224):
+    return dict(url="", num_classes=0, input_size=(3, size, size), pool_size=None, crop_pct=0.875,
+                interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv=first_conv, classifier="head")
+
+
+# Encoders: no classifier by default (the weights people share are pre-trained encoders), no published weights.
+default_cfgs = generate_default_cfgs({
+    name: _cfg("patch_embed1.proj" if cls is ConvViT else "patch_embed.proj", 32 if name.endswith("patch8") else 224)
+    for name, (cls, _) in ENCODER_ARCHS.items()})
+
+
+def _create(name: str, pretrained: bool, kwargs: dict):
+    """The registered encoder `name`, with learnable position embeddings (fine-tuning resizes and trains them)."""
+    _check_weight_source(name, pretrained, kwargs)
+    model_cls, arch = ENCODER_ARCHS[name]
     kwargs.setdefault("learnable_pos_embed", True)
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)
-    return kwargs
-
-
-def _no_pretrained(pretrained: bool, name: str):
-    if pretrained:
-        raise ValueError(f"{name}: no hub weights; load a checkpoint with util.checkpoint instead")
-
-
-@register_model
-def convvit_mini_patch8(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "convvit_mini_patch8")
-    return ConvViT(**CONVVIT_ARCHS["mini"], **_classifier_defaults(kwargs))
-
-
-@register_model
-def convvit_tiny_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "convvit_tiny_patch16")
-    return ConvViT(**CONVVIT_ARCHS["tiny"], **_classifier_defaults(kwargs))
+    kwargs.setdefault("img_size", default_cfgs[name].default.input_size[-1])
+    if model_cls is ConvViT:
+        if kwargs.get("features_only"):
+            kwargs.setdefault("stride32_level", True)  # the fourth level of ConvMAE's segmentation backbone
+        out_indices = (0, 1, 2, 3)
+    else:  # four blocks spread over the depth, as ViT segmentation backbones take them (e.g. 2, 5, 8, 11 of 12)
+        depth = kwargs.get("depth", arch["depth"])
+        out_indices = tuple(sorted({max(0, round(depth * (i + 1) / 4) - 1) for i in range(4)}))
+    if kwargs.get("features_only") and "out_indices" in kwargs:
+        out_indices = kwargs.pop("out_indices")
+    return build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                pretrained_strict=False,  # checkpoint_filter_fn checks every key itself
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                **dict(arch, **kwargs))
 
 
 @register_model
-def convvit_small_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "convvit_small_patch16")
-    return ConvViT(**CONVVIT_ARCHS["small"], **_classifier_defaults(kwargs))
+def convvit_mini_patch8(pretrained=False, **kwargs) -> ConvViT:
+    return _create("convvit_mini_patch8", pretrained, kwargs)
 
 
 @register_model
-def convvit_base_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "convvit_base_patch16")
-    return ConvViT(**CONVVIT_ARCHS["base"], **_classifier_defaults(kwargs))
+def convvit_tiny_patch16(pretrained=False, **kwargs) -> ConvViT:
+    return _create("convvit_tiny_patch16", pretrained, kwargs)
 
 
 @register_model
-def convvit_large_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "convvit_large_patch16")
-    return ConvViT(**CONVVIT_ARCHS["large"], **_classifier_defaults(kwargs))
+def convvit_small_patch16(pretrained=False, **kwargs) -> ConvViT:
+    return _create("convvit_small_patch16", pretrained, kwargs)
 
 
 @register_model
-def vit_tiny_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "vit_tiny_patch16")
-    return ViT(**VIT_ARCHS["tiny"], **_classifier_defaults(kwargs))
+def convvit_base_patch16(pretrained=False, **kwargs) -> ConvViT:
+    return _create("convvit_base_patch16", pretrained, kwargs)
 
 
 @register_model
-def vit_base_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "vit_base_patch16")
-    return ViT(**VIT_ARCHS["base"], **_classifier_defaults(kwargs))
+def convvit_large_patch16(pretrained=False, **kwargs) -> ConvViT:
+    return _create("convvit_large_patch16", pretrained, kwargs)
 
 
 @register_model
-def vit_large_patch16(pretrained=False, **kwargs):
-    _no_pretrained(pretrained, "vit_large_patch16")
-    return ViT(**VIT_ARCHS["large"], **_classifier_defaults(kwargs))
+def vit_test_patch16_gap_sincos(pretrained=False, **kwargs) -> ViT:
+    return _create("vit_test_patch16_gap_sincos", pretrained, kwargs)
+
+
+@register_model
+def vit_base_patch16_gap_sincos(pretrained=False, **kwargs) -> ViT:
+    return _create("vit_base_patch16_gap_sincos", pretrained, kwargs)
+
+
+@register_model
+def vit_large_patch16_gap_sincos(pretrained=False, **kwargs) -> ViT:
+    return _create("vit_large_patch16_gap_sincos", pretrained, kwargs)
+
+
+# The ViTs' former names are MAE's names for another network (with a class token); checkpoints that carry them in
+# `args["model"]` and scripts given them still work, and timm says the new name.
+register_model_deprecations(__name__, {
+    "vit_tiny_patch16": "vit_test_patch16_gap_sincos",
+    "vit_base_patch16": "vit_base_patch16_gap_sincos",
+    "vit_large_patch16": "vit_large_patch16_gap_sincos",
+})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the training scripts ask of the registry and of the models.
 
-CLASSIFIER_PATTERNS = ["convvit_*", "vit_*_patch16"]
-
-
 def check_classifier_name(name: str) -> None:
-    """Exits naming --model and the closest classifier names when `name` is not a classifier of this project."""
-    check_model_name(name, timm.list_models(CLASSIFIER_PATTERNS), "a classifier of this project")
+    """Exits unless --model names an encoder of this module; a former name works, with a note of the new one."""
+    renamed = timm.models.get_deprecated_models(__name__)
+    if name in renamed:
+        print(f"note: --model {name} is now called {renamed[name]}; the former name still works")
+        return
+    check_model_name(name, timm.list_models(module=__name__), "a classifier of this project")
 
 
 def conv_weights_channels_last(model: nn.Module) -> nn.Module:

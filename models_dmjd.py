@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models.vision_transformer import Block
 
-from models_convvit import (CONVVIT_ARCHS, VIT_ARCHS, BlockNorm, ConvViT, ViT, gather_tokens, init_linear_and_norm,
+from models_convvit import (ENCODER_ARCHS, BlockNorm, ConvViT, gather_tokens, init_linear_and_norm,
                             visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
@@ -85,7 +85,7 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_features(x)
+        tokens = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]  # patch tokens only
         return F.layer_norm(tokens.float(), tokens.shape[-1:])
 
     @torch.no_grad()
@@ -248,7 +248,7 @@ class DMJD(nn.Module):
         mask_target = hog if self.pred_type == "hog" else normalized_pixel_targets(x, self.patch_size)
 
         ids = visible_token_ids(mask, num_visible)
-        latent = self.encoder.forward_features(x.repeat(num_views, 1, 1, 1), mask, ids)
+        latent = self.encoder.forward_masked(x.repeat(num_views, 1, 1, 1), mask, ids)
         outputs = {"masks": masks, "pred": self.decode(latent, ids).float(), "target": mask_target}
 
         if run_visible:
@@ -303,17 +303,36 @@ def create_from_flags(flags: dict, **kwargs) -> DMJD:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Named models. Keyword arguments reach DMJD (masking, targets, theta) or the encoder (img_size, drop_path_rate).
+# Named models. Keyword arguments reach DMJD (masking, targets, theta) or the encoder (img_size, drop_path_rate,
+# class_token for a ViT initialised from MAE's layout, sparse_stages for ConViT).
 
-_ENCODER_KEYS = ("img_size", "drop_path_rate", "in_chans", "sparse_stages")
+_ENCODER_KEYS = ("img_size", "drop_path_rate", "in_chans", "class_token", "sparse_stages")
+
+# Each pre-training model's encoder, by the registered name of the encoder alone (models_convvit): what
+# `python export_encoder.py` exports a pre-training checkpoint as.
+ENCODER_NAMES = {
+    "dmjd_convit_mini_patch8_hog": "convvit_mini_patch8",
+    "dmjd_convit_tiny_patch16_dec1_hog": "convvit_tiny_patch16",
+    "dmjd_convit_small_patch16_dec2_hog": "convvit_small_patch16",
+    "dmjd_convit_base_patch16_dec8_hog": "convvit_base_patch16",
+    "dmjd_convit_base_patch16_dec2_hog": "convvit_base_patch16",
+    "dmjd_convit_large_patch16_dec8_hog": "convvit_large_patch16",
+    "dmjd_vit_tiny_patch16_dec1_hog": "vit_test_patch16_gap_sincos",
+    "dmjd_vit_base_patch16_dec8_hog": "vit_base_patch16_gap_sincos",
+}
 
 
-def _build(encoder_cls, arch: dict, decoder: dict, kwargs) -> DMJD:
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
+def _build(name: str, decoder: dict, kwargs) -> DMJD:
     if kwargs.pop("pretrained", False):
         raise ValueError("DMJD models have no hub weights; pre-train them or load a checkpoint")
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    if overlay.get("file"):
+        raise ValueError(f"{name}: weights are not loaded through timm; resume a pre-training checkpoint with "
+                         "main_pretrain.py --resume, or load an encoder with util.checkpoint.load_pretrained")
+    for key in ("pretrained_cfg", "cache_dir"):
+        kwargs.pop(key, None)
     enc_kwargs = {k: kwargs.pop(k) for k in _ENCODER_KEYS if k in kwargs}
+    encoder_cls, arch = ENCODER_ARCHS[ENCODER_NAMES[name]]
     if encoder_cls is ConvViT:
         enc_kwargs["fuse_stages"] = True
     encoder = encoder_cls(**arch, **enc_kwargs)
@@ -333,40 +352,40 @@ def dmjd_convit_mini_patch8_hog(pretrained=False, **kwargs):
     """The demo model: 32-pixel images, 4 x 4 tokens, HOG cells of 4 pixels (108 numbers per token)."""
     decoder = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, decoder_mlp_ratio=2.0,
                    projector_dim=64, hog_cell_size=4)
-    return _build(ConvViT, CONVVIT_ARCHS["mini"], decoder, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_convit_mini_patch8_hog", decoder, dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_convit_tiny_patch16_dec1_hog(pretrained=False, **kwargs):
-    return _build(ConvViT, CONVVIT_ARCHS["tiny"], _TINY_DEC, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_convit_tiny_patch16_dec1_hog", _TINY_DEC, dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_convit_small_patch16_dec2_hog(pretrained=False, **kwargs):
-    return _build(ConvViT, CONVVIT_ARCHS["small"], dict(_DEC2, decoder_mlp_ratio=4.0),
+    return _build("dmjd_convit_small_patch16_dec2_hog", dict(_DEC2, decoder_mlp_ratio=4.0),
                   dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_convit_base_patch16_dec8_hog(pretrained=False, **kwargs):
-    return _build(ConvViT, CONVVIT_ARCHS["base"], _DEC8, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_convit_base_patch16_dec8_hog", _DEC8, dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_convit_base_patch16_dec2_hog(pretrained=False, **kwargs):
-    return _build(ConvViT, CONVVIT_ARCHS["base"], _DEC2, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_convit_base_patch16_dec2_hog", _DEC2, dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_convit_large_patch16_dec8_hog(pretrained=False, **kwargs):
-    return _build(ConvViT, CONVVIT_ARCHS["large"], _DEC8, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_convit_large_patch16_dec8_hog", _DEC8, dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_vit_tiny_patch16_dec1_hog(pretrained=False, **kwargs):
-    return _build(ViT, VIT_ARCHS["tiny"], _TINY_DEC, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_vit_tiny_patch16_dec1_hog", _TINY_DEC, dict(kwargs, pretrained=pretrained))
 
 
 @register_model
 def dmjd_vit_base_patch16_dec8_hog(pretrained=False, **kwargs):
-    return _build(ViT, VIT_ARCHS["base"], _VIT_DEC8, dict(kwargs, pretrained=pretrained))
+    return _build("dmjd_vit_base_patch16_dec8_hog", _VIT_DEC8, dict(kwargs, pretrained=pretrained))

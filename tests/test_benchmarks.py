@@ -256,3 +256,11 @@ def test_the_plain_paths_hog_per_view_gives_the_losses_of_hog_per_image(pred_typ
     throughput.hog_per_view(model)
     assert model.hog(images.float()).shape[0] == 4 * model.num_views
     torch.testing.assert_close(losses(), once, rtol=1e-6, atol=1e-6)
+
+
+def test_grad_checkpointing_benchmark_reports_the_memory_saved(capsys):
+    from benchmarks import grad_checkpointing
+    rows = grad_checkpointing.main(["--models", "convvit_tiny_patch16", "--input_size", "64"])
+    (name, plain, checkpointed), = rows
+    assert name == "convvit_tiny_patch16" and 0 < checkpointed < plain
+    assert "| convvit_tiny_patch16 |" in capsys.readouterr().out

@@ -12,7 +12,7 @@ ENTRY_POINTS = {
     "visualize": "get_args_parser",
     "demo": "parse_args",
     "util.demo_data": "main",
-    "util.checkpoint": "main",
+    "export_encoder": "main",
     "benchmarks.throughput": "parse_args",
     "benchmarks.gpu_check": "parse_args",
     "benchmarks.convergence": "parse_args",

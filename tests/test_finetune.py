@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401
 import models_dmjd  # noqa: F401
-from main_linprobe import lars_param_groups
+from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
 from models_convvit import LinearProbe
-from util.checkpoint import check_encoder_loaded, export_encoder, load_pretrained, save_checkpoint
+from export_encoder import export_encoder
+from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
+from models_convvit import check_classifier_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +46,10 @@ def released_style(dmjd_state):
 
 
 @pytest.mark.parametrize("classifier, dmjd", [("convvit_tiny_patch16", "dmjd_convit_tiny_patch16_dec1_hog"),
-                                              ("vit_tiny_patch16", "dmjd_vit_tiny_patch16_dec1_hog")])
+                                              ("vit_test_patch16_gap_sincos", "dmjd_vit_tiny_patch16_dec1_hog")])
 def test_pretraining_checkpoint_loads_every_encoder_weight(tmp_path, classifier, dmjd):
     pretrained = pretrain_checkpoint(tmp_path / "pre.pth", dmjd)
-    model = timm.create_model(classifier, img_size=64, num_classes=5)
+    model = timm.create_model(classifier, img_size=64, num_classes=5, fc_norm=True)  # as main_finetune.py builds it
     x = torch.randn(2, 3, 64, 64)
     model.eval()
     with torch.no_grad():
@@ -70,7 +73,7 @@ def test_released_checkpoint_key_names_load_completely(tmp_path):
             "stage1_output_decode.weight", "proj_embed.0.weight", "predictor.0.weight", "decoder_pred.weight",
             "mask_token", "norm.weight"} <= set(released)
     torch.save({"model": released, "epoch": 399}, tmp_path / "released.pth")
-    encoder = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=0, global_pool=False)
+    encoder = timm.create_model("convvit_tiny_patch16", img_size=64)
     missing, unexpected = load_pretrained(encoder, str(tmp_path / "released.pth"))
     assert missing == [] and unexpected == []
     for k, v in pretrained.encoder.state_dict().items():
@@ -115,7 +118,7 @@ def test_missing_encoder_weights_fail_with_the_keys(tmp_path):
     missing, unexpected = load_pretrained(model, str(tmp_path / "broken.pth"))
     with pytest.raises(RuntimeError, match="blocks3.0.attn.qkv.weight"):
         check_encoder_loaded(missing, unexpected, "broken.pth")
-    other = timm.create_model("vit_tiny_patch16", img_size=64, num_classes=5)
+    other = timm.create_model("vit_test_patch16_gap_sincos", img_size=64, num_classes=5)
     missing, unexpected = load_pretrained(other, str(tmp_path / "pre.pth"))
     with pytest.raises(RuntimeError, match="lacks"):
         check_encoder_loaded(missing, unexpected, "pre.pth")
@@ -142,13 +145,14 @@ def test_encoder_only_export_loads(tmp_path):
     export_encoder(str(tmp_path / "pre.pth"), str(tmp_path / "enc.pth"))
     exported = torch.load(tmp_path / "enc.pth", weights_only=True)["model"]
     assert not any(k.startswith(("decoder", "visible", "mask_token", "stage")) for k in exported)
-    encoder = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=0, global_pool=False)
+    encoder = timm.create_model("convvit_tiny_patch16", img_size=64)
     missing, unexpected = load_pretrained(encoder, str(tmp_path / "enc.pth"))
     assert missing == [] and unexpected == []
 
 
 def test_layer_decay_groups_follow_the_convvit_recipe():
-    model = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=5)  # 1 + 1 conv blocks, 2 blocks
+    # as main_finetune.py builds it; 1 + 1 conv blocks, 2 blocks
+    model = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=5, fc_norm=True)
     groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.65)
     names = {id(p): n for n, p in model.named_parameters()}
     scale_of = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
@@ -168,7 +172,7 @@ def test_layer_decay_groups_follow_the_convvit_recipe():
 
 
 def test_linear_probe_trains_only_the_head():
-    encoder = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=0, global_pool=False)
+    encoder = timm.create_model("convvit_tiny_patch16", img_size=64)
     probe = LinearProbe(encoder, 3)
     frozen = {k: v.clone() for k, v in probe.encoder.state_dict().items()}
     head = {k: v.clone() for k, v in probe.head.state_dict().items()}
@@ -184,6 +188,64 @@ def test_linear_probe_trains_only_the_head():
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
     for k in ("1.weight", "1.bias", "0.running_mean", "0.running_var"):  # every part that should learn did
         assert not torch.equal(probe.head.state_dict()[k], head[k]), k
+
+
+@pytest.mark.parametrize("classifier, dmjd", [("convvit_tiny_patch16", "dmjd_convit_tiny_patch16_dec1_hog"),
+                                              ("vit_test_patch16_gap_sincos", "dmjd_vit_tiny_patch16_dec1_hog")])
+def test_probe_features_are_the_release_formula(tmp_path, classifier, dmjd):
+    """The release's `--global_pool` probe: the mean of the tokens before the pre-trained final norm, a fresh
+    LayerNorm (weight 1, bias 0), BatchNorm without affine (eps 1e-6), then the linear head, on the same weights."""
+    pretrain_checkpoint(tmp_path / "pre.pth", dmjd)
+    probes = {}
+    for features in ("pool_then_fresh_norm", "final_norm_then_pool"):
+        encoder = timm.create_model(classifier, img_size=64)
+        check_encoder_loaded(*load_pretrained(encoder, str(tmp_path / "pre.pth")), "pre.pth", allowed_missing=())
+        probes[features] = LinearProbe(encoder, 3, features)
+        with torch.no_grad():
+            probes[features].head[1].weight.normal_()
+            probes[features].head[1].bias.normal_()
+    encoder = probes["final_norm_then_pool"].encoder
+    seen = []
+    hook = encoder.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        final_norm_tokens = encoder.forward_features(x)
+    hook.remove()
+    before_norm = seen[0]  # the last block's tokens, as the final norm receives them
+    width = before_norm.shape[-1]
+    pooled = {"pool_then_fresh_norm": F.layer_norm(before_norm.mean(dim=1), (width,), eps=1e-6),
+              "final_norm_then_pool": final_norm_tokens.mean(dim=1)}
+    for features, probe in probes.items():
+        linear = probe.head[1]
+        for training in (True, False):  # batch statistics, then the running ones that training left
+            probe.train(training)
+            bn = probe.head[0]
+            mean, var = (None, None) if training else (bn.running_mean.clone(), bn.running_var.clone())
+            normed = F.batch_norm(pooled[features], mean, var, training=training, eps=1e-6)
+            expected = normed @ linear.weight.T + linear.bias
+            torch.testing.assert_close(probe(x), expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{features}: {m}")
+    assert not torch.allclose(probes["pool_then_fresh_norm"].pooled_features(x),
+                              probes["final_norm_then_pool"].pooled_features(x))
+
+
+def test_a_resumed_probe_keeps_the_features_it_was_trained_on(tmp_path):
+    args = linprobe_args_parser().parse_args([])
+    assert resumed_probe_features(args, None) == "pool_then_fresh_norm"
+    save_checkpoint({"model": {}, "args": {"model": "convvit_base_patch16"}}, str(tmp_path / "before.pth"))
+    assert resumed_probe_features(args, str(tmp_path / "before.pth")) == "final_norm_then_pool"
+    save_checkpoint({"model": {}, "args": {"probe_features": "pool_then_fresh_norm"}}, str(tmp_path / "now.pth"))
+    assert resumed_probe_features(args, str(tmp_path / "now.pth")) == "pool_then_fresh_norm"
+    args.probe_features = "final_norm_then_pool"
+    with pytest.raises(SystemExit, match="was trained on pool_then_fresh_norm"):
+        resumed_probe_features(args, str(tmp_path / "now.pth"))
+
+
+def test_former_classifier_names_are_accepted_with_a_note(capsys):
+    check_classifier_name("vit_base_patch16")
+    assert "now called vit_base_patch16_gap_sincos" in capsys.readouterr().out
+    check_classifier_name("convvit_base_patch16")
+    with pytest.raises(SystemExit, match="did you mean vit_base_patch16_gap_sincos"):
+        check_classifier_name("vit_base_patch16_gap")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,30 +347,32 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
     assert "on 9 images" in proc.stdout  # the 9 readable validation images are all counted, the broken one is not
 
 
-def test_every_pretraining_model_names_a_classifier_that_takes_its_encoder():
-    from util.checkpoint import PRETRAIN_ONLY_PREFIXES, classifier_for
-    for name in timm.list_models("dmjd_*"):
-        encoder = timm.create_model(name).encoder.state_dict()
+def test_every_pretraining_model_names_the_encoder_that_takes_its_weights():
+    from models_dmjd import ENCODER_NAMES
+    from util.checkpoint import PRETRAIN_ONLY_PREFIXES
+    assert set(ENCODER_NAMES) == set(timm.list_models("dmjd_*"))
+    for name, encoder_name in ENCODER_NAMES.items():
+        encoder = timm.create_model(name, img_size=64).encoder.state_dict()
         encoder = {k: v for k, v in encoder.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
-        classifier = timm.create_model(classifier_for(name), num_classes=0, global_pool=False).state_dict()
+        classifier = timm.create_model(encoder_name, img_size=64).state_dict()
         assert {k: v.shape for k, v in classifier.items()} == {k: v.shape for k, v in encoder.items()}, name
 
 
 def test_another_architecture_is_named_with_the_classifier_to_use(tmp_path, capsys):
+    from engine_finetune import load_encoder
     pretrain_checkpoint(tmp_path / "mini.pth", "dmjd_convit_mini_patch8_hog", img_size=32)
     model = timm.create_model("convvit_base_patch16", img_size=32, num_classes=10)
-    with pytest.raises(RuntimeError, match=r"'dmjd_convit_mini_patch8_hog'; fine-tune or probe it with --model "
-                                           r"convvit_mini_patch8"):
-        load_pretrained(model, str(tmp_path / "mini.pth"))
+    with pytest.raises(SystemExit, match=r"'dmjd_convit_mini_patch8_hog': fine-tune or probe it with --model "
+                                         r"convvit_mini_patch8"):
+        load_encoder(model, str(tmp_path / "mini.pth"))
     assert "resampled" not in capsys.readouterr().out  # no note about a step that never happened
-    with pytest.raises(RuntimeError, match="--model convvit_mini_patch8"):
-        load_pretrained(timm.create_model("vit_tiny_patch16", img_size=32, num_classes=10), str(tmp_path / "mini.pth"))
+    with pytest.raises(SystemExit, match="--model convvit_mini_patch8"):
+        load_encoder(timm.create_model("vit_test_patch16_gap_sincos", img_size=32, num_classes=10),
+                     str(tmp_path / "mini.pth"))
     # same shapes, other names: found by the check of the loaded keys, with the same hint
     pretrain_checkpoint(tmp_path / "vit.pth", "dmjd_vit_tiny_patch16_dec1_hog", img_size=64)
-    missing, unexpected = load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=10),
-                                          str(tmp_path / "vit.pth"))
-    with pytest.raises(RuntimeError, match="--model vit_tiny_patch16"):
-        check_encoder_loaded(missing, unexpected, str(tmp_path / "vit.pth"))
+    with pytest.raises(SystemExit, match="--model vit_test_patch16_gap_sincos"):
+        load_encoder(timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=10), str(tmp_path / "vit.pth"))
 
 
 def test_resampling_note_names_both_grids(tmp_path, capsys):

@@ -21,7 +21,7 @@ def images(batch=2, size=(64, 64), seed=0):
     return torch.randint(0, 256, (batch, 3, *size), generator=g, dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("name", ["convvit_tiny_patch16", "vit_tiny_patch16"])
+@pytest.mark.parametrize("name", ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"])
 @pytest.mark.parametrize("size", [(64, 64), (32, 80)])
 def test_classifiers_from_timm_any_size(name, size):
     model = timm.create_model(name, img_size=size, num_classes=7)
@@ -52,9 +52,9 @@ def test_masked_pixels_do_not_leak_into_visible_tokens(fuse_stages, sparse_stage
     x = torch.randn(2, 3, 64, 64)
     pixel_mask = mask.reshape(2, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
     with torch.no_grad():
-        out = model.forward_features(x, mask)
-        changed_masked = model.forward_features(torch.where(pixel_mask, torch.randn_like(x) * 5, x), mask)
-        changed_visible = model.forward_features(torch.where(~pixel_mask, torch.randn_like(x) * 5, x), mask)
+        out = model.forward_masked(x, mask)
+        changed_masked = model.forward_masked(torch.where(pixel_mask, torch.randn_like(x) * 5, x), mask)
+        changed_visible = model.forward_masked(torch.where(~pixel_mask, torch.randn_like(x) * 5, x), mask)
     assert out.shape == (2, 8, 32)
     torch.testing.assert_close(changed_masked, out, atol=1e-5, rtol=1e-5)
     assert (changed_visible - out).abs().max() > 1e-2  # the test can see a change where there should be one
@@ -72,7 +72,7 @@ def test_masked_conv_stage_would_leak_without_the_mask():
     with torch.no_grad():
         for blk in list(model.blocks1) + list(model.blocks2):
             blk.forward = (lambda b: (lambda t, visible=None: type(b).forward(b, t, None)))(blk)
-        leaked = (model.forward_features(x2, mask) - model.forward_features(x, mask)).abs().max()
+        leaked = (model.forward_masked(x2, mask) - model.forward_masked(x, mask)).abs().max()
     assert leaked > 1e-3
 
 
@@ -98,7 +98,7 @@ def test_sparse_stages_match_the_dense_path(size, mask_type, channels_last, drop
             model.to(memory_format=torch.channels_last)
         inp = (x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()).requires_grad_()
         torch.manual_seed(5)  # the same drop-path draws: one per sample and block, in the same order
-        out = model.forward_features(inp, mask)
+        out = model.forward_masked(inp, mask)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads.append((out.detach(), inp.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (out_d, gx_d, gp_d), (out_s, gx_s, gp_s) = grads
@@ -116,8 +116,8 @@ def test_vit_masked_tokens_do_not_leak():
     x = torch.randn(2, 3, 32, 32)
     pixel_mask = mask.reshape(2, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
     with torch.no_grad():
-        out = model.forward_features(x, mask)
-        out2 = model.forward_features(torch.where(pixel_mask, torch.randn_like(x), x), mask)
+        out = model.forward_masked(x, mask)
+        out2 = model.forward_masked(torch.where(pixel_mask, torch.randn_like(x), x), mask)
     assert out.shape == (2, 4, 32)
     torch.testing.assert_close(out, out2)
 
@@ -166,11 +166,11 @@ def identity_dmjd():
     patch = 8
     encoder = ViT(img_size=32, patch_size=patch, embed_dim=patch * patch * 3, depth=0, num_heads=1)
     with torch.no_grad():
-        encoder.patch_embed.weight.zero_()
-        encoder.patch_embed.bias.zero_()
+        encoder.patch_embed.proj.weight.zero_()
+        encoder.patch_embed.proj.bias.zero_()
         for i in range(patch * patch * 3):  # output channel (row, col, channel) = that input pixel
             row, col, ch = i // (patch * 3), (i // 3) % patch, i % 3
-            encoder.patch_embed.weight[i, ch, row, col] = 1.0
+            encoder.patch_embed.proj.weight[i, ch, row, col] = 1.0
         encoder.pos_embed.zero_()
     encoder.norm = nn.Identity()
     model = DMJD(encoder, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1, pred_type="pixel",
@@ -184,7 +184,7 @@ def test_visible_branch_predictions_and_targets_are_aligned():
     x = images(4, (32, 32))
     masks = model.make_masks(4, generator=torch.Generator().manual_seed(3))
     mask = masks.reshape(8, -1)
-    latent = model.encoder.forward_features(model.normalize(x).repeat(2, 1, 1, 1), mask)
+    latent = model.encoder.forward_masked(model.normalize(x).repeat(2, 1, 1, 1), mask)
     target = normalized_pixel_targets(model.normalize(x), 8).repeat(2, 1, 1)
     ids = visible_token_ids(mask)
     aligned = torch.gather(target, 1, ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))

@@ -128,12 +128,16 @@ class Run:
                 "teacher": state.teacher.state_dict() if state.teacher is not None else None,
                 "epoch": epoch, "nonfinite_skipped": step.skipped, "args": self.cfg.flags(), **extra}
 
+    def resume_path(self, auto: bool = True) -> Optional[str]:
+        """The checkpoint `resume` loads: --resume, or (with `auto`) the output folder's `checkpoint-last.pth`."""
+        return find_resume(self.cfg.resume, self.cfg.output_dir if auto else None)
+
     def resume(self, state: Optional[TrainState], model: Optional[torch.nn.Module] = None,
                auto: bool = True) -> int:
         """Loads --resume, or (with `auto`) the output folder's `checkpoint-last.pth`, into `state` and returns the
         epoch to continue at (0 without a checkpoint). With `state` None, only the weights go into `model`
         (evaluation). The checkpoint's other entries are kept in `self.saved`."""
-        path = find_resume(self.cfg.resume, self.cfg.output_dir if auto else None)
+        path = self.resume_path(auto)
         if not path:
             return 0
         ckpt = load_checkpoint(path)

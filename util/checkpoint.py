@@ -1,12 +1,14 @@
-"""Checkpoints as plain dicts of tensors and primitives, written atomically and read with weights_only=True."""
+"""Checkpoints as plain dicts of tensors and primitives, written atomically and read with weights_only=True; encoder
+weights in timm's hub layout (config.json + model.safetensors, written by export_encoder.py) read back."""
 import glob
+import json
 import os
 import re
 from typing import Optional
 
+import safetensors.torch
 import torch
-
-from util.pos_embed import resample_pos_embed
+from timm.layers import resample_abs_pos_embed
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -22,10 +24,25 @@ def save_checkpoint(state: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str) -> dict:
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+
+
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A .pth checkpoint as saved; a .safetensors file as {"model": tensors}; a folder in timm's hub layout (an
+    export_encoder.py export) as {"model": tensors, "config": its config.json}. `mmap` reads a .pth lazily (for
+    a look at its keys without reading the tensors)."""
+    if os.path.isdir(path):
+        weights, config = os.path.join(path, HUB_WEIGHTS), os.path.join(path, HUB_CONFIG)
+        if not (os.path.isfile(weights) and os.path.isfile(config)):
+            raise FileNotFoundError(f"{path} is a folder but not an export in timm's hub layout: it needs "
+                                    f"{HUB_WEIGHTS} and {HUB_CONFIG}")
+        with open(config) as f:
+            return {"model": safetensors.torch.load_file(weights), "config": json.load(f)}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        return {"model": safetensors.torch.load_file(path)}
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def periodic_checkpoint_path(output_dir: str, epoch: int) -> str:
@@ -58,9 +75,28 @@ def find_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
     return None
 
 
+# Checkpoints written before the ViT became timm's VisionTransformer hold its patch embedding's conv as
+# `patch_embed.weight` / `.bias`; timm's is `patch_embed.proj.*`.
+LEGACY_KEY_RENAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}
+
+
+def rename_legacy_keys(state_dict: dict, expected_keys) -> dict:
+    """Renames, in place, keys of checkpoints written before (LEGACY_KEY_RENAMES, under any module prefix) where
+    `expected_keys` (those of the module that loads them) have the new name."""
+    expected = set(expected_keys)
+    for key in list(state_dict):
+        for old, new in LEGACY_KEY_RENAMES.items():
+            if key == old or key.endswith("." + old):
+                renamed = key[:len(key) - len(old)] + new
+                if renamed in expected and renamed not in state_dict:
+                    state_dict[renamed] = state_dict.pop(key)
+    return state_dict
+
+
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, what: str = "model") -> None:
     """Loads every key or fails with the list of missing, unexpected and mismatched keys."""
     own = module.state_dict()
+    state_dict = rename_legacy_keys(dict(state_dict), own)
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
     mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
@@ -100,97 +136,100 @@ def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
     return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
 
 
-def classifier_for(pretrain_model: str) -> str:
-    """The classifier name that fine-tunes and probes the encoder of a `dmjd_*` pre-training model: the name without
-    the `dmjd_` prefix and the decoder / target suffix (`dmjd_convit_base_patch16_dec8_hog` -> `convvit_base_patch16`).
-    Classifier names are returned as they are."""
-    name = re.sub(r"(_dec\d+)?_(hog|pixel)$", "", pretrain_model)
-    name = name[len("dmjd_"):] if name.startswith("dmjd_") else name
-    return name.replace("convit_", "convvit_", 1) if name.startswith("convit_") else name
+def fit_encoder_state(state: dict, model: torch.nn.Module, old_grid=None) -> dict:
+    """An encoder state dict adapted to `model`: the position embedding resampled (bicubic) to the model's token grid
+    (from `old_grid`, default the square grid that holds its patch tokens; a class token's row is kept as it is), a
+    classifier head of another shape, or one the model lacks, dropped. A class token in only one of the two fails,
+    naming the fix."""
+    own = model.state_dict()
+    state = rename_legacy_keys(dict(state), own)
+    if ("cls_token" in state) != ("cls_token" in own):
+        has = "has" if "cls_token" in state else "has no"
+        raise ValueError(f"the checkpoint {has} class token (`cls_token`) but the model "
+                         f"{'has none' if 'cls_token' in state else 'has one'}: build the model with "
+                         f"class_token={'cls_token' in state} (util.checkpoint.architecture_kwargs reads it from the "
+                         "checkpoint)")
+    for name in [k for k in state if k.startswith("head.")]:
+        if name not in own or own[name].shape != state[name].shape:
+            del state[name]  # a classifier for other classes (or none): the new head starts fresh
+    # A position embedding of another length is resampled below; of another width, or any other weight of another
+    # shape, means another architecture: that fails first, before anything is said about resampling.
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape
+                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])]
+    if mismatched:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
+        raise ArchitectureMismatch(f"shapes differ for {len(mismatched)} weights (checkpoint vs model: {shown})")
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = model.num_prefix_tokens
+        length = state["pos_embed"].shape[1] - prefix
+        if old_grid is None:
+            side = int(round(length ** 0.5))
+            if side * side != length:
+                raise ValueError(f"cannot infer the grid of a position embedding with {length} patch tokens; pass "
+                                 "old_grid")
+            old_grid = (side, side)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
+                                                    old_size=list(old_grid), num_prefix_tokens=prefix)
+        print(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
+              f"{model.grid_size[0]} x {model.grid_size[1]}")
+    return state
 
 
-def saved_model_hint(checkpoint) -> str:
-    """' It holds the encoder of X; fine-tune or probe it with --model Y.' from a checkpoint's saved arguments
-    (a loaded dict, or a path read lazily), or '' when it has none."""
+class ArchitectureMismatch(RuntimeError):
+    """Weights of another architecture than the model's."""
+
+
+def saved_model(checkpoint) -> Optional[str]:
+    """The model a checkpoint was trained as (its saved `args["model"]`), from a loaded dict or a path (read lazily);
+    None when it does not say or cannot be read."""
     if isinstance(checkpoint, str):
         try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # an unreadable file has no hint to give; the caller's error says what is wrong
-            return ""
+            checkpoint = load_checkpoint(checkpoint, mmap=True)
+        except Exception:  # an unreadable file has nothing to say; the caller's error says what is wrong
+            return None
     args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     model = args.get("model") if isinstance(args, dict) else None
-    if not isinstance(model, str):
-        return ""
-    return f" It holds the encoder of {model!r}; fine-tune or probe it with --model {classifier_for(model)}."
+    return model if isinstance(model, str) else None
 
 
 def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
     """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
 
-    Loads with weights_only=True; drops pre-training-only keys and a head whose shape does not fit; resamples the
-    position embedding to the model's grid. Weights of another architecture fail here, with an error that names the
-    checkpoint's model and the classifier that fits it.
+    Takes a checkpoint of ours, the authors' release, MAE's or timm's ViT layout, or an export (.pth,
+    .safetensors or a hub-layout folder); loads with weights_only=True; drops pre-training-only keys and a head whose
+    shape does not fit; resamples the position embedding from the grid it was trained at (its saved --input_size)
+    to the model's. Weights of another architecture raise ArchitectureMismatch (see `saved_model` for what the
+    checkpoint was trained as).
     """
     checkpoint = load_checkpoint(path)
     state = encoder_state_dict(checkpoint, key)
-    own = model.state_dict()
-    for name in [k for k in state if k.startswith("head.")]:
-        if name not in own or own[name].shape != state[name].shape:
-            del state[name]  # a classifier for other classes (or none): the new head starts fresh
-    # Position embeddings of another length are resampled below; of another width they are another architecture.
-    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape
-                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])]
-    if mismatched:
-        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
-        raise RuntimeError(f"{path} does not fit this model: shapes differ for {len(mismatched)} weights "
-                           f"(checkpoint vs model: {shown}).{saved_model_hint(checkpoint)}")
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        old_grid = None
-        args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else None
-        if args and args.get("input_size") and getattr(model, "patch_size", None):
-            side = int(args["input_size"]) // model.patch_size
-            old_grid = (side, side) if side * side == state["pos_embed"].shape[1] else None
-        old_length = state["pos_embed"].shape[1]
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size, old_grid)
-        old_grid = old_grid or (int(round(old_length ** 0.5)),) * 2  # resampling checked that it is square
-        print(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
-              f"{model.grid_size[0]} x {model.grid_size[1]}")
+    old_grid = None
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    if args.get("input_size") and "pos_embed" in state:
+        side = int(args["input_size"]) // model.patch_size
+        if side * side == state["pos_embed"].shape[1] - model.num_prefix_tokens:
+            old_grid = (side, side)  # else the grid is inferred from the embedding's length
+    try:
+        state = fit_encoder_state(state, model, old_grid)
+    except ArchitectureMismatch as err:
+        raise ArchitectureMismatch(f"{path} does not fit this model: {err}") from None
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def architecture_kwargs(path: Optional[str], key: str = "model") -> dict:
+    """The build arguments a checkpoint's encoder layout needs beyond the architecture's name: `class_token=True`
+    for MAE's and timm's ViT layout. Reads only the keys (memory-mapped); no path, no arguments."""
+    if not path:
+        return {}
+    state = encoder_state_dict(load_checkpoint(path, mmap=True), key)
+    return {"class_token": True} if "cls_token" in state else {}
+
+
 def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.", "fc_norm.")) -> None:
-    """Fails, naming the keys (and the checkpoint's model, when it says), when any encoder weight was not in the
-    checkpoint."""
+    """Fails, naming the keys, when any encoder weight was not in the checkpoint."""
     absent = [k for k in missing if not k.startswith(tuple(allowed_missing))]
     if absent:
-        raise RuntimeError(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
-                           f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?{saved_model_hint(path)}")
+        raise ArchitectureMismatch(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
+                                   f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
     print(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
-
-
-def export_encoder(path: str, out_path: str, key: str = "model") -> None:
-    """Writes an encoder-only checkpoint {"model": encoder state dict} from a pre-training checkpoint."""
-    checkpoint = load_checkpoint(path)
-    state = {"model": encoder_state_dict(checkpoint, key)}
-    if isinstance(checkpoint.get("args"), dict):
-        state["args"] = checkpoint["args"]
-    save_checkpoint(state, out_path)
-
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser("export the encoder of a DMJD pre-training checkpoint",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="a pre-training checkpoint")
-    parser.add_argument("output", help="the encoder-only checkpoint to write")
-    parser.add_argument("--key", default="model", choices=["model", "teacher"],
-                        help="the student encoder, or the EMA teacher's")
-    cli = parser.parse_args(argv)
-    export_encoder(cli.checkpoint, cli.output, cli.key)
-    print(f"wrote {cli.output}")
-
-
-if __name__ == "__main__":
-    main()

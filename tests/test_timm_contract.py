@@ -1,0 +1,281 @@
+"""timm's model contract (in the spirit of timm's own tests/test_models.py) for every encoder models_convvit registers.
+
+Structure checks build every model on the meta device (shapes without weights); numerical checks use the test-size
+models at 32-64 pixels on the CPU.
+"""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import models_convvit  # noqa: F401  (registers the encoders)
+import models_dmjd  # noqa: F401
+from benchmarks.grad_checkpointing import saved_activation_bytes
+
+ALL = sorted(timm.list_models(module="models_convvit"))
+SMALL = ["convvit_mini_patch8", "convvit_tiny_patch16", "vit_test_patch16_gap_sincos"]
+SIZE = {"convvit_mini_patch8": 32, "convvit_tiny_patch16": 64, "vit_test_patch16_gap_sincos": 64}
+
+
+def small(name, **kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("img_size", SIZE[name])
+    return timm.create_model(name, **kwargs)
+
+
+def images(name, batch=2, size=None, seed=0):
+    size = size or (SIZE[name], SIZE[name])
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_encoder_is_registered():
+    assert ALL == ["convvit_base_patch16", "convvit_large_patch16", "convvit_mini_patch8", "convvit_small_patch16",
+                   "convvit_tiny_patch16", "vit_base_patch16_gap_sincos", "vit_large_patch16_gap_sincos",
+                   "vit_test_patch16_gap_sincos"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_default_cfg_features_and_head_shapes(name):
+    """timm's test_model_default_cfgs: the cfg, num_features / head_hidden_size, forward_features unpooled,
+    forward_head(pre_logits=True), reset_classifier(0) and (0, ''), num_classes=0 at build."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+        cfg = model.pretrained_cfg
+        assert model.default_cfg is cfg and cfg["architecture"] == name
+        for key in ("input_size", "mean", "std", "crop_pct", "interpolation", "first_conv", "classifier"):
+            assert cfg.get(key) is not None, key
+        assert cfg["num_classes"] == model.num_classes == 0  # an encoder, as its weights are shared
+        assert model.in_chans == cfg["input_size"][0]
+        assert cfg["first_conv"] + ".weight" in model.state_dict()
+        assert model.num_features == model.head_hidden_size == model.embed_dim
+        x = torch.randn(1, *cfg["input_size"])
+        tokens = model.forward_features(x)
+        grid = cfg["input_size"][1] // model.patch_size
+        assert tokens.shape == (1, grid * grid, model.num_features)
+        pre_logits = model.forward_head(tokens, pre_logits=True)
+        assert pre_logits.shape == (1, model.head_hidden_size)
+
+        model = timm.create_model(name, num_classes=7)
+        assert cfg["classifier"] + ".weight" in model.state_dict() and model(x).shape == (1, 7)
+        assert model.get_classifier() is model.head
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and model(x).shape == pre_logits.shape
+        model.reset_classifier(0, "")
+        assert model(x).shape == tokens.shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_arguments_are_an_error(name):
+    with torch.device("meta"), pytest.raises(TypeError):
+        timm.create_model(name, not_a_model_arg=1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_layer_groups_and_no_weight_decay_name_real_parameters(name):
+    from timm.models import group_parameters
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=3, fc_norm=True)
+    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    assert len(set(groups.values())) > 2
+    names = {n for n, _ in model.named_parameters()}
+    assert {n for n in model.no_weight_decay() if hasattr(model, n) and getattr(model, n) is not None} <= names
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_forward_and_backward_reach_every_parameter(name):
+    model = small(name, num_classes=42).train()
+    out = model(images(name))
+    assert out.shape == (2, 42) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_reset_classifier_with_timm_global_pool_values(name):
+    model = small(name, num_classes=5).eval()
+    x = images(name)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        model.reset_classifier(0)  # keeps the pooling
+        torch.testing.assert_close(model(x), tokens.mean(dim=1))
+        for pool, expected in (("max", tokens.amax(dim=1)), ("avgmax", 0.5 * (tokens.amax(1) + tokens.mean(1))),
+                               ("", tokens)):
+            model.reset_classifier(0, pool)
+            torch.testing.assert_close(model(x), expected)
+        model.reset_classifier(3, "avg")
+        assert model(x).shape == (2, 3) and model.global_pool == "avg"
+    with pytest.raises(ValueError, match="pools with one of"):
+        model.reset_classifier(0, "token")  # no class token
+    with pytest.raises(ValueError, match="fc_norm=True"):
+        small(name, global_pool=True)  # the former boolean says what it became
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_fc_norm_pools_before_its_norm_and_the_default_normalises_first(name):
+    model = small(name, fc_norm=True).eval()
+    x = images(name)
+    with torch.no_grad():
+        assert isinstance(model.norm, nn.Identity)
+        tokens = model.forward_features(x)
+        torch.testing.assert_close(model(x), model.fc_norm(tokens.mean(dim=1)))
+        encoder = small(name).eval()
+        assert isinstance(encoder.fc_norm, nn.Identity) and not isinstance(encoder.norm, nn.Identity)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_forward_intermediates_match_forward_features_and_feature_info(name):
+    model = small(name).eval()
+    x = images(name)
+    info = timm.models.FeatureInfo(model.feature_info, list(range(len(model.feature_info))))
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(maps) == len(model.feature_info)
+        for m, chs, red in zip(maps, info.channels(), info.reduction()):
+            assert m.shape == (2, chs, x.shape[2] // red, x.shape[3] // red)
+        tokens = model.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True)
+        assert len(tokens) == 1
+        torch.testing.assert_close(tokens[0], maps[-1].flatten(2).transpose(1, 2))
+        normed = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)[0]
+        torch.testing.assert_close(normed, final)  # the last level with the final norm is forward_features
+        early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], maps[0])
+
+
+def test_convvit_levels_are_convmae_segmentation_levels():
+    """Strides 4, 8, 16 and 32 with ConvMAE-B's channels (its UperNet takes 256, 384, 768, 768), at any multiple of
+    the stride, as NCHW maps."""
+    with torch.device("meta"):
+        model = timm.create_model("convvit_base_patch16", features_only=True, img_size=(224, 320))
+        assert model.feature_info.channels() == [256, 384, 768, 768]
+        assert model.feature_info.reduction() == [4, 8, 16, 32]
+        maps = model(torch.randn(1, 3, 224, 320))
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 56, 80), (1, 384, 28, 40), (1, 768, 14, 20), (1, 768, 7, 10)]
+
+
+@pytest.mark.parametrize("name, size", [("convvit_tiny_patch16", (48, 80)), ("vit_test_patch16_gap_sincos", (48, 80)),
+                                        ("convvit_mini_patch8", (40, 24))])
+def test_features_only_with_out_indices(name, size):
+    model = small(name, img_size=size, features_only=True, out_indices=(0, -1)).eval()
+    levels = small(name, img_size=size, **({"stride32_level": True} if name.startswith("convvit") else {}))
+    expected = [levels.feature_info[i] for i in (0, len(levels.feature_info) - 1)]
+    assert model.feature_info.channels() == [e["num_chs"] for e in expected]
+    assert model.feature_info.reduction() == [e["reduction"] for e in expected]
+    with torch.no_grad():
+        maps = model(images(name, size=size))
+    assert len(maps) == 2
+    for m, e in zip(maps, expected):  # ceil: a stride-32 level of a 16-multiple keeps the border
+        assert m.shape == (2, e["num_chs"], -(-size[0] // e["reduction"]), -(-size[1] // e["reduction"]))
+    assert isinstance(model.model.head, nn.Identity)  # pruned to what the levels need
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("indices, prune_norm", [([0], False), ([1], False), ("all", True)])
+def test_pruned_model_uses_every_parameter_left(name, indices, prune_norm):
+    """timm's test_prune_intermediate_layers_params_used: what remains after pruning all gets a gradient (DDP);
+    prune_norm=False is FeatureGetterNet with norm=True."""
+    model = small(name, stride32_level=True) if name.startswith("convvit") else small(name)
+    indices = list(range(len(model.feature_info))) if indices == "all" else indices
+    take = model.prune_intermediate_layers(indices, prune_norm=prune_norm)
+    maps = model.forward_intermediates(images(name), indices=take, norm=not prune_norm, intermediates_only=True)
+    sum(m.sum() for m in maps).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_convvit_pruned_to_conv_stages_says_so():
+    model = small("convvit_tiny_patch16")
+    model.prune_intermediate_layers([1])
+    with pytest.raises(RuntimeError, match="pruned"):
+        model(images("convvit_tiny_patch16"))
+
+
+@pytest.mark.parametrize("name", ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"])
+def test_grad_checkpointing_keeps_values_and_saves_activation_memory(name):
+    x = images(name, batch=4)
+    results = []
+    for enabled in (False, True):
+        model = small(name, num_classes=5, drop_path_rate=0.1).train()
+        model.set_grad_checkpointing(enabled)
+        torch.manual_seed(3)  # the same drop-path draws, recomputed identically in the backward
+        out, kept = saved_activation_bytes(model, lambda: model(x))
+        out.square().sum().backward()
+        results.append((out.detach(), kept, {n: p.grad for n, p in model.named_parameters()}))
+    (out0, kept0, grads0), (out1, kept1, grads1) = results
+    torch.testing.assert_close(out1, out0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], msg=lambda m: f"{n}: {m}")
+    assert kept1 < 0.6 * kept0  # activations inside the blocks are recomputed, not kept
+
+
+@pytest.mark.parametrize("sparse_stages", [True, False])
+def test_masked_pretraining_path_checkpoints_too(sparse_stages):
+    model = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", img_size=64)
+    model.encoder.sparse_stages = sparse_stages
+    batch = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    masks = model.make_masks(2, generator=torch.Generator().manual_seed(0))
+    results = []
+    for enabled in (False, True):
+        model.encoder.set_grad_checkpointing(enabled)
+        loss, kept = saved_activation_bytes(model, lambda: model(batch, masks)[0])
+        loss.backward()
+        results.append((loss.detach(), kept))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert results[1][1] < results[0][1]
+
+
+@pytest.mark.parametrize("name", ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"])
+def test_torch_compile_fullgraph(name):
+    """One graph, no breaks (dynamo's fullgraph=True). The "eager" backend runs that graph as it is: inductor's code
+    generation would add about a minute on two CPU cores and test torch rather than the model."""
+    torch._dynamo.reset()
+    model = small(name, img_size=32, num_classes=5).eval()
+    x = images(name, size=(32, 32))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"])
+def test_another_img_size_and_dynamic_img_size(name):
+    base = small(name, img_size=64).eval()
+    with pytest.raises((ValueError, AssertionError)):
+        base(images(name, size=(96, 96)))  # built for 64: a clear error, not a silent resize
+    dynamic = small(name, img_size=64, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(base.state_dict())
+    x = images(name, size=(48, 80))
+    other = small(name, img_size=(48, 80)).eval()
+    state = base.state_dict()
+    state["pos_embed"] = timm.layers.resample_abs_pos_embed(state["pos_embed"], new_size=[3, 5], old_size=[4, 4],
+                                                            num_prefix_tokens=0)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic.forward_features(x), other.forward_features(x))
+        torch.testing.assert_close(dynamic(images(name)), base(images(name)))
+        maps = dynamic.forward_intermediates(x, intermediates_only=True)
+    assert maps[-1].shape[-2:] == (3, 5)
+    with pytest.raises(ValueError, match="stride"):
+        timm.create_model(name, img_size=72)
+
+
+def test_convvit_set_input_size_resamples_the_position_embedding():
+    model = small("convvit_tiny_patch16").eval()
+    before = model.pos_embed.detach().clone()
+    model.set_input_size((96, 64))
+    assert model.grid_size == (6, 4) and model.pos_embed.shape == (1, 24, 64) and model.pos_embed.requires_grad
+    expected = timm.layers.resample_abs_pos_embed(before, new_size=[6, 4], old_size=[4, 4], num_prefix_tokens=0)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    assert model(torch.randn(1, 3, 96, 64)).shape == (1, 64)
+
+
+def test_former_vit_names_still_build_and_say_the_new_name():
+    with pytest.warns(UserWarning, match="vit_test_patch16_gap_sincos"):
+        model = timm.create_model("vit_tiny_patch16", img_size=32)
+    assert model.pretrained_cfg["architecture"] == "vit_test_patch16_gap_sincos"
+    assert "vit_base_patch16" not in timm.list_models()  # no longer listed as a model of its own
+
+
+def test_pretrained_without_weights_is_a_clear_error():
+    with pytest.raises(ValueError, match="no weights of this model are published"):
+        timm.create_model("convvit_tiny_patch16", pretrained=True)
+    with pytest.raises(ValueError, match="pretrained=False"):  # a file given without pretrained=True is not ignored
+        timm.create_model("convvit_tiny_patch16", pretrained_cfg_overlay=dict(file="weights.safetensors"))
