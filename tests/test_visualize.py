@@ -17,6 +17,7 @@ from main_pretrain import get_args_parser as pretrain_args_parser
 from util.hog import hog_histograms, hog_targets
 from util.visualization import (NOT_MASKED, NOT_PREDICTED, coverage_panel, hog_cells, hog_panel, make_figure,
                                 mask_overlay, pixel_reconstruction, view_colors)
+from util.visualization import IGNORE_COLOR, colorize_labels, label_legend, label_palette, segmentation_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,3 +249,52 @@ def test_visualize_random_model_and_overrides(folder, tmp_path, capsys):
         visualize.main(parser.parse_args(["--checkpoint", str(tmp_path / "none.pth"), "--data_path", str(folder)]))
     with pytest.raises(SystemExit, match="--model"):
         visualize.main(parser.parse_args(["--data_path", str(folder), "--model", "resnet50"]))
+
+
+# -- segmentation -----------------------------------------------------------------------------------------------------
+def test_label_palette_is_distinct_and_never_the_ignore_colour():
+    palette = label_palette(150)
+    assert palette.shape == (150, 3) and palette.dtype == np.uint8
+    assert len({tuple(c) for c in palette}) == 150 and not (palette == IGNORE_COLOR).all(axis=1).any()
+    np.testing.assert_array_equal(label_palette(3), palette[:3])
+
+
+def test_colorize_labels_paints_classes_and_ignored_pixels():
+    palette = label_palette(4)
+    out = colorize_labels(torch.tensor([[0, 3], [255, 1]]), palette)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+    assert [tuple(out[0, 0]), tuple(out[0, 1]), tuple(out[1, 0]), tuple(out[1, 1])] == \
+        [tuple(palette[0]), tuple(palette[3]), IGNORE_COLOR, tuple(palette[1])]
+    with pytest.raises(ValueError, match="label 4 has no colour"):
+        colorize_labels(np.array([[4]]), palette)
+
+
+def test_label_legend_wraps_to_the_width():
+    entries = [((200, 0, 0), f"class number {k}") for k in range(12)]
+    one_line = label_legend(entries[:1], 400)
+    wrapped = label_legend(entries, 400)
+    assert one_line.shape[1] == wrapped.shape[1] == 400 and wrapped.shape[0] >= 3 * one_line.shape[0]
+    assert ((wrapped == (200, 0, 0)).all(-1)).any()  # the swatches are drawn
+
+
+def test_segmentation_figure_sets_image_truth_and_prediction_side_by_side():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (2, 32, 32))
+    labels[0, :4] = 255
+    preds = torch.from_numpy(rng.integers(0, 3, (2, 32, 32)))
+    names = ["background", "shirt", "bag", "never shown"]
+    figure = segmentation_figure(images, labels, preds, names, min_panel=64)
+    assert figure.dtype == np.uint8 and figure.shape[1] == 3 * 64 + 4 * 4
+    palette = label_palette(4)
+    legend = label_legend([(palette[k], names[k]) for k in range(3)] + [(IGNORE_COLOR, "ignored")], 208)
+    top = figure.shape[0] - legend.shape[0] - 2 * (64 + 4)  # below the titles
+    np.testing.assert_array_equal(figure[-legend.shape[0]:], legend)  # classes shown, and the ignore colour
+    first_row = figure[top:top + 64]
+    np.testing.assert_array_equal(first_row[:, 4:68], images[0].repeat(2, 0).repeat(2, 1))
+    np.testing.assert_array_equal(first_row[:, 72:136], colorize_labels(labels[0], palette).repeat(2, 0)
+                                  .repeat(2, 1))
+    np.testing.assert_array_equal(first_row[:, 140:204], colorize_labels(preds[0], palette).repeat(2, 0)
+                                  .repeat(2, 1))
+    with pytest.raises(ValueError, match="must be 32 x 32"):
+        segmentation_figure(images, labels[:, :16], preds, names)

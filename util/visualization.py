@@ -16,6 +16,9 @@ HOG pictures follow util.hog's conventions: a cell's histogram is drawn as one l
 the cell centre, perpendicular to the bin's gradient direction (along the edge that made it), with brightness
 = the bin's whitened value averaged over the colour channels, clipped at 0. Angles are measured in image
 coordinates with rows growing downwards, so a gradient pointing down-right (45 degrees) draws a "/" line.
+
+For segmentation, `segmentation_figure` sets image, ground truth and prediction side by side, the label maps in
+the colours of `label_palette` (`colorize_labels`), with a legend of the classes shown (`label_legend`).
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -25,7 +28,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["mask_overlay", "view_colors", "coverage_panel", "hog_cells", "hog_glyphs",
-           "hog_panel", "pixel_reconstruction", "upscale", "draw_token_grid", "make_figure"]
+           "hog_panel", "pixel_reconstruction", "upscale", "draw_token_grid", "make_figure", "label_palette",
+           "colorize_labels", "label_legend", "segmentation_figure"]
 
 MASKED_GREY = 128  # masked tokens fade to this grey
 NOT_PREDICTED = (56, 56, 64)  # HOG/pixel prediction panels: tokens the view does not predict
@@ -384,3 +388,105 @@ def make_figure(model, images: torch.Tensor, masks: Optional[torch.Tensor] = Non
     titles += [f"{what} pred, view {k + 1}" for k in range(num_views)]
     titles += [f"{what} pred, all views"] if num_views > 1 else []
     return _compose(rows, titles, _coverage_legend(num_views))
+
+
+# -- segmentation -----------------------------------------------------------------------------------------------------
+IGNORE_COLOR = (0, 0, 0)  # pixels with the ignore label; no class colour is black
+
+
+def label_palette(num_classes: int) -> np.ndarray:
+    """Distinct class colours, uint8 [num_classes, 3]: tab10's ten first, then hues a golden angle apart (at
+    alternating saturation and brightness), never black."""
+    colors = [tuple(c) for c in _VIEW_PALETTE[:min(num_classes, len(_VIEW_PALETTE))]]
+    for k in range(len(colors), num_classes):
+        hue = (k * 0.618033988749895) % 1.0
+        saturation, value = (0.85, 0.95) if k % 2 else (0.55, 0.75)
+        i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
+        p, q, t = value * (1 - saturation), value * (1 - f * saturation), value * (1 - (1 - f) * saturation)
+        rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)][i]
+        colors.append(tuple(int(round(255 * c)) for c in rgb))
+    return np.asarray(colors, np.uint8).reshape(-1, 3)
+
+
+def colorize_labels(labels, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """A label map [H, W] of class indices as colours, uint8 [H, W, 3]; `ignore_index` pixels get IGNORE_COLOR."""
+    labels = _numpy(labels).astype(np.int64)
+    palette = np.asarray(palette, np.uint8)
+    if labels.ndim != 2:
+        raise ValueError(f"a label map is [H, W], got shape {labels.shape}")
+    ignored = labels == ignore_index
+    outside = ~ignored & ((labels < 0) | (labels >= len(palette)))
+    if outside.any():
+        raise ValueError(f"label {int(labels[outside].max())} has no colour in a palette of {len(palette)} classes")
+    out = palette[np.where(ignored, 0, labels)]
+    out[ignored] = IGNORE_COLOR
+    return out
+
+
+def label_legend(entries: Sequence[Tuple[Sequence[int], str]], width: int, gap: int = 4) -> np.ndarray:
+    """Colour swatches with their names, wrapped onto as many lines as `width` pixels need: uint8 [h, width, 3].
+    entries: (rgb colour, name) pairs."""
+    font = _font(13)
+    line_h = font.getbbox("Ag")[3] + 6
+    box = line_h - 8
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    placed, x, y = [], gap, 0
+    for color, name in entries:
+        entry_w = box + 4 + int(probe.textlength(name, font=font)) + 14
+        if x > gap and x + entry_w > width:
+            x, y = gap, y + line_h
+        placed.append((x, y, color, name))
+        x += entry_w
+    picture = Image.new("RGB", (width, y + line_h), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    for x, y, color, name in placed:
+        top = y + (line_h - box) // 2
+        draw.rectangle([x, top, x + box - 1, top + box - 1], fill=tuple(int(c) for c in color), outline=(0, 0, 0))
+        draw.text((x + box + 4, y + line_h / 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(picture)
+
+
+def segmentation_figure(images, labels, predictions, class_names: Sequence[str], palette: Optional[np.ndarray] = None,
+                        titles: Sequence[str] = ("image", "ground truth", "prediction"), min_panel: int = 128,
+                        ignore_index: int = 255, gap: int = 4) -> np.ndarray:
+    """Image, ground truth and prediction side by side, one row per image, with a legend of the classes that
+    appear (and of the ignore colour when ground truth has ignored pixels): uint8 [H, W, 3].
+
+    images: RGB uint8 [N, H, W, 3] or [N, 3, H, W] (or a list); labels, predictions: [N, H, W] class indices of
+    the same size. Panels are enlarged (nearest) by the smallest integer factor that gives them `min_panel`
+    pixels on their short side.
+    """
+    rows = [(_hwc_uint8(image), _numpy(label), _numpy(pred)) for image, label, pred in zip(images, labels, predictions)]
+    if not rows or not len(rows) == len(images) == len(labels) == len(predictions):
+        raise ValueError("images, labels and predictions must be equally many, and at least one")
+    height, width = rows[0][0].shape[:2]
+    for image, label, pred in rows:
+        if image.shape[:2] != (height, width) or label.shape != (height, width) or pred.shape != (height, width):
+            raise ValueError(f"every image, label and prediction must be {height} x {width}, got "
+                             f"{image.shape[:2]}, {label.shape}, {pred.shape}")
+    palette = label_palette(len(class_names)) if palette is None else np.asarray(palette, np.uint8)
+    if len(palette) < len(class_names):
+        raise ValueError(f"a palette of {len(palette)} colours for {len(class_names)} classes")
+    scale = max(1, math.ceil(min_panel / min(height, width)))
+    panels = [[upscale(image, scale), upscale(colorize_labels(label, palette, ignore_index), scale),
+               upscale(colorize_labels(pred, palette, ignore_index), scale)] for image, label, pred in rows]
+    seen = np.unique(np.concatenate([np.concatenate([label.ravel(), pred.ravel()]) for _, label, pred in rows]))
+    entries = [(palette[k], class_names[k]) for k in seen if k != ignore_index]
+    if any((label == ignore_index).any() for _, label, _ in rows):
+        entries.append((IGNORE_COLOR, "ignored"))
+    panel_h, panel_w = height * scale, width * scale
+    sheet_w = 3 * panel_w + 4 * gap
+    font = _font(max(11, min(15, panel_w // 14)))
+    text_h = font.getbbox("Ag")[3] + 6
+    sheet = np.full((text_h + len(panels) * (panel_h + gap), sheet_w, 3), 255, np.uint8)
+    for r, row in enumerate(panels):
+        top = text_h + r * (panel_h + gap)
+        for c, panel in enumerate(row):
+            left = gap + c * (panel_w + gap)
+            sheet[top:top + panel_h, left:left + panel_w] = panel
+    picture = Image.fromarray(sheet)
+    draw = ImageDraw.Draw(picture)
+    for c, title in enumerate(titles):
+        draw.text((gap + c * (panel_w + gap) + panel_w / 2, text_h / 2), title, fill=(0, 0, 0), font=font,
+                  anchor="mm")
+    return np.concatenate([np.asarray(picture), label_legend(entries, sheet_w, gap)], axis=0)

@@ -1,0 +1,177 @@
+"""A small semantic segmentation dataset made of Fashion-MNIST items, in ADE20K's layout, for checks on a CPU.
+
+    python -m util.demo_seg_data --root data/fashion_mnist_seg                    # 2000 train / 500 val images
+    python -m util.demo_seg_data --root data/fashion_mnist_seg_tiny --num_train 40 --num_val 20
+
+writes ``root/images/{training,validation}/<index>.jpg``, ``root/annotations/{training,validation}/<index>.png``
+and ``root/classes.txt``. Each image is a black canvas (64 x 64 by default) with a few Fashion-MNIST items pasted at
+random positions and sizes, in grey as Fashion-MNIST is; training images take their items from Fashion-MNIST's
+training split, validation images from its test split. Items are pasted one after the other: a later item hides
+an earlier one where its own pixels are non-zero (its black surround is transparent), so every pixel belongs to the
+topmost item that has ink there, or to the background.
+
+Annotations follow ADE20K's convention, so that the same flags train on both (`reduce_zero_label`):
+0 = ignore, 1 = background, 2..11 = the ten Fashion-MNIST classes; after reduction: background 0, items 1..10,
+11 classes in all. A pixel is labelled with its item's class where the item's intensity there is at least
+FOREGROUND_THRESHOLD (24 of 255), and ignored where it is fainter but not zero: the anti-aliased rims and faint
+texture (about 15% of the item pixels at the default sizes), whose membership is ambiguous.
+
+Everything is drawn from a generator seeded with `seed`: the same options give the same files, byte for byte, on
+the same Pillow version. As util.demo_data, the tree is written next to `root` and renamed into place with a marker
+file inside, and a finished preparation is reused when the options match.
+"""
+import argparse
+import json
+import os
+import shutil
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from util.demo_data import CLASS_NAMES, DEBIAN_DIR, _load_split, _locate
+
+__all__ = ["prepare_fashion_mnist_seg", "make_canvas", "SEG_CLASS_NAMES", "FOREGROUND_THRESHOLD"]
+
+FOREGROUND_THRESHOLD = 24
+IGNORE_LABEL, BACKGROUND_LABEL = 0, 1  # annotation values; items are 2 + Fashion-MNIST label
+SEG_CLASS_NAMES = ("background",) + CLASS_NAMES  # class order after reduce_zero_label
+MARKER = ".prepared.json"
+JPEG_QUALITY = 95
+# split folder -> demo_data's split name (the Fashion-MNIST file it reads)
+SPLITS = {"training": "train", "validation": "val"}
+
+
+def make_canvas(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, canvas: int = 64,
+                min_items: int = 2, max_items: int = 4, scale_range: Tuple[float, float] = (0.75, 1.5)):
+    """One image and its annotation from a pool of items (uint8 [N, h, w], labels [N]): uint8 [canvas, canvas]
+    grey image, uint8 [canvas, canvas] annotation (0 ignore, 1 background, 2 + label)."""
+    image = np.zeros((canvas, canvas), np.uint8)
+    annotation = np.full((canvas, canvas), BACKGROUND_LABEL, np.uint8)
+    for _ in range(rng.integers(min_items, max_items + 1)):
+        k = rng.integers(len(items))
+        side = int(round(items.shape[1] * rng.uniform(*scale_range)))
+        side = max(1, min(side, canvas))
+        item = np.asarray(Image.fromarray(items[k]).resize((side, side), Image.BILINEAR))
+        y, x = rng.integers(0, canvas - side + 1, size=2)
+        ink = item > 0
+        window = (slice(y, y + side), slice(x, x + side))
+        image[window] = np.where(ink, item, image[window])
+        item_label = np.where(item >= FOREGROUND_THRESHOLD, 2 + int(labels[k]), IGNORE_LABEL).astype(np.uint8)
+        annotation[window] = np.where(ink, item_label, annotation[window])
+    return image, annotation
+
+
+def _write_split(folder: str, items: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator,
+                 options: dict) -> None:
+    image_dir = os.path.join(folder, "images", options["split"])
+    label_dir = os.path.join(folder, "annotations", options["split"])
+    os.makedirs(image_dir)
+    os.makedirs(label_dir)
+    width = len(str(max(count - 1, 0)))
+    for i in range(count):
+        image, annotation = make_canvas(items, labels, rng, options["canvas"], options["min_items"],
+                                        options["max_items"], tuple(options["scale_range"]))
+        Image.fromarray(image, "L").convert("RGB").save(os.path.join(image_dir, f"{i:0{width}d}.jpg"),
+                                                         quality=JPEG_QUALITY)
+        Image.fromarray(annotation, "L").save(os.path.join(label_dir, f"{i:0{width}d}.png"))
+
+
+def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None, num_train: int = 2000,
+                              num_val: int = 500, canvas: int = 64, min_items: int = 2, max_items: int = 4,
+                              scale_range: Tuple[float, float] = (0.75, 1.5), seed: int = 0,
+                              download_dir: Optional[str] = "", verbose: bool = False) -> str:
+    """Writes the dataset under `root` (once) and returns `root`.
+
+    Args:
+        root: the folder to create; it must not exist, or hold a dataset this function finished earlier.
+        sources / download_dir: where the Fashion-MNIST idx files are found or downloaded, as in
+            util.demo_data.prepare_fashion_mnist (default: the Debian package's folder, then ``<root>_download``).
+        num_train / num_val: images per split.
+        canvas: image side in pixels; min_items / max_items: items per image (uniform);
+        scale_range: item side as a multiple of Fashion-MNIST's 28 pixels (uniform; at most the canvas).
+        seed: seeds the generator that draws every choice.
+
+    The options are stored in ``root/.prepared.json``: calling again with the same options returns at once, with
+    others it raises rather than mixing two datasets.
+    """
+    root = os.path.abspath(root)
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("canvas", canvas),
+                        ("min_items", min_items), ("max_items", max_items)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if max_items < min_items:
+        raise ValueError(f"max_items ({max_items}) is below min_items ({min_items})")
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+    options = {"dataset": "fashion-mnist-seg", "num_train": num_train, "num_val": num_val, "canvas": canvas,
+               "min_items": min_items, "max_items": max_items, "scale_range": [float(low), float(high)],
+               "seed": seed, "foreground_threshold": FOREGROUND_THRESHOLD}
+
+    marker = os.path.join(root, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if {k: done.get(k) for k in options} != options:
+            raise ValueError(f"{root} was prepared with {({k: done.get(k) for k in options})}, not {options}; "
+                             f"choose another root or delete it")
+        return root
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        raise FileExistsError(f"{root} exists but holds no finished preparation ({MARKER} is missing); choose "
+                              f"another root or delete it")
+
+    if download_dir == "":
+        download_dir = root + "_download"
+    files = _locate([DEBIAN_DIR] if sources is None else list(sources), download_dir)
+    partial = root + ".partial"
+    if os.path.exists(partial):  # left by an interrupted preparation
+        shutil.rmtree(partial)
+    # One child generator per split: the validation images do not depend on how many training images there are.
+    split_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SPLITS))]
+    for (split, source_split), count, rng in zip(SPLITS.items(), (num_train, num_val), split_rngs):
+        items, labels = _load_split(files, source_split)
+        _write_split(partial, items, labels, count, rng, {**options, "split": split})
+        if verbose:
+            print(f"{split}: {count} images", flush=True)
+    with open(os.path.join(partial, "classes.txt"), "w") as f:
+        f.write("\n".join(SEG_CLASS_NAMES) + "\n")
+    with open(os.path.join(partial, MARKER), "w") as f:
+        json.dump({**options, "source": os.path.dirname(files["train-images-idx3-ubyte"])}, f, indent=1)
+    if os.path.isdir(root):
+        os.rmdir(root)  # empty, checked above
+    os.replace(partial, root)
+    return root
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Fashion-MNIST items on a canvas, as a segmentation dataset in "
+                                            "ADE20K's layout (images/ and annotations/, training and validation)")
+    p.add_argument("--root", default="data/fashion_mnist_seg", help="folder to create")
+    p.add_argument("--num_train", type=int, default=2000, help="training images")
+    p.add_argument("--num_val", type=int, default=500, help="validation images")
+    p.add_argument("--canvas", type=int, default=64, help="image side in pixels")
+    p.add_argument("--min_items", type=int, default=2, help="fewest items per image")
+    p.add_argument("--max_items", type=int, default=4, help="most items per image")
+    p.add_argument("--scale_range", type=float, nargs=2, default=(0.75, 1.5), metavar=("LOW", "HIGH"),
+                   help="item side as a multiple of 28 pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", action="append", default=None,
+                   help=f"folder holding the idx files (repeatable; default: {DEBIAN_DIR})")
+    p.add_argument("--download_dir", default="", help="where to download them if needed (default: <root>_download)")
+    p.add_argument("--no_download", action="store_true", help="fail rather than download")
+    args = p.parse_args(argv)
+    try:
+        root = prepare_fashion_mnist_seg(args.root, args.source, args.num_train, args.num_val, args.canvas,
+                                         args.min_items, args.max_items, tuple(args.scale_range), args.seed,
+                                         None if args.no_download else args.download_dir, verbose=True)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"{root}: {args.num_train} training, {args.num_val} validation images, {len(SEG_CLASS_NAMES)} classes "
+          f"(--nb_classes {len(SEG_CLASS_NAMES)} with reduce_zero_label)")
+
+
+if __name__ == "__main__":
+    main()
