@@ -34,15 +34,6 @@ def reference():
     return model, images, masks, loss_of(model, images, masks)
 
 
-def test_sparse_stages(reference):
-    model, images, masks, plain = reference
-    assert model.encoder.sparse_stages  # the default
-    model.encoder.sparse_stages = False
-    dense = loss_of(model, images, masks)
-    model.encoder.sparse_stages = True
-    torch.testing.assert_close(dense, plain, rtol=1e-5, atol=1e-5)
-
-
 def test_fused_attention(reference):
     model, images, masks, plain = reference
     set_fused_attention(model, True)
@@ -61,22 +52,6 @@ def test_channels_last(reference):
 def test_bf16_autocast_within_tolerance(reference):
     model, images, masks, plain = reference
     torch.testing.assert_close(loss_of(model, images, masks, dtype=torch.bfloat16), plain, rtol=0.05, atol=0.02)
-
-
-def test_known_visible_count_matches_counting_and_a_wrong_one_fails(reference):
-    model, images, masks, _ = reference
-    with torch.no_grad():
-        counted = torch.stack(list(_losses(model(images, masks))))
-        known = torch.stack(list(_losses(model(images, masks, num_visible=model.num_visible_tokens))))
-    torch.testing.assert_close(known, counted, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=f"num_visible={model.num_visible_tokens + 1}, but the masks leave "
-                                         rf"\[{model.num_visible_tokens}\] tokens visible"):
-        model(images, masks, num_visible=model.num_visible_tokens + 1)
-
-
-def _losses(output):
-    loss, parts = output
-    return loss, parts["loss_mask"], parts["loss_vis"]
 
 
 def test_fused_adamw_step_matches_foreach():

@@ -108,6 +108,20 @@ def test_sparse_stages_match_the_dense_path(size, mask_type, channels_last, drop
     for name in gp_d:
         torch.testing.assert_close(gp_s[name], gp_d[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
+    # The whole pre-training loss too: sparse stages are the DMJD models' default, dense ones a construction option.
+    kwargs = dict(img_size=size, mask_type=mask_type, drop_path_rate=drop_path)
+    torch.manual_seed(0)
+    dmjd_sparse = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", **kwargs).eval()
+    dmjd_dense = timm.create_model("dmjd_convit_tiny_patch16_dec1_hog", sparse_stages=False, **kwargs).eval()
+    dmjd_dense.load_state_dict(dmjd_sparse.state_dict())
+    assert dmjd_sparse.encoder.sparse_stages and not dmjd_dense.encoder.sparse_stages
+    images = torch.randint(0, 256, (4, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    masks = dmjd_sparse.make_masks(4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        losses = [torch.stack([loss, parts["loss_mask"], parts["loss_vis"]])
+                  for loss, parts in (m(images, masks) for m in (dmjd_dense, dmjd_sparse))]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+
 
 def test_vit_masked_tokens_do_not_leak():
     torch.manual_seed(0)
@@ -281,7 +295,16 @@ def test_autocast_loss_matches_fp32(dtype):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"mask_type": "rand", "mask_ratio": 0.75}, {"num_views": 3, "mask_ratio": 0.7}])
-def test_known_visible_count_matches_the_masks(kwargs):
-    model = tiny_dmjd(**kwargs)
+def test_known_visible_count_matches_the_masks_and_a_wrong_one_fails(kwargs):
+    """num_visible_tokens is the count the masks leave; giving it spares the host read and changes nothing."""
+    model = tiny_dmjd(**kwargs).eval()
     masks = model.make_masks(3)
     assert (~masks).sum(-1).unique().tolist() == [model.num_visible_tokens]
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        counted, known = (torch.stack([loss, parts["loss_mask"], parts["loss_vis"]]) for loss, parts in
+                          (model(images, masks), model(images, masks, num_visible=model.num_visible_tokens)))
+    torch.testing.assert_close(known, counted, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"num_visible={model.num_visible_tokens + 1}, but the masks leave "
+                                         rf"\[{model.num_visible_tokens}\] tokens visible"):
+        model(images, masks, num_visible=model.num_visible_tokens + 1)
