@@ -1,9 +1,10 @@
-# DMJD on GPUs. torch and torchvision come with the base image; requirements.txt adds the rest without reinstalling
-# them (the image's versions already meet its lower bounds). Another base: --build-arg BASE_IMAGE=<image>.
+# DMJD on GPUs. torch and torchvision come with the base image (a current PyTorch; requirements.txt needs 2.6 or later,
+# the first whose weights_only=True loading is safe from crafted files); requirements.txt adds the rest without
+# reinstalling them. Another base: --build-arg BASE_IMAGE=<image>.
 #   docker build -t dmjd .
 #   docker run --gpus all --ipc=host -v /path/to/imagenet:/data -v /path/to/out:/out dmjd \
 #       torchrun --nproc_per_node=8 main_pretrain.py --data_path /data --output_dir /out/dmjd_convit_b
-ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \

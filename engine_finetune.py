@@ -2,7 +2,7 @@
 share, one epoch, evaluation, and the epochs of both."""
 import argparse
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,10 @@ from models_convvit import check_classifier_name
 from models_dmjd import ENCODER_NAMES
 from training.config import TrainConfig, check_run_flags
 from training.data import eval_loader, train_loader
-from training.meters import LossMeter, Progress, log_window
+from training.meters import Progress, log_window
 from training.run import Run, TrainState
 from training.step import NonFiniteLossError, TrainStep, autocast_context
-from util.checkpoint import ArchitectureMismatch, check_encoder_loaded, load_pretrained, saved_model
+from util.checkpoint import ArchitectureMismatch, CheckpointError, check_encoder_loaded, load_pretrained, saved_model
 from util.datasets import classification_folders, skip_bad_collate
 from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_device
 
@@ -34,6 +34,8 @@ class ClassificationConfig(TrainConfig):
     checkpoint_key: str
     eval: bool
     dist_eval: bool
+
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + ("nb_classes",)
 
 
 def check_classification_flags(args) -> None:
@@ -64,7 +66,7 @@ def load_encoder(model: torch.nn.Module, path: str, key: str = "model",
     try:
         missing, unexpected = load_pretrained(model, path, key)
         check_encoder_loaded(missing, unexpected, path, allowed_missing)
-    except (ArchitectureMismatch, ValueError, KeyError, FileNotFoundError) as err:
+    except (ArchitectureMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
         trained_as = saved_model(path)
         hint = (f" It holds the encoder of {trained_as!r}: fine-tune or probe it with --model "
                 f"{ENCODER_NAMES.get(trained_as, trained_as)}." if trained_as else "")
@@ -100,10 +102,9 @@ def evaluate_checkpoint(run: Run, cfg: ClassificationConfig, model: torch.nn.Mod
 
 def train_one_epoch(model: torch.nn.Module, criterion, step: TrainStep, loader, epoch: int, cfg: TrainConfig,
                     progress: Progress, writer=None, mixup_fn=None) -> Dict[str, float]:
-    """Trains one epoch of `progress.total` iterations on `(images, targets, num_bad)` batches
-    (util.datasets.skip_bad_collate); returns the epoch's mean loss over all ranks and the lr."""
+    """Trains the epoch's iterations that `progress` tracks (its names: ("loss",)) on `(images, targets, num_bad)`
+    batches (util.datasets.skip_bad_collate); returns the epoch's mean loss over all ranks and the lr."""
     model.train()
-    meter = LossMeter(("loss",), step.device)
     for it, (images, targets, _) in progress.track(loader):
         # A batch whose files were all unreadable still takes its step (every DDP rank must), with zero weight.
         weight = 1.0
@@ -121,11 +122,12 @@ def train_one_epoch(model: torch.nn.Module, criterion, step: TrainStep, loader, 
 
         losses = step(forward, epoch + it / progress.total, epoch * progress.total + it, weight)
         if losses is not None:
-            meter.add(*losses)
+            progress.losses.add(*losses)
         if progress.due(it):
-            log_window(step, meter, progress, it, epoch, writer)
-    stats = meter.totals(images=progress.images)
-    print(f"Epoch [{epoch}] done: loss {stats['loss']:.4f}; {progress.summary()}", flush=True)
+            log_window(step, progress, it, epoch, writer)
+    stats = progress.totals()
+    print(f"Epoch [{epoch}] {'stopped' if progress.stopped else 'done'}: loss {stats['loss']:.4f}; "
+          f"{progress.summary()}", flush=True)
     return {"loss": stats["loss"], "lr": step.lr}
 
 
@@ -153,7 +155,7 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device, amp_dtyp
         if progress.due(it):
             loss, top1, _, count = totals.tolist()  # this process's running figures
             progress.line(it, {"loss": loss / max(count, 1), "acc1": 100 * top1 / max(count, 1)})
-    loss, top1, top5, count = all_reduce_sum(totals).tolist()
+    loss, top1, top5, count = all_reduce_sum(totals, what="the evaluation's totals").tolist()
     if count == 0:
         raise ValueError("the evaluation set is empty")
     return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "count": int(count)}
@@ -175,12 +177,13 @@ def train_and_evaluate(run: Run, cfg: TrainConfig, model: torch.nn.Module, state
     iters = state.step.iters_per_epoch
     stats = {}
     for epoch in run.epochs(start_epoch, train_loader):
-        progress = Progress(f"Epoch [{epoch}]", iters, cfg.print_freq, run.device, run.later_iters(epoch, iters))
+        progress = run.progress(epoch, iters)
         try:
             train_stats = train_one_epoch(model, criterion, state.step, train_loader, epoch, cfg, progress,
                                           run.writer, mixup_fn)
         except NonFiniteLossError as err:
             raise SystemExit(f"error: {err}") from None
+        run.stop_if_requested(state, epoch, progress, best_acc1=best_acc1)
         stats = evaluate(val_loader, model, run.device, cfg.amp_dtype, cfg.print_freq)
         is_best = stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, stats["acc1"])

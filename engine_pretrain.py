@@ -1,11 +1,11 @@
 """One epoch of DMJD pre-training, and the config it runs under."""
 from dataclasses import dataclass
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
 from training.config import TrainConfig
-from training.meters import LossMeter, Progress, log_window
+from training.meters import Progress, log_window
 from training.step import TrainStep
 from util.schedules import cosine_momentum
 
@@ -31,6 +31,10 @@ class PretrainConfig(TrainConfig):
     keep_last: int
     vis_freq: int
 
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + (
+        "num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta",
+        "ema_momentum")
+
     def momentum_at(self, progress: float) -> float:
         """The EMA teacher's momentum: cosine from --ema_momentum to 1 over the run."""
         return cosine_momentum(progress, self.ema_momentum, self.epochs)
@@ -49,19 +53,16 @@ def readable_batch(batch, input_size: int):
 
 def train_one_epoch(model: torch.nn.Module, step: TrainStep, loader, epoch: int, cfg: PretrainConfig,
                     progress: Progress, writer=None, teacher=None) -> Dict[str, float]:
-    """Trains one epoch of `progress.total` iterations; returns the epoch's mean losses, lr, teacher momentum and
-    counts, summed over all ranks. Batches are `(images, labels, num_bad)` from util.datasets.skip_bad_collate."""
+    """Trains the epoch's iterations that `progress` tracks (all of them, or the rest of an interrupted epoch, until
+    a stop is agreed); returns the epoch's mean losses, lr, teacher momentum and counts, summed over all ranks.
+    `progress` sums the losses (its names: LOSS_NAMES). Batches are `(images, labels, num_bad)` from
+    util.datasets.skip_bad_collate."""
     model.train()
-    meter = LossMeter(LOSS_NAMES, step.device)
-    bad_images = empty_batches = 0
     skipped_before = step.skipped
-
     for it, batch in progress.track(loader):
         # -- the batch: readable crops, or a zero-weight placeholder; uint8 to the device, normalised there
         images, weight, num_bad = readable_batch(batch, cfg.input_size)
-        bad_images += num_bad
-        empty_batches += int(weight == 0)
-        progress.count(len(images) if weight else 0)
+        progress.count(len(images) if weight else 0, bad_images=num_bad, empty_batches=int(weight == 0))
         images = images.to(step.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -70,15 +71,14 @@ def train_one_epoch(model: torch.nn.Module, step: TrainStep, loader, epoch: int,
         losses = step(lambda: model(images, teacher=teacher), epoch + it / progress.total,
                       epoch * progress.total + it, weight)
         if losses is not None:
-            meter.add(*losses)
+            progress.losses.add(*losses)
 
         # -- every --print_freq steps: read the losses back, check them, print and log
         if progress.due(it):
-            log_window(step, meter, progress, it, epoch, writer,
-                       **({"momentum": step.momentum} if teacher is not None else {}))
+            log_window(step, progress, it, epoch, writer, **({"momentum": step.momentum} if teacher else {}))
 
     # -- the epoch over all ranks
-    stats = meter.totals(images=progress.images, bad_images=bad_images, empty_batches=empty_batches)
+    stats = {"bad_images": 0, "empty_batches": 0, **progress.totals()}
     stats.update(lr=step.lr, steps=progress.total // cfg.accum_iter, nonfinite_skipped=step.skipped - skipped_before)
     if teacher is not None:
         stats["momentum"] = step.momentum
@@ -88,5 +88,5 @@ def train_one_epoch(model: torch.nn.Module, step: TrainStep, loader, epoch: int,
                     f"readable image)")
     if stats["nonfinite_skipped"]:
         summary += f", {stats['nonfinite_skipped']} non-finite steps skipped"
-    print(f"Epoch [{epoch}] done: {summary}; {progress.summary()}", flush=True)
+    print(f"Epoch [{epoch}] {'stopped' if progress.stopped else 'done'}: {summary}; {progress.summary()}", flush=True)
     return stats

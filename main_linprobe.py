@@ -19,9 +19,9 @@ from engine_finetune import (ClassificationConfig, add_classification_flags, che
                              train_and_evaluate)
 from models_convvit import PROBE_FEATURES, LinearProbe, conv_weights_channels_last
 from training.config import add_run_flags
-from training.run import Run, TrainState
+from training.run import Run, TrainState, resume_candidates
 from training.step import TrainStep
-from util.checkpoint import architecture_kwargs, find_resume, load_checkpoint
+from util.checkpoint import architecture_kwargs, load_checkpoint
 from util.schedules import epoch_iterations
 from util.transforms import eval_transform, linprobe_transform
 
@@ -88,7 +88,8 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     args = validate_args(args)
-    resume = find_resume(args.resume, None if args.eval else args.output_dir)
+    found = resume_candidates(args.resume, None if args.eval else args.output_dir)
+    resume = found[0][1] if found else None
     cfg, lr_line = resolve_classification(LinprobeConfig, args,
                                           probe_features=resumed_probe_features(args, resume))
     with Run(cfg) as run:

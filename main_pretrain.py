@@ -16,7 +16,6 @@ from engine_pretrain import LOSS_NAMES, PretrainConfig, train_one_epoch
 from models_dmjd import DEFAULT_MODEL, EMATeacher, create_from_flags
 from training.config import add_run_flags, check_run_flags, flag_error
 from training.data import train_loader
-from training.meters import Progress
 from training.run import Run, TrainState
 from training.step import NonFiniteLossError, TrainStep
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate
@@ -175,11 +174,12 @@ def pretrain(run: Run, cfg: PretrainConfig) -> None:
     if run.is_main and cfg.vis_freq > 0:
         vis_images = sample_images(cfg.data_path, "train", cfg.input_size, 4).to(run.device)
     for epoch in run.epochs(start_epoch, loader):
-        progress = Progress(f"Epoch [{epoch}]", iters, cfg.print_freq, run.device, run.later_iters(epoch, iters))
+        progress = run.progress(epoch, iters, LOSS_NAMES)
         try:
             stats = train_one_epoch(trained, step, loader, epoch, cfg, progress, run.writer, teacher)
         except NonFiniteLossError as err:
             raise SystemExit(f"error: {err}") from None
+        run.stop_if_requested(state, epoch, progress)
         if stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
             raise SystemExit(f"error: no image of epoch {epoch} could be read ({stats['bad_images']} files failed, "
                              f"see the warnings above); check --data_path {cfg.data_path}")

@@ -49,5 +49,5 @@ def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, sk
     rank = dist.get_rank() if dist.is_initialized() else 0
     step = TrainStep.for_run(model, optimizer, cfg, rank, iters, loss_names=LOSS_NAMES, skipped=skipped,
                              teacher=teacher, student=student, momentum_schedule=cfg.momentum_at if teacher else None)
-    progress = Progress(f"Epoch [{epoch}]", iters, cfg.print_freq, torch.device("cpu"))
+    progress = Progress(f"Epoch [{epoch}]", iters, cfg.print_freq, torch.device("cpu"), names=LOSS_NAMES)
     return train_one_epoch(model, step, loader, epoch, cfg, progress, teacher=teacher)

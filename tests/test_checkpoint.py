@@ -195,3 +195,37 @@ def test_vit_checkpoints_written_before_timm_layout_still_load(tmp_path):
     torch.save({"model": fine_tuned}, tmp_path / "ft_old.pth")
     timm.create_model("vit_test_patch16_gap_sincos", img_size=64, num_classes=3, fc_norm=True,
                       checkpoint_path=str(tmp_path / "ft_old.pth"))
+
+
+class _NotAWeight:
+    """A class a crafted checkpoint could carry: weights_only=True never builds it."""
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "cannot be read as a checkpoint"),
+    (b"garbage, not a zip file", "cannot be read as a checkpoint"),
+    (None, "cannot be read as a checkpoint: it holds objects other than tensors and plain values"),
+])
+def test_bad_finetune_files_are_named_without_advice_to_load_unsafely(tmp_path, content, reason):
+    from engine_finetune import load_encoder
+    path = tmp_path / "bad.pth"
+    if content is None:
+        torch.save({"model": {}, "extra": _NotAWeight()}, path)
+    else:
+        path.write_bytes(content)
+    model = timm.create_model("convvit_tiny_patch16", img_size=64)
+    with pytest.raises(SystemExit, match=rf"--finetune {path} {reason}") as stop:
+        load_encoder(model, str(path))
+    assert "weights_only=False" not in str(stop.value) and "weights_only set to False" not in str(stop.value)
+
+
+def test_a_resaved_checkpoint_gets_a_new_checksum_and_a_changed_value_is_found(tmp_path):
+    from util.checkpoint import CheckpointError, load_checkpoint
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(tmp_path / "a.pth"))
+    ckpt = torch.load(tmp_path / "a.pth", weights_only=True)
+    ckpt["epoch"] = 2
+    torch.save(ckpt, tmp_path / "edited.pth")  # edited without a new checksum
+    with pytest.raises(CheckpointError, match="edited.pth is damaged"):
+        load_checkpoint(str(tmp_path / "edited.pth"))
+    save_checkpoint(ckpt, str(tmp_path / "resaved.pth"))
+    assert load_checkpoint(str(tmp_path / "resaved.pth"))["epoch"] == 2

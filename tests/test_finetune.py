@@ -113,7 +113,7 @@ def test_missing_encoder_weights_fail_with_the_keys(tmp_path):
     pretrain_checkpoint(tmp_path / "pre.pth")
     state = torch.load(tmp_path / "pre.pth", weights_only=True)
     del state["model"]["encoder.blocks3.0.attn.qkv.weight"]
-    torch.save(state, tmp_path / "broken.pth")
+    save_checkpoint(state, str(tmp_path / "broken.pth"))
     model = timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=5)
     missing, unexpected = load_pretrained(model, str(tmp_path / "broken.pth"))
     with pytest.raises(RuntimeError, match="blocks3.0.attn.qkv.weight"):
@@ -132,7 +132,7 @@ def test_position_embedding_is_resampled_and_teacher_can_be_loaded(tmp_path):
             p.mul_(0.5)
     ckpt = torch.load(tmp_path / "pre.pth", weights_only=True)
     ckpt["teacher"] = teacher.state_dict()
-    torch.save(ckpt, tmp_path / "pre.pth")
+    save_checkpoint(ckpt, str(tmp_path / "pre.pth"))
     model = timm.create_model("convvit_tiny_patch16", img_size=96, num_classes=5)
     missing, _ = load_pretrained(model, str(tmp_path / "pre.pth"), key="teacher")
     check_encoder_loaded(missing, [], "pre.pth")
@@ -294,7 +294,7 @@ def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
         for k, v in ckpt["model"].items():  # the encoder stayed bit-identical to the pre-trained one
             if k.startswith("encoder."):
                 assert torch.equal(v, pre[k]), k
-    stdout = script(name, cls_data, out, "--epochs", "3")
+    stdout = script(name, cls_data, out, "--epochs", "3", "--allow_flag_changes", "epochs")  # a deliberate change
     assert "continuing at epoch 2" in stdout
     stdout = script(name, cls_data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-best.pth"))
     assert "accuracy of the network on 9 test images" in stdout
@@ -379,3 +379,27 @@ def test_resampling_note_names_both_grids(tmp_path, capsys):
     pretrain_checkpoint(tmp_path / "pre.pth")  # 64 px, patch 16: 4 x 4
     load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=96, num_classes=5), str(tmp_path / "pre.pth"))
     assert "resampled pos_embed from the checkpoint's 4 x 4 grid to this model's 6 x 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])
+def test_sigusr1_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted_run(cls_data, tmp_path, name):
+    import signal
+    args = ("--epochs", "2", "--print_freq", "1", "--finetune", str(cls_data / "pre.pth"))
+    script(name, cls_data, tmp_path / "straight", *args)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(script_cmd(name, cls_data, out, *args), cwd=ROOT, env=script_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if line.startswith("Epoch [1] [2/6]"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, rest
+    stopped = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert stopped["resume_at"]["epoch"] == 1 and stopped["best_acc1"] > 0  # epoch 0's evaluation is kept
+    script(name, cls_data, out, *args)
+    a, b = (torch.load(d / "checkpoint-last.pth", weights_only=True) for d in (tmp_path / "straight", out))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    logs = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()] for d in (tmp_path / "straight", out)]
+    assert logs[0] == logs[1]

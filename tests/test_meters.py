@@ -47,6 +47,27 @@ def test_progress_stops_at_its_total():
     assert [i for i, _ in progress.track(range(5))] == [0, 1]
 
 
+def test_progress_stops_at_an_agreed_optimizer_step_boundary_and_resumes_where_it_stopped():
+    asked = []
+    progress = Progress("Epoch [1]", total=8, print_freq=100, device=torch.device("cpu"), names=("loss",),
+                        stop=lambda: asked.append(True) or len(asked) == 2, stop_every=2)
+    for index, batch in progress.track(range(8)):
+        progress.count(4, bad_images=1)
+        progress.losses.add(torch.tensor([float(index)]), 1)
+    assert progress.stopped and len(asked) == 2  # asked before iterations 2 and 4, stopped before 4
+    state = progress.state_dict()
+    assert state["iteration"] == 4 and state["images"] == 16 and state["counts"] == {"bad_images": 4}
+    resumed = Progress("Epoch [1]", total=8, print_freq=100, device=torch.device("cpu"), names=("loss",), first=4)
+    resumed.load_state_dict(state)
+    seen = []
+    for index, batch in resumed.track(range(4, 8)):
+        seen.append((index, batch))
+        resumed.count(4, bad_images=1)
+        resumed.losses.add(torch.tensor([float(index)]), 1)
+    assert seen == [(4, 4), (5, 5), (6, 6), (7, 7)] and not resumed.stopped
+    assert resumed.totals() == {"loss": 3.5, "images": 32, "bad_images": 8}  # the whole epoch's record
+
+
 class _Writer:
     def __init__(self):
         self.scalars = []
@@ -58,16 +79,15 @@ class _Writer:
 def test_log_window_checks_prints_and_writes_tensorboard_scalars(capsys):
     model = torch.nn.Linear(1, 1)
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p: 0.1)
-    meter = LossMeter(("loss",), torch.device("cpu"))
-    progress = Progress("Epoch [0]", total=4, print_freq=2, device=torch.device("cpu"))
+    progress = Progress("Epoch [0]", total=4, print_freq=2, device=torch.device("cpu"), names=("loss",))
     writer = _Writer()
-    log_window(step, meter, progress, 1, 0, writer)  # an empty window prints nothing
+    log_window(step, progress, 1, 0, writer)  # an empty window prints nothing
     assert writer.scalars == [] and capsys.readouterr().out == ""
     out = step(lambda: model(torch.ones(1)).sum(), 0.0, 0)
-    meter.add(*out)
-    log_window(step, meter, progress, 1, 0, writer, momentum=0.99)
+    progress.losses.add(*out)
+    log_window(step, progress, 1, 0, writer, momentum=0.99)
     assert [tag for tag, _, _ in writer.scalars] == ["train/loss", "train/lr", "train/momentum"]
     assert {x for _, _, x in writer.scalars} == {500}  # epoch_1000x: 2 of 4 iterations of epoch 0
     step(lambda: model(torch.ones(1)).sum() * float("nan"), 0.0, 1)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1"):
-        log_window(step, meter, progress, 3, 0, writer)
+        log_window(step, progress, 3, 0, writer)

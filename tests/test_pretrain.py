@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -65,8 +66,8 @@ def test_pretrain_runs_logs_and_resumes(data_root, tmp_path):
     ckpt = load(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 1 and ckpt["teacher"] is not None and isinstance(ckpt["args"], dict)
 
-    # Same command with more epochs: resumes automatically from checkpoint-last.pth.
-    proc = run(pretrain_cmd(data_root, out, "--vis_target", "ema", "--epochs", "3"))
+    # Same command with more epochs, a deliberate change: resumes automatically from checkpoint-last.pth.
+    proc = run(pretrain_cmd(data_root, out, "--vis_target", "ema", "--epochs", "3", "--allow_flag_changes", "epochs"))
     assert "continuing at epoch 2" in proc.stdout
     assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
     ckpt2 = load(out / "checkpoint-last.pth")
@@ -195,3 +196,63 @@ def test_multinode_c10d_rendezvous_on_loopback(data_root, tmp_path):
     assert "world size 2" in proc.stdout and "x 8 images / 256" in proc.stdout
     log = read_log(out)
     assert len(log) == 1 and log[0]["train_steps"] == 2 and log[0]["train_images"] == 16
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted_run(data_root, tmp_path):
+    """Preemption costs at most one step: SIGTERM ends the run after its current step with a checkpoint of it (exit
+    status 75), and the same command continues mid-epoch, with loader workers, bit for bit as if never stopped."""
+    args = ("--epochs", "2", "--seed", "5", "--num_workers", "2")
+    run(pretrain_cmd(data_root, tmp_path / "straight", *args))
+
+    out = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(pretrain_cmd(data_root, out, *args), cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if line.startswith("Epoch [0] [2/4]"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, rest
+    ckpt = load(out / "checkpoint-last.pth")
+    assert ckpt["resume_at"]["epoch"] == 0 and 2 <= ckpt["resume_at"]["iteration"] < 4, ckpt["resume_at"]
+    assert "received SIGTERM: stopping after the current step" in rest and "exiting with status 75" in rest
+
+    proc = run(pretrain_cmd(data_root, out, *args))
+    assert f"continuing at epoch 0, iteration {ckpt['resume_at']['iteration']}" in proc.stdout
+    a, b = load(tmp_path / "straight" / "checkpoint-last.pth"), load(out / "checkpoint-last.pth")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert read_log(tmp_path / "straight") == read_log(out)  # both epochs' losses and counts, the stopped one too
+
+
+def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_the_rank_and_the_collective(data_root, tmp_path):
+    out = tmp_path / "hung"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(launcher + pretrain_cmd(data_root, out, "--epochs", "1", "--batch_size", "2",
+                                                    "--dist_timeout", "0.1")[1:],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    stopped = None
+    for line in proc.stdout:
+        if line.startswith("Epoch [0] [1/4]") and stopped is None:
+            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+            stopped = int(workers.split()[-1])  # one of the two training processes
+            os.kill(stopped, signal.SIGSTOP)
+            start = time.time()
+            break
+    try:
+        found = None
+        for line in proc.stdout:  # the other process's error, before the launcher tears both down
+            found = found or re.search(r"error: rank \d of 2: (.*) timed out after --dist_timeout 0.1 minutes", line)
+            if found:
+                break
+        assert time.time() - start < 60  # 6 s of --dist_timeout, not the 30 minutes of before
+        assert found and "DDP's gradient all-reduce of step" in found.group(1), found
+    finally:
+        os.kill(stopped, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher, and whatever it left
+        except ProcessLookupError:
+            pass

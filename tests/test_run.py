@@ -70,3 +70,198 @@ def test_a_config_resolved_for_another_world_size_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="resolved for 2 processes, the run has 1"):
         with Run(pretrain_config(output_dir=str(tmp_path), world_size=2)):
             pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What never goes wrong in silence: resume precedence and fallback, changed flags, signals, crash windows, the lock.
+
+def finished_epochs(cfg, epochs, save_freq=None, lr=0.1):
+    """A run of `epochs` epochs in cfg.output_dir; returns its state."""
+    s = state(lr=lr)
+    with Run(cfg, save_freq=save_freq) as run:
+        for epoch in range(epochs):
+            train(s)
+            run.end_epoch(s, epoch, {"train_loss": float(epoch)})
+    return s
+
+
+def test_an_older_resume_never_wins_over_the_folders_newer_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    finished_epochs(pretrain_config(output_dir=str(out), epochs=6), 4, save_freq=2)  # periodic 1 and 3, last 3
+    cfg = pretrain_config(output_dir=str(out), epochs=6, resume=str(out / "checkpoint-1.pth"))
+    with Run(cfg, save_freq=2, keep_last=2) as run:
+        assert run.resume(state()) == 4
+    printed = capsys.readouterr().out
+    assert f"--resume {out / 'checkpoint-1.pth'} is older than {out / 'checkpoint-last.pth'}: resuming from the " \
+           "newer one" in printed
+    assert (out / "checkpoint-3.pth").exists()  # nothing newer was pruned
+
+
+def test_auto_resume_falls_back_over_damaged_files_naming_each(tmp_path, capsys):
+    out = tmp_path / "out"
+    good = finished_epochs(pretrain_config(output_dir=str(out), epochs=6), 4, save_freq=2)
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a node crash before the data reached the disk
+    data = bytearray((out / "checkpoint-3.pth").read_bytes())
+    weight = good.model.weight.detach().numpy().tobytes()
+    at = bytes(data).index(weight)  # a bit flipped inside the saved weights
+    data[at + 5] ^= 0x10
+    (out / "checkpoint-3.pth").write_bytes(data)
+    (out / ".checkpoint-last.pth.tmp4242").write_bytes(b"half a checkpoint")
+    resumed = state()
+    with Run(pretrain_config(output_dir=str(out), epochs=6)) as run:
+        assert run.resume(resumed) == 2  # checkpoint-1.pth, the newest good one
+    printed = capsys.readouterr().out
+    assert "removed 1 temporary files of interrupted saves: .checkpoint-last.pth.tmp4242" in printed
+    assert f"skipping {last}: {last} cannot be read as a checkpoint" in printed
+    assert f"skipping {out / 'checkpoint-3.pth'}: {out / 'checkpoint-3.pth'} is damaged: its content does not " \
+           f"match the checksum" in printed
+    assert not (out / ".checkpoint-last.pth.tmp4242").exists()
+
+
+def test_an_unreadable_explicit_resume_stops_the_run_naming_it(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with Run(pretrain_config(output_dir=str(tmp_path / "out"), resume=str(bad))) as run:
+        with pytest.raises(SystemExit, match=rf"--resume {bad} cannot be read as a checkpoint") as stop:
+            run.resume(state())
+    assert "weights_only=False" not in str(stop.value)
+
+
+def test_changed_flags_that_define_the_run_stop_it_naming_each(tmp_path):
+    out = str(tmp_path)
+    finished_epochs(pretrain_config(output_dir=out, epochs=6), 1)
+    changed = pretrain_config(output_dir=out, epochs=8, batch_size=32, num_views=3, lr=0.5)
+    with Run(changed) as run:
+        with pytest.raises(SystemExit) as stop:
+            run.resume(state())
+    message = str(stop.value)
+    for shown in ("--epochs: saved 6, given 8", "--batch_size: saved 64, given 32", "--num_views: saved 2, given 3",
+                  "--lr: saved 0.001, given 0.5", "--allow_flag_changes batch_size,epochs,lr,num_views"):
+        assert shown in message
+    allowed = pretrain_config(output_dir=out, epochs=8, allow_flag_changes="epochs")
+    with Run(allowed) as run:
+        assert run.resume(state()) == 1
+
+
+def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_from(tmp_path, capsys):
+    import os
+    import signal
+
+    from training.run import Preempted
+    cfg = pretrain_config(output_dir=str(tmp_path), epochs=2, accum_iter=2)
+    s = state()
+    with pytest.raises(Preempted) as stop:
+        with Run(cfg) as run:
+            for epoch in run.epochs(0):
+                progress = run.progress(epoch, 8)
+                for it, _ in progress.track(range(8)):
+                    if it == 2:
+                        os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-window: the window finishes first
+                    progress.losses.add(torch.tensor([1.0]), 1)
+                run.stop_if_requested(s, epoch, progress)
+    assert stop.value.code == 75
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["resume_at"] == {"epoch": 0, "iteration": 4} and ckpt["epoch"] == -1
+    assert ckpt["progress"]["losses"]["count"] == 4
+    assert "received SIGUSR1: stopping after the current step" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run
+
+    with Run(cfg) as run:
+        assert run.resume(state()) == 0
+        for epoch in run.epochs(0):
+            progress = run.progress(epoch, 8)
+            assert progress.first == (4 if epoch == 0 else 0)
+            assert progress.losses.count == (4 if epoch == 0 else 0)
+            break
+    assert "continuing at epoch 0, iteration 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("window", ["after_last", "after_periodic", "after_best"])
+def test_a_crash_between_an_epochs_files_is_completed_at_the_next_start(tmp_path, monkeypatch, window):
+    import training.run as run_module
+    from util.checkpoint import save_checkpoint as real_save
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    s = state()
+    with Run(cfg, save_freq=2) as run:
+        train(s)
+        run.end_epoch(s, 0, {"train_loss": 0.5})
+
+        saved = []
+
+        def crashing_save(ckpt, path):
+            real_save(ckpt, path)
+            saved.append(path)
+            if window == f"after_{['last', 'periodic', 'best'][len(saved) - 1]}":
+                raise KeyboardInterrupt("killed")
+
+        def crashing_log(log, record):
+            raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(run_module, "save_checkpoint", crashing_save)
+        monkeypatch.setattr(run_module, "_append_line", crashing_log)
+        train(s)
+        with pytest.raises(KeyboardInterrupt):
+            run.end_epoch(s, 1, {"train_loss": 0.25}, best=True, best_acc1=50.0)
+    monkeypatch.undo()
+    with Run(cfg, save_freq=2):
+        pass  # the start completes the epoch's files
+    for name in ("checkpoint-1.pth", "checkpoint-best.pth"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert ckpt["epoch"] == 1 and ckpt["best_acc1"] == 50.0, name
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[1]["train_loss"] == 0.25
+
+
+def test_a_live_run_holds_the_output_folder_and_a_dead_ones_lock_does_not_count(tmp_path):
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(out / '.lock')!r}, 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); f.write('pid 12345 on elsewhere');"
+        " f.flush(); print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        with pytest.raises(SystemExit, match=r"--output_dir .* is in use by a live run \(pid 12345 on elsewhere"):
+            with Run(pretrain_config(output_dir=str(out))):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with Run(pretrain_config(output_dir=str(out))):  # the holder died: its lock is gone
+        pass
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    from util.checkpoint import save_checkpoint
+    save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=rf"no space left on the device of {tmp_path} \(\d+ MiB free\) while writing "
+                                      rf"{tmp_path / 'c.pth'}; the previous file is kept"):
+        save_checkpoint({"epoch": 2}, str(tmp_path / "c.pth"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c.pth", weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left
+
+
+def test_saves_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    from util.checkpoint import save_checkpoint
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, then the folder that holds it

@@ -3,8 +3,9 @@ into once: engines and the run skeleton read the config, never `args`."""
 import argparse
 import dataclasses
 import os
+import signal
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -31,6 +32,14 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> argparse._
     g.add_argument("--num_workers", default=10, type=int, help="data-loading processes")
     g.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
                    help="pinned host memory for the batches (CUDA)")
+    g.add_argument("--allow_flag_changes", default="", type=str,
+                   help="flags that may differ from the resumed checkpoint's, comma-separated ('all': any); by default "
+                        "a change to the run's schedule or model stops it")
+    g.add_argument("--stop_signals", default="TERM,USR1", type=str,
+                   help="signals after which the run saves a checkpoint of its current step and exits with status 75 "
+                        "(requeue)")
+    g.add_argument("--dist_timeout", default=10.0, type=float,
+                   help="minutes a collective waits for the other processes before the run fails naming it")
     return g
 
 
@@ -53,6 +62,11 @@ def check_run_flags(args) -> None:
         raise flag_error("--device", f"must be auto, cpu, cuda or cuda:<index>, got {args.device!r}")
     if args.resume and not os.path.isfile(args.resume):
         raise flag_error("--resume", f"{args.resume!r} is not a file")
+    if not args.dist_timeout > 0:
+        raise flag_error("--dist_timeout", f"must be > 0 minutes, got {args.dist_timeout}")
+    for name in (n.strip() for n in args.stop_signals.split(",")):
+        if name in ("KILL", "STOP") or not isinstance(getattr(signal, "SIG" + name, None), signal.Signals):
+            raise flag_error("--stop_signals", f"{name!r} is not a signal that can be caught (e.g. TERM,USR1)")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise flag_error("--warmup_epochs", f"must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}; "
                                             f"give a shorter warmup for a short run")
@@ -87,12 +101,21 @@ class TrainConfig:
     print_freq: int
     num_workers: int
     pin_mem: bool
+    allow_flag_changes: str
+    stop_signals: str
+    dist_timeout: float
     world_size: int  # processes in the run
+
+    # The flags that define the run's schedule or model: a resumed run must have the checkpoint's (see
+    # --allow_flag_changes).
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = (
+        "model", "input_size", "batch_size", "world_size", "accum_iter", "epochs", "lr", "blr", "min_lr",
+        "warmup_epochs", "weight_decay")
 
     @classmethod
     def from_args(cls, args, **resolved):
         """The config of `args`: every field from the flag of the same name, except those given as `resolved`."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}  # ClassVars are not fields
         unknown = set(resolved) - names
         if unknown:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")

@@ -3,33 +3,63 @@
     with Run(cfg) as run:
         model = run.wrap(model)                      # DDP when distributed
         state = TrainState(model_without_ddp, optimizer, step, teacher)
-        start = run.resume(state)                   # --resume, or the output folder's last checkpoint
-        for epoch in run.epochs(start, loader):      # sets the loader's epoch
-            stats = engine.train_one_epoch(...)
-            run.end_epoch(state, epoch, record, periodic=..., best=...)
+        start = run.resume(state)                    # the newest good checkpoint (see below)
+        for epoch in run.epochs(start, loader):      # sets the loader's epoch (and start, mid-epoch)
+            progress = run.progress(epoch, iters, names)
+            stats = engine.train_one_epoch(..., progress, ...)
+            run.stop_if_requested(state, epoch, progress)   # SIGTERM / SIGUSR1: save this step, exit 75
+            run.end_epoch(state, epoch, record, best=...)
 
-Entering starts the process group (torchrun's environment; NCCL on CUDA, gloo on CPU), prints the run's header and
-config, seeds, and on the main process creates the output folder and the TensorBoard writer; leaving closes them,
-drops the DDP wrappers and ends the process group, in that order.
+Entering starts the process group (torchrun's environment; NCCL on CUDA, gloo on CPU; collectives time out after
+--dist_timeout minutes), prints the run's header and config, seeds, and on the main process takes the output
+folder's lock (a second live run on it is refused; a dead run's lock does not count), removes temporary files of
+interrupted saves, completes the files of the last finished epoch if a crash cut its writing short, and opens
+TensorBoard. Leaving closes them, drops the DDP wrappers and ends the process group, in that order.
+
+What never goes wrong in silence (docs/RELIABILITY.md):
+- Resume takes the newest checkpoint that loads and matches its checksum, among --resume and the output folder's
+  own (checkpoint-last.pth and the periodic ones), and says which it took and every file it skipped and why: a
+  re-run of the same command never goes back to an older file.
+- The flags that define the run's schedule or model must match the checkpoint's (or be named in
+  --allow_flag_changes): a changed one stops the run naming its saved and given values.
+- SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a
+  checkpoint of that step (its position in the epoch's sample order included) and exit status 75 (EX_TEMPFAIL):
+  "requeue me".
 """
 import datetime
+import fcntl
 import json
 import os
+import re
+import signal
+import socket
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
 from training.config import TrainConfig
+from training.meters import Progress
 from training.step import TrainStep
-from util.checkpoint import (find_resume, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
-                             periodic_checkpoint_path, prune_periodic_checkpoints, save_checkpoint)
-from util.misc import cleanup_distributed, init_distributed, seed_everything
+from util.checkpoint import (CheckpointError, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
+                             periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files, save_checkpoint,
+                             write_file_atomically)
+from util.misc import cleanup_distributed, init_distributed, last_collective, note_collective, seed_everything
 
 BEST_CHECKPOINT = "checkpoint-best.pth"
+LOCK_FILE = ".lock"
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, to be continued
+
+
+class Preempted(SystemExit):
+    """The run stopped on a signal after saving its last step: the exit status asks for a requeue."""
+
+    def __init__(self):
+        super().__init__(REQUEUE_EXIT_CODE)
 
 
 @dataclass
@@ -42,6 +72,12 @@ class TrainState:
     teacher: Optional[torch.nn.Module] = None
 
 
+def checkpoint_position(checkpoint: dict) -> Tuple[int, int]:
+    """(epoch, iteration) a checkpoint continues at: its `resume_at`, or the epoch after its finished one."""
+    at = checkpoint.get("resume_at")
+    return (int(at["epoch"]), int(at["iteration"])) if at else (int(checkpoint["epoch"]) + 1, 0)
+
+
 class Run:
     def __init__(self, cfg: TrainConfig, save_freq: Optional[int] = None, keep_last: int = 0):
         """`save_freq`: also keep `checkpoint-<epoch>.pth` every that many epochs (and at the last), of which
@@ -50,13 +86,21 @@ class Run:
         self.writer: Optional[SummaryWriter] = None
         self.saved: dict = {}  # the resumed checkpoint's entries other than the state (e.g. best_acc1)
         self._wrapped = []
+        self._lock = None
+        self._stop_signal = None
+        self._previous_handlers = {}
+        self._control = None  # a CPU (gloo) group for the stop agreement, whatever the backend
+        self._resume_at: Tuple[int, int] = (0, 0)
+        self._resumed_progress: Optional[dict] = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "Run":
-        self.dist = init_distributed(self.cfg.device)
+        self.dist = init_distributed(self.cfg.device, self.cfg.dist_timeout)
         if self.dist.world_size != self.cfg.world_size:
             raise RuntimeError(f"the config was resolved for {self.cfg.world_size} processes, the run has "
                                f"{self.dist.world_size}")
+        if self.dist.distributed:
+            self._control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}  device {self.device}, world size {self.world_size}, "
               f"amp {self.cfg.amp}")
         print(json.dumps(self.cfg.flags(), indent=1, default=str))
@@ -65,18 +109,34 @@ class Run:
         seed_everything(self.cfg.seed + self.rank)
         if self.is_main:
             os.makedirs(self.cfg.output_dir, exist_ok=True)
+            self._take_lock()
+            removed = remove_temp_files(self.cfg.output_dir)
+            if removed:
+                print(f"removed {len(removed)} temporary files of interrupted saves: {', '.join(removed)}")
+            self._complete_last_epoch()
             self.writer = SummaryWriter(log_dir=self.cfg.log_dir or self.cfg.output_dir)
+        for name in self.cfg.stop_signals.split(","):
+            sig = getattr(signal, "SIG" + name.strip())
+            self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
         if self.writer is not None:
             self.writer.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
         # DDP wrappers go before the process group (see util.misc.cleanup_distributed): ours, and those that the
         # frames of a propagating exception still hold.
         if tb is not None:
             traceback.clear_frames(tb)
         self._wrapped.clear()
         cleanup_distributed()
+        if exc is not None and self.dist.distributed and _is_timeout(exc):
+            raise SystemExit(f"error: rank {self.rank} of {self.world_size}: {last_collective()} timed out after "
+                             f"--dist_timeout {self.cfg.dist_timeout:g} minutes: another process stopped, hangs or "
+                             f"died. ({str(exc).strip().splitlines()[0]})") from None
 
     @property
     def device(self) -> torch.device:
@@ -104,20 +164,114 @@ class Run:
         self._wrapped.append(wrapped)
         return wrapped
 
+    # -- the output folder: one live run at a time, whole epochs ------------------------------------------------------
+    def _take_lock(self) -> None:
+        # A POSIX record lock: held by this process alone (not by the data loader's forked workers, which outlive a
+        # killed run for a while), released by the system when the process ends however it ends, and kept over NFS.
+        path = os.path.join(self.cfg.output_dir, LOCK_FILE)
+        lock = open(path, "a+")
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise SystemExit(f"error: --output_dir {self.cfg.output_dir} is in use by a live run ({holder}; "
+                             f"{path} is locked): stop that run or give another --output_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
+        lock.flush()
+        self._lock = lock
+
+    def _complete_last_epoch(self) -> None:
+        """Writes what a crash left unwritten of the last finished epoch: checkpoint-last.pth is saved first and
+        says which periodic and best checkpoint and which log.txt line the epoch has (see end_epoch)."""
+        last = last_checkpoint_path(self.cfg.output_dir)
+        try:
+            meta = load_checkpoint(last, mmap=True) if os.path.isfile(last) else {}
+        except CheckpointError:
+            return  # resume skips it, saying why
+        files = meta.get("epoch_files")
+        if not files:
+            return
+        epoch = meta["epoch"]
+        wanted = [path for path, due in ((periodic_checkpoint_path(self.cfg.output_dir, epoch), files["periodic"]),
+                                         (os.path.join(self.cfg.output_dir, BEST_CHECKPOINT), files["best"]))
+                  if due and _epoch_of(path) != epoch]
+        for path in wanted:
+            with open(last, "rb") as source:
+                write_file_atomically(path, lambda f: f.write(source.read()))
+            print(f"completed the files of epoch {epoch}: wrote {path} from {last}")
+        if periodic_checkpoint_path(self.cfg.output_dir, epoch) in wanted:
+            prune_periodic_checkpoints(self.cfg.output_dir, self.keep_last)
+        log = os.path.join(self.cfg.output_dir, "log.txt")
+        if epoch not in _logged_epochs(log):
+            _append_line(log, {**files["record"], "epoch": epoch})
+            print(f"completed the files of epoch {epoch}: its line in {log}")
+
     # -- epochs -------------------------------------------------------------------------------------------------------
     def epochs(self, start_epoch: int, loader=None):
-        """The epochs from `start_epoch` to the last; each sets the training loader's sampler to its epoch."""
+        """The epochs from `start_epoch` to the last; each sets the training loader's sampler to its epoch, and the
+        first of a resumed run to where the checkpoint stopped in it."""
         print(f"training epochs {start_epoch} to {self.cfg.epochs - 1}")
         start = time.time()
         for epoch in range(start_epoch, self.cfg.epochs):
             if loader is not None:
-                loader.sampler.set_epoch(epoch)
+                loader.sampler.set_epoch(epoch, start=self._first_iteration(epoch) * self.cfg.batch_size)
             yield epoch
         print(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+
+    def _first_iteration(self, epoch: int) -> int:
+        return self._resume_at[1] if epoch == self._resume_at[0] else 0
 
     def later_iters(self, epoch: int, iters_per_epoch: int) -> int:
         """Iterations of the epochs after `epoch` (for the run's ETA)."""
         return (self.cfg.epochs - epoch - 1) * iters_per_epoch
+
+    def progress(self, epoch: int, iters: int, names=("loss",)) -> Progress:
+        """The Progress of a training epoch: --print_freq lines, the run's ETA, stops agreed at optimizer-step
+        boundaries, and for the epoch a checkpoint stopped in, the iteration and record it stopped at."""
+        progress = Progress(f"Epoch [{epoch}]", iters, self.cfg.print_freq, self.device,
+                            self.later_iters(epoch, iters), names, first=self._first_iteration(epoch),
+                            stop=self.stop_requested, stop_every=self.cfg.accum_iter)
+        if progress.first and self._resumed_progress is not None:
+            progress.load_state_dict(self._resumed_progress)
+        return progress
+
+    # -- stopping on a signal -----------------------------------------------------------------------------------------
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = signal.Signals(signum).name
+            print(f"received {self._stop_signal}: stopping after the current step with a checkpoint of it",
+                  force=True, flush=True)
+
+    def stop_requested(self) -> bool:
+        """Whether any process received a stop signal, agreed on by all of them (a host-side collective on the CPU:
+        no device sync)."""
+        flag = torch.tensor([self._stop_signal is not None], dtype=torch.int32)
+        if self._control is not None:
+            note_collective("the agreement on stopping (once per optimizer step)")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(flag.item())
+
+    def stop_if_requested(self, state: TrainState, epoch: int, progress: Progress, **extra) -> None:
+        """If `progress` stopped on a signal: saves checkpoint-last.pth at that step (with where the epoch stopped
+        and its record so far), waits for every process, and exits with status 75 (Preempted)."""
+        if not progress.stopped:
+            return
+        record = progress.state_dict()
+        if self.is_main:
+            ckpt = self.checkpoint(state, epoch - 1, **extra)
+            ckpt.update(resume_at={"epoch": epoch, "iteration": record["iteration"]}, progress=record)
+            save_checkpoint(ckpt, last_checkpoint_path(self.cfg.output_dir))
+            print(f"saved {last_checkpoint_path(self.cfg.output_dir)} at epoch {epoch}, iteration "
+                  f"{record['iteration']} of {progress.total}; exiting with status {REQUEUE_EXIT_CODE} (requeue)",
+                  flush=True)
+        if self._control is not None:
+            note_collective("the wait for the stop checkpoint")
+            dist.barrier(group=self._control)  # no process exits (and gets its peers killed) before the save
+        raise Preempted()
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     def checkpoint(self, state: TrainState, epoch: int, **extra) -> dict:
@@ -129,18 +283,40 @@ class Run:
                 "epoch": epoch, "nonfinite_skipped": step.skipped, "args": self.cfg.flags(), **extra}
 
     def resume_path(self, auto: bool = True) -> Optional[str]:
-        """The checkpoint `resume` loads: --resume, or (with `auto`) the output folder's `checkpoint-last.pth`."""
-        return find_resume(self.cfg.resume, self.cfg.output_dir if auto else None)
+        """The checkpoint `resume` would load (without loading it): the newest readable one of --resume and (with
+        `auto`) the output folder's."""
+        found = resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None)
+        return found[0][1] if found else None
+
+    def _load_newest(self, auto: bool) -> Optional[Tuple[str, dict]]:
+        for position, path in resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None):
+            try:
+                return path, load_checkpoint(path)  # the whole file, its checksum verified
+            except CheckpointError as err:
+                if path == self.cfg.resume:
+                    raise SystemExit(f"error: --resume {err}") from None
+                print(f"skipping {path}: {err}")
+        return None
 
     def resume(self, state: Optional[TrainState], model: Optional[torch.nn.Module] = None,
                auto: bool = True) -> int:
-        """Loads --resume, or (with `auto`) the output folder's `checkpoint-last.pth`, into `state` and returns the
-        epoch to continue at (0 without a checkpoint). With `state` None, only the weights go into `model`
-        (evaluation). The checkpoint's other entries are kept in `self.saved`."""
-        path = self.resume_path(auto)
-        if not path:
+        """Loads the newest good checkpoint into `state` and returns the epoch to continue at (0 without one).
+
+        The candidates are --resume and, with `auto`, the output folder's checkpoint-last.pth and periodic
+        checkpoints: the newest (by epoch and iteration) that loads and matches its checksum wins, so that re-running
+        the same command (a requeue) never goes back; every file skipped is named with the reason. The run's
+        schedule and model flags must match the checkpoint's (--allow_flag_changes names exceptions). With `state`
+        None, only the weights go into `model` (evaluation). The checkpoint's other entries are kept in
+        `self.saved`; log.txt lines of epochs it redoes are dropped."""
+        chosen = self._load_newest(auto)
+        if chosen is None:
             return 0
-        ckpt = load_checkpoint(path)
+        path, ckpt = chosen
+        if self.cfg.resume and os.path.abspath(path) != os.path.abspath(self.cfg.resume):
+            print(f"--resume {self.cfg.resume} is older than {path}: resuming from the newer one, so that running "
+                  f"the same command again never goes back (to go back, give another --output_dir)")
+        if state is not None:  # evaluating a checkpoint may change anything
+            self._check_flags(path, ckpt.get("args") or {})
         load_state_dict_strict(state.model if state is not None else model, ckpt["model"])
         self.saved = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scaler", "teacher")}
         if state is None:
@@ -154,22 +330,101 @@ class Run:
                 raise SystemExit(f"error: {path} has no EMA teacher; it was not trained with --vis_target ema")
             load_state_dict_strict(state.teacher, ckpt["teacher"], "teacher")
         state.step.skipped = ckpt.get("nonfinite_skipped", 0)  # --skip_nonfinite counts over the whole run
-        start_epoch = ckpt["epoch"] + 1
-        print(f"resumed from {path}: continuing at epoch {start_epoch}")
-        return start_epoch
+        self._resume_at = checkpoint_position(ckpt)
+        self._resumed_progress = ckpt.get("progress")
+        epoch, iteration = self._resume_at
+        print(f"resumed from {path}: continuing at epoch {epoch}" +
+              (f", iteration {iteration} (the rest of the epoch, in the same sample order)" if iteration else ""))
+        if self.is_main:
+            _drop_log_lines(os.path.join(self.cfg.output_dir, "log.txt"), epoch)
+        return epoch
+
+    def _check_flags(self, path: str, saved: dict) -> None:
+        allowed = {n.strip() for n in self.cfg.allow_flag_changes.split(",") if n.strip()}
+        given = self.cfg.flags()
+        changed = [(name, saved[name], given[name]) for name in type(self.cfg).RESUME_MUST_MATCH
+                   if name in saved and saved[name] != given[name] and name not in allowed and "all" not in allowed]
+        if changed:
+            shown = "; ".join(f"--{name}: saved {a!r}, given {b!r}" for name, a, b in changed)
+            raise SystemExit(f"error: {path} was trained with other flags that define the run: {shown}. Resume with "
+                             f"the saved values, or give --allow_flag_changes {','.join(n for n, _, _ in changed)} to "
+                             f"change them deliberately")
 
     def end_epoch(self, state: TrainState, epoch: int, record: dict, best: bool = False, **extra) -> None:
         """On the main process: `checkpoint-last.pth`, the periodic and the best checkpoint as due, then the epoch's
-        line in log.txt."""
+        line in log.txt. checkpoint-last.pth goes first and names the others, so that a crash between the files
+        leaves what the next start needs to complete them."""
         if not self.is_main:
             return
+        periodic = bool(self.save_freq) and ((epoch + 1) % self.save_freq == 0 or epoch + 1 == self.cfg.epochs)
         ckpt = self.checkpoint(state, epoch, **extra)
+        ckpt["epoch_files"] = {"periodic": periodic, "best": best, "record": record}
         save_checkpoint(ckpt, last_checkpoint_path(self.cfg.output_dir))
-        if self.save_freq and ((epoch + 1) % self.save_freq == 0 or epoch + 1 == self.cfg.epochs):
+        if periodic:
             save_checkpoint(ckpt, periodic_checkpoint_path(self.cfg.output_dir, epoch))
             prune_periodic_checkpoints(self.cfg.output_dir, self.keep_last)
         if best:
             save_checkpoint(ckpt, os.path.join(self.cfg.output_dir, BEST_CHECKPOINT))
-        with open(os.path.join(self.cfg.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps({**record, "epoch": epoch}) + "\n")
+        _append_line(os.path.join(self.cfg.output_dir, "log.txt"), {**record, "epoch": epoch})
         self.writer.flush()
+
+
+def resume_candidates(resume: str, output_dir: Optional[str]) -> List[Tuple[Tuple[int, int], str]]:
+    """(position, path) of every readable checkpoint to resume from, newest first (--resume first among equals):
+    `resume` if given, and the output folder's checkpoint-last.pth and periodic checkpoints (without `output_dir`,
+    none). Only their keys and small values are read (memory-mapped). An unreadable `resume` stops the run; an
+    unreadable file of the output folder is named and left out."""
+    paths = [resume] if resume else []
+    if output_dir and os.path.isdir(output_dir):
+        periodic = sorted((n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+\.pth", n)),
+                          key=lambda n: -int(n[len("checkpoint-"):-len(".pth")]))
+        paths += [p for p in [last_checkpoint_path(output_dir)] + [os.path.join(output_dir, n) for n in periodic]
+                  if os.path.isfile(p) and not (resume and os.path.abspath(p) == os.path.abspath(resume))]
+    found = []
+    for path in paths:
+        try:
+            found.append((checkpoint_position(load_checkpoint(path, mmap=True)), path))
+        except (CheckpointError, KeyError, TypeError) as err:
+            if path == resume:
+                raise SystemExit(f"error: --resume {err}") from None
+            print(f"skipping {path}: {err}")
+    return sorted(found, key=lambda c: (c[0], c[1] == resume), reverse=True)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def _epoch_of(path: str) -> Optional[int]:
+    try:
+        return load_checkpoint(path, mmap=True)["epoch"] if os.path.isfile(path) else None
+    except (CheckpointError, KeyError):
+        return None
+
+
+def _logged_epochs(log: str) -> set:
+    if not os.path.isfile(log):
+        return set()
+    with open(log) as f:
+        return {json.loads(line)["epoch"] for line in f if line.strip()}
+
+
+def _append_line(log: str, record: dict) -> None:
+    with open(log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _drop_log_lines(log: str, from_epoch: int) -> None:
+    """Drops log.txt's lines of epochs from `from_epoch` on (a resume from an older checkpoint redoes them)."""
+    if not os.path.isfile(log):
+        return
+    with open(log) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] < from_epoch]
+    if len(kept) < len(lines):
+        write_file_atomically(log, lambda f: f.write("".join(kept).encode()))
+        print(f"{log}: dropped the lines of epochs {from_epoch} and later ({len(lines) - len(kept)}), which this run "
+              f"redoes")

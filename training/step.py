@@ -5,7 +5,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from training.data import seed_step
-from util.misc import all_reduce_min, apply_gradients
+from util.misc import all_reduce_min, apply_gradients, note_collective
 from util.schedules import set_lr
 
 Losses = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -97,6 +97,8 @@ class TrainStep:
             set_lr(self.optimizer, self.lr)
         last = self._micro + 1 == self.accum_iter
         no_sync = self.model.no_sync() if (self.is_ddp and not last) else contextlib.nullcontext()
+        if self.is_ddp and last:
+            note_collective(f"DDP's gradient all-reduce of step {index}")
         if self.seed is not None:  # masks, drop path, mixup: a function of (seed, rank, index), as resume needs
             seed_step(self.seed, self.rank, index)
         with no_sync:
@@ -129,7 +131,8 @@ class TrainStep:
         if self.skip_nonfinite:
             if self.scaler is None:  # with fp16 the grad scaler already skips steps with non-finite gradients
                 self._window_finite &= _grads_finite(self.params, self.device)
-            applied = bool(all_reduce_min(self._window_finite.to(torch.int32)))  # host read; every rank agrees
+            applied = bool(all_reduce_min(self._window_finite.to(torch.int32),  # host read; every rank agrees
+                                          what=f"the agreement on skipping non-finite step {index}"))
         if applied:
             apply_gradients(self.optimizer, self.scaler, self.params, self.clip_grad)
             if self.teacher is not None:
@@ -163,7 +166,7 @@ class TrainStep:
         """Raises NonFiniteLossError on every rank if any rank met a non-finite loss (with `skip_nonfinite` 0)."""
         never = torch.iinfo(torch.long).max
         first = torch.where(self._first_bad >= 0, self._first_bad, torch.full_like(self._first_bad, never))
-        index = int(all_reduce_min(first))
+        index = int(all_reduce_min(first, what="the non-finite check"))
         if index != never:
             shown = ", ".join(f"{n} {v}" for n, v in zip(self.loss_names, self._bad_losses.tolist()))
             raise NonFiniteLossError(f"non-finite loss at step {index}{self.where(index)}: {shown}. Stopping; the "

@@ -1,9 +1,12 @@
 """Checkpoints as plain dicts of tensors and primitives, written atomically and read with weights_only=True; encoder
 weights in timm's hub layout (config.json + model.safetensors, written by export_encoder.py) read back."""
+import errno
 import glob
 import json
 import os
 import re
+import shutil
+import zlib
 from typing import Optional
 
 import safetensors.torch
@@ -11,26 +14,98 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Writes to a temporary file in the same folder, then renames: a crash never leaves a half-written file."""
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: unreadable, truncated, not a checkpoint, or damaged (its content does not
+    match its checksum)."""
+
+
+CHECKSUM_KEY = "checksum"
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+
+
+def content_checksum(state) -> str:
+    """CRC-32 of a checkpoint's content, in key order: every tensor's name, dtype, shape and bytes, and every other
+    value's repr. Stored with the checkpoint by `save_checkpoint` and verified by `load_checkpoint`, so that a
+    flipped byte anywhere in the values is an error naming the file, not weights loaded in silence."""
+    crc = 0
+
+    def feed(value, where: str) -> None:
+        nonlocal crc
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            crc = zlib.crc32(f"{where}:{tensor.dtype}:{tuple(tensor.shape)}".encode(), crc)
+            crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy(), crc)
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                feed(value[key], f"{where}/{key!r}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                feed(item, f"{where}/{i}")
+        else:
+            crc = zlib.crc32(f"{where}={value!r}".encode(), crc)
+
+    feed(state, "")
+    return f"crc32:{crc:08x}"
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: str, write) -> None:
+    """Calls `write(file)` on a temporary file in the same folder, flushes it to disk, renames it to `path` and flushes
+    the folder: a crash leaves the old file or the new one, each whole. A full disk is an error naming the folder
+    and the space left."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            free = shutil.disk_usage(folder).free
+            raise OSError(errno.ENOSPC, f"no space left on the device of {folder} ({free / 2 ** 20:.0f} MiB free) "
+                                        f"while writing {path}; the previous file is kept") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+def save_checkpoint(state: dict, path: str) -> None:
+    """Writes `state` with its content checksum (see `write_file_atomically`): a crash never leaves a half-written
+    file, and a later bit flip is found when it is loaded."""
+    content = {k: v for k, v in state.items() if k != CHECKSUM_KEY}  # a re-saved checkpoint gets a new checksum
+    checksum = content_checksum(content)
+    write_file_atomically(path, lambda f: torch.save({**content, CHECKSUM_KEY: checksum}, f))
 
 
-def load_checkpoint(path: str, mmap: bool = False) -> dict:
+TEMP_FILE_PATTERN = re.compile(r"\..+\.tmp\d+")
+
+
+def remove_temp_files(folder: str) -> list:
+    """Removes the temporary files that interrupted saves left in `folder` (call it while no other process writes
+    there); returns their names."""
+    found = sorted(n for n in os.listdir(folder) if TEMP_FILE_PATTERN.fullmatch(n)) if os.path.isdir(folder) else []
+    for name in found:
+        os.remove(os.path.join(folder, name))
+    return found
+
+
+def load_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> dict:
     """A .pth checkpoint as saved; a .safetensors file as {"model": tensors}; a folder in timm's hub layout (an
-    export_encoder.py export) as {"model": tensors, "config": its config.json}. `mmap` reads a .pth lazily (for
-    a look at its keys without reading the tensors)."""
+    export_encoder.py export) as {"model": tensors, "config": its config.json}. `mmap` reads a .pth lazily (for a look
+    at its keys and values without reading the tensors; nothing is verified then). A checkpoint saved with a checksum
+    is verified (`verify`); one that cannot be read or does not match raises CheckpointError naming the file."""
     if os.path.isdir(path):
         weights, config = os.path.join(path, HUB_WEIGHTS), os.path.join(path, HUB_CONFIG)
         if not (os.path.isfile(weights) and os.path.isfile(config)):
@@ -40,9 +115,28 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
             return {"model": safetensors.torch.load_file(weights), "config": json.load(f)}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        return {"model": safetensors.torch.load_file(path)}
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        if path.endswith(".safetensors"):
+            return {"model": safetensors.torch.load_file(path)}
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch and safetensors raise many types for a bad file
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: {_reason(err)}") from None
+    if isinstance(checkpoint, dict) and CHECKSUM_KEY in checkpoint:
+        expected = checkpoint.pop(CHECKSUM_KEY)
+        if verify and not mmap and content_checksum(checkpoint) != expected:
+            raise CheckpointError(f"{path} is damaged: its content does not match the checksum saved with it "
+                                  f"({expected})")
+    return checkpoint
+
+
+def _reason(err: Exception) -> str:
+    """The first line of a loading error, without torch's advice to load with weights_only=False (which runs any code
+    that a crafted file holds)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "weights_only" in str(err):
+        return ("it holds objects other than tensors and plain values, which are not loaded (weights_only=True; "
+                "a checkpoint of this project never holds them)")
+    return f"{type(err).__name__}: {text} (truncated, or not a checkpoint?)"
 
 
 def periodic_checkpoint_path(output_dir: str, epoch: int) -> str:
@@ -64,15 +158,6 @@ def prune_periodic_checkpoints(output_dir: str, keep_last: int) -> None:
             found.append((int(match.group(1)), path))
     for _, path in sorted(found)[:-keep_last]:
         os.remove(path)
-
-
-def find_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
-    """`--resume PATH` wins; otherwise a `checkpoint-last.pth` in the output folder resumes automatically."""
-    if resume:
-        return resume
-    if output_dir and os.path.isfile(last_checkpoint_path(output_dir)):
-        return last_checkpoint_path(output_dir)
-    return None
 
 
 # Checkpoints written before the ViT became timm's VisionTransformer hold its patch embedding's conv as

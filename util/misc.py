@@ -61,8 +61,9 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU."""
+def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> DistInfo:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU. A collective that
+    waits longer than `timeout_minutes` for another process fails."""
     device = resolve_device(device_name)
     world_size = launch_world_size()
     rank = int(os.environ.get("RANK", 0))
@@ -72,7 +73,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     info = DistInfo(rank, world_size, local_rank, device)
     _print_on_main_only(info.is_main)
@@ -107,23 +108,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+_LAST_COLLECTIVE = ["none yet"]
+
+
+def note_collective(what: str) -> None:
+    """Remembers which collective this process is about to wait in, to name it if it times out."""
+    _LAST_COLLECTIVE[0] = what
+
+
+def last_collective() -> str:
+    return _LAST_COLLECTIVE[0]
+
+
+def all_reduce_sum(values: torch.Tensor, what: str = "a sum over the processes") -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
+        note_collective(what)
         values = values.clone()
         dist.all_reduce(values)
-        values /= dist.get_world_size()
     return values
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+def all_reduce_min(values: torch.Tensor, what: str = "a minimum over the processes") -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+        note_collective(what)
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values

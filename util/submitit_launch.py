@@ -9,12 +9,15 @@ import argparse
 import copy
 import importlib
 import os
+import signal
 import zlib
 from pathlib import Path
 
 import submitit
 
 from util.checkpoint import last_checkpoint_path
+
+REQUEUE_EXIT_CODE = 75  # training.run.Preempted's status: stopped on a signal after saving, to be continued
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +67,21 @@ class Trainer:
         os.environ.update(distributed_env(job_env))
         print(f"{job_env}: running {self.module_name}.main, output_dir {self.args.output_dir}", flush=True)
         module = importlib.import_module(self.module_name)
-        return module.main(copy.deepcopy(self.args))  # main may change its args; checkpoint() resubmits these
+        args = copy.deepcopy(self.args)  # main may change its args; checkpoint() resubmits these
+        # submitit's own signal (SLURM sends it before the time limit) also ends the run after its current step
+        preempt = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+        if submitit.JobEnvironment.USR_SIG not in args.stop_signals.split(","):
+            args.stop_signals = f"{args.stop_signals},{submitit.JobEnvironment.USR_SIG}"
+        try:
+            return module.main(args)
+        except SystemExit as stop:
+            if stop.code != REQUEUE_EXIT_CODE:
+                raise
+            # The run saved its last step and stopped on a signal: submitit's handler, back in place now, resubmits
+            # the job (checkpoint() below) and requeues it, as it would have on the signal itself.
+            print(f"{self.module_name} stopped on a signal after saving its last step: requeuing", flush=True)
+            signal.raise_signal(preempt)
+            return None
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or timeout (rank 0 only): resubmit, resuming from the last checkpoint."""
