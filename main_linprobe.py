@@ -88,7 +88,7 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     args = validate_args(args)
-    found = resume_candidates(args.resume, None if args.eval else args.output_dir)
+    found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda text: None)
     resume = found[0][1] if found else None
     cfg, lr_line = resolve_classification(LinprobeConfig, args,
                                           probe_features=resumed_probe_features(args, resume))

@@ -285,7 +285,7 @@ class Run:
     def resume_path(self, auto: bool = True) -> Optional[str]:
         """The checkpoint `resume` would load (without loading it): the newest readable one of --resume and (with
         `auto`) the output folder's."""
-        found = resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None)
+        found = resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None, report=lambda text: None)
         return found[0][1] if found else None
 
     def _load_newest(self, auto: bool) -> Optional[Tuple[str, dict]]:
@@ -369,11 +369,11 @@ class Run:
         self.writer.flush()
 
 
-def resume_candidates(resume: str, output_dir: Optional[str]) -> List[Tuple[Tuple[int, int], str]]:
+def resume_candidates(resume: str, output_dir: Optional[str], report=print) -> List[Tuple[Tuple[int, int], str]]:
     """(position, path) of every readable checkpoint to resume from, newest first (--resume first among equals):
     `resume` if given, and the output folder's checkpoint-last.pth and periodic checkpoints (without `output_dir`,
     none). Only their keys and small values are read (memory-mapped). An unreadable `resume` stops the run; an
-    unreadable file of the output folder is named and left out."""
+    unreadable file of the output folder is left out, and `report` says which and why."""
     paths = [resume] if resume else []
     if output_dir and os.path.isdir(output_dir):
         periodic = sorted((n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+\.pth", n)),
@@ -387,7 +387,7 @@ def resume_candidates(resume: str, output_dir: Optional[str]) -> List[Tuple[Tupl
         except (CheckpointError, KeyError, TypeError) as err:
             if path == resume:
                 raise SystemExit(f"error: --resume {err}") from None
-            print(f"skipping {path}: {err}")
+            report(f"skipping {path}: {err}")
     return sorted(found, key=lambda c: (c[0], c[1] == resume), reverse=True)
 
 
