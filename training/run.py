@@ -107,9 +107,20 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
         seed_everything(self.cfg.seed + self.rank)
+        refused = None
         if self.is_main:
             os.makedirs(self.cfg.output_dir, exist_ok=True)
-            self._take_lock()
+            try:
+                self._take_lock()
+            except SystemExit as err:
+                refused = str(err)
+        if self._control is not None:  # every process stops if the main one may not use the folder
+            shared = [refused]
+            dist.broadcast_object_list(shared, src=0, group=self._control)
+            refused = shared[0]
+        if refused:
+            raise SystemExit(refused)
+        if self.is_main:
             removed = remove_temp_files(self.cfg.output_dir)
             if removed:
                 print(f"removed {len(removed)} temporary files of interrupted saves: {', '.join(removed)}")

@@ -478,15 +478,16 @@ def segmentation_figure(images, labels, predictions, class_names: Sequence[str],
     sheet_w = 3 * panel_w + 4 * gap
     font = _font(max(11, min(15, panel_w // 14)))
     text_h = font.getbbox("Ag")[3] + 6
-    sheet = np.full((text_h + len(panels) * (panel_h + gap), sheet_w, 3), 255, np.uint8)
+    sheet = np.full((len(panels) * (panel_h + gap), sheet_w, 3), 255, np.uint8)
     for r, row in enumerate(panels):
-        top = text_h + r * (panel_h + gap)
+        top = r * (panel_h + gap)
         for c, panel in enumerate(row):
             left = gap + c * (panel_w + gap)
             sheet[top:top + panel_h, left:left + panel_w] = panel
-    picture = Image.fromarray(sheet)
-    draw = ImageDraw.Draw(picture)
+    # The titles get a strip of their own: a font's glyphs (e.g. Pillow's bitmap fallback) never reach the panels.
+    strip = Image.new("RGB", (sheet_w, text_h), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
     for c, title in enumerate(titles):
         draw.text((gap + c * (panel_w + gap) + panel_w / 2, text_h / 2), title, fill=(0, 0, 0), font=font,
                   anchor="mm")
-    return np.concatenate([np.asarray(picture), label_legend(entries, sheet_w, gap)], axis=0)
+    return np.concatenate([np.asarray(strip), sheet, label_legend(entries, sheet_w, gap)], axis=0)
