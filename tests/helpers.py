@@ -51,3 +51,18 @@ def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, sk
                              teacher=teacher, student=student, momentum_schedule=cfg.momentum_at if teacher else None)
     progress = Progress(f"Epoch [{epoch}]", iters, cfg.print_freq, torch.device("cpu"), names=LOSS_NAMES)
     return train_one_epoch(model, step, loader, epoch, cfg, progress, teacher=teacher)
+
+
+def stop_with_signal(cmd, env, cwd, when: str, sig) -> str:
+    """Runs a training command, sends it `sig` once it prints a line starting with `when`, and returns what it
+    printed from then on; the run must end with status 75 (stopped after saving its step)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if line.startswith(when):
+            proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, rest
+    return rest

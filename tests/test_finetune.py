@@ -17,6 +17,7 @@ import models_dmjd  # noqa: F401
 from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
 from models_convvit import LinearProbe
 from export_encoder import export_encoder
+from helpers import stop_with_signal
 from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
 from models_convvit import check_classifier_name
 
@@ -387,14 +388,7 @@ def test_sigusr1_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted
     args = ("--epochs", "2", "--print_freq", "1", "--finetune", str(cls_data / "pre.pth"))
     script(name, cls_data, tmp_path / "straight", *args)
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(script_cmd(name, cls_data, out, *args), cwd=ROOT, env=script_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    for line in proc.stdout:
-        if line.startswith("Epoch [1] [2/6]"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 75, rest
+    stop_with_signal(script_cmd(name, cls_data, out, *args), script_env(), ROOT, "Epoch [1] [2/6]", signal.SIGUSR1)
     stopped = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert stopped["resume_at"]["epoch"] == 1 and stopped["best_acc1"] > 0  # epoch 0's evaluation is kept
     script(name, cls_data, out, *args)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import main_pretrain
+from helpers import stop_with_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,14 +207,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted
 
     out = tmp_path / "stopped"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(pretrain_cmd(data_root, out, *args), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    for line in proc.stdout:
-        if line.startswith("Epoch [0] [2/4]"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 75, rest
+    rest = stop_with_signal(pretrain_cmd(data_root, out, *args), env, ROOT, "Epoch [0] [2/4]", signal.SIGTERM)
     ckpt = load(out / "checkpoint-last.pth")
     assert ckpt["resume_at"]["epoch"] == 0 and 2 <= ckpt["resume_at"]["iteration"] < 4, ckpt["resume_at"]
     assert "received SIGTERM: stopping after the current step" in rest and "exiting with status 75" in rest
