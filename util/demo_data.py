@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASS_NAMES", "DEBIAN_DIR", "prepare_fashion_mnist", "read_idx", "find_idx_files"]
+__all__ = ["CLASS_NAMES", "DEBIAN_DIR", "prepare_fashion_mnist", "read_idx", "find_idx_files", "locate_idx_files",
+           "load_split"]
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 # Fashion-MNIST's labels 0-9, as folder names.
@@ -93,7 +94,9 @@ def _download(download_dir: str) -> str:
     return os.path.join(download_dir, "FashionMNIST", "raw")
 
 
-def _locate(sources: Sequence[str], download_dir: Optional[str]) -> Dict[str, str]:
+def locate_idx_files(sources: Sequence[str], download_dir: Optional[str]) -> Dict[str, str]:
+    """The four idx files (stem -> path) from the first of `sources` that holds them all, else from `download_dir`
+    (downloaded there if needed; None turns the download off). Raises FileNotFoundError saying how to get them."""
     for folder in sources:
         files = find_idx_files(folder)
         if files is not None:
@@ -118,7 +121,9 @@ def _locate(sources: Sequence[str], download_dir: Optional[str]) -> Dict[str, st
     return files
 
 
-def _load_split(files: Dict[str, str], split: str):
+def load_split(files: Dict[str, str], split: str):
+    """(uint8 images [N, H, W], uint8 labels [N]) of split "train" or "val" from `locate_idx_files`' files, checked:
+    a corrupt file raises CorruptIdxFile naming it."""
     image_path, label_path = (files[stem] for stem in SPLITS[split])
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.dtype != np.uint8 or images.ndim != 3:
@@ -200,13 +205,13 @@ def prepare_fashion_mnist(root: str, sources: Optional[Sequence[str]] = None, ma
         raise FileExistsError(f"{root} exists but holds no finished Fashion-MNIST preparation ({MARKER} is "
                               f"missing); choose another root or delete it")
 
-    files = _locate(sources, download_dir)
+    files = locate_idx_files(sources, download_dir)
     partial = root + ".partial"
     if os.path.exists(partial):  # left by an interrupted preparation
         shutil.rmtree(partial)
     counts = {}
     for split, max_images in (("train", max_train), ("val", max_val)):
-        images, labels = _load_split(files, split)
+        images, labels = load_split(files, split)
         keep = _per_class_subset(labels, max_images, split)
         counts[split] = _write_split(os.path.join(partial, split), images, keep, size)
         if verbose:

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from util.demo_data import CLASS_NAMES, DEBIAN_DIR, _load_split, _locate
+from util.demo_data import CLASS_NAMES, DEBIAN_DIR, load_split, locate_idx_files
 
 __all__ = ["prepare_fashion_mnist_seg", "make_canvas", "SEG_CLASS_NAMES", "FOREGROUND_THRESHOLD"]
 
@@ -125,14 +125,14 @@ def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None
 
     if download_dir == "":
         download_dir = root + "_download"
-    files = _locate([DEBIAN_DIR] if sources is None else list(sources), download_dir)
+    files = locate_idx_files([DEBIAN_DIR] if sources is None else list(sources), download_dir)
     partial = root + ".partial"
     if os.path.exists(partial):  # left by an interrupted preparation
         shutil.rmtree(partial)
     # One child generator per split: the validation images do not depend on how many training images there are.
     split_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SPLITS))]
     for (split, source_split), count, rng in zip(SPLITS.items(), (num_train, num_val), split_rngs):
-        items, labels = _load_split(files, source_split)
+        items, labels = load_split(files, source_split)
         _write_split(partial, items, labels, count, rng, {**options, "split": split})
         if verbose:
             print(f"{split}: {count} images", flush=True)
