@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrain", action="store_true",
                    help="if --pretrained is missing, make it with the demo's pre-training stage first")
     p.add_argument("--data", default=os.path.join("data", "fashion_mnist_seg"), help="segmentation dataset root")
-    p.add_argument("--source", default=None, help="folder of the Fashion-MNIST idx files (default: the demo's)")
+    p.add_argument("--source", default=None, help="folder of the Fashion-MNIST idx files (none: the demo's)")
     p.add_argument("--num_train", default=2000, type=int, help="training canvases")
     p.add_argument("--num_val", default=500, type=int, help="validation canvases")
     p.add_argument("--output_dir", default=os.path.join("output_dir", "segmentation_check"),
@@ -62,15 +62,16 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", default=1, type=int,
                    help="data-loading workers of each run (on 2 cores more than 1 slows the step down)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", default=0, type=int, help="seeds both runs alike")
+    p.add_argument("--seed", default=0, type=int, help="seeds both runs alike (the dataset is always the same)")
     return p.parse_args(argv)
 
 
 def segment_command(args, data: str, output_dir: str, finetune: str = None):
+    """main_segment.py at the canvas size (one 64 px window: whole-image evaluation), evaluated once at the end."""
     python = demo.shown(sys.executable)
     cmd = [python, "main_segment.py", "--model", demo.CLASSIFIER, "--input_size", "64", "--nb_classes",
-           str(len(SEG_CLASS_NAMES)), "--img_scale", "64", "64", "--eval_mode", "whole", "--batch_size", str(args.batch_size),
-           "--iters", str(args.iters), "--eval_interval", str(args.iters), "--warmup_iters", str(args.warmup_iters),
+           str(len(SEG_CLASS_NAMES)), "--img_scale", "64", "64", "--eval_mode", "whole",
+           "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_interval", str(args.iters), "--warmup_iters", str(args.warmup_iters),
            "--blr", str(args.blr), "--decoder_channels", str(args.decoder_channels),
            "--aux_channels", str(args.aux_channels), "--num_workers", str(args.num_workers), "--device", args.device,
            "--seed", str(args.seed), "--print_freq", "50", "--data_path", demo.shown(data),
@@ -140,8 +141,11 @@ def main(args):
                              f"the demo's pre-training stage, or give another DMJD checkpoint of "
                              f"{demo.PRETRAIN_MODEL} with --pretrained")
         make_pretrained(args)
-    data = prepare_fashion_mnist_seg(args.data, [args.source] if args.source else None, args.num_train,
-                                     args.num_val, seed=args.seed, verbose=True)
+    try:  # the dataset's own fixed seed: --seed seeds the two runs, not the data
+        data = prepare_fashion_mnist_seg(args.data, [args.source] if args.source else None, args.num_train,
+                                         args.num_val, verbose=True)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     runs, seconds = {}, {}
     for name in RUNS:
         out = os.path.join(args.output_dir, name)

@@ -177,3 +177,13 @@ def test_evaluation_batches_of_images_of_several_sizes_name_the_flag():
     assert collate(same)[2] == 1
     with pytest.raises(ValueError, match="--eval_batch_size 2 needs validation images of one size"):
         collate([(torch.zeros(3, 8, 8), torch.zeros(8, 8)), (torch.zeros(3, 8, 12), torch.zeros(8, 12))])
+
+
+def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "SEGMENT.md").read_text(), re.S)
+    commands = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()
+                if "main_segment.py" in line]
+    assert len(commands) >= 4
+    parser = main_segment.get_args_parser()
+    for command in commands:
+        parser.parse_args(command.split("main_segment.py", 1)[1].split())  # an unknown flag or a bad value exits

@@ -257,6 +257,8 @@ def test_label_palette_is_distinct_and_never_the_ignore_colour():
     assert palette.shape == (150, 3) and palette.dtype == np.uint8
     assert len({tuple(c) for c in palette}) == 150 and not (palette == IGNORE_COLOR).all(axis=1).any()
     np.testing.assert_array_equal(label_palette(3), palette[:3])
+    first = palette[:12].astype(float)  # e.g. the Fashion-MNIST segmentation set's 11 classes: far apart
+    assert min(np.linalg.norm(first[a] - first[b]) for a in range(12) for b in range(a)) > 60
 
 
 def test_colorize_labels_paints_classes_and_ignored_pixels():

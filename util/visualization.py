@@ -396,11 +396,13 @@ IGNORE_COLOR = (0, 0, 0)  # pixels with the ignore label; no class colour is bla
 
 def label_palette(num_classes: int) -> np.ndarray:
     """Distinct class colours, uint8 [num_classes, 3]: tab10's ten first, then hues a golden angle apart (at
-    alternating saturation and brightness), never black."""
+    alternating saturation and brightness, starting where tab10 has none), never black."""
     colors = [tuple(c) for c in _VIEW_PALETTE[:min(num_classes, len(_VIEW_PALETTE))]]
     for k in range(len(colors), num_classes):
-        hue = (k * 0.618033988749895) % 1.0
-        saturation, value = (0.85, 0.95) if k % 2 else (0.55, 0.75)
+        n = k - len(_VIEW_PALETTE)
+        # from 252 degrees (a blue-violet that tab10 lacks): the first ones stay far from tab10's colours
+        hue = (0.7 + n * 0.618033988749895) % 1.0
+        saturation, value = (0.85, 0.95) if n % 2 == 0 else (0.55, 0.75)
         i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
         p, q, t = value * (1 - saturation), value * (1 - f * saturation), value * (1 - (1 - f) * saturation)
         rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)][i]
