@@ -71,9 +71,10 @@ def segment_command(args, data: str, output_dir: str, finetune: str = None):
     python = demo.shown(sys.executable)
     cmd = [python, "main_segment.py", "--model", demo.CLASSIFIER, "--input_size", "64", "--nb_classes",
            str(len(SEG_CLASS_NAMES)), "--img_scale", "64", "64", "--eval_mode", "whole",
-           "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_interval", str(args.iters), "--warmup_iters", str(args.warmup_iters),
-           "--blr", str(args.blr), "--decoder_channels", str(args.decoder_channels),
-           "--aux_channels", str(args.aux_channels), "--num_workers", str(args.num_workers), "--device", args.device,
+           "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_interval", str(args.iters),
+           "--warmup_iters", str(args.warmup_iters), "--blr", str(args.blr),
+           "--decoder_channels", str(args.decoder_channels), "--aux_channels", str(args.aux_channels),
+           "--num_workers", str(args.num_workers), "--device", args.device,
            "--seed", str(args.seed), "--print_freq", "50", "--data_path", demo.shown(data),
            "--output_dir", demo.shown(output_dir)]
     return cmd + (["--finetune", demo.shown(finetune)] if finetune else [])
