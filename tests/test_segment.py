@@ -101,15 +101,17 @@ def test_script_trains_evaluates_resumes_exactly_and_evaluates_a_checkpoint(seg_
 def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_data, tmp_path):
     """One image per process: a process-local BatchNorm fails in the PPM's 1 x 1 pooling branch (one value per
     channel), so the run only passes with BatchNorm over both processes. A broken training image and a broken
-    validation pair are skipped, named and counted; each readable validation image is scored once."""
+    validation pair are skipped, named and counted; each readable validation image is scored once, here with
+    multi-scale + flip evaluation."""
     data = tmp_path / "data"
     shutil.copytree(seg_data, data)
     (data / "images" / "training" / "3.png").write_bytes(b"")
     (data / "annotations" / "validation" / "1.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "ddp"
     # 4 iterations of 1 image on each process: the 6 training images are all drawn
-    proc = run(segment_cmd(data, out, "--batch_size", "1", "--finetune", str(seg_data / "pre.pth"), torchrun=True))
-    assert "world size 2" in proc.stdout
+    proc = run(segment_cmd(data, out, "--batch_size", "1", "--finetune", str(seg_data / "pre.pth"), "--aug_test",
+                           "--aug_test_ratios", "0.75", "1.25", torchrun=True))
+    assert "world size 2" in proc.stdout and "scales 0.75, 1.25 and flip" in proc.stdout
     assert "3.png" in proc.stderr and "1.png" in proc.stderr  # both named
     record = read_log(out)[-1]
     assert record["test_images"] == 2 and record["test_bad_images"] == 1
@@ -181,7 +183,7 @@ def test_evaluation_batches_of_images_of_several_sizes_name_the_flag():
 
 def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "SEGMENT.md").read_text(), re.S)
-    commands = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()
+    commands = [line.split("#")[0] for block in blocks for line in block.replace("\\\n", " ").splitlines()
                 if "main_segment.py" in line]
     assert len(commands) >= 4
     parser = main_segment.get_args_parser()
