@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main_segment
-from engine_segment import EvalCollate, full_batch
+from engine_segment import EvalCollate, full_batch, segmenter_layout
 from helpers import pretrain_checkpoint, write_segmentation_folder
 from util.schedules import poly_lr
 
@@ -132,6 +132,7 @@ def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_d
     (["--pool_scales", "0", "2"], "--pool_scales must be >= 1"),
     (["--drop_path", "1.0"], "--drop_path must be in [0, 1)"),
     (["--eval"], "--eval needs --resume"),
+    (["--finetune", "no/such.pth"], "--finetune 'no/such.pth' is neither a checkpoint file nor an export folder"),
     (["--blr", "0"], "--blr must be > 0"),
     (["--model", "convvit_base_patch61"], "did you mean convvit_base_patch16"),
 ])
@@ -189,3 +190,14 @@ def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
     parser = main_segment.get_args_parser()
     for command in commands:
         parser.parse_args(command.split("main_segment.py", 1)[1].split())  # an unknown flag or a bad value exits
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tmp_path, class_token):
+    import models_convvit  # noqa: F401  (registers the encoders)
+    from models_upernet import create_upernet
+    from util.checkpoint import save_checkpoint
+    model = create_upernet("vit_test_patch16_gap_sincos", 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
+                           class_token=class_token)
+    save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
+    assert segmenter_layout(str(tmp_path / "seg.pth")) == ({"class_token": True} if class_token else {})
