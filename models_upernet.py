@@ -15,6 +15,7 @@ Inputs are normalised images (ImageNet mean/std, as the encoders expect): normal
 The heads use BatchNorm; under DDP the caller converts them (and the backbone's) with
 `torch.nn.SyncBatchNorm.convert_sync_batchnorm`, as the recipe trains with SyncBN at 2 images per GPU.
 """
+import re
 from typing import List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -25,6 +26,9 @@ from timm.layers import to_2tuple
 from torchvision.ops import Conv2dNormActivation
 
 from util.seg_datasets import IGNORE_INDEX
+
+# The suffix with which a group_matcher puts parameters with the block before them (timm's MATCH_PREV_GROUP).
+MATCH_PREV_GROUP = (99999,)
 
 __all__ = ["PPM", "UPerHead", "FCNHead", "UperNet", "create_upernet", "segmentation_loss"]
 
@@ -156,6 +160,42 @@ class UperNet(nn.Module):
         self.auxiliary_head = None if aux_in_index is None else \
             FCNHead(self.in_channels[aux_in_index], num_classes, aux_channels, dropout)
 
+    # -- optimizer groups ---------------------------------------------------------------------------------------------
+    def _encoder(self) -> nn.Module:
+        """The encoder inside a timm features_only wrapper (FeatureGetterNet keeps it as `.model`)."""
+        encoder = getattr(self.backbone, "model", None)
+        if encoder is None or not hasattr(encoder, "group_matcher"):
+            raise TypeError(f"layer groups need a timm encoder wrapped by features_only=True with a group_matcher; "
+                            f"the backbone is a {type(self.backbone).__name__}")
+        return encoder
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise lr decay (timm.optim.param_groups_layer_decay), as ConvMAE's segmentation
+        optimizer makes them: the encoder's own groups (its `group_matcher`, under `backbone.model.`), except that
+        what the encoder puts with its last block (timm's MATCH_PREV_GROUP: a final norm, ConViT's stride-32 level)
+        joins both heads in a last layer of their own. For ConViT-B: stages 1-2, the patch embeddings and the
+        position embedding are layer 0, stage-3 block i is layer i + 1, the rest layer 12 (13 layers)."""
+        prefix = r"^" + re.escape("backbone.model.")
+        matcher = self._encoder().group_matcher(coarse)
+
+        def scoped(pattern: str) -> str:
+            return prefix + "(?:" + pattern.removeprefix("^") + ")"
+
+        blocks = matcher["blocks"]
+        blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
+        after_blocks = [scoped(p) for p, suffix in blocks if suffix == MATCH_PREV_GROUP]
+        return dict(stem=scoped(matcher["stem"]),
+                    blocks=[(scoped(p), suffix) for p, suffix in blocks if suffix != MATCH_PREV_GROUP],
+                    last="|".join(after_blocks + [r"^(?:decode_head|auxiliary_head)\."]))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The encoder's parameters without weight decay (e.g. its position embedding), by their names here."""
+        encoder = self._encoder()
+        names = encoder.no_weight_decay() if hasattr(encoder, "no_weight_decay") else set()
+        return {f"backbone.model.{name}" for name in names}
+
     def extract_features(self, images: torch.Tensor) -> List[torch.Tensor]:
         features = list(self.backbone(images))
         if len(features) != len(self.in_channels):
@@ -243,13 +283,14 @@ class UperNet(nn.Module):
 
 def create_upernet(encoder: str, num_classes: int, out_indices: Optional[Sequence[int]] = None,
                    channels: int = 512, aux_in_index: Optional[int] = 2, aux_channels: int = 256,
-                   **encoder_kwargs) -> UperNet:
+                   pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, **encoder_kwargs) -> UperNet:
     """UperNet on `timm.create_model(encoder, features_only=True, out_indices=...)`; encoder_kwargs go to timm
     (e.g. img_size, drop_path_rate). out_indices None takes the encoder's default levels."""
     if out_indices is not None:
         encoder_kwargs["out_indices"] = tuple(out_indices)
     backbone = timm.create_model(encoder, features_only=True, **encoder_kwargs)
-    return UperNet(backbone, num_classes, channels=channels, aux_in_index=aux_in_index, aux_channels=aux_channels)
+    return UperNet(backbone, num_classes, channels=channels, pool_scales=pool_scales, aux_in_index=aux_in_index,
+                   aux_channels=aux_channels, dropout=dropout)
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import models_dmjd  # noqa: E402,F401
 from engine_pretrain import LOSS_NAMES  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
 from training.step import NonFiniteLossError, TrainStep  # noqa: E402
-from util.demo_data import DEBIAN_DIR, _locate, read_idx  # noqa: E402
+from util.demo_data import DEBIAN_DIR, locate_idx_files, read_idx  # noqa: E402
 from util.misc import resolve_device, synchronize  # noqa: E402
 from util.schedules import adaptive_lr, cosine_lr, cosine_momentum, reachable_pred_ratio  # noqa: E402
 
@@ -67,7 +67,8 @@ def parse_args(argv=None):
 
 
 def load_fashion_mnist(data_dir, device):
-    files = _locate([data_dir] if data_dir else [DEBIAN_DIR], os.path.expanduser("~/.cache/dmjd/fashion_mnist"))
+    files = locate_idx_files([data_dir] if data_dir else [DEBIAN_DIR],
+                             os.path.expanduser("~/.cache/dmjd/fashion_mnist"))
 
     def images(key):  # 28x28 grey -> 32x32 RGB uint8 (zero padding keeps the digits' scale)
         x = torch.from_numpy(read_idx(files[key]).copy())

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401  (registers the models)
+from benchmarks import grad_checkpointing  # noqa: E402
 from engine_pretrain import LOSS_NAMES  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
 from training.meters import LossMeter  # noqa: E402
@@ -151,22 +152,14 @@ def synthetic_images(batch: int, input_size: int, device) -> torch.Tensor:
 
 
 def saved_activation_bytes(model, teacher, images, device, amp_dtype) -> int:
-    """Bytes that one forward keeps for backward: every tensor autograd saves, counted once per storage, without
-    the parameters themselves. Its growth with the batch is the activation memory per image."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    """Bytes that one training forward keeps for backward (grad_checkpointing.saved_activation_bytes); its growth
+    with the batch is the activation memory per image."""
+    def forward():
         with autocast_context(device, amp_dtype):
-            loss, _ = model(images, teacher=teacher)
+            return model(images, teacher=teacher)[0]
+    loss, saved = grad_checkpointing.saved_activation_bytes(model, forward)
     del loss
-    return sum(storages.values())
+    return saved
 
 
 def memory_estimate(args, device, amp: str, batches=(1, 2), sparse_stages: bool = True):

@@ -1,5 +1,6 @@
-"""Helpers that several test files (and the scripts some tests start) share: a tiny ImageFolder, and the
-pre-training config and epoch that main_pretrain.py builds, at test size."""
+"""Helpers that several test files (and the scripts some tests start) share: a tiny ImageFolder, a tiny segmentation
+dataset in ADE20K's layout, Fashion-MNIST idx files, a pre-training checkpoint, and the pre-training config and
+epoch that main_pretrain.py builds, at test size."""
 import dataclasses
 
 import numpy as np
@@ -23,6 +24,60 @@ def write_image_folder(root, splits, classes=("a", "b"), size=(72, 80), seed=0):
                 img += rng.integers(0, 20, img.shape, dtype=np.uint8)
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root
+
+
+def write_segmentation_folder(root, splits, num_classes=4, seed=0):
+    """A tiny segmentation dataset in ADE20K's layout: `splits[split]` lists the (height, width) of its images, each
+    `<root>/images/<split>/<i>.png` with `<root>/annotations/<split>/<i>.png`. Annotations follow ADE20K (0 = other,
+    1..num_classes the classes): a background class and rectangles of other classes, each in its own colour (plus a
+    little noise), so that a model can learn them; a border of label 0."""
+    rng = np.random.default_rng(seed)
+    colors = rng.integers(0, 256, (num_classes + 1, 3))
+    for split, sizes in splits.items():
+        for kind in ("images", "annotations"):
+            (root / kind / split).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            label = np.ones((h, w), np.uint8)
+            for k in rng.integers(2, num_classes + 1, 3):
+                y, x = rng.integers(0, (h - h // 3, w - w // 3))
+                label[y:y + h // 3, x:x + w // 3] = k
+            label[:2] = 0
+            image = (colors[label] + rng.integers(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(label, "L").save(root / "annotations" / split / f"{i}.png")
+    return root
+
+
+def write_fashion_idx(folder, train=30, test=20):
+    """Fashion-MNIST-like idx files (every class present) in `folder`: items of ink in a square with a faint rim."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", train), ("t10k", test)):
+        items = np.zeros((n, 28, 28), np.uint8)
+        items[:, 6:22, 6:22] = 10
+        items[:, 8:20, 8:20] = 200
+        for name, array in ((f"{stem}-images-idx3-ubyte", items),
+                            (f"{stem}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))):
+            header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+            (folder / name).write_bytes(header + array.tobytes())
+    return folder
+
+
+def pretrain_checkpoint(path, model_name="dmjd_convit_tiny_patch16_dec1_hog", img_size=64, **kwargs):
+    """A pre-training checkpoint as main_pretrain.py writes it, of a model whose weights were moved away from any
+    fresh initialisation; returns the model."""
+    import timm
+
+    import models_dmjd  # noqa: F401  (registers the DMJD models)
+    from util.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    model = timm.create_model(model_name, img_size=img_size, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_checkpoint({"model": model.state_dict(), "epoch": 0, "args": {"model": model_name, "input_size": img_size}},
+                    str(path))
+    return model
 
 
 def pretrain_config(**overrides):

@@ -264,3 +264,46 @@ def test_grad_checkpointing_benchmark_reports_the_memory_saved(capsys):
     (name, plain, checkpointed), = rows
     assert name == "convvit_tiny_patch16" and 0 < checkpointed < plain
     assert "| convvit_tiny_patch16 |" in capsys.readouterr().out
+
+
+def test_segmentation_check_fine_tunes_both_encoders_and_draws_both_predictions(tmp_path):
+    """The check end to end at the tiniest size: both main_segment.py runs, their mIoU, the summary and the
+    picture (image, ground truth, the pre-trained and the random-init prediction)."""
+    from helpers import pretrain_checkpoint, write_fashion_idx
+
+    pretrain_checkpoint(tmp_path / "pre.pth", "dmjd_convit_mini_patch8_hog", img_size=32)
+    cmd = [sys.executable, "-m", "benchmarks.segmentation_check", "--pretrained", str(tmp_path / "pre.pth"),
+           "--source", str(write_fashion_idx(tmp_path / "idx")), "--data", str(tmp_path / "seg"),
+           "--num_train", "8", "--num_val", "3", "--iters", "2", "--warmup_iters", "1", "--batch_size", "2",
+           "--decoder_channels", "8", "--aux_channels", "8", "--num_images", "2", "--num_workers", "0",
+           "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for name in ("pretrained", "random_init"):
+        log = json.loads((tmp_path / "out" / name / "log.txt").read_text().splitlines()[-1])
+        assert summary[name]["mIoU"] == log["test_mIoU"] and log["test_images"] == 3
+    assert "--finetune" in proc.stdout.split("random_init")[0]  # the pre-trained run loads the checkpoint
+    assert "pre-training gives" in proc.stdout
+    picture = Image.open(tmp_path / "out" / "predictions.png")
+    assert picture.width == 4 * 128 + 5 * 4  # image, ground truth and two predictions, 64 px panels shown at 128
+
+
+def test_segmentation_check_says_how_to_make_the_missing_checkpoint(tmp_path):
+    from benchmarks.segmentation_check import main, parse_args
+    with pytest.raises(SystemExit, match=r"python demo.py.*--pretrain"):
+        main(parse_args(["--pretrained", str(tmp_path / "none.pth"), "--data", str(tmp_path / "seg")]))
+
+
+def test_segmentation_step_benchmark_counts_memory_flops_and_times_the_real_loop(capsys):
+    from benchmarks import segmentation_step
+    rows = segmentation_step.main(["--model", "convvit_tiny_patch16", "--sizes", "64", "96", "--decoder_channels",
+                                   "16", "--nb_classes", "4", "--steps", "1", "--device", "cpu"])
+    small, large = rows
+    for r in rows:
+        assert 0 < r["activation_bytes_per_image_bf16"] < r["activation_bytes_per_image_none"]
+        assert r["gflops_forward_backward"] > 2 * r["gflops_forward"] > 0 and r["images_per_s"] > 0
+        assert r["fixed_bytes"] == 16 * r["parameters"] and (r["amp"], r["batch_size"]) == ("none", 2)
+    assert large["activation_bytes_per_image_none"] > 2 * small["activation_bytes_per_image_none"]  # 2.25x pixels
+    assert "| 96 x 96 |" in capsys.readouterr().out

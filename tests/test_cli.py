@@ -9,14 +9,18 @@ ENTRY_POINTS = {
     "main_pretrain": "get_args_parser",
     "main_finetune": "get_args_parser",
     "main_linprobe": "get_args_parser",
+    "main_segment": "get_args_parser",
     "visualize": "get_args_parser",
     "demo": "parse_args",
     "util.demo_data": "main",
+    "util.demo_seg_data": "main",
     "export_encoder": "main",
     "benchmarks.throughput": "parse_args",
     "benchmarks.gpu_check": "parse_args",
     "benchmarks.convergence": "parse_args",
     "benchmarks.jpeg_folder": "parse_args",
+    "benchmarks.segmentation_check": "parse_args",
+    "benchmarks.segmentation_step": "parse_args",
 }
 
 

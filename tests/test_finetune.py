@@ -17,22 +17,11 @@ import models_dmjd  # noqa: F401
 from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
 from models_convvit import LinearProbe
 from export_encoder import export_encoder
-from helpers import stop_with_signal
+from helpers import pretrain_checkpoint, stop_with_signal
 from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
 from models_convvit import check_classifier_name
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pretrain_checkpoint(path, model_name="dmjd_convit_tiny_patch16_dec1_hog", img_size=64, **kwargs):
-    torch.manual_seed(1)
-    model = timm.create_model(model_name, img_size=img_size, **kwargs)
-    with torch.no_grad():  # move the weights away from any fresh initialisation
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_checkpoint({"model": model.state_dict(), "epoch": 0, "args": {"model": model_name, "input_size": img_size}},
-                    str(path))
-    return model
 
 
 def released_style(dmjd_state):

@@ -54,6 +54,18 @@ def test_reduce_zero_label_keeps_255_ignored(seg_root):
     assert dataset[3][1].tolist() == [[255, 0, 1], [2, 255, 0]]
 
 
+def test_another_ignore_index_is_the_one_reduced_to_padded_with_and_checked(seg_root):
+    label = np.array([[0, 1, 2], [3, 9, 1]])
+    write_pair(seg_root, "training", "d", np.zeros((2, 3, 3), np.uint8), label, ".png")
+    dataset = SegmentationFolder(str(seg_root), "training", num_classes=3, transform=keep, ignore_index=9)
+    assert dataset[3][1].tolist() == [[9, 0, 1], [2, 9, 0]]
+    _, y = SegTrainTransform((4, 5), scale=(3, 2), ratio_range=(1.0, 1.0), flip_prob=0.0, photometric=False,
+                             ignore_index=9)(*dataset.load_pair(3))
+    assert (y[2:] == 9).all() and (y[:, 3:] == 9).all()  # padding
+    with pytest.raises(ValueError, match=r"\[1, 9\] \(9 is the ignore index\)"):
+        SegmentationFolder(str(seg_root), "training", num_classes=10, transform=keep, ignore_index=9)
+
+
 def test_a_wrong_layout_fails_naming_the_missing_folder(seg_root):
     with pytest.raises(FileNotFoundError, match=str(seg_root / "images" / "validation")):
         SegmentationFolder(str(seg_root), "validation", num_classes=3, transform=keep)

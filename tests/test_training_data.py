@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from training.data import EpochSampler, SeededSamples, ShardSampler, mixed_seed, seed_step, train_loader
+from training.data import (EpochSampler, SeededSamples, ShardSampler, StreamSampler, mixed_seed, seed_step,
+                           stream_loader, train_loader)
 from util.misc import DistInfo
 
 
@@ -70,14 +71,18 @@ def test_epoch_sampler_deals_one_permutation_over_the_ranks(length, world_size):
     assert [i for _, i in other] != shares[0] or length // world_size < 2
 
 
-def test_epoch_sampler_can_start_in_the_middle_of_an_epoch():
-    sampler = EpochSampler(20, seed=3)
-    sampler.set_epoch(2)
+@pytest.mark.parametrize("make, epoch, start, left, error, too_far", [
+    (lambda: EpochSampler(20, seed=3), 2, 7, 13, "outside this rank's 20 samples", 21),
+    (lambda: StreamSampler(6, seed=0, window=4), 3, 3, 1, "outside a window of 4", 5),
+])
+def test_samplers_can_start_in_the_middle_of_their_epoch(make, epoch, start, left, error, too_far):
+    sampler = make()
+    sampler.set_epoch(epoch)
     full = list(sampler)
-    sampler.set_epoch(2, start=7)
-    assert list(sampler) == full[7:] and len(sampler) == 13
-    with pytest.raises(ValueError, match="outside this rank's 20 samples"):
-        sampler.set_epoch(2, start=21)
+    sampler.set_epoch(epoch, start=start)
+    assert list(sampler) == full[start:] and len(sampler) == left
+    with pytest.raises(ValueError, match=error):
+        sampler.set_epoch(epoch, start=too_far)
 
 
 def test_step_seeds_depend_on_rank_and_index():
@@ -93,3 +98,34 @@ def test_step_seeds_depend_on_rank_and_index():
 def test_train_loader_drops_the_last_partial_batch():
     loader = train_loader(_RandomDraws(), 5, seed=2, dist=DistInfo(), num_workers=0, pin_memory=False)
     assert len(loader) == 2 and [len(batch) for batch in loader] == [5, 5]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_stream_sampler_windows_continue_the_epochs_of_the_data(world_size):
+    """Windows of 5 samples over a dataset of 7 (3 per rank with 2 ranks): each rank's stream is its shares of
+    EpochSampler's epochs 0, 1, 2, ... in order, and a window may span two of them."""
+    for rank in range(world_size):
+        sampler = StreamSampler(7, seed=4, window=5, rank=rank, world_size=world_size)
+        stream = []
+        for window in range(4):
+            sampler.set_epoch(window)
+            stream += list(sampler)
+            assert len(sampler) == 5
+        epochs = EpochSampler(7, seed=4, rank=rank, world_size=world_size)
+        expected = []
+        for epoch in range(20):
+            epochs.set_epoch(epoch)
+            expected += list(epochs)
+        assert stream == expected[:20]
+
+
+def test_stream_loader_gives_each_epoch_its_batches_and_resumes_exactly():
+    """An iteration-based run resumed at epoch 2 (with new workers) gets the batches an uninterrupted one got."""
+    loader = stream_loader(_RandomDraws(), 3, seed=1, dist=DistInfo(), num_workers=0, pin_memory=False,
+                           batches_per_epoch=5)  # 15 samples per epoch of the run, 12 in the data
+    straight = draws(loader, epochs=(0, 1, 2))
+    assert len(loader) == 5 and all(len(epoch) == 15 for epoch in straight)
+    assert sorted(straight[0][:12, 0].tolist()) == list(range(12))  # the first pass over the data, shuffled
+    resumed = stream_loader(_RandomDraws(), 3, seed=1, dist=DistInfo(), num_workers=2, pin_memory=False,
+                            batches_per_epoch=5)
+    assert torch.equal(draws(resumed, epochs=(2,))[0], straight[2])

@@ -201,3 +201,35 @@ def test_bad_arguments_are_named():
         model.predict(torch.randn(1, 3, 32, 32), (32, 32), mode="sliding")
     with pytest.raises(ValueError, match="labels must be"):
         segmentation_loss(torch.randn(2, NUM_CLASSES, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long))
+
+
+def test_layer_decay_groups_follow_convmaes_segmentation_optimizer():
+    """timm's param_groups_layer_decay on the UperNet, as main_segment.py builds it: num_layers = stage-3 depth + 2;
+    stages 1-2, every patch embedding and pos_embed are layer 0, stage-3 block i is layer i + 1, the stride-32 level
+    and both heads the last layer; scale = decay ** (num_layers - 1 - layer); no weight decay on 1-D parameters nor
+    on pos_embed."""
+    import models_convvit  # noqa: F401  (registers the encoders)
+    from timm.optim import param_groups_layer_decay
+
+    model = create_upernet("convvit_tiny_patch16", NUM_CLASSES, channels=16, aux_channels=8, img_size=64)
+    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.75)
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    scale_of = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert set(scale_of) == set(params)
+    depth = len(model.backbone.model.blocks3)
+    num_layers = depth + 2
+    seen = set()
+    for name, (scale, wd) in scale_of.items():
+        inner = name.removeprefix("backbone.model.")
+        if inner.startswith(("patch_embed", "pos_embed", "blocks1.", "blocks2.")):
+            layer = 0
+        elif inner.startswith("blocks3."):
+            layer = int(inner.split(".")[1]) + 1
+        else:
+            assert inner.startswith(("downsample32.", "decode_head.", "auxiliary_head.")), name
+            layer = num_layers - 1
+        seen.add(layer)
+        assert scale == pytest.approx(0.75 ** (num_layers - 1 - layer)), name
+        assert wd == (0.0 if params[name].ndim == 1 or inner == "pos_embed" else 0.05), name
+    assert seen == set(range(num_layers))

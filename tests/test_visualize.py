@@ -257,6 +257,8 @@ def test_label_palette_is_distinct_and_never_the_ignore_colour():
     assert palette.shape == (150, 3) and palette.dtype == np.uint8
     assert len({tuple(c) for c in palette}) == 150 and not (palette == IGNORE_COLOR).all(axis=1).any()
     np.testing.assert_array_equal(label_palette(3), palette[:3])
+    first = palette[:12].astype(float)  # e.g. the Fashion-MNIST segmentation set's 11 classes: far apart
+    assert min(np.linalg.norm(first[a] - first[b]) for a in range(12) for b in range(a)) > 60
 
 
 def test_colorize_labels_paints_classes_and_ignored_pixels():
@@ -298,3 +300,21 @@ def test_segmentation_figure_sets_image_truth_and_prediction_side_by_side():
                                   .repeat(2, 1))
     with pytest.raises(ValueError, match="must be 32 x 32"):
         segmentation_figure(images, labels[:, :16], preds, names)
+
+
+def test_segmentation_figure_puts_more_predictions_in_further_columns():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    labels, first, second = (rng.integers(0, 3, (2, 16, 16)) for _ in range(3))
+    second[1, 0, 0] = 3  # a class only the second model predicts is in the legend
+    names = ["a", "b", "c", "d"]
+    figure = segmentation_figure(images, labels, first, names, min_panel=32, more_predictions=[second],
+                                 titles=("image", "ground truth", "model 1", "model 2"))
+    assert figure.shape[1] == 4 * 32 + 5 * 4
+    legend = label_legend([(label_palette(4)[k], names[k]) for k in range(4)], figure.shape[1])
+    np.testing.assert_array_equal(figure[-legend.shape[0]:], legend)
+    top = figure.shape[0] - legend.shape[0] - 2 * (32 + 4)
+    np.testing.assert_array_equal(figure[top:top + 32, 4 + 3 * 36:4 + 3 * 36 + 32],
+                                  colorize_labels(second[0], label_palette(4)).repeat(2, 0).repeat(2, 1))
+    with pytest.raises(ValueError, match="3 titles for 4 columns"):
+        segmentation_figure(images, labels, first, names, more_predictions=[second])

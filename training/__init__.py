@@ -6,8 +6,11 @@
 - `training.meters`: losses summed on the device and read every `--print_freq` steps, and the progress lines (ETA,
   images/s, data wait, peak memory).
 - `training.data`: loaders whose every sample is seeded from (seed, epoch, index), so that a resumed run sees the
-  same crops as an uninterrupted one, and exact sharded evaluation.
+  same crops as an uninterrupted one (by epochs of the data, or by windows of an endless stream for iteration-based
+  runs), and exact sharded evaluation.
 - `training.run`: the run skeleton (process group, DDP, resume, checkpoints, log.txt, TensorBoard, teardown).
+- `training.sync_batchnorm`: BatchNorm over the batches of all processes, on CUDA (torch's SyncBatchNorm) and on
+  the CPU with gloo (one differentiable all-reduce of the statistics).
 
 Nothing here imports a top-level module: models, engines and scripts build on it, not the other way round.
 """

@@ -74,6 +74,43 @@ class EpochSampler(Sampler):
         return self.per_rank - self.start
 
 
+class StreamSampler(Sampler):
+    """An endless stream of (epoch, index) pairs for one process, cut into windows of `window` samples: the rank's
+    shares of EpochSampler's epochs 0, 1, 2, ... one after another (a window may span two epochs of the data).
+
+    For iteration-based training: a run's "epoch" is a window (e.g. an evaluation interval of iterations), so that
+    `set_epoch(window, start)` puts the stream exactly where an uninterrupted run would be, and a resumed run sees the
+    same samples in the same order however many passes over the data came before.
+    """
+
+    def __init__(self, length: int, seed: int, window: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if window < 1:
+            raise ValueError(f"a window holds at least one sample, got {window}")
+        self.epochs = EpochSampler(length, seed, rank, world_size, shuffle)
+        self.window = window
+        self.index = self.start = 0
+
+    def set_epoch(self, window: int, start: int = 0) -> None:
+        if not 0 <= start <= self.window:
+            raise ValueError(f"start {start} is outside a window of {self.window} samples")
+        self.index, self.start = window, start
+
+    def __iter__(self):
+        position = self.index * self.window + self.start  # samples of this rank's stream before this one
+        remaining = self.window - self.start
+        epoch, offset = divmod(position, self.epochs.per_rank)
+        while remaining > 0:
+            self.epochs.set_epoch(epoch, offset)
+            keys = list(self.epochs)[:remaining]
+            yield from keys
+            remaining -= len(keys)
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.window - self.start
+
+
 class ShardSampler(Sampler):
     """Every `world_size`-th index from `rank`: each sample is evaluated once, with no padding duplicates."""
 
@@ -93,6 +130,17 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, dist: DistInfo, n
     `loader.sampler.set_epoch`."""
     return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size,
                       sampler=EpochSampler(len(dataset), seed, dist.rank, dist.world_size),
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
+                      persistent_workers=num_workers > 0)
+
+
+def stream_loader(dataset: Dataset, batch_size: int, seed: int, dist: DistInfo, num_workers: int, pin_memory: bool,
+                  batches_per_epoch: int, collate_fn: Optional[Callable] = None) -> DataLoader:
+    """Seeded, sharded batches of `batch_size` from an endless shuffled stream (StreamSampler): each epoch of the run
+    is the next `batches_per_epoch` batches, whatever the dataset's size; set it with `loader.sampler.set_epoch`."""
+    return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size,
+                      sampler=StreamSampler(len(dataset), seed, batches_per_epoch * batch_size, dist.rank,
+                                            dist.world_size),
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
                       persistent_workers=num_workers > 0)
 

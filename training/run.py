@@ -240,10 +240,10 @@ class Run:
         """Iterations of the epochs after `epoch` (for the run's ETA)."""
         return (self.cfg.epochs - epoch - 1) * iters_per_epoch
 
-    def progress(self, epoch: int, iters: int, names=("loss",)) -> Progress:
+    def progress(self, epoch: int, iters: int, names=("loss",), header: Optional[str] = None) -> Progress:
         """The Progress of a training epoch: --print_freq lines, the run's ETA, stops agreed at optimizer-step
         boundaries, and for the epoch a checkpoint stopped in, the iteration and record it stopped at."""
-        progress = Progress(f"Epoch [{epoch}]", iters, self.cfg.print_freq, self.device,
+        progress = Progress(header or f"Epoch [{epoch}]", iters, self.cfg.print_freq, self.device,
                             self.later_iters(epoch, iters), names, first=self._first_iteration(epoch),
                             stop=self.stop_requested, stop_every=self.cfg.accum_iter)
         if progress.first and self._resumed_progress is not None:

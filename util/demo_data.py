@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASS_NAMES", "DEBIAN_DIR", "prepare_fashion_mnist", "read_idx", "find_idx_files"]
+__all__ = ["CLASS_NAMES", "DEBIAN_DIR", "prepare_fashion_mnist", "read_idx", "find_idx_files", "locate_idx_files",
+           "load_split"]
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 # Fashion-MNIST's labels 0-9, as folder names.
@@ -93,7 +94,9 @@ def _download(download_dir: str) -> str:
     return os.path.join(download_dir, "FashionMNIST", "raw")
 
 
-def _locate(sources: Sequence[str], download_dir: Optional[str]) -> Dict[str, str]:
+def locate_idx_files(sources: Sequence[str], download_dir: Optional[str]) -> Dict[str, str]:
+    """The four idx files (stem -> path) from the first of `sources` that holds them all, else from `download_dir`
+    (downloaded there if needed; None turns the download off). Raises FileNotFoundError saying how to get them."""
     for folder in sources:
         files = find_idx_files(folder)
         if files is not None:
@@ -118,7 +121,9 @@ def _locate(sources: Sequence[str], download_dir: Optional[str]) -> Dict[str, st
     return files
 
 
-def _load_split(files: Dict[str, str], split: str):
+def load_split(files: Dict[str, str], split: str):
+    """(uint8 images [N, H, W], uint8 labels [N]) of split "train" or "val" from `locate_idx_files`' files, checked:
+    a corrupt file raises CorruptIdxFile naming it."""
     image_path, label_path = (files[stem] for stem in SPLITS[split])
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.dtype != np.uint8 or images.ndim != 3:
@@ -162,6 +167,43 @@ def _write_split(folder: str, images: np.ndarray, keep: List[np.ndarray], size: 
     return count
 
 
+def finished_preparation(root: str, options: dict, what: str) -> bool:
+    """True when `root` holds a preparation finished with `options` (its marker file says so). Raises when it was
+    finished with other options, or when `root` is a non-empty folder (or a file) without a marker: a folder this
+    module did not finish is never reused or deleted."""
+    marker = os.path.join(root, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if {k: done.get(k) for k in options} != options:
+            raise ValueError(f"{root} was prepared with {({k: done.get(k) for k in options})}, not {options}; "
+                             f"choose another root or delete it")
+        return True
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        raise FileExistsError(f"{root} exists but holds no finished preparation of {what} ({MARKER} is missing); "
+                              f"choose another root or delete it")
+    return False
+
+
+def partial_folder(root: str) -> str:
+    """Where a preparation of `root` is written (emptied of what an interrupted one left), for finish_preparation."""
+    partial = root + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    return partial
+
+
+def finish_preparation(partial: str, root: str, record: dict) -> str:
+    """Writes the marker (`record`) into `partial` and renames it to `root`: an interrupted preparation never looks
+    finished."""
+    with open(os.path.join(partial, MARKER), "w") as f:
+        json.dump(record, f, indent=1)
+    if os.path.isdir(root):
+        os.rmdir(root)  # empty, checked by finished_preparation
+    os.replace(partial, root)
+    return root
+
+
 def prepare_fashion_mnist(root: str, sources: Optional[Sequence[str]] = None, max_train: Optional[int] = None,
                           max_val: Optional[int] = None, size: Optional[int] = None,
                           download_dir: Optional[str] = "", verbose: bool = False) -> str:
@@ -188,35 +230,29 @@ def prepare_fashion_mnist(root: str, sources: Optional[Sequence[str]] = None, ma
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     options = {"dataset": "fashion-mnist", "max_train": max_train, "max_val": max_val, "size": size}
 
-    marker = os.path.join(root, MARKER)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            done = json.load(f)
-        if {k: done.get(k) for k in options} != options:
-            raise ValueError(f"{root} was prepared with {({k: done.get(k) for k in options})}, not {options}; "
-                             f"choose another root or delete it")
+    if finished_preparation(root, options, "Fashion-MNIST as an ImageFolder"):
         return root
-    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise FileExistsError(f"{root} exists but holds no finished Fashion-MNIST preparation ({MARKER} is "
-                              f"missing); choose another root or delete it")
 
-    files = _locate(sources, download_dir)
-    partial = root + ".partial"
-    if os.path.exists(partial):  # left by an interrupted preparation
-        shutil.rmtree(partial)
+    files = locate_idx_files(sources, download_dir)
+    partial = partial_folder(root)
     counts = {}
     for split, max_images in (("train", max_train), ("val", max_val)):
-        images, labels = _load_split(files, split)
+        images, labels = load_split(files, split)
         keep = _per_class_subset(labels, max_images, split)
         counts[split] = _write_split(os.path.join(partial, split), images, keep, size)
         if verbose:
             print(f"{split}: {counts[split]} images", flush=True)
-    with open(os.path.join(partial, MARKER), "w") as f:
-        json.dump({**options, "counts": counts, "source": os.path.dirname(files[SPLITS["train"][0]])}, f, indent=1)
-    if os.path.isdir(root):
-        os.rmdir(root)  # empty, checked above
-    os.replace(partial, root)
-    return root
+    return finish_preparation(partial, root, {**options, "counts": counts,
+                                              "source": os.path.dirname(files[SPLITS["train"][0]])})
+
+
+def add_source_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the Fashion-MNIST idx files come from: --source, --download_dir, --no_download."""
+    parser.add_argument("--source", action="append", default=None,
+                        help=f"folder holding the idx files (repeatable; none: {DEBIAN_DIR})")
+    parser.add_argument("--download_dir", default="",
+                        help="where to download them if needed (empty: <root>_download)")
+    parser.add_argument("--no_download", action="store_true", help="fail rather than download")
 
 
 def main(argv=None):
@@ -226,10 +262,7 @@ def main(argv=None):
     p.add_argument("--max_train", type=int, default=None, help="keep at most N training images (even per class; none: all)")
     p.add_argument("--max_val", type=int, default=None, help="keep at most N validation images (even per class; none: all)")
     p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE when writing (none: keep 28)")
-    p.add_argument("--source", action="append", default=None,
-                   help=f"folder holding the idx files (repeatable; none: {DEBIAN_DIR})")
-    p.add_argument("--download_dir", default="", help="where to download them if needed (empty: <root>_download)")
-    p.add_argument("--no_download", action="store_true", help="fail rather than download")
+    add_source_flags(p)
     args = p.parse_args(argv)
     try:
         root = prepare_fashion_mnist(args.root, args.source, args.max_train, args.max_val, args.size,

@@ -21,22 +21,20 @@ the same Pillow version. As util.demo_data, the tree is written next to `root` a
 file inside, and a finished preparation is reused when the options match.
 """
 import argparse
-import json
 import os
-import shutil
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-from util.demo_data import CLASS_NAMES, DEBIAN_DIR, _load_split, _locate
+from util.demo_data import (CLASS_NAMES, DEBIAN_DIR, add_source_flags, finish_preparation, finished_preparation,
+                            load_split, locate_idx_files, partial_folder)
 
 __all__ = ["prepare_fashion_mnist_seg", "make_canvas", "SEG_CLASS_NAMES", "FOREGROUND_THRESHOLD"]
 
 FOREGROUND_THRESHOLD = 24
 IGNORE_LABEL, BACKGROUND_LABEL = 0, 1  # annotation values; items are 2 + Fashion-MNIST label
 SEG_CLASS_NAMES = ("background",) + CLASS_NAMES  # class order after reduce_zero_label
-MARKER = ".prepared.json"
 JPEG_QUALITY = 95
 # split folder -> demo_data's split name (the Fashion-MNIST file it reads)
 SPLITS = {"training": "train", "validation": "val"}
@@ -111,44 +109,29 @@ def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None
                "min_items": min_items, "max_items": max_items, "scale_range": [float(low), float(high)],
                "seed": seed, "foreground_threshold": FOREGROUND_THRESHOLD}
 
-    marker = os.path.join(root, MARKER)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            done = json.load(f)
-        if {k: done.get(k) for k in options} != options:
-            raise ValueError(f"{root} was prepared with {({k: done.get(k) for k in options})}, not {options}; "
-                             f"choose another root or delete it")
+    if finished_preparation(root, options, "the Fashion-MNIST segmentation set"):
         return root
-    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise FileExistsError(f"{root} exists but holds no finished preparation ({MARKER} is missing); choose "
-                              f"another root or delete it")
 
     if download_dir == "":
         download_dir = root + "_download"
-    files = _locate([DEBIAN_DIR] if sources is None else list(sources), download_dir)
-    partial = root + ".partial"
-    if os.path.exists(partial):  # left by an interrupted preparation
-        shutil.rmtree(partial)
+    files = locate_idx_files([DEBIAN_DIR] if sources is None else list(sources), download_dir)
+    partial = partial_folder(root)
     # One child generator per split: the validation images do not depend on how many training images there are.
     split_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SPLITS))]
     for (split, source_split), count, rng in zip(SPLITS.items(), (num_train, num_val), split_rngs):
-        items, labels = _load_split(files, source_split)
+        items, labels = load_split(files, source_split)
         _write_split(partial, items, labels, count, rng, {**options, "split": split})
         if verbose:
             print(f"{split}: {count} images", flush=True)
     with open(os.path.join(partial, "classes.txt"), "w") as f:
         f.write("\n".join(SEG_CLASS_NAMES) + "\n")
-    with open(os.path.join(partial, MARKER), "w") as f:
-        json.dump({**options, "source": os.path.dirname(files["train-images-idx3-ubyte"])}, f, indent=1)
-    if os.path.isdir(root):
-        os.rmdir(root)  # empty, checked above
-    os.replace(partial, root)
-    return root
+    return finish_preparation(partial, root, {**options, "source": os.path.dirname(files["train-images-idx3-ubyte"])})
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fashion-MNIST items on a canvas, as a segmentation dataset in "
-                                            "ADE20K's layout (images/ and annotations/, training and validation)")
+                                            "ADE20K's layout (images/ and annotations/, training and validation)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root", default="data/fashion_mnist_seg", help="folder to create")
     p.add_argument("--num_train", type=int, default=2000, help="training images")
     p.add_argument("--num_val", type=int, default=500, help="validation images")
@@ -157,11 +140,8 @@ def main(argv=None):
     p.add_argument("--max_items", type=int, default=4, help="most items per image")
     p.add_argument("--scale_range", type=float, nargs=2, default=(0.75, 1.5), metavar=("LOW", "HIGH"),
                    help="item side as a multiple of 28 pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", action="append", default=None,
-                   help=f"folder holding the idx files (repeatable; default: {DEBIAN_DIR})")
-    p.add_argument("--download_dir", default="", help="where to download them if needed (default: <root>_download)")
-    p.add_argument("--no_download", action="store_true", help="fail rather than download")
+    p.add_argument("--seed", type=int, default=0, help="seeds the items, their places and sizes")
+    add_source_flags(p)
     args = p.parse_args(argv)
     try:
         root = prepare_fashion_mnist_seg(args.root, args.source, args.num_train, args.num_val, args.canvas,

@@ -14,6 +14,18 @@ def cosine_lr(progress: float, base_lr: float, min_lr: float, warmup_epochs: flo
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def poly_lr(iteration: float, base_lr: float, total_iters: float, power: float = 1.0, min_lr: float = 0.0,
+            warmup_iters: float = 0, warmup_ratio: float = 0.0) -> float:
+    """MMSegmentation's iteration-based schedule: the poly decay (base_lr - min_lr) x (1 - it / total)^power + min_lr,
+    and over the first `warmup_iters` that lr times a factor rising linearly from `warmup_ratio` to 1 (mmcv's
+    linear warmup multiplies the scheduled lr, it does not replace it)."""
+    t = min(max(iteration / max(total_iters, 1e-12), 0.0), 1.0)
+    lr = (base_lr - min_lr) * (1.0 - t) ** power + min_lr
+    if iteration < warmup_iters:
+        lr *= 1.0 - (1.0 - iteration / warmup_iters) * (1.0 - warmup_ratio)
+    return lr
+
+
 def cosine_momentum(progress: float, start: float, epochs: float, end: float = 1.0) -> float:
     """EMA momentum rising from `start` to `end` along a half-cosine over the run (BYOL / DINO)."""
     t = min(max(progress / max(epochs, 1e-12), 0.0), 1.0)

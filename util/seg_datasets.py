@@ -8,10 +8,10 @@ are single-channel PNGs of class indices). ADE20K (`ADEChallengeData2016` as dis
 other in this layout works with its number of classes. An optional ``<root>/classes.txt`` (one name per line, in
 class order after `reduce_zero_label`) names the classes in the per-class table.
 
-Labels. With `reduce_zero_label` (ADE20K's convention) annotation 0 ("other") becomes the ignore index 255 and
-k becomes k - 1, so ADE20K's 1..150 are classes 0..149. A label that is then neither 255 nor in
-[0, num_classes) stops the run with an error naming the file: it means a wrong number of classes or a wrong
-`reduce_zero_label`, which mapping it to ignore would hide.
+Labels. With `reduce_zero_label` (ADE20K's convention) annotation 0 ("other") becomes the ignore index (255 unless
+`ignore_index` says otherwise) and k becomes k - 1, so ADE20K's 1..150 are classes 0..149. A label that is then
+neither the ignore index nor in [0, num_classes) stops the run with an error naming the file: it means a wrong
+number of classes or a wrong `reduce_zero_label`, which mapping it to ignore would hide.
 
 Bad files do not stop a run (as util.datasets.RobustImageFolder): an image or annotation that cannot be decoded,
 or a pair whose sizes differ, is skipped with an `UnreadableImageWarning` naming the file(s); the dataset returns
@@ -94,9 +94,9 @@ def load_label(path: str) -> np.ndarray:
     return np.asarray(image).astype(np.int64)
 
 
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """0 -> 255 (ignore), k -> k - 1, 255 stays 255 (mmseg's reduce_zero_label)."""
-    return np.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)
+def reduce_zero_label(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """0 -> ignore_index, k -> k - 1, ignore_index stays (mmseg's reduce_zero_label)."""
+    return np.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
 
 
 def _files_by_stem(folder: str, extensions: Sequence[str]) -> dict:
@@ -121,13 +121,14 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     Items are `transform(image, label)` with `image` a PIL RGB image and `label` int64 [H, W] (reduced and
     range-checked), or None for a bad pair (see the module docstring). `samples` lists (image, annotation) paths.
+    `ignore_index` (255 by default) marks unlabelled pixels; it must lie above the classes.
     """
 
     def __init__(self, root: str, split: str, num_classes: int, transform: Callable,
-                 reduce_zero_label: bool = True):
-        if num_classes < 1 or num_classes > IGNORE_INDEX:
-            raise ValueError(f"the number of classes must be in [1, {IGNORE_INDEX}] (255 is the ignore index), "
-                             f"got {num_classes}")
+                 reduce_zero_label: bool = True, ignore_index: int = IGNORE_INDEX):
+        if not 1 <= num_classes <= ignore_index:
+            raise ValueError(f"the number of classes must be in [1, {ignore_index}] ({ignore_index} is the ignore "
+                             f"index), got {num_classes}")
         image_dir, label_dir = (os.path.join(root, kind, split) for kind in ("images", "annotations"))
         for folder in (image_dir, label_dir):
             if not os.path.isdir(folder):
@@ -146,6 +147,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.root, self.split, self.num_classes = root, split, num_classes
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
         self.samples: List[Tuple[str, str]] = [(images[stem], labels[stem]) for stem in sorted(images)]
 
     def __len__(self) -> int:
@@ -169,8 +171,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
                           f"({label.shape[1]} x {label.shape[0]})", UnreadableImageWarning)
             return None
         if self.reduce_zero_label:
-            label = reduce_zero_label(label)
-        bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= self.num_classes))
+            label = reduce_zero_label(label, self.ignore_index)
+        bad = (label != self.ignore_index) & ((label < 0) | (label >= self.num_classes))
         if bad.any():
             raise ValueError(f"{label_path}: label {int(label[bad].max())} is outside the {self.num_classes} classes "
                              f"(after reduce_zero_label={self.reduce_zero_label}); check the number of classes "
@@ -215,10 +217,11 @@ def random_rescale(image: Image.Image, label: np.ndarray, scale: Tuple[int, int]
 
 
 def random_crop(image: np.ndarray, label: np.ndarray, crop_size: Tuple[int, int], cat_max_ratio: float = 1.0,
-                tries: int = 10):
+                tries: int = 10, ignore_index: int = IGNORE_INDEX):
     """A random crop of at most crop_size (h, w) (a smaller side is kept whole). With cat_max_ratio < 1 a crop is
-    drawn again, up to `tries` times, while one class covers more than that share of its labelled pixels or it
-    holds fewer than two classes; after the last try the next draw is kept (mmseg's RandomCrop)."""
+    drawn again, up to `tries` times, while one class covers more than that share of its labelled pixels (those
+    not `ignore_index`) or it holds fewer than two classes; after the last try the next draw is kept (mmseg's
+    RandomCrop)."""
     h, w = label.shape
     crop_h, crop_w = min(crop_size[0], h), min(crop_size[1], w)
 
@@ -230,8 +233,8 @@ def random_crop(image: np.ndarray, label: np.ndarray, crop_size: Tuple[int, int]
     y, x = draw()
     if cat_max_ratio < 1:
         for _ in range(tries):
-            counts = np.bincount(label[y:y + crop_h, x:x + crop_w].ravel(), minlength=IGNORE_INDEX + 1)
-            counts = counts[np.arange(len(counts)) != IGNORE_INDEX]
+            counts = np.bincount(label[y:y + crop_h, x:x + crop_w].ravel(), minlength=ignore_index + 1)
+            counts = counts[np.arange(len(counts)) != ignore_index]
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
                 break
@@ -298,21 +301,24 @@ def normalize(image: np.ndarray) -> torch.Tensor:
 class SegTrainTransform:
     """The recipe's training pipeline: random rescale of `scale` (long, short edge bounds) by a ratio in
     ratio_range keeping the aspect ratio, random crop (cat_max_ratio), horizontal flip, photometric distortion,
-    normalisation, padding to crop_size (image 0, label 255). Returns (float32 [3, h, w], int64 [h, w])."""
+    normalisation, padding to crop_size (image 0, label `ignore_index`). Returns (float32 [3, h, w],
+    int64 [h, w])."""
 
     def __init__(self, crop_size: Tuple[int, int] = (512, 512), scale: Tuple[int, int] = (2048, 512),
                  ratio_range: Tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
-                 photometric: bool = True):
+                 photometric: bool = True, ignore_index: int = IGNORE_INDEX):
         self.crop_size = tuple(crop_size)
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.cat_max_ratio = cat_max_ratio
         self.flip_prob = flip_prob
         self.photometric = photometric
+        self.ignore_index = ignore_index
 
     def __call__(self, image: Image.Image, label: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         image, label = random_rescale(image, label, self.scale, self.ratio_range)
-        image, label = random_crop(np.asarray(image), label, self.crop_size, self.cat_max_ratio)
+        image, label = random_crop(np.asarray(image), label, self.crop_size, self.cat_max_ratio,
+                                   ignore_index=self.ignore_index)
         if np.random.rand() < self.flip_prob:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.photometric:
@@ -322,13 +328,13 @@ class SegTrainTransform:
         pad_h, pad_w = self.crop_size[0] - y.shape[0], self.crop_size[1] - y.shape[1]
         if pad_h or pad_w:
             x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), value=0.0)
-            y = torch.nn.functional.pad(y, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+            y = torch.nn.functional.pad(y, (0, pad_w, 0, pad_h), value=self.ignore_index)
         return x, y
 
     def __repr__(self):
         return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, ratio_range="
                 f"{self.ratio_range}, cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, "
-                f"photometric={self.photometric})")
+                f"photometric={self.photometric}, ignore_index={self.ignore_index})")
 
 
 class SegEvalTransform:

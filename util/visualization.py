@@ -396,11 +396,13 @@ IGNORE_COLOR = (0, 0, 0)  # pixels with the ignore label; no class colour is bla
 
 def label_palette(num_classes: int) -> np.ndarray:
     """Distinct class colours, uint8 [num_classes, 3]: tab10's ten first, then hues a golden angle apart (at
-    alternating saturation and brightness), never black."""
+    alternating saturation and brightness, starting where tab10 has none), never black."""
     colors = [tuple(c) for c in _VIEW_PALETTE[:min(num_classes, len(_VIEW_PALETTE))]]
     for k in range(len(colors), num_classes):
-        hue = (k * 0.618033988749895) % 1.0
-        saturation, value = (0.85, 0.95) if k % 2 else (0.55, 0.75)
+        n = k - len(_VIEW_PALETTE)
+        # from 252 degrees (a blue-violet that tab10 lacks): the first ones stay far from tab10's colours
+        hue = (0.7 + n * 0.618033988749895) % 1.0
+        saturation, value = (0.85, 0.95) if n % 2 == 0 else (0.55, 0.75)
         i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
         p, q, t = value * (1 - saturation), value * (1 - f * saturation), value * (1 - (1 - f) * saturation)
         rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)][i]
@@ -448,34 +450,41 @@ def label_legend(entries: Sequence[Tuple[Sequence[int], str]], width: int, gap: 
 
 def segmentation_figure(images, labels, predictions, class_names: Sequence[str], palette: Optional[np.ndarray] = None,
                         titles: Sequence[str] = ("image", "ground truth", "prediction"), min_panel: int = 128,
-                        ignore_index: int = 255, gap: int = 4) -> np.ndarray:
+                        ignore_index: int = 255, gap: int = 4, more_predictions: Sequence = ()) -> np.ndarray:
     """Image, ground truth and prediction side by side, one row per image, with a legend of the classes that
     appear (and of the ignore colour when ground truth has ignored pixels): uint8 [H, W, 3].
 
     images: RGB uint8 [N, H, W, 3] or [N, 3, H, W] (or a list); labels, predictions: [N, H, W] class indices of
-    the same size. Panels are enlarged (nearest) by the smallest integer factor that gives them `min_panel`
-    pixels on their short side.
+    the same size. `more_predictions`: further [N, H, W] predictions (e.g. of other models), each a column after
+    the first, titled by `titles[3:]`. Panels are enlarged (nearest) by the smallest integer factor that gives them
+    `min_panel` pixels on their short side.
     """
-    rows = [(_hwc_uint8(image), _numpy(label), _numpy(pred)) for image, label, pred in zip(images, labels, predictions)]
-    if not rows or not len(rows) == len(images) == len(labels) == len(predictions):
+    columns = [predictions, *more_predictions]
+    if len(titles) != 2 + len(columns):
+        raise ValueError(f"{len(titles)} titles for {2 + len(columns)} columns (image, ground truth, predictions)")
+    if not all(len(column) == len(images) for column in columns):
+        raise ValueError("every set of predictions must have one per image")
+    rows = [(_hwc_uint8(image), _numpy(label), *[_numpy(column[i]) for column in columns])
+            for i, (image, label) in enumerate(zip(images, labels))]
+    if not rows or not len(rows) == len(images) == len(labels):
         raise ValueError("images, labels and predictions must be equally many, and at least one")
     height, width = rows[0][0].shape[:2]
-    for image, label, pred in rows:
-        if image.shape[:2] != (height, width) or label.shape != (height, width) or pred.shape != (height, width):
+    for image, *maps in rows:
+        if image.shape[:2] != (height, width) or any(m.shape != (height, width) for m in maps):
             raise ValueError(f"every image, label and prediction must be {height} x {width}, got "
-                             f"{image.shape[:2]}, {label.shape}, {pred.shape}")
+                             f"{image.shape[:2]}, {', '.join(str(m.shape) for m in maps)}")
     palette = label_palette(len(class_names)) if palette is None else np.asarray(palette, np.uint8)
     if len(palette) < len(class_names):
         raise ValueError(f"a palette of {len(palette)} colours for {len(class_names)} classes")
     scale = max(1, math.ceil(min_panel / min(height, width)))
-    panels = [[upscale(image, scale), upscale(colorize_labels(label, palette, ignore_index), scale),
-               upscale(colorize_labels(pred, palette, ignore_index), scale)] for image, label, pred in rows]
-    seen = np.unique(np.concatenate([np.concatenate([label.ravel(), pred.ravel()]) for _, label, pred in rows]))
+    panels = [[upscale(image, scale)] + [upscale(colorize_labels(m, palette, ignore_index), scale) for m in maps]
+              for image, *maps in rows]
+    seen = np.unique(np.concatenate([m.ravel() for _, *maps in rows for m in maps]))
     entries = [(palette[k], class_names[k]) for k in seen if k != ignore_index]
-    if any((label == ignore_index).any() for _, label, _ in rows):
+    if any((label == ignore_index).any() for _, label, *_ in rows):
         entries.append((IGNORE_COLOR, "ignored"))
     panel_h, panel_w = height * scale, width * scale
-    sheet_w = 3 * panel_w + 4 * gap
+    sheet_w = len(titles) * panel_w + (len(titles) + 1) * gap
     font = _font(max(11, min(15, panel_w // 14)))
     text_h = font.getbbox("Ag")[3] + 6
     sheet = np.full((len(panels) * (panel_h + gap), sheet_w, 3), 255, np.uint8)

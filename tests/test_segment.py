@@ -1,0 +1,203 @@
+"""main_segment.py and engine_segment.py: the script end to end on a tiny dataset in ADE20K's layout (train,
+evaluate, exact resume, --eval, torchrun with 2 processes on gloo), its flag checks, the iteration schedule and
+the batches of bad files."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_segment
+from engine_segment import EvalCollate, full_batch, segmenter_layout
+from helpers import pretrain_checkpoint, write_segmentation_folder
+from util.schedules import poly_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["background", "red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory):
+    """6 training and 3 validation images of other sizes (so evaluation runs one image at a time, by windows), 4
+    classes; classes.txt names them; a pre-training checkpoint of the tiny ConViT at 64 px."""
+    root = write_segmentation_folder(tmp_path_factory.mktemp("ade"), {
+        "training": [(64, 80), (72, 64), (64, 64), (80, 96), (64, 72), (70, 70)],
+        "validation": [(64, 96), (48, 64), (80, 64)]})
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    pretrain_checkpoint(root / "pre.pth")
+    return root
+
+
+def segment_cmd(data, out, *extra, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    return launcher + [str(ROOT / "main_segment.py"), "--model", "convvit_tiny_patch16", "--input_size", "64",
+                       "--nb_classes", "4", "--img_scale", "96", "64", "--batch_size", "2", "--iters", "4",
+                       "--eval_interval", "2", "--warmup_iters", "1", "--decoder_channels", "16",
+                       "--aux_channels", "8", "--num_workers", "0", "--device", "cpu", "--print_freq", "1",
+                       "--data_path", str(data), "--output_dir", str(out), *extra]
+
+
+def run(cmd, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Grad strides do not match" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_script_trains_evaluates_resumes_exactly_and_evaluates_a_checkpoint(seg_data, tmp_path):
+    straight = tmp_path / "straight"
+    proc = run(segment_cmd(seg_data, straight, "--finetune", str(seg_data / "pre.pth"), "--save_freq", "1"))
+    assert "lr = blr 0.0016 x 2 images / 256 = 1.25e-05" in proc.stdout
+    assert "loaded " in proc.stdout and "downsample32.0.weight" in proc.stdout  # the stride-32 level is new
+    assert "sliding window 64 x 64, stride 42, single scale" in proc.stdout
+    log = read_log(straight)
+    assert [(r["epoch"], r["iteration"]) for r in log] == [(0, 2), (1, 4)]
+    assert all(r["test_images"] == 3 and set(r["test_IoU"]) == set(CLASSES) for r in log)
+    assert log[-1]["train_lr"] == pytest.approx(poly_lr(3, 1.25e-5, 4, warmup_iters=1, warmup_ratio=1e-6))
+    table = (straight / "per_class_iou.md").read_text()
+    assert "# iteration 4" in table and "| blue |" in table and "| aAcc | mIoU | mAcc |" in table
+    for name in ("checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-0.pth", "checkpoint-1.pth"):
+        assert (straight / name).exists(), name
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(straight)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/loss_decode", "train/loss_aux", "train/lr", "test/mIoU", "test/aAcc"} <= set(tags)
+
+    # Killed after the first interval: the restarted run (other loader workers) ends exactly where this one did.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "checkpoint-0.pth", resumed / "checkpoint-last.pth")
+    proc = run(segment_cmd(seg_data, resumed, "--finetune", str(seg_data / "pre.pth"), "--num_workers", "1"))
+    assert "continuing at epoch 1" in proc.stdout
+    a, b = load(straight / "checkpoint-last.pth"), load(resumed / "checkpoint-last.pth")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert read_log(resumed)[-1] == log[-1]
+
+    evaluated = tmp_path / "eval"
+    proc = run(segment_cmd(seg_data, evaluated, "--eval", "--resume", str(straight / "checkpoint-best.pth")))
+    best = max(r["test_mIoU"] for r in log)
+    assert f"mIoU {best:.2f}" in proc.stdout
+    entry = read_log(evaluated)[-1]
+    assert entry["eval"] == str(straight / "checkpoint-best.pth") and entry["test_mIoU"] == pytest.approx(best)
+    assert (evaluated / "per_class_iou.md").exists() and not (evaluated / "checkpoint-last.pth").exists()
+
+
+def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_data, tmp_path):
+    """One image per process: a process-local BatchNorm fails in the PPM's 1 x 1 pooling branch (one value per
+    channel), so the run only passes with BatchNorm over both processes. A broken training image and a broken
+    validation pair are skipped, named and counted; each readable validation image is scored once, here with
+    multi-scale + flip evaluation."""
+    data = tmp_path / "data"
+    shutil.copytree(seg_data, data)
+    (data / "images" / "training" / "3.png").write_bytes(b"")
+    (data / "annotations" / "validation" / "1.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "ddp"
+    # 4 iterations of 1 image on each process: the 6 training images are all drawn
+    proc = run(segment_cmd(data, out, "--batch_size", "1", "--finetune", str(seg_data / "pre.pth"), "--aug_test",
+                           "--aug_test_ratios", "0.75", "1.25", torchrun=True))
+    assert "world size 2" in proc.stdout and "scales 0.75, 1.25 and flip" in proc.stdout
+    assert "3.png" in proc.stderr and "1.png" in proc.stderr  # both named
+    record = read_log(out)[-1]
+    assert record["test_images"] == 2 and record["test_bad_images"] == 1
+    assert sum(r["train_bad_images"] for r in read_log(out)) >= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iters", "10", "--eval_interval", "4"], "--iters 10 must be a multiple of --eval_interval 4"),
+    (["--warmup_iters", "20", "--iters", "10", "--eval_interval", "5"], "--warmup_iters must be in [0, --iters 10]"),
+    (["--batch_size", "1"], "--batch_size 1 x 1 processes gives BatchNorm one image per step"),
+    (["--ignore_index", "100", "--nb_classes", "150"], "--ignore_index 100 is one of the 150 classes"),
+    (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
+    (["--betas", "0.9", "1.0"], "--betas must be in [0, 1)"),
+    (["--ratio_range", "2.0", "0.5"], "--ratio_range must be LOW HIGH with 0 < LOW <= HIGH"),
+    (["--cat_max_ratio", "0"], "--cat_max_ratio must be in (0, 1]"),
+    (["--eval_stride", "600"], "--eval_stride must be in [1, the window 512]"),
+    (["--aug_test_ratios", "1.0", "0"], "--aug_test_ratios must be positive"),
+    (["--pool_scales", "0", "2"], "--pool_scales must be >= 1"),
+    (["--drop_path", "1.0"], "--drop_path must be in [0, 1)"),
+    (["--eval"], "--eval needs --resume"),
+    (["--finetune", "no/such.pth"], "--finetune 'no/such.pth' is neither a checkpoint file nor an export folder"),
+    (["--blr", "0"], "--blr must be > 0"),
+    (["--model", "convvit_base_patch61"], "did you mean convvit_base_patch16"),
+])
+def test_bad_flags_fail_early_naming_the_flag(flags, message):
+    args = main_segment.get_args_parser().parse_args(flags)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main_segment.validate_args(args)
+
+
+def test_the_default_recipe_is_convmae_bs_ade20k_config():
+    cfg, line = main_segment.resolve_config(main_segment.get_args_parser().parse_args(["--device", "cpu"]))
+    assert line == "lr = blr 0.0016 x 2 images / 256 = 1.25e-05"  # 1e-4 at the recipe's 8 x 2 images
+    assert (cfg.iters, cfg.warmup_iters, cfg.eval_interval, cfg.epochs) == (160000, 1500, 16000, 10)
+    assert (cfg.input_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio) == (512, [2048, 512], [0.5, 2.0], 0.75)
+    assert (cfg.eval_mode, cfg.eval_crop_size, cfg.eval_stride) == ("slide", 512, 341)
+    assert (cfg.drop_path, cfg.aux_weight, cfg.decoder_channels, cfg.layer_decay) == (0.2, 0.4, 768, 0.75)
+    assert (cfg.nb_classes, cfg.reduce_zero_label, cfg.ignore_index, cfg.betas) == (150, True, 255, [0.9, 0.999])
+    # the lr is a function of the iteration (progress counts evaluation intervals)
+    for iteration in (0, 750, 1500, 80000, 160000):
+        assert cfg.lr_at(iteration / 16000) == pytest.approx(poly_lr(iteration, cfg.lr, 160000, 1.0, 0.0, 1500, 1e-6))
+
+
+def test_a_wrong_layout_fails_at_start_naming_the_folder(tmp_path):
+    (tmp_path / "data" / "images" / "training").mkdir(parents=True)
+    args = main_segment.get_args_parser().parse_args([
+        "--model", "convvit_tiny_patch16", "--input_size", "64", "--device", "cpu", "--nb_classes", "4",
+        "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=re.escape(f"no folder {tmp_path / 'data' / 'images' / 'validation'}")):
+        main_segment.main(args)
+
+
+def test_a_batch_that_lost_samples_is_topped_up_with_fully_ignored_blank_crops():
+    images, labels = torch.ones(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.long)
+    x, y, weight, readable = full_batch(images, labels, 3, 8, 255)
+    assert x.shape == (3, 3, 8, 8) and torch.equal(x[0], images[0]) and (x[1:] == 0).all()
+    assert (y[1:] == 255).all() and torch.equal(y[0], labels[0]) and (weight, readable) == (1.0, 1)
+    x, y, weight, readable = full_batch(None, None, 2, 8, 255)
+    assert x.shape == (2, 3, 8, 8) and (y == 255).all() and (weight, readable) == (0.0, 0)
+    assert full_batch(images, labels, 1, 8, 255)[0] is images
+
+
+def test_evaluation_batches_of_images_of_several_sizes_name_the_flag():
+    collate = EvalCollate(2)
+    same = [(torch.zeros(3, 8, 8), torch.zeros(8, 8)), (torch.zeros(3, 8, 8), torch.zeros(8, 8)), None]
+    assert collate(same)[2] == 1
+    with pytest.raises(ValueError, match="--eval_batch_size 2 needs validation images of one size"):
+        collate([(torch.zeros(3, 8, 8), torch.zeros(8, 8)), (torch.zeros(3, 8, 12), torch.zeros(8, 12))])
+
+
+def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "SEGMENT.md").read_text(), re.S)
+    commands = [line.split("#")[0] for block in blocks for line in block.replace("\\\n", " ").splitlines()
+                if "main_segment.py" in line]
+    assert len(commands) >= 4
+    parser = main_segment.get_args_parser()
+    for command in commands:
+        parser.parse_args(command.split("main_segment.py", 1)[1].split())  # an unknown flag or a bad value exits
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tmp_path, class_token):
+    import models_convvit  # noqa: F401  (registers the encoders)
+    from models_upernet import create_upernet
+    from util.checkpoint import save_checkpoint
+    model = create_upernet("vit_test_patch16_gap_sincos", 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
+                           class_token=class_token)
+    save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
+    assert segmenter_layout(str(tmp_path / "seg.pth")) == ({"class_token": True} if class_token else {})
