@@ -74,7 +74,7 @@ def stage_commands(args, data: str, probe_data: str) -> Dict[str, List[str]]:
                             "--split", "val", "--num_images", "6", "--num_views", "3",
                             "--output", shown(os.path.join(out, "predictions_3_views.png"))],
         "finetune": [python, "main_finetune.py", "--model", CLASSIFIER, "--finetune", checkpoint, "--nb_classes", "10",
-                     "--batch_size", "128", "--epochs", "1", "--warmup_epochs", "0.2", "--blr", "1e-3",
+                     "--batch_size", "128", "--epochs", "3", "--warmup_epochs", "0.2", "--blr", "5e-3",
                      "--layer_decay", "0.75", "--drop_path", "0.0", "--aa", "rand-m9-mstd0.5-inc1",
                      "--mixup", "0", "--cutmix", "0", "--reprob", "0", *common,
                      "--data_path", shown(probe_data), "--output_dir", shown(os.path.join(out, "finetune"))],

@@ -17,8 +17,8 @@ from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401  (registers the classifiers with timm)
 from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
-                             classification_loaders, evaluate_checkpoint, load_encoder, resolve_classification,
-                             train_and_evaluate)
+                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
+                             resolve_classification, train_and_evaluate)
 from models_convvit import conv_weights_channels_last
 from training.config import add_run_flags
 from training.run import Run, TrainState
@@ -115,7 +115,7 @@ def finetune(run: Run, cfg: FinetuneConfig):
 
     # A checkpoint in MAE's / timm's ViT layout (with a class token) is fine-tuned with its class token, as MAE does.
     resume = run.resume_path(auto=not cfg.eval)
-    layout = architecture_kwargs(resume) if resume else architecture_kwargs(cfg.finetune, cfg.checkpoint_key)
+    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     model = timm.create_model(cfg.model, img_size=cfg.input_size, num_classes=cfg.nb_classes,
                               drop_path_rate=cfg.drop_path, fc_norm=cfg.global_pool, **layout)
     if cfg.finetune:

@@ -15,8 +15,8 @@ from timm.optim import Lars
 
 import models_convvit  # noqa: F401  (registers the encoders with timm)
 from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
-                             classification_loaders, evaluate_checkpoint, load_encoder, resolve_classification,
-                             train_and_evaluate)
+                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
+                             resolve_classification, train_and_evaluate)
 from models_convvit import PROBE_FEATURES, LinearProbe, conv_weights_channels_last
 from training.config import add_run_flags
 from training.run import Run, TrainState, resume_candidates
@@ -102,7 +102,7 @@ def probe(run: Run, cfg: LinprobeConfig):
                                                       eval_transform(cfg.input_size))
     # A checkpoint in MAE's / timm's ViT layout (with a class token) is probed with its class token, as MAE does.
     resume = run.resume_path(auto=not cfg.eval)
-    layout = architecture_kwargs(resume) if resume else architecture_kwargs(cfg.finetune, cfg.checkpoint_key)
+    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     encoder = timm.create_model(cfg.model, img_size=cfg.input_size, **layout)
     if cfg.finetune:
         load_encoder(encoder, cfg.finetune, cfg.checkpoint_key, allowed_missing=())

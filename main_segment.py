@@ -7,18 +7,16 @@ dataset in its layout). Launch with torchrun on GPUs, or plainly (or with torchr
 Defaults are ConvMAE-B's ADE20K recipe (upernet_convmae_base_512_slide_160k_ade20k); see SEGMENT.md.
 """
 import argparse
-import os
 
 import models_convvit  # noqa: F401  (registers the encoders with timm)
 from engine_segment import (SegmentConfig, build_segmenter, count_parameters, encoder_of, evaluate_checkpoint,
                             segmentation_loaders, segmentation_optimizer, segmenter_layout, train_and_evaluate)
-from engine_finetune import load_encoder
+from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder
 from models_convvit import check_classifier_name, conv_weights_channels_last
 from training.config import add_run_flags, check_run_flags, flag_error
 from training.run import Run, TrainState
 from training.step import TrainStep
 from training.sync_batchnorm import convert_sync_batchnorm
-from util.checkpoint import architecture_kwargs
 from util.misc import launch_world_size, resolve_amp, resolve_device
 
 # mmseg's multi-scale test ratios (MultiScaleFlipAug's img_ratios in its ADE20K configs)
@@ -153,8 +151,7 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--eval_stride", f"must be in [1, the window {crop}], got {args.eval_stride}")
     if min(args.aug_test_ratios) <= 0:
         raise flag_error("--aug_test_ratios", f"must be positive, got {args.aug_test_ratios}")
-    if args.finetune and not os.path.exists(args.finetune):
-        raise flag_error("--finetune", f"{args.finetune!r} is neither a checkpoint file nor an export folder")
+    check_pretrained_flag(args.finetune)
     if args.eval and not args.resume:
         raise flag_error("--eval", "needs --resume: the checkpoint of a segmentation run to evaluate")
     world_size = launch_world_size()
@@ -202,7 +199,7 @@ def segment(run: Run, cfg: SegmentConfig):
 
     # A checkpoint in MAE's / timm's ViT layout (with a class token) keeps its class token, as fine-tuning does.
     resume = run.resume_path(auto=not cfg.eval)
-    layout = segmenter_layout(resume) if resume else architecture_kwargs(cfg.finetune, cfg.checkpoint_key)
+    layout = segmenter_layout(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     try:
         model = build_segmenter(cfg, **layout)
     except ValueError as err:  # sizes or levels the encoder cannot give

@@ -1,12 +1,37 @@
 """Helpers that several test files (and the scripts some tests start) share: a tiny ImageFolder, a tiny segmentation
 dataset in ADE20K's layout, Fashion-MNIST idx files, a pre-training checkpoint, and the pre-training config and
-epoch that main_pretrain.py builds, at test size."""
+epoch that main_pretrain.py builds, at test size, and a script's process with its log."""
 import dataclasses
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(cmd, check=True, timeout=300):
+    """A script's process, run from the repository with one thread; `check`: fails with its output unless it exits
+    0 without a warning that DDP's gradient buckets and the conv weights' gradients disagree in layout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and (proc.returncode != 0 or "Grad strides do not match" in proc.stderr):
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(out):
+    """The JSON lines of a run's log.txt."""
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_image_folder(root, splits, classes=("a", "b"), size=(72, 80), seed=0):
@@ -111,8 +136,6 @@ def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, sk
 def stop_with_signal(cmd, env, cwd, when: str, sig) -> str:
     """Runs a training command, sends it `sig` once it prints a line starting with `when`, and returns what it
     printed from then on; the run must end with status 75 (stopped after saving its step)."""
-    import subprocess
-
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     for line in proc.stdout:
         if line.startswith(when):

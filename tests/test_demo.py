@@ -42,3 +42,12 @@ def test_each_printed_command_pastes_back_and_parses(commands, stage):
 def test_paths_with_spaces_are_quoted(commands):
     cmd = commands["pretrain"] + ["--output_dir", "my runs/demo"]
     assert shlex.split(demo.command_line(cmd)) == cmd
+
+
+def test_finetune_md_shows_the_command_the_demo_suggests(commands):
+    """FINETUNE.md's first run at demo size is the demo's third next step, flag for flag (the documented result was
+    measured with it)."""
+    text = open(os.path.join(demo.ROOT, "FINETUNE.md")).read()
+    section = text.split("## A first run at demo size", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert shlex.split(block.replace("\\\n", " "))[1:] == commands["finetune"][1:]

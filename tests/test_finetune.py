@@ -1,6 +1,8 @@
 """Fine-tuning and linear probing: checkpoint loading, layer decay, the probe, and both scripts end to end."""
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -318,6 +320,21 @@ def test_script_with_torchrun_two_processes(cls_data, tmp_path, name):
     stdout = script(name, cls_data, tmp_path / "ddp", "--epochs", "1", "--batch_size", "2", "--finetune",
                     str(cls_data / "pre.pth"), torchrun=True)
     assert "world size 2" in stdout and "on 9 images" in stdout  # sharded evaluation counts each image once
+
+
+@pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])
+def test_a_missing_or_unreadable_finetune_checkpoint_is_a_flag_error(cls_data, tmp_path, name):
+    module = importlib.import_module(name.removesuffix(".py"))
+    with pytest.raises(SystemExit, match=re.escape("--finetune 'no/such.pth' is neither a checkpoint file nor an "
+                                                   "export folder")):
+        module.validate_args(module.get_args_parser().parse_args(["--finetune", "no/such.pth"]))
+    # a file that is there but is no checkpoint: read for its layout before the model is built, it ends the script
+    # with the flag's name, not a traceback
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    proc = subprocess.run(script_cmd(name, cls_data, tmp_path / "out", "--finetune", str(tmp_path / "notes.pth")),
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: --finetune {tmp_path / 'notes.pth'} cannot be read as a checkpoint" in proc.stderr
 
 
 def test_finetune_skips_unreadable_files(cls_data, tmp_path):

@@ -1,5 +1,4 @@
 """main_pretrain.py end to end on a tiny ImageFolder (CPU, gloo)."""
-import json
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import main_pretrain
-from helpers import stop_with_signal
+from helpers import load, read_log, run_script as run, stop_with_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,22 +30,6 @@ def pretrain_cmd(data_root, out, *extra, torchrun=False):
         str(ROOT / "main_pretrain.py"), "--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64",
         "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
         "--print_freq", "1", "--data_path", str(data_root), "--output_dir", str(out), *extra]
-
-
-def run(cmd, check=True, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_pretrain_runs_logs_and_resumes(data_root, tmp_path):

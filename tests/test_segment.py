@@ -1,11 +1,8 @@
 """main_segment.py and engine_segment.py: the script end to end on a tiny dataset in ADE20K's layout (train,
 evaluate, exact resume, --eval, torchrun with 2 processes on gloo), its flag checks, the iteration schedule and
 the batches of bad files."""
-import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import torch
 
 import main_segment
 from engine_segment import EvalCollate, full_batch, segmenter_layout
-from helpers import pretrain_checkpoint, write_segmentation_folder
+from helpers import load, pretrain_checkpoint, read_log, run_script as run, write_segmentation_folder
 from util.schedules import poly_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,23 +38,6 @@ def segment_cmd(data, out, *extra, torchrun=False):
                        "--eval_interval", "2", "--warmup_iters", "1", "--decoder_channels", "16",
                        "--aux_channels", "8", "--num_workers", "0", "--device", "cpu", "--print_freq", "1",
                        "--data_path", str(data), "--output_dir", str(out), *extra]
-
-
-def run(cmd, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "Grad strides do not match" not in proc.stderr, proc.stderr[-3000:]
-    return proc
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_script_trains_evaluates_resumes_exactly_and_evaluates_a_checkpoint(seg_data, tmp_path):
