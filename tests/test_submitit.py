@@ -65,9 +65,13 @@ def test_checkpoint_resubmits_with_the_real_last_checkpoint(tmp_path):
 
 def test_finetune_launcher_uses_the_same_convention(tmp_path):
     import main_finetune
-    opts, args = parse_args(main_finetune, "test", ["--job_dir", str(tmp_path), "--finetune", "pre.pth",
+    pre = tmp_path / "pre.pth"
+    with pytest.raises(SystemExit, match="--finetune .*pre.pth' is neither a checkpoint file"):  # before queueing
+        parse_args(main_finetune, "test", ["--job_dir", str(tmp_path), "--finetune", str(pre)])
+    pre.write_bytes(b"")
+    opts, args = parse_args(main_finetune, "test", ["--job_dir", str(tmp_path), "--finetune", str(pre),
                                                     "--nodes", "4"])
-    assert opts.nodes == 4 and args.finetune == "pre.pth" and args.output_dir == str(tmp_path)
+    assert opts.nodes == 4 and args.finetune == str(pre) and args.output_dir == str(tmp_path)
     (tmp_path / "checkpoint-last.pth").write_bytes(b"")
     resubmitted = Trainer("main_finetune", args).checkpoint().function
     assert resubmitted.module_name == "main_finetune"
