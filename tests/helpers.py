@@ -15,11 +15,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def script_env():
+    """The environment of a script started by a test: one thread, the repository importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
 def run_script(cmd, check=True, timeout=300):
     """A script's process, run from the repository with one thread; `check`: fails with its output unless it exits
     0 without a warning that DDP's gradient buckets and the conv weights' gradients disagree in layout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if check and (proc.returncode != 0 or "Grad strides do not match" in proc.stderr):
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

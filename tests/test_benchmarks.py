@@ -11,6 +11,7 @@ from PIL import Image
 
 from benchmarks import throughput
 from benchmarks.jpeg_folder import SIZES, make_jpeg_folder
+from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,9 +278,7 @@ def test_segmentation_check_fine_tunes_both_encoders_and_draws_both_predictions(
            "--num_train", "8", "--num_val", "3", "--iters", "2", "--warmup_iters", "1", "--batch_size", "2",
            "--decoder_channels", "8", "--aux_channels", "8", "--num_images", "2", "--num_workers", "0",
            "--device", "cpu", "--output_dir", str(tmp_path / "out")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script(cmd)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     for name in ("pretrained", "random_init"):
         log = json.loads((tmp_path / "out" / name / "log.txt").read_text().splitlines()[-1])

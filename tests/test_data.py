@@ -1,7 +1,6 @@
 """Bad and unusual image files: converted to RGB, or skipped with a warning naming them and counted."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+from helpers import run_script
 from util.datasets import (RobustImageFolder, UnreadableImageWarning, build_pretrain_dataset, image_folder, load_rgb,
                            skip_bad_collate, to_rgb)
 
@@ -132,9 +132,7 @@ def test_pretraining_skips_and_counts_bad_files(mixed_root, tmp_path, workers):
            "--input_size", "64", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0",
            "--num_workers", str(workers), "--device", "cpu", "--print_freq", "1",
            "--data_path", str(mixed_root), "--output_dir", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script(cmd)
     for name in BAD_FILES:  # 16 files in batches of 4: every file is drawn once
         assert f"skipping unreadable image {mixed_root / 'train' / 'odd' / name}" in proc.stderr, name
     assert "4 unreadable images skipped" in proc.stdout

@@ -1,7 +1,6 @@
 """Fine-tuning and linear probing: checkpoint loading, layer decay, the probe, and both scripts end to end."""
 import importlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import models_dmjd  # noqa: F401
 from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
 from models_convvit import LinearProbe
 from export_encoder import export_encoder
-from helpers import pretrain_checkpoint, stop_with_signal
+from helpers import pretrain_checkpoint, run_script, script_env, stop_with_signal
 from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
 from models_convvit import check_classifier_name
 
@@ -259,17 +258,9 @@ def script_cmd(name, data, out, *extra, torchrun=False):
                        *extra]
 
 
-def script_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-
-
 def script(name, data, out, *extra, torchrun=False):
-    cmd = script_cmd(name, data, out, *extra, torchrun=torchrun)
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # The conv weights' gradients keep the weights' layout, as DDP's gradient buckets expect.
-    assert "Grad strides do not match" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stdout
+    # run_script also fails on DDP's warning that the conv weights' gradients lost the weights' layout
+    return run_script(script_cmd(name, data, out, *extra, torchrun=torchrun)).stdout
 
 
 @pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])
@@ -331,8 +322,8 @@ def test_a_missing_or_unreadable_finetune_checkpoint_is_a_flag_error(cls_data, t
     # a file that is there but is no checkpoint: read for its layout before the model is built, it ends the script
     # with the flag's name, not a traceback
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    proc = subprocess.run(script_cmd(name, cls_data, tmp_path / "out", "--finetune", str(tmp_path / "notes.pth")),
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = run_script(script_cmd(name, cls_data, tmp_path / "out", "--finetune", str(tmp_path / "notes.pth")),
+                      check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"error: --finetune {tmp_path / 'notes.pth'} cannot be read as a checkpoint" in proc.stderr
 
@@ -344,12 +335,10 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
     shutil.copytree(cls_data / "val", data / "val")
     (data / "train" / "a" / "empty.png").write_bytes(b"")
     (data / "val" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "main_finetune.py"), "--model", "convvit_tiny_patch16", "--input_size", "64",
            "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
            "--nb_classes", "3", "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(cmd)
     assert "empty.png" in proc.stderr and "broken.png" in proc.stderr
     assert "on 9 images" in proc.stdout  # the 9 readable validation images are all counted, the broken one is not
 

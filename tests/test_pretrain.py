@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main_pretrain
-from helpers import load, read_log, run_script as run, stop_with_signal
+from helpers import load, read_log, run_script as run, script_env, stop_with_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, workers):
     run(pretrain_cmd(data_root, tmp_path / "straight", *args))
 
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = script_env()
     proc = subprocess.Popen(pretrain_cmd(data_root, out, *args), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -189,7 +189,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted
     run(pretrain_cmd(data_root, tmp_path / "straight", *args))
 
     out = tmp_path / "stopped"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = script_env()
     rest = stop_with_signal(pretrain_cmd(data_root, out, *args), env, ROOT, "Epoch [0] [2/4]", signal.SIGTERM)
     ckpt = load(out / "checkpoint-last.pth")
     assert ckpt["resume_at"]["epoch"] == 0 and 2 <= ckpt["resume_at"]["iteration"] < 4, ckpt["resume_at"]
@@ -205,7 +205,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted
 
 def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_the_rank_and_the_collective(data_root, tmp_path):
     out = tmp_path / "hung"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = script_env()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen(launcher + pretrain_cmd(data_root, out, "--epochs", "1", "--batch_size", "2",
                                                     "--dist_timeout", "0.1")[1:],
