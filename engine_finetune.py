@@ -39,6 +39,13 @@ class ClassificationConfig(TrainConfig):
     dist_eval: bool
 
     RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + ("nb_classes",)
+    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
+        **TrainConfig.RESUME_MAY_CHANGE,
+        "finetune": "only the first start loads it: a resumed run's weights come from its checkpoint",
+        "checkpoint_key": "only the first start reads --finetune",
+        "eval": "an evaluation loads the weights only, and may change anything",
+        "dist_eval": "sharded or not, evaluation is exact: the same scores",
+    }
 
 
 def check_classification_flags(args) -> None:

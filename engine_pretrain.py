@@ -33,7 +33,15 @@ class PretrainConfig(TrainConfig):
 
     RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + (
         "num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta",
-        "ema_momentum")
+        "ema_momentum", "min_crop_scale")
+    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
+        **TrainConfig.RESUME_MAY_CHANGE,
+        "compile": "the same model, compiled or not",
+        "channels_last": "the conv weights' memory layout, not their values",
+        "save_freq": "which periodic checkpoints are kept",
+        "keep_last": "how many periodic checkpoints are kept",
+        "vis_freq": "how often TensorBoard gets a picture",
+    }
 
     def momentum_at(self, progress: float) -> float:
         """The EMA teacher's momentum: cosine from --ema_momentum to 1 over the run."""

@@ -73,7 +73,20 @@ class SegmentConfig(TrainConfig):
 
     RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + (
         "iters", "warmup_iters", "eval_interval", "nb_classes", "reduce_zero_label", "layer_decay", "drop_path",
-        "decoder_channels", "aux_weight")
+        "decoder_channels", "aux_weight", "warmup_ratio", "poly_power", "betas", "out_indices", "pool_scales",
+        "head_dropout", "aux_in_index", "aux_channels", "ignore_index", "img_scale", "ratio_range", "cat_max_ratio",
+        "flip_prob", "photometric",
+        # the best checkpoint is chosen by comparing the intervals' scores: they must be measured the same way
+        "eval_mode", "eval_crop_size", "eval_stride", "aug_test", "aug_test_ratios")
+    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
+        **TrainConfig.RESUME_MAY_CHANGE,
+        "save_freq": "which periodic checkpoints are kept",
+        "keep_last": "how many periodic checkpoints are kept",
+        "eval_batch_size": "the same scores in batches of any size",
+        "eval": "an evaluation loads the weights only, and may change anything",
+        "finetune": "only the first start loads it: a resumed run's weights come from its checkpoint",
+        "checkpoint_key": "only the first start reads --finetune",
+    }
 
     def lr_at(self, progress: float) -> float:
         """The lr at `progress` intervals: mmseg's poly decay over --iters with its linear warmup."""

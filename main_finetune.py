@@ -7,7 +7,7 @@ Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional, Tuple
 
 import timm
 import torch
@@ -94,6 +94,10 @@ class FinetuneConfig(ClassificationConfig):
     mixup_prob: float
     mixup_switch_prob: float
     mixup_mode: str
+
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = ClassificationConfig.RESUME_MUST_MATCH + (
+        "drop_path", "global_pool", "layer_decay", "color_jitter", "aa", "smoothing", "reprob", "remode", "recount",
+        "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob", "mixup_mode")
 
 
 def validate_args(args) -> argparse.Namespace:

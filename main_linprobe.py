@@ -8,6 +8,7 @@ Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
 from dataclasses import dataclass
+from typing import ClassVar, Dict, Tuple
 
 import timm
 import torch
@@ -57,6 +58,13 @@ class LinprobeConfig(ClassificationConfig):
     min_crop_scale: float
     probe_features: str  # resolved: the flag, or a resumed probe's own
 
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = ClassificationConfig.RESUME_MUST_MATCH + ("min_crop_scale",)
+    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
+        **ClassificationConfig.RESUME_MAY_CHANGE,
+        "probe_features": "a resumed probe keeps the features it was trained on; a conflicting flag stops the run "
+                          "before the checkpoint is loaded (resumed_probe_features)",
+    }
+
 
 def lars_param_groups(head: torch.nn.Module, weight_decay: float):
     """LARS adapts the weight matrices' steps; biases get plain momentum SGD and no weight decay (as MAE)."""
@@ -88,7 +96,7 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     args = validate_args(args)
-    found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda text: None)
+    found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda path, why: None)
     resume = found[0][1] if found else None
     cfg, lr_line = resolve_classification(LinprobeConfig, args,
                                           probe_features=resumed_probe_features(args, resume))

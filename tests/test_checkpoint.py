@@ -229,3 +229,71 @@ def test_a_resaved_checkpoint_gets_a_new_checksum_and_a_changed_value_is_found(t
         load_checkpoint(str(tmp_path / "edited.pth"))
     save_checkpoint(ckpt, str(tmp_path / "resaved.pth"))
     assert load_checkpoint(str(tmp_path / "resaved.pth"))["epoch"] == 2
+
+
+def test_a_hub_export_of_another_architecture_is_refused_naming_both(tmp_path):
+    from util.checkpoint import ArchitectureMismatch
+    torch.manual_seed(0)
+    model = timm.create_model("convvit_tiny_patch16", img_size=64)
+    save_checkpoint({"model": model.state_dict(), "args": {"model": "convvit_tiny_patch16", "input_size": 64}},
+                    str(tmp_path / "enc.pth"))
+    export_encoder(str(tmp_path / "enc.pth"), str(tmp_path / "hub"))
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    config["architecture"] = "convvit_small_patch16"  # weights that fit, a folder that says they are another model's
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArchitectureMismatch, match=rf"{tmp_path / 'hub'} is an export of convvit_small_patch16 \(its "
+                                                   r"config.json\), not of this model's convvit_tiny_patch16"):
+        load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=64), str(tmp_path / "hub"))
+
+
+def test_random_bytes_and_legacy_pickles_are_named_for_what_they_are(tmp_path):
+    from util.checkpoint import CheckpointError, load_checkpoint
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 8)
+    for mmap in (False, True):  # a look at the keys (resume's) as well as a whole load
+        with pytest.raises(CheckpointError, match="it is not a PyTorch checkpoint: neither torch.save's zip format "
+                                                  "nor a pickle") as err:
+            load_checkpoint(str(tmp_path / "random.pth"), mmap=mmap)
+        assert "mmap" not in str(err.value)
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "legacy.pth",
+               _use_new_zipfile_serialization=False)  # PyTorch's format before 1.6
+    assert load_checkpoint(str(tmp_path / "legacy.pth"), mmap=True)["epoch"] == 3
+
+
+def test_a_full_disk_inside_torch_save_is_named_as_such(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from util.checkpoint import save_checkpoint as save
+    save({"epoch": 1}, str(tmp_path / "c.pth"))
+    real_open = builtins.open
+
+    class FullDisk:
+        """A file on a device that fills up after 300 bytes."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 300:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode, *a, **k))
+                        if "w" in mode else real_open(path, mode, *a, **k))
+    with pytest.raises(OSError, match=rf"no space left on the device of {tmp_path} \(\d+ MiB free\) while writing "
+                                      rf"{tmp_path / 'c.pth'}; the previous file is kept") as err:
+        save({"epoch": 2, "model": {"w": torch.randn(1000)}}, str(tmp_path / "c.pth"))
+    assert "enforce fail" not in str(err.value) and "unexpected pos" not in str(err.value)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c.pth", weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]

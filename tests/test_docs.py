@@ -28,3 +28,26 @@ def test_outputs_of_documented_commands_are_ignored_by_git():
     for path in outputs:
         result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
         assert result.returncode == 0, f"{path} (written by a documented command) is not git-ignored"
+
+
+def test_pretrain_md_asks_slurm_for_a_stop_signal_to_every_step_and_requeues_on_the_launchers_status():
+    """The batch script of PRETRAIN.md, "Preemption and requeueing without submitit": the signal it asks for is one
+    the run stops on, sent to the job's steps (not `B:`, the batch shell alone), the launcher is the one the tests
+    signal (tests/test_pretrain.py) with flags torchrun's parser takes, and the status it requeues on is the run's."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    import main_pretrain
+    from training.run import REQUEUE_EXIT_CODE
+    text = (ROOT / "PRETRAIN.md").read_text()
+    script = re.search(r"### Preemption and requeueing without submitit.*?```bash\n(.*?)```", text, re.S).group(1)
+    signal_name = re.search(r"#SBATCH .*--signal=(\S+)@\d+", script).group(1)
+    assert not signal_name.startswith("B:")
+    assert signal_name in main_pretrain.get_args_parser().get_default("stop_signals").split(",")
+    srun = shlex.split(re.search(r"^srun (.*?)(?<!\\)$", script.replace("\\\n", " "), re.M).group(1))
+    assert srun[:3] == ["python", "-m", "training.launch"]
+    launched = get_args_parser().parse_args(srun[3:])
+    assert launched.training_script == "main_pretrain.py"
+    main_pretrain.get_args_parser().parse_args(launched.training_script_args)
+    assert f"[ $status -eq {REQUEUE_EXIT_CODE} ] && scontrol requeue" in script

@@ -381,7 +381,8 @@ def test_resampling_note_names_both_grids(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["main_finetune.py", "main_linprobe.py"])
 def test_sigusr1_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted_run(cls_data, tmp_path, name):
     import signal
-    args = ("--epochs", "2", "--print_freq", "1", "--finetune", str(cls_data / "pre.pth"))
+    # loader workers, under a signal to the whole process group (test_pretrain.py tries the default count)
+    args = ("--epochs", "2", "--print_freq", "1", "--finetune", str(cls_data / "pre.pth"), "--num_workers", "2")
     script(name, cls_data, tmp_path / "straight", *args)
     out = tmp_path / "stopped"
     stop_with_signal(script_cmd(name, cls_data, out, *args), script_env(), ROOT, "Epoch [1] [2/6]", signal.SIGUSR1)

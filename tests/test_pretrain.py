@@ -182,10 +182,14 @@ def test_multinode_c10d_rendezvous_on_loopback(data_root, tmp_path):
     assert len(log) == 1 and log[0]["train_steps"] == 2 and log[0]["train_images"] == 16
 
 
+DEFAULT_WORKERS = str(main_pretrain.get_args_parser().get_default("num_workers"))
+
+
 def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted_run(data_root, tmp_path):
-    """Preemption costs at most one step: SIGTERM ends the run after its current step with a checkpoint of it (exit
-    status 75), and the same command continues mid-epoch, with loader workers, bit for bit as if never stopped."""
-    args = ("--epochs", "2", "--seed", "5", "--num_workers", "2")
+    """Preemption costs at most one step: SIGTERM to the whole process group (loader workers included, at the default
+    worker count) ends the run after its current step with a checkpoint of it (exit status 75), and the same command
+    continues mid-epoch bit for bit as if never stopped."""
+    args = ("--epochs", "2", "--seed", "5", "--num_workers", DEFAULT_WORKERS)
     run(pretrain_cmd(data_root, tmp_path / "straight", *args))
 
     out = tmp_path / "stopped"
@@ -201,6 +205,67 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert read_log(tmp_path / "straight") == read_log(out)  # both epochs' losses and counts, the stopped one too
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    """The output folder of an uninterrupted run of LAUNCHED_ARGS on 1 or 2 processes (plain python, torchrun)."""
+    runs = {}
+
+    def get(nproc):
+        if nproc not in runs:
+            runs[nproc] = tmp_path_factory.mktemp(f"uninterrupted{nproc}")
+            run(pretrain_cmd(data_root, runs[nproc], *LAUNCHED_ARGS, torchrun=nproc == 2))
+        return runs[nproc]
+    return get
+
+
+LAUNCHED_ARGS = ("--epochs", "2", "--seed", "3", "--batch_size", "2")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_launcher_returns_the_requeue_status_when_the_job_is_signalled_and_the_rerun_is_exact(data_root, tmp_path,
+                                                                                                  nproc, uninterrupted):
+    """PRETRAIN.md's SLURM setup: `python -m training.launch` (torchrun's flags) under a SIGTERM to the whole job
+    (launcher, training processes and loader workers): the stop checkpoint is written, the launcher exits 75, and
+    the same command continues to the weights and log of an uninterrupted run."""
+    launch = [sys.executable, "-m", "training.launch", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = launch + pretrain_cmd(data_root, tmp_path, *LAUNCHED_ARGS, "--num_workers", "2")[1:]
+    rest = stop_with_signal(cmd, script_env(), ROOT, "Epoch [0] [2/", signal.SIGTERM)
+    assert "exiting with status 75 (requeue)" in rest and "training.launch: the training processes stopped" in rest
+    ckpt = load(tmp_path / "checkpoint-last.pth")
+    assert ckpt["resume_at"]["epoch"] == 0 and ckpt["resume_at"]["iteration"] >= 2, ckpt["resume_at"]
+
+    proc = run(cmd)
+    assert f"continuing at epoch 0, iteration {ckpt['resume_at']['iteration']}" in proc.stdout
+    straight = uninterrupted(nproc)
+    a, b = load(straight / "checkpoint-last.pth"), load(tmp_path / "checkpoint-last.pth")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert read_log(straight) == read_log(tmp_path)  # the stopped epoch's record too, summed over the processes
+
+
+def test_torchrun_killed_by_sigusr1_leaves_no_rank_training_on(data_root, tmp_path):
+    """Plain torchrun dies of SIGUSR1 (it has no handler for it); its training processes then get SIGTERM from the
+    system (they asked for it at start) and stop with a checkpoint instead of training on as orphans."""
+    out = tmp_path / "orphans"
+    proc = subprocess.Popen(pretrain_cmd(data_root, out, "--epochs", "3", "--batch_size", "2", torchrun=True),
+                            cwd=ROOT, env=script_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Epoch [0] [2/"):
+                os.kill(proc.pid, signal.SIGUSR1)  # the launcher alone
+                break
+        assert proc.wait(timeout=60) == -signal.SIGUSR1
+        rest = proc.stdout.read()  # the training processes' output, until they exit (they share the pipe)
+        assert "received SIGTERM: stopping after the current step" in rest, rest
+        assert "resume_at" in load(out / "checkpoint-last.pth")  # a stop checkpoint, mid-epoch
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_the_rank_and_the_collective(data_root, tmp_path):
@@ -227,6 +292,8 @@ def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_the_rank_and_the
                 break
         assert time.time() - start < 60  # 6 s of --dist_timeout, not the 30 minutes of before
         assert found and "DDP's gradient all-reduce of step" in found.group(1), found
+        reporting = int(re.search(r"error: rank (\d)", found.group(0)).group(1))
+        assert f"rank {1 - reporting} did not arrive" in line, line  # the other one: the rank that stopped
     finally:
         os.kill(stopped, signal.SIGKILL)
         try:

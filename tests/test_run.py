@@ -1,5 +1,6 @@
 """training.run.Run: the run skeleton's files, resume and lifecycle, in one process on the CPU."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,212 @@ def test_saves_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeyp
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
     save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
     assert events == ["fsync", "replace", "fsync"]  # the file, the rename, then the folder that holds it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Failures as a cluster delivers them (docs/RELIABILITY.md, 17 to 22).
+
+def stopped_progress(run, epoch, iters=4, at=2):
+    """A Progress of `iters` iterations that a stop signal ends after iteration `at`."""
+    import os
+    import signal
+    progress = run.progress(epoch, iters)
+    for it, _ in progress.track(range(iters)):
+        if it == at - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        progress.losses.add(torch.tensor([1.0]), 1)
+    assert progress.stopped
+    return progress
+
+
+def nan_step(s: TrainState):
+    """A step whose loss is NaN: the weights become NaN too, and nothing reads the loss back."""
+    s.step(lambda: s.model(torch.full((4, 3), float("nan"))).pow(2).mean(), 0.0, 99)
+
+
+def test_a_stop_after_a_nonfinite_loss_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=3)
+    s = state()
+    with Run(cfg) as run:
+        train(s)
+        run.end_epoch(s, 0, {"train_loss": 0.5})
+        before = (out / "checkpoint-last.pth").read_bytes()
+        nan_step(s)
+        assert not torch.isfinite(s.model.weight).all()
+        with pytest.raises(SystemExit, match=r"non-finite loss at step 99.*the last good checkpoint is kept.*found "
+                                             r"when stopping on a signal: nothing was saved") as stop:
+            run.stop_if_requested(s, 1, stopped_progress(run, 1))
+    assert stop.value.code != 75  # not a requeue: the resumed run would meet the same loss
+    assert (out / "checkpoint-last.pth").read_bytes() == before
+
+
+def test_no_save_writes_nonfinite_weights_or_optimizer_state_over_a_good_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    s = state()
+    with Run(pretrain_config(output_dir=str(out), epochs=3)) as run:
+        train(s)
+        run.end_epoch(s, 0, {"train_loss": 0.5})
+        before = (out / "checkpoint-last.pth").read_bytes()
+        with torch.no_grad():
+            s.model.bias[0] = float("inf")
+        with pytest.raises(SystemExit, match=rf"not saving {out / 'checkpoint-last.pth'}: 1 tensors of the model or "
+                                             r"optimizer state are non-finite \(model.bias\); the last good checkpoint "
+                                             r"is kept"):
+            run.end_epoch(s, 1, {"train_loss": 0.25})
+        with torch.no_grad():
+            s.model.bias[0] = 0.0
+        moment = next(iter(s.optimizer.state.values()))["exp_avg"]
+        moment.fill_(float("nan"))
+        with pytest.raises(SystemExit, match=r"optimizer.state.0.exp_avg"):  # the stop save makes the same check
+            run.stop_if_requested(s, 1, stopped_progress(run, 1))
+    assert (out / "checkpoint-last.pth").read_bytes() == before
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+
+
+def damage_every_checkpoint(out, weights: torch.Tensor):
+    """checkpoint-last.pth truncated, a flipped bit in checkpoint-1.pth's `weights`, checkpoint-0.pth random bytes."""
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:700])
+    data = bytearray((out / "checkpoint-1.pth").read_bytes())
+    data[bytes(data).index(weights.detach().numpy().tobytes()) + 2] ^= 0x40
+    (out / "checkpoint-1.pth").write_bytes(data)
+    (out / "checkpoint-0.pth").write_bytes(bytes(range(256)) * 4)
+
+
+def folder_snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_whose_checkpoints_are_all_damaged_stops_naming_each_and_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    s = finished_epochs(pretrain_config(output_dir=str(out), epochs=4), 2, save_freq=1)
+    damage_every_checkpoint(out, s.model.weight)
+    (out / ".checkpoint-last.pth.tmp4242").write_bytes(b"half a checkpoint")
+    before = folder_snapshot(out)
+    with pytest.raises(SystemExit) as stop:
+        with Run(pretrain_config(output_dir=str(out), epochs=4)):
+            pass
+    message = str(stop.value)
+    assert message.startswith(f"error: every checkpoint in --output_dir {out} is damaged")
+    assert f"{out / 'checkpoint-last.pth'} cannot be read as a checkpoint" in message
+    assert f"{out / 'checkpoint-1.pth'} is damaged: its content does not match the checksum" in message
+    assert f"{out / 'checkpoint-0.pth'} cannot be read as a checkpoint: it is not a PyTorch checkpoint" in message
+    assert "Nothing was changed" in message and "--start_over" in message
+    after = folder_snapshot(out)
+    assert after.keys() - {Path(".lock")} == before.keys() - {Path(".lock")}  # no TensorBoard file, nothing removed
+    assert all(after[name] == data for name, data in before.items() if name.name != ".lock")
+
+    with Run(pretrain_config(output_dir=str(out), epochs=4, start_over=True)) as run:  # deliberately
+        assert run.resume(state()) == 0
+    aside = [p for p in out.iterdir() if p.name.startswith("set-aside-")]
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-0.pth", "checkpoint-1.pth",
+                                                          "checkpoint-last.pth", "log.txt"]
+    assert not (out / "log.txt").exists() and not list(out.glob("checkpoint-*.pth"))
+
+
+def test_start_over_is_refused_while_a_checkpoint_loads(tmp_path):
+    out = tmp_path / "out"
+    finished_epochs(pretrain_config(output_dir=str(out), epochs=4), 1)
+    with pytest.raises(SystemExit, match=rf"--start_over, but {out / 'checkpoint-last.pth'} loads"):
+        with Run(pretrain_config(output_dir=str(out), epochs=4, start_over=True)):
+            pass
+
+
+def test_completing_an_epochs_files_never_copies_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
+    import training.run as run_module
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    s = state()
+    with Run(cfg, save_freq=1) as run:
+        train(s)
+        run.end_epoch(s, 0, {"train_loss": 0.5})  # checkpoint-0.pth and checkpoint-last.pth
+        real_save = run_module.save_checkpoint
+
+        def crash_after_last(ckpt, path):
+            real_save(ckpt, path)
+            raise KeyboardInterrupt("killed")
+        monkeypatch.setattr(run_module, "save_checkpoint", crash_after_last)
+        train(s)
+        with pytest.raises(KeyboardInterrupt):
+            run.end_epoch(s, 1, {"train_loss": 0.25})  # checkpoint-1.pth and the log line are due
+    monkeypatch.undo()
+    last = out / "checkpoint-last.pth"
+    data = bytearray(last.read_bytes())
+    at = bytes(data).index(s.model.weight.detach().numpy().tobytes())
+    data[at + 3] ^= 0x08  # a flipped bit in the weights: the file still opens, memory-mapped
+    last.write_bytes(data)
+    with Run(cfg, save_freq=1) as run:
+        assert run.resume(state()) == 1  # from checkpoint-0.pth
+    assert not (out / "checkpoint-1.pth").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    assert f"not completing the files of epoch 1: {last} is damaged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_torn_log_line_is_named_kept_in_a_copy_and_the_run_continues(tmp_path, capsys, where):
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    finished_epochs(cfg, 3)
+    log = out / "log.txt"
+    lines = log.read_text().splitlines(keepends=True)
+    if where == "last":  # the last append was cut short (ENOSPC): a torn line with no newline
+        original = "".join(lines[:2]) + lines[2][:17]
+    else:  # garbage in the middle
+        original = lines[0] + '{"epoch": 1, "train_lo\x00\x00\n' + lines[2]
+    log.write_text(original)
+    with Run(cfg) as run:
+        assert run.resume(state()) == 3
+    printed = capsys.readouterr().out
+    assert f"{log}: line {3 if where == 'last' else 2} is not a JSON record" in printed
+    copies = list(out.glob("log.txt.*.orig"))
+    assert len(copies) == 1 and copies[0].read_text() == original and f"kept as {copies[0]}" in printed
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == [0, 1, 2] if where == "last" else epochs == [0, 2]  # the last epoch's line completed from its
+    # checkpoint (checkpoint-last.pth says which line its epoch has); a middle line is gone, its copy kept
+
+
+def test_allowing_a_model_change_on_resume_is_a_clear_error(tmp_path):
+    out = str(tmp_path)
+    finished_epochs(pretrain_config(output_dir=out, epochs=4), 1)
+    other = TrainState(*(lambda m: (m, torch.optim.AdamW(m.parameters()), None))(torch.nn.Linear(3, 5)))
+    changed = pretrain_config(output_dir=out, epochs=4, model="dmjd_convit_small_patch16_dec8_hog",
+                              allow_flag_changes="model")
+    with Run(changed) as run:
+        with pytest.raises(SystemExit) as stop:
+            run.resume(other)
+    message = str(stop.value)
+    assert message.startswith(f"error: {tmp_path / 'checkpoint-last.pth'} holds the weights of --model "
+                              "dmjd_convit_tiny_patch16_dec1_hog, which do not load into this run's --model "
+                              "dmjd_convit_small_patch16_dec8_hog")
+    assert ("Resume with --model dmjd_convit_tiny_patch16_dec1_hog, or train dmjd_convit_small_patch16_dec8_hog in "
+            "another --output_dir") in message
+
+
+def test_a_full_disk_while_writing_the_log_or_tensorboard_names_the_file_or_folder(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from training.run import _append_line, _NamedWriter
+    real_open = builtins.open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(OSError, match=rf"no space left on the device of {tmp_path} \(\d+ MiB free\) while writing "
+                                      rf"{tmp_path / 'log.txt'}; the line is not written"):
+        _append_line(str(tmp_path / "log.txt"), {"epoch": 0})
+    monkeypatch.undo()
+
+    writer = _NamedWriter(str(tmp_path / "tb"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer._writer, "add_scalar", full)
+    with pytest.raises(OSError, match=rf"no space left on the device of {tmp_path / 'tb'} .* TensorBoard's event "
+                                      r"file is not written"):
+        writer.add_scalar("train/loss", 1.0, 0)
+    writer.close()

@@ -11,7 +11,8 @@ import torch
 
 import main_segment
 from engine_segment import EvalCollate, full_batch, segmenter_layout
-from helpers import load, pretrain_checkpoint, read_log, run_script as run, write_segmentation_folder
+from helpers import (load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
+                     write_segmentation_folder)
 from util.schedules import poly_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,26 @@ def test_script_trains_evaluates_resumes_exactly_and_evaluates_a_checkpoint(seg_
     entry = read_log(evaluated)[-1]
     assert entry["eval"] == str(straight / "checkpoint-best.pth") and entry["test_mIoU"] == pytest.approx(best)
     assert (evaluated / "per_class_iou.md").exists() and not (evaluated / "checkpoint-last.pth").exists()
+
+
+def test_sigterm_to_the_job_mid_interval_saves_that_step_and_the_rerun_equals_an_uninterrupted_run(seg_data, tmp_path):
+    """A scheduler's SIGTERM to every process of the job, loader workers included (test_pretrain.py tries the default
+    count)."""
+    import signal
+    args = ("--finetune", str(seg_data / "pre.pth"), "--num_workers", "2", "--iters", "12", "--eval_interval", "6")
+    straight = tmp_path / "straight"
+    run(segment_cmd(seg_data, straight, *args))
+    out = tmp_path / "stopped"
+    rest = stop_with_signal(segment_cmd(seg_data, out, *args), script_env(), ROOT, "Iterations 6-12 [1/6]",
+                            signal.SIGTERM)
+    assert "exiting with status 75 (requeue)" in rest
+    assert load(out / "checkpoint-last.pth")["resume_at"]["epoch"] == 1
+    proc = run(segment_cmd(seg_data, out, *args))
+    assert "continuing at epoch 1, iteration" in proc.stdout
+    a, b = load(straight / "checkpoint-last.pth"), load(out / "checkpoint-last.pth")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert read_log(straight) == read_log(out)
 
 
 def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_data, tmp_path):

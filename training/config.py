@@ -5,7 +5,7 @@ import dataclasses
 import os
 import signal
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -40,6 +40,9 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> argparse._
                         "(requeue)")
     g.add_argument("--dist_timeout", default=10.0, type=float,
                    help="minutes a collective waits for the other processes before the run fails naming it")
+    g.add_argument("--start_over", action="store_true",
+                   help="start at epoch 0 when every checkpoint in --output_dir is damaged (they and log.txt are moved "
+                        "into a subfolder); without it such a folder stops the run")
     return g
 
 
@@ -104,13 +107,33 @@ class TrainConfig:
     allow_flag_changes: str
     stop_signals: str
     dist_timeout: float
+    start_over: bool
     world_size: int  # processes in the run
 
-    # The flags that define the run's schedule or model: a resumed run must have the checkpoint's (see
-    # --allow_flag_changes).
+    # Every flag is one of two kinds (docs/RELIABILITY.md lists them; tests/test_config.py keeps every script's flags
+    # classified). RESUME_MUST_MATCH: the flags that define what the run computes (model, optimisation, schedule,
+    # data order and augmentation, method): a resumed run must have the checkpoint's values, or name the flag in
+    # --allow_flag_changes. RESUME_MAY_CHANGE: the flags that say where and how the run executes or reports, not what
+    # it computes, each with the reason it may change on resume.
     RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = (
         "model", "input_size", "batch_size", "world_size", "accum_iter", "epochs", "lr", "blr", "min_lr",
-        "warmup_epochs", "weight_decay")
+        "warmup_epochs", "weight_decay", "clip_grad", "seed")
+    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
+        "data_path": "the same data may be read from another place (its content is not compared)",
+        "output_dir": "where the run writes, not what it computes",
+        "log_dir": "where TensorBoard's events go",
+        "device": "where the run executes (e.g. resuming a GPU run's checkpoint on another node)",
+        "amp": "the arithmetic's precision, not the method (e.g. fp16 on GPUs without bf16)",
+        "resume": "which file to continue from (the newest good one of it and the folder wins)",
+        "print_freq": "how often losses are read back and printed; the steps are the same",
+        "skip_nonfinite": "the failure policy: raising it gets a run past a known bad step",
+        "num_workers": "samples are seeded by (seed, epoch, index): the same crops with any number of workers",
+        "pin_mem": "host memory for the batches; the same values",
+        "allow_flag_changes": "names the changes allowed in this start",
+        "stop_signals": "how the scheduler stops the run",
+        "dist_timeout": "how long a collective waits before the run fails",
+        "start_over": "only read when the folder has no loadable checkpoint",
+    }
 
     @classmethod
     def from_args(cls, args, **resolved):
@@ -120,6 +143,11 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
         return cls(**{name: resolved[name] if name in resolved else getattr(args, name) for name in names})
+
+    @property
+    def trains(self) -> bool:
+        """False for a run that only evaluates (--eval): it resumes nothing from its output folder."""
+        return not getattr(self, "eval", False)
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:

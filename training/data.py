@@ -6,6 +6,7 @@ on how long the workers have lived (persistent workers are seeded once, when the
 workers. So a run resumed at an epoch (or step) boundary sees exactly the crops an uninterrupted run would, and
 `seed_step` does the same for the randomness of the main process (masks, drop path, mixup).
 """
+import signal
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +25,20 @@ def mixed_seed(seed: int, major: int, minor: int) -> int:
 def seed_step(seed: int, rank: int, index: int) -> None:
     """Seeds the main process's generators for run-wide iteration `index` on `rank`."""
     seed_everything(mixed_seed(seed, rank, index))
+
+
+def shield_worker_from_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's `worker_init_fn`: the worker ignores the signals that its training process stops on.
+
+    A scheduler stops a job by signalling every one of its processes (SLURM's preemption, `scancel`, the time limit,
+    a process-group kill). PyTorch's workers die on a SIGTERM that their parent did not send, and the main process
+    then fails its next batch, or the stop checkpoint's save, with "DataLoader worker ... is killed by signal". So
+    the worker ignores SIGTERM and every signal for which its parent had a Python handler when it forked (the run's
+    --stop_signals, submitit's SIGUSR2), leaving SIGINT (Ctrl-C, which PyTorch's workers handle) and SIGCHLD alone.
+    The worker still ends with its parent: the loader shuts it down, and it exits by itself once its parent is gone."""
+    inherited = {sig for sig in signal.valid_signals() if callable(signal.getsignal(sig))}
+    for sig in (inherited | {signal.SIGTERM}) - {signal.SIGINT, signal.SIGCHLD}:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class SeededSamples(Dataset):
@@ -131,7 +146,7 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, dist: DistInfo, n
     return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size,
                       sampler=EpochSampler(len(dataset), seed, dist.rank, dist.world_size),
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=shield_worker_from_stop_signals)
 
 
 def stream_loader(dataset: Dataset, batch_size: int, seed: int, dist: DistInfo, num_workers: int, pin_memory: bool,
@@ -142,7 +157,7 @@ def stream_loader(dataset: Dataset, batch_size: int, seed: int, dist: DistInfo, 
                       sampler=StreamSampler(len(dataset), seed, batches_per_epoch * batch_size, dist.rank,
                                             dist.world_size),
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=shield_worker_from_stop_signals)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, sharded: bool, num_workers: int,
@@ -150,4 +165,5 @@ def eval_loader(dataset: Dataset, batch_size: int, dist: DistInfo, sharded: bool
     """Every sample once, in order: sharded over the processes (no padding), or all of them on every process."""
     sampler = ShardSampler(len(dataset), dist.rank, dist.world_size) if sharded and dist.distributed else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_fn)
+                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_fn,
+                      worker_init_fn=shield_worker_from_stop_signals)

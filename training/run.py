@@ -24,9 +24,13 @@ What never goes wrong in silence (docs/RELIABILITY.md):
   --allow_flag_changes): a changed one stops the run naming its saved and given values.
 - SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a
   checkpoint of that step (its position in the epoch's sample order included) and exit status 75 (EX_TEMPFAIL):
-  "requeue me".
+  "requeue me". The loader workers ignore them (training.data), so a signal to the whole job stops it the same way.
+- No save writes non-finite weights or optimizer state; a stop after an unread non-finite loss saves nothing.
+- A folder whose checkpoints are all damaged stops the run, unchanged (--start_over sets them aside); completing an
+  epoch's files verifies what it copies; a torn line of log.txt is dropped, named and kept in a copy.
 """
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -44,11 +48,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from training.config import TrainConfig
 from training.meters import Progress
-from training.step import TrainStep
+from training.step import NonFiniteLossError, TrainStep
 from util.checkpoint import (CheckpointError, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
-                             periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files, save_checkpoint,
-                             write_file_atomically)
-from util.misc import cleanup_distributed, init_distributed, last_collective, note_collective, seed_everything
+                             no_space_error, periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files,
+                             save_checkpoint, write_file_atomically)
+from util.misc import (cleanup_distributed, init_distributed, last_collective, note_collective, ranks_not_arrived,
+                       seed_everything)
 
 BEST_CHECKPOINT = "checkpoint-best.pth"
 LOCK_FILE = ".lock"
@@ -92,6 +97,7 @@ class Run:
         self._control = None  # a CPU (gloo) group for the stop agreement, whatever the backend
         self._resume_at: Tuple[int, int] = (0, 0)
         self._resumed_progress: Optional[dict] = None
+        self._verified: Optional[Tuple[str, dict]] = None  # the folder's newest good checkpoint, read at the start
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "Run":
@@ -112,6 +118,7 @@ class Run:
             os.makedirs(self.cfg.output_dir, exist_ok=True)
             try:
                 self._take_lock()
+                self._check_folder_checkpoints()  # before anything in the folder changes
             except SystemExit as err:
                 refused = str(err)
         if self._control is not None:  # every process stops if the main one may not use the folder
@@ -124,8 +131,9 @@ class Run:
             removed = remove_temp_files(self.cfg.output_dir)
             if removed:
                 print(f"removed {len(removed)} temporary files of interrupted saves: {', '.join(removed)}")
+            repair_log(os.path.join(self.cfg.output_dir, "log.txt"))
             self._complete_last_epoch()
-            self.writer = SummaryWriter(log_dir=self.cfg.log_dir or self.cfg.output_dir)
+            self.writer = _NamedWriter(self.cfg.log_dir or self.cfg.output_dir)
         for name in self.cfg.stop_signals.split(","):
             sig = getattr(signal, "SIG" + name.strip())
             self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
@@ -145,9 +153,15 @@ class Run:
         self._wrapped.clear()
         cleanup_distributed()
         if exc is not None and self.dist.distributed and _is_timeout(exc):
-            raise SystemExit(f"error: rank {self.rank} of {self.world_size}: {last_collective()} timed out after "
-                             f"--dist_timeout {self.cfg.dist_timeout:g} minutes: another process stopped, hangs or "
-                             f"died. ({str(exc).strip().splitlines()[0]})") from None
+            what = last_collective()
+            # The processes that time out in the same collective say so; the others did not arrive.
+            wait = min(30.0, max(2.0, 6 * self.cfg.dist_timeout))  # seconds: 10% of the timeout, within bounds
+            missing = ranks_not_arrived(what, self.rank, self.world_size, wait)
+            who = (f"rank {', '.join(map(str, missing))} did not arrive: it stopped, hangs or died" if missing else
+                   "another process stopped, hangs or died")
+            detail = str(exc).strip().splitlines()[0]
+            raise SystemExit(f"error: rank {self.rank} of {self.world_size}: {what} timed out after --dist_timeout "
+                             f"{self.cfg.dist_timeout:g} minutes: {who}. ({detail})") from None
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +211,8 @@ class Run:
 
     def _complete_last_epoch(self) -> None:
         """Writes what a crash left unwritten of the last finished epoch: checkpoint-last.pth is saved first and
-        says which periodic and best checkpoint and which log.txt line the epoch has (see end_epoch)."""
+        says which periodic and best checkpoint and which log.txt line the epoch has (see end_epoch). What it copies
+        is verified first: a damaged checkpoint-last.pth completes nothing (resume skips it, saying why)."""
         last = last_checkpoint_path(self.cfg.output_dir)
         try:
             meta = load_checkpoint(last, mmap=True) if os.path.isfile(last) else {}
@@ -210,16 +225,62 @@ class Run:
         wanted = [path for path, due in ((periodic_checkpoint_path(self.cfg.output_dir, epoch), files["periodic"]),
                                          (os.path.join(self.cfg.output_dir, BEST_CHECKPOINT), files["best"]))
                   if due and _epoch_of(path) != epoch]
+        log = os.path.join(self.cfg.output_dir, "log.txt")
+        log_due = epoch not in _logged_epochs(log)
+        if not (wanted or log_due):
+            return
+        try:
+            files = load_checkpoint(last)["epoch_files"]  # the whole file, its checksum verified
+        except CheckpointError as err:
+            print(f"not completing the files of epoch {epoch}: {err}")
+            return
         for path in wanted:
             with open(last, "rb") as source:
                 write_file_atomically(path, lambda f: f.write(source.read()))
             print(f"completed the files of epoch {epoch}: wrote {path} from {last}")
         if periodic_checkpoint_path(self.cfg.output_dir, epoch) in wanted:
             prune_periodic_checkpoints(self.cfg.output_dir, self.keep_last)
-        log = os.path.join(self.cfg.output_dir, "log.txt")
-        if epoch not in _logged_epochs(log):
+        if log_due:
             _append_line(log, {**files["record"], "epoch": epoch})
             print(f"completed the files of epoch {epoch}: its line in {log}")
+
+    def _check_folder_checkpoints(self) -> None:
+        """A training run that resumes from its folder (no --resume) stops, changing nothing, when the folder holds
+        checkpoints and none of them can be loaded: a silent start from epoch 0 would overwrite them and mix a new
+        run into log.txt. --start_over sets them and log.txt aside (into a subfolder) and starts at epoch 0."""
+        if self.cfg.resume or not self.cfg.trains:
+            return
+        skipped: List[Tuple[str, str]] = []
+        candidates = resume_candidates("", self.cfg.output_dir, report=lambda path, why: skipped.append((path, why)))
+        for _, path in candidates:
+            try:
+                self._verified = (path, load_checkpoint(path))  # resume takes it from here (read once)
+                break
+            except CheckpointError as err:
+                skipped.append((path, str(err)))
+        for path, why in skipped:
+            print(f"skipping {path}: {why}")
+        if self._verified is not None:
+            if self.cfg.start_over:
+                raise SystemExit(f"error: --start_over, but {self._verified[0]} loads: drop --start_over to resume "
+                                 f"from it, or start a new run in another --output_dir")
+            return
+        if not skipped:
+            return  # a new folder
+        damaged = [path for path, _ in skipped]
+        if not self.cfg.start_over:
+            listed = "; ".join(reason for _, reason in skipped)
+            raise SystemExit(f"error: every checkpoint in --output_dir {self.cfg.output_dir} is damaged, so there is "
+                             f"nothing to resume from: {listed}. Nothing was changed. Restore a good copy, give "
+                             f"--resume <file>, or give --start_over to set these files aside and start at epoch 0")
+        aside = os.path.join(self.cfg.output_dir, f"set-aside-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        os.makedirs(aside)
+        log = os.path.join(self.cfg.output_dir, "log.txt")
+        for path in damaged + ([log] if os.path.isfile(log) else []):
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        print(f"--start_over: moved {', '.join(os.path.basename(p) for p in damaged)}"
+              f"{' and log.txt' if os.path.isfile(os.path.join(aside, 'log.txt')) else ''} into {aside}; starting at "
+              f"epoch 0")
 
     # -- epochs -------------------------------------------------------------------------------------------------------
     def epochs(self, start_epoch: int, loader=None):
@@ -268,14 +329,26 @@ class Run:
 
     def stop_if_requested(self, state: TrainState, epoch: int, progress: Progress, **extra) -> None:
         """If `progress` stopped on a signal: saves checkpoint-last.pth at that step (with where the epoch stopped
-        and its record so far), waits for every process, and exits with status 75 (Preempted)."""
+        and its record so far), waits for every process, and exits with status 75 (Preempted). A loss that became
+        non-finite since it was last read ends the run as the non-finite policy does: named, the last good
+        checkpoint kept."""
         if not progress.stopped:
             return
+        try:
+            state.step.raise_if_nonfinite()  # every process takes this check: it is a collective
+        except NonFiniteLossError as err:
+            raise SystemExit(f"error: {err} (found when stopping on a signal: nothing was saved)") from None
         record = progress.state_dict()
+        records = [record]  # each process's record of the epoch so far: its own losses and counts
+        if self._control is not None:
+            records = [None] * self.world_size
+            note_collective("the gathering of the epoch's records for the stop checkpoint")
+            dist.all_gather_object(records, record, group=self._control)
         if self.is_main:
             ckpt = self.checkpoint(state, epoch - 1, **extra)
-            ckpt.update(resume_at={"epoch": epoch, "iteration": record["iteration"]}, progress=record)
-            save_checkpoint(ckpt, last_checkpoint_path(self.cfg.output_dir))
+            ckpt.update(resume_at={"epoch": epoch, "iteration": record["iteration"]}, progress=record,
+                        progress_by_rank=records)
+            self._save(ckpt, last_checkpoint_path(self.cfg.output_dir))
             print(f"saved {last_checkpoint_path(self.cfg.output_dir)} at epoch {epoch}, iteration "
                   f"{record['iteration']} of {progress.total}; exiting with status {REQUEUE_EXIT_CODE} (requeue)",
                   flush=True)
@@ -296,10 +369,13 @@ class Run:
     def resume_path(self, auto: bool = True) -> Optional[str]:
         """The checkpoint `resume` would load (without loading it): the newest readable one of --resume and (with
         `auto`) the output folder's."""
-        found = resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None, report=lambda text: None)
+        found = resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None, report=lambda path, why: None)
         return found[0][1] if found else None
 
     def _load_newest(self, auto: bool) -> Optional[Tuple[str, dict]]:
+        if auto and not self.cfg.resume and self.is_main and self.cfg.trains:
+            found, self._verified = self._verified, None  # read and reported at the start
+            return found
         for position, path in resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None):
             try:
                 return path, load_checkpoint(path)  # the whole file, its checksum verified
@@ -328,7 +404,13 @@ class Run:
                   f"the same command again never goes back (to go back, give another --output_dir)")
         if state is not None:  # evaluating a checkpoint may change anything
             self._check_flags(path, ckpt.get("args") or {})
-        load_state_dict_strict(state.model if state is not None else model, ckpt["model"])
+        try:
+            load_state_dict_strict(state.model if state is not None else model, ckpt["model"])
+        except RuntimeError as err:  # e.g. --allow_flag_changes model: the weights are another architecture's
+            saved = (ckpt.get("args") or {}).get("model", "another model")
+            raise SystemExit(f"error: {path} holds the weights of --model {saved}, which do not load into this run's "
+                             f"--model {self.cfg.model} ({str(err).split(': ', 1)[-1][:300]}). Resume with --model "
+                             f"{saved}, or train {self.cfg.model} in another --output_dir") from None
         self.saved = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scaler", "teacher")}
         if state is None:
             print(f"resumed from {path}")
@@ -342,7 +424,8 @@ class Run:
             load_state_dict_strict(state.teacher, ckpt["teacher"], "teacher")
         state.step.skipped = ckpt.get("nonfinite_skipped", 0)  # --skip_nonfinite counts over the whole run
         self._resume_at = checkpoint_position(ckpt)
-        self._resumed_progress = ckpt.get("progress")
+        by_rank = ckpt.get("progress_by_rank")  # before it existed: rank 0's record, for every process
+        self._resumed_progress = by_rank[self.rank] if by_rank else ckpt.get("progress")
         epoch, iteration = self._resume_at
         print(f"resumed from {path}: continuing at epoch {epoch}" +
               (f", iteration {iteration} (the rest of the epoch, in the same sample order)" if iteration else ""))
@@ -370,7 +453,7 @@ class Run:
         periodic = bool(self.save_freq) and ((epoch + 1) % self.save_freq == 0 or epoch + 1 == self.cfg.epochs)
         ckpt = self.checkpoint(state, epoch, **extra)
         ckpt["epoch_files"] = {"periodic": periodic, "best": best, "record": record}
-        save_checkpoint(ckpt, last_checkpoint_path(self.cfg.output_dir))
+        self._save(ckpt, last_checkpoint_path(self.cfg.output_dir))
         if periodic:
             save_checkpoint(ckpt, periodic_checkpoint_path(self.cfg.output_dir, epoch))
             prune_periodic_checkpoints(self.cfg.output_dir, self.keep_last)
@@ -379,12 +462,26 @@ class Run:
         _append_line(os.path.join(self.cfg.output_dir, "log.txt"), {**record, "epoch": epoch})
         self.writer.flush()
 
+    def _save(self, ckpt: dict, path: str) -> None:
+        """`save_checkpoint`, refused when any weight or optimizer value is non-finite: such a file would replace a
+        good one and fail every run resumed from it."""
+        bad = nonfinite_entries(ckpt)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" ... (+{len(bad) - 5})" if len(bad) > 5 else "")
+            raise SystemExit(f"error: not saving {path}: {len(bad)} tensors of the model or optimizer state are "
+                             f"non-finite ({shown}); the last good checkpoint is kept")
+        save_checkpoint(ckpt, path)
 
-def resume_candidates(resume: str, output_dir: Optional[str], report=print) -> List[Tuple[Tuple[int, int], str]]:
+
+def _print_skip(path: str, why: str) -> None:
+    print(f"skipping {path}: {why}")
+
+
+def resume_candidates(resume: str, output_dir: Optional[str], report=_print_skip) -> List[Tuple[Tuple[int, int], str]]:
     """(position, path) of every readable checkpoint to resume from, newest first (--resume first among equals):
     `resume` if given, and the output folder's checkpoint-last.pth and periodic checkpoints (without `output_dir`,
     none). Only their keys and small values are read (memory-mapped). An unreadable `resume` stops the run; an
-    unreadable file of the output folder is left out, and `report` says which and why."""
+    unreadable file of the output folder is left out, and `report(path, reason)` says which and why."""
     paths = [resume] if resume else []
     if output_dir and os.path.isdir(output_dir):
         periodic = sorted((n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+\.pth", n)),
@@ -395,11 +492,36 @@ def resume_candidates(resume: str, output_dir: Optional[str], report=print) -> L
     for path in paths:
         try:
             found.append((checkpoint_position(load_checkpoint(path, mmap=True)), path))
-        except (CheckpointError, KeyError, TypeError) as err:
+        except (CheckpointError, KeyError, TypeError, AttributeError) as err:
             if path == resume:
                 raise SystemExit(f"error: --resume {err}") from None
-            report(f"skipping {path}: {err}")
+            report(path, str(err) if isinstance(err, CheckpointError) else
+                   f"{path} is not a training checkpoint (no epoch or position in it)")
     return sorted(found, key=lambda c: (c[0], c[1] == resume), reverse=True)
+
+
+def nonfinite_entries(ckpt: dict) -> List[str]:
+    """The names of the non-finite floating-point tensors in a checkpoint's model, teacher and optimizer state (one
+    host read for all of them)."""
+    named: List[Tuple[str, torch.Tensor]] = []
+
+    def collect(value, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                named.append((where, value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                collect(item, f"{where}.{key}" if where else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                collect(item, f"{where}.{i}")
+
+    for part in ("model", "teacher", "optimizer"):
+        collect(ckpt.get(part), part)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -414,18 +536,56 @@ def _epoch_of(path: str) -> Optional[int]:
         return None
 
 
-def _logged_epochs(log: str) -> set:
+def _log_records(log: str) -> List[dict]:
+    """The JSON records of log.txt (after `repair_log`, every line is one)."""
     if not os.path.isfile(log):
-        return set()
+        return []
     with open(log) as f:
-        return {json.loads(line)["epoch"] for line in f if line.strip()}
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _logged_epochs(log: str) -> set:
+    return {record["epoch"] for record in _log_records(log) if "epoch" in record}
+
+
+def repair_log(log: str) -> List[int]:
+    """Drops the lines of log.txt that are not JSON records (a line torn by a crash or a full disk while appending),
+    keeping a copy of the original beside it, and says so; returns their line numbers. Resume and the completion of
+    an epoch's files then rewrite what the checkpoints hold."""
+    if not os.path.isfile(log):
+        return []
+    with open(log, "rb") as f:
+        original = f.read()
+    kept, bad = [], []
+    for number, line in enumerate(original.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError("not a record")
+            kept.append(line + "\n")
+        except ValueError:
+            bad.append(number)
+    if not bad:
+        return []
+    copy = f"{log}.{datetime.datetime.now():%Y%m%d-%H%M%S}.orig"
+    write_file_atomically(copy, lambda f: f.write(original))
+    write_file_atomically(log, lambda f: f.write("".join(kept).encode()))
+    print(f"{log}: line {', '.join(map(str, bad))} is not a JSON record (torn by a crash or a full disk?); dropped it, "
+          f"the original is kept as {copy}; the run continues from its checkpoint")
+    return bad
 
 
 def _append_line(log: str, record: dict) -> None:
-    with open(log, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise no_space_error(log, "the line is not written; the next start repairs the log") from None
+        raise
 
 
 def _drop_log_lines(log: str, from_epoch: int) -> None:
@@ -434,8 +594,31 @@ def _drop_log_lines(log: str, from_epoch: int) -> None:
         return
     with open(log) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] < from_epoch]
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) < from_epoch]
     if len(kept) < len(lines):
         write_file_atomically(log, lambda f: f.write("".join(kept).encode()))
         print(f"{log}: dropped the lines of epochs {from_epoch} and later ({len(lines) - len(kept)}), which this run "
               f"redoes")
+
+
+class _NamedWriter:
+    """TensorBoard's SummaryWriter, whose errors name its folder: its writes happen in a thread of its own, and a
+    full disk surfaces at a later call as a bare `[Errno 28] No space left on device`."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self._writer = SummaryWriter(log_dir=log_dir)
+
+    def __getattr__(self, name):
+        attribute = getattr(self._writer, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            try:
+                return attribute(*args, **kwargs)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise no_space_error(self.log_dir, "TensorBoard's event file is not written") from None
+                raise
+        return call

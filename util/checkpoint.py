@@ -10,6 +10,7 @@ import zlib
 from typing import Optional
 
 import safetensors.torch
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
@@ -65,20 +66,50 @@ def write_file_atomically(path: str, write) -> None:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recording = _RecordingFile(f)
+            try:
+                write(recording)
+            except Exception as err:  # torch.save reports a failed write as "enforce fail ... unexpected pos"
+                if recording.error is not None and recording.error is not err:
+                    raise recording.error from err
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_folder(folder)
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            free = shutil.disk_usage(folder).free
-            raise OSError(errno.ENOSPC, f"no space left on the device of {folder} ({free / 2 ** 20:.0f} MiB free) "
-                                        f"while writing {path}; the previous file is kept") from None
+            raise no_space_error(path, "the previous file is kept") from None
         raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class _RecordingFile:
+    """A file for a writer that may hide the file's own error behind another one (torch.save's zip writer turns a
+    failed write into a RuntimeError): the file's OSError is kept in `error`."""
+
+    def __init__(self, file):
+        self._file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def no_space_error(path: str, consequence: str) -> OSError:
+    """The error of a write to `path` (a file or a folder) that found its device full: the folder, the space left."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    return OSError(errno.ENOSPC, f"no space left on the device of {folder} ({free / 2 ** 20:.0f} MiB free) while "
+                                 f"writing {path}; {consequence}")
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -118,9 +149,14 @@ def load_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> dict:
     try:
         if path.endswith(".safetensors"):
             return {"model": safetensors.torch.load_file(path)}
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # Only torch's zip format can be memory-mapped: a file in the legacy format (or not a checkpoint at all) is
+        # read whole, so that its error says what it is, not how to re-save it for mmap.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except Exception as err:  # torch and safetensors raise many types for a bad file
-        raise CheckpointError(f"{path} cannot be read as a checkpoint: {_reason(err)}") from None
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: {_reason(err, path)}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: it holds a {type(checkpoint).__name__}, not a "
+                              f"dict of weights")
     if isinstance(checkpoint, dict) and CHECKSUM_KEY in checkpoint:
         expected = checkpoint.pop(CHECKSUM_KEY)
         if verify and not mmap and content_checksum(checkpoint) != expected:
@@ -129,11 +165,23 @@ def load_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> dict:
     return checkpoint
 
 
-def _reason(err: Exception) -> str:
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _reason(err: Exception, path: str) -> str:
     """The first line of a loading error, without torch's advice to load with weights_only=False (which runs any code
-    that a crafted file holds)."""
+    that a crafted file holds) or to re-save for mmap, and with what the file is when it is no checkpoint at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+        return ("it is not a PyTorch checkpoint: neither torch.save's zip format nor a pickle (another kind of file, "
+                "or random bytes?)")
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "weights_only" in str(err):
+        if "Unsupported operand" in str(err):  # the pickle itself is broken, not its content
+            return "its pickled content is damaged (truncated, or not a checkpoint?)"
         return ("it holds objects other than tensors and plain values, which are not loaded (weights_only=True; "
                 "a checkpoint of this project never holds them)")
     return f"{type(err).__name__}: {text} (truncated, or not a checkpoint?)"
@@ -287,6 +335,7 @@ def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
     checkpoint was trained as).
     """
     checkpoint = load_checkpoint(path)
+    _check_export_architecture(checkpoint, model, path)
     state = encoder_state_dict(checkpoint, key)
     old_grid = None
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
@@ -300,6 +349,20 @@ def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
         raise ArchitectureMismatch(f"{path} does not fit this model: {err}") from None
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _check_export_architecture(checkpoint: dict, model: torch.nn.Module, path: str) -> None:
+    """An export's config.json names the encoder it holds: another one than the model's is an error, even where the
+    weights' shapes happen to fit."""
+    config = checkpoint.get("config")
+    saved = config.get("architecture") if isinstance(config, dict) else None
+    own = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not (saved and own):
+        return
+    current = timm.models.get_deprecated_models()
+    if current.get(saved, saved) != current.get(own, own):
+        raise ArchitectureMismatch(f"{path} is an export of {saved} (its {HUB_CONFIG}), not of this model's {own}: "
+                                   f"build {saved}, or export the checkpoint of {own}")
 
 
 def architecture_kwargs(path: Optional[str], key: str = "model") -> dict:

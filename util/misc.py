@@ -1,11 +1,17 @@
 """Distributed set-up and small run-time helpers. Everything works on CPU (gloo) as well as CUDA (NCCL)."""
 import builtins
+import ctypes
 import datetime
 import difflib
 import gc
 import os
 import random
+import signal
+import sys
+import time
+import zlib
 from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 import torch
@@ -77,7 +83,23 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> 
                                 **({"device_id": device} if device.type == "cuda" else {}))
     info = DistInfo(rank, world_size, local_rank, device)
     _print_on_main_only(info.is_main)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_when_the_launcher_dies()
     return info
+
+
+def stop_when_the_launcher_dies(sig: signal.Signals = signal.SIGTERM) -> None:
+    """Asks Linux to send this process `sig` when its parent (torchrun's agent) ends, however it ends: a launcher
+    killed by a signal it does not handle (torchrun dies of SIGUSR1) would otherwise leave its training processes
+    running on. With a stop signal the run then saves its step and exits with status 75. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): nothing changes
+    if os.getppid() != parent:  # the parent ended before the request: nothing will be sent
+        os.kill(os.getpid(), sig)
 
 
 def _print_on_main_only(is_main: bool) -> None:
@@ -118,6 +140,29 @@ def note_collective(what: str) -> None:
 
 def last_collective() -> str:
     return _LAST_COLLECTIVE[0]
+
+
+def ranks_not_arrived(what: str, rank: int, world_size: int, wait: float = 10.0) -> List[int]:
+    """After `what` timed out on `rank`: the ranks that did not arrive in it. Every process that times out in the
+    same collective leaves its rank in the launcher's key-value store (torchrun's MASTER_ADDR:MASTER_PORT) and waits
+    up to `wait` seconds for the others; the ranks still missing then are returned (empty when the store cannot be
+    reached, e.g. it lived in a process that died)."""
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=max(wait, 10.0)))
+    except (KeyError, ValueError, RuntimeError, OSError):
+        return []
+    key = f"timed out/{zlib.crc32(what.encode()):08x}"
+    try:
+        store.set(f"{key}/{rank}", "arrived")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, OSError):
+        return []
 
 
 def all_reduce_sum(values: torch.Tensor, what: str = "a sum over the processes") -> torch.Tensor:
