@@ -137,16 +137,19 @@ def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, sk
     return train_one_epoch(model, step, loader, epoch, cfg, progress, teacher=teacher)
 
 
-def stop_with_signal(cmd, env, cwd, when: str, sig, status: int = 75) -> str:
+def stop_with_signal(cmd, env, cwd, when: str, sig, status: int = 75, group: bool = True) -> str:
     """Runs a training command in a process group of its own and, once it prints a line starting with `when`, sends
     `sig` to the whole group, loader workers included, as a scheduler does (SLURM's preemption, `scancel`, the time
-    limit); returns what it printed from then on. The run must end with `status` (75: stopped after saving its step),
-    and no loader worker may have died of the signal."""
+    limit), or with `group` False to the command's process alone; returns what it printed from then on. The run must
+    end with `status` (75: stopped after saving its step), and no loader worker may have died of the signal."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     for line in proc.stdout:
         if line.startswith(when):
-            os.killpg(proc.pid, sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             break
     rest, errors = proc.communicate(timeout=120)
     assert proc.returncode == status, rest + errors[-3000:]

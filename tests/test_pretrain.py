@@ -227,12 +227,15 @@ LAUNCHED_ARGS = ("--epochs", "2", "--seed", "3", "--batch_size", "2")
 def test_the_launcher_returns_the_requeue_status_when_the_job_is_signalled_and_the_rerun_is_exact(data_root, tmp_path,
                                                                                                   nproc, uninterrupted):
     """PRETRAIN.md's SLURM setup: `python -m training.launch` (torchrun's flags) under a SIGTERM to the whole job
-    (launcher, training processes and loader workers): the stop checkpoint is written, the launcher exits 75, and
-    the same command continues to the weights and log of an uninterrupted run."""
+    (launcher, training processes and loader workers; on one process, SIGUSR1 to the launcher alone, which passes it
+    on): the stop checkpoint is written, the launcher exits 75, and the same command continues to the weights and
+    log of an uninterrupted run."""
     launch = [sys.executable, "-m", "training.launch", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = launch + pretrain_cmd(data_root, tmp_path, *LAUNCHED_ARGS, "--num_workers", "2")[1:]
-    rest = stop_with_signal(cmd, script_env(), ROOT, "Epoch [0] [2/", signal.SIGTERM)
+    sig = signal.SIGTERM if nproc == 2 else signal.SIGUSR1
+    rest = stop_with_signal(cmd, script_env(), ROOT, "Epoch [0] [2/", sig, group=nproc == 2)
     assert "exiting with status 75 (requeue)" in rest and "training.launch: the training processes stopped" in rest
+    assert f"training.launch: received {sig.name}; passing it on" in rest
     ckpt = load(tmp_path / "checkpoint-last.pth")
     assert ckpt["resume_at"]["epoch"] == 0 and ckpt["resume_at"]["iteration"] >= 2, ckpt["resume_at"]
 

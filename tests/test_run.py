@@ -178,23 +178,20 @@ def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_fr
     assert "continuing at epoch 0, iteration 4" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("window", ["after_last", "after_periodic", "after_best"])
-def test_a_crash_between_an_epochs_files_is_completed_at_the_next_start(tmp_path, monkeypatch, window):
+def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> TrainState:
+    """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
+    returns the state."""
     import training.run as run_module
-    from util.checkpoint import save_checkpoint as real_save
-    out = tmp_path / "out"
-    cfg = pretrain_config(output_dir=str(out), epochs=4)
     s = state()
-    with Run(cfg, save_freq=2) as run:
+    with Run(cfg, save_freq=save_freq) as run:
         train(s)
         run.end_epoch(s, 0, {"train_loss": 0.5})
-
-        saved = []
+        real_save, saved = run_module.save_checkpoint, []
 
         def crashing_save(ckpt, path):
             real_save(ckpt, path)
             saved.append(path)
-            if window == f"after_{['last', 'periodic', 'best'][len(saved) - 1]}":
+            if len(saved) == saves:
                 raise KeyboardInterrupt("killed")
 
         def crashing_log(log, record):
@@ -204,8 +201,17 @@ def test_a_crash_between_an_epochs_files_is_completed_at_the_next_start(tmp_path
         monkeypatch.setattr(run_module, "_append_line", crashing_log)
         train(s)
         with pytest.raises(KeyboardInterrupt):
-            run.end_epoch(s, 1, {"train_loss": 0.25}, best=True, best_acc1=50.0)
+            run.end_epoch(s, 1, {"train_loss": 0.25}, **extra)
     monkeypatch.undo()
+    return s
+
+
+@pytest.mark.parametrize("window", ["after_last", "after_periodic", "after_best"])
+def test_a_crash_between_an_epochs_files_is_completed_at_the_next_start(tmp_path, monkeypatch, window):
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    saves = ["after_last", "after_periodic", "after_best"].index(window) + 1
+    end_of_epoch_1_killed(cfg, monkeypatch, 2, saves, best=True, best_acc1=50.0)
     with Run(cfg, save_freq=2):
         pass  # the start completes the epoch's files
     for name in ("checkpoint-1.pth", "checkpoint-best.pth"):
@@ -380,23 +386,9 @@ def test_start_over_is_refused_while_a_checkpoint_loads(tmp_path):
 
 
 def test_completing_an_epochs_files_never_copies_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
-    import training.run as run_module
     out = tmp_path / "out"
     cfg = pretrain_config(output_dir=str(out), epochs=4)
-    s = state()
-    with Run(cfg, save_freq=1) as run:
-        train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})  # checkpoint-0.pth and checkpoint-last.pth
-        real_save = run_module.save_checkpoint
-
-        def crash_after_last(ckpt, path):
-            real_save(ckpt, path)
-            raise KeyboardInterrupt("killed")
-        monkeypatch.setattr(run_module, "save_checkpoint", crash_after_last)
-        train(s)
-        with pytest.raises(KeyboardInterrupt):
-            run.end_epoch(s, 1, {"train_loss": 0.25})  # checkpoint-1.pth and the log line are due
-    monkeypatch.undo()
+    s = end_of_epoch_1_killed(cfg, monkeypatch, 1, 1)  # checkpoint-1.pth and the log line are due
     last = out / "checkpoint-last.pth"
     data = bytearray(last.read_bytes())
     at = bytes(data).index(s.model.weight.detach().numpy().tobytes())
