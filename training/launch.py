@@ -4,9 +4,10 @@
 
 It takes torchrun's flags and starts the training processes as torchrun does (its own agent, in this process). Two
 things differ, both for jobs that a scheduler stops and requeues (PRETRAIN.md, "Preemption and requeueing"):
-- A signal that reaches the launcher (SIGTERM, SIGUSR1, ...) is passed on to the training processes instead of
-  ending them: they finish their step, save it, and exit with status 75. torchrun instead ends on SIGTERM (it then
-  forwards it, and waits for its processes for a while) and dies of SIGUSR1, leaving its processes to train on.
+- A signal that reaches the launcher (SIGTERM, SIGUSR1, ...) does not end it: it is passed on to the training
+  processes, which finish their step, save it, and exit with status 75, and the launcher waits for them. torchrun
+  instead shuts down on SIGTERM (forwarding it, and killing its processes after a while) and dies of SIGUSR1,
+  leaving its processes to train on.
 - The launcher exits with 75 when the training processes did (one is enough: see `exit_status`): "stopped with a
   checkpoint, requeue me". torchrun exits 1 for any process that ends with another status than 0.
 Otherwise its exit status is torchrun's: 0 when every process succeeded, 1 when one failed.
@@ -29,9 +30,10 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 
 
 def child_pids(pid: int) -> List[int]:
-    """The processes whose parent is `pid` (Linux: read from /proc)."""
+    """The processes whose parent is `pid`, read from /proc (Linux, where clusters run; elsewhere none are found and
+    a signal reaches the training processes only when it is sent to them too, as to a process group)."""
     found = []
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
         try:
