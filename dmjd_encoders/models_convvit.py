@@ -25,6 +25,9 @@ checkpoints load with keys and values unchanged (with a class token, built with 
 the input size and the patch sizes; nothing assumes 224 pixels.
 """
 import dataclasses
+import difflib
+import logging
+import os
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -39,12 +42,17 @@ from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, gener
 from timm.models._features import feature_take_indices  # timm has no public import path for it
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from util.checkpoint import LEGACY_KEY_RENAMES, encoder_state_dict, fit_encoder_state, rename_legacy_keys
-from util.misc import check_model_name
-from util.pos_embed import sincos_pos_embed_2d
+from .checkpoint import (LEGACY_KEY_RENAMES, encoder_state_dict, fit_encoder_state, load_checkpoint, rename_legacy_keys,
+                         resample_pos_embed)
+from .pos_embed import sincos_pos_embed_2d
+
+_logger = logging.getLogger(__name__)
+
+# timm files registered models under the last part of their module's name: timm.list_models(module=TIMM_MODULE).
+TIMM_MODULE = __name__.rsplit(".", 1)[-1]
 
 __all__ = ["ConvViT", "ViT", "LinearProbe", "PROBE_FEATURES", "gather_tokens", "visible_token_ids",
-           "init_linear_and_norm", "checkpoint_filter_fn", "ENCODER_ARCHS"]
+           "init_linear_and_norm", "checkpoint_filter_fn", "create_encoder", "ENCODER_ARCHS", "ENCODER_NAMES"]
 
 
 BlockNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -682,7 +690,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     state = fit_encoder_state(encoder_state_dict(state_dict), model)
     dropped = sorted(k for k in state if k.startswith("norm.")) if isinstance(model.norm, nn.Identity) else []
     if dropped:
-        print(f"unused: the pre-trained final norm {dropped}: the model pools, then applies its own fc_norm")
+        _logger.info(f"unused: the pre-trained final norm {dropped}: the model pools, then applies its own fc_norm")
         state = {k: v for k, v in state.items() if k not in dropped}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state)
@@ -694,7 +702,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
         raise RuntimeError(f"the weights do not fit {type(model).__name__}{hint}: missing {absent[:8] or 'none'}, "
                            f"unexpected {unexpected[:8] or 'none'}")
     if missing:
-        print(f"new (not in the weights): {missing}")
+        _logger.info(f"new (not in the weights): {missing}")
     return state
 
 
@@ -715,6 +723,23 @@ def _check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
     if not pretrained and any(overlay.get(k) for k in _WEIGHT_SOURCES):
         raise ValueError(f"{variant}: pretrained_cfg_overlay names weights ({overlay}) but pretrained=False; pass "
                          "pretrained=True to load them")
+
+
+def create_encoder(name: str, weights: Optional[str] = None, **kwargs) -> nn.Module:
+    """The registered encoder `name` (timm.create_model's keyword arguments) with `weights` loaded: an export folder
+    of `python export_encoder.py` (built at its input size, with its layout), its model.safetensors, or any checkpoint
+    util.checkpoint.load_pretrained takes. What hubconf.py's entry points return."""
+    if weights is None:
+        return timm.create_model(name, **kwargs)
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"weights not found: {weights}")
+    if os.path.isdir(weights):
+        config = load_checkpoint(weights)["config"]
+        exported = config.get("architecture")
+        if exported != name:
+            raise ValueError(f"{weights} holds a {exported} encoder, not {name}: load it as {exported}")
+        return timm.create_model(f"local-dir:{weights}", pretrained=True, **kwargs)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -738,6 +763,19 @@ ENCODER_ARCHS = {
     "vit_test_patch16_gap_sincos": (ViT, dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)),
     "vit_base_patch16_gap_sincos": (ViT, dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)),
     "vit_large_patch16_gap_sincos": (ViT, dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)),
+}
+
+# Each pre-training model's (models_dmjd.py) encoder, by the registered name of the encoder alone: what
+# `python export_encoder.py` exports a pre-training checkpoint as.
+ENCODER_NAMES = {
+    "dmjd_convit_mini_patch8_hog": "convvit_mini_patch8",
+    "dmjd_convit_tiny_patch16_dec1_hog": "convvit_tiny_patch16",
+    "dmjd_convit_small_patch16_dec2_hog": "convvit_small_patch16",
+    "dmjd_convit_base_patch16_dec8_hog": "convvit_base_patch16",
+    "dmjd_convit_base_patch16_dec2_hog": "convvit_base_patch16",
+    "dmjd_convit_large_patch16_dec8_hog": "convvit_large_patch16",
+    "dmjd_vit_tiny_patch16_dec1_hog": "vit_test_patch16_gap_sincos",
+    "dmjd_vit_base_patch16_dec8_hog": "vit_base_patch16_gap_sincos",
 }
 
 
@@ -826,13 +864,22 @@ register_model_deprecations(__name__, {
 # ---------------------------------------------------------------------------------------------------------------------
 # What the training scripts ask of the registry and of the models.
 
+def check_model_name(name: str, candidates, what: str) -> None:
+    """Exits naming --model and the closest registered names when `name` is not among `candidates`."""
+    candidates = list(candidates)
+    if name not in candidates:
+        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+        raise SystemExit(f"error: --model {name!r} is not {what}" +
+                         (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(candidates)}"))
+
+
 def check_classifier_name(name: str) -> None:
     """Exits unless --model names an encoder of this module; a former name works, with a note of the new one."""
-    renamed = timm.models.get_deprecated_models(__name__)
+    renamed = timm.models.get_deprecated_models(TIMM_MODULE)
     if name in renamed:
-        print(f"note: --model {name} is now called {renamed[name]}; the former name still works")
+        _logger.info(f"note: --model {name} is now called {renamed[name]}; the former name still works")
         return
-    check_model_name(name, timm.list_models(module=__name__), "a classifier of this project")
+    check_model_name(name, timm.list_models(module=TIMM_MODULE), "a classifier of this project")
 
 
 def conv_weights_channels_last(model: nn.Module) -> nn.Module:

@@ -49,7 +49,7 @@ def test_export_is_timm_hub_layout_that_every_loading_path_reads(tmp_path, dmjd,
     pre = pretraining_checkpoint(tmp_path / "pre.pth", dmjd, channels_last=True)
     export_encoder(str(tmp_path / "pre.pth"), str(tmp_path / "hub"))
     export_encoder(str(tmp_path / "pre.pth"), str(tmp_path / "enc.pth"))
-    assert sorted(os.listdir(tmp_path / "hub")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hub")) == ["README.md", "config.json", "model.safetensors"]  # + model card
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert config["architecture"] == encoder and config["num_classes"] == 0
     assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["model_args"]["fc_norm"] is False
