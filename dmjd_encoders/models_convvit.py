@@ -26,7 +26,9 @@ the input size and the patch sizes; nothing assumes 224 pixels.
 """
 import dataclasses
 import difflib
+import inspect
 import logging
+import math
 import os
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, global_pool_nlc, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model,
-                         register_model_deprecations)
+                         register_model_deprecations, register_notrace_function)
 from timm.models._features import feature_take_indices  # timm has no public import path for it
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -213,6 +215,31 @@ def _depthwise_on_visible(conv: nn.Conv2d, y: torch.Tensor, ids: torch.Tensor, g
     return gather_tokens(out.reshape(n, gh * gw, s2, c), ids)
 
 
+# torch.fx traces forward() with symbolic shapes, on which Python cannot branch: these two functions are leaves of
+# the traced graph (timm's register_notrace_function, which timm's FX feature extraction honours), run as they are.
+# torch.fx wraps only names without a leading underscore.
+@register_notrace_function
+def check_input_size(x: torch.Tensor, stride: int, img_size: Tuple[int, int], dynamic: bool) -> None:
+    height, width = x.shape[-2:]
+    if dynamic:
+        if height % stride or width % stride:
+            raise ValueError(f"input of {(height, width)} pixels: both sides must be multiples of the model's "
+                             f"stride {stride}")
+    elif (height, width) != tuple(img_size):
+        raise ValueError(f"input of {(height, width)} pixels, the model was built for {tuple(img_size)} "
+                         "(build it with that img_size, or with dynamic_img_size=True)")
+
+
+@register_notrace_function
+def pos_embed_for_grid(pos_embed: torch.Tensor, tokens_map: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+    """The position embedding for the token grid of `tokens_map` [N, D, gh, gw], resampled from the built
+    `grid_size` when it differs (dynamic_img_size)."""
+    grid = tuple(tokens_map.shape[-2:])
+    if grid == tuple(grid_size):
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, new_size=grid, old_size=grid_size, num_prefix_tokens=0)
+
+
 class ConvViT(nn.Module):
     """ConViT: two conv stages (strides 4 and 2 by default) and a transformer stage on the visible tokens.
 
@@ -287,6 +314,7 @@ class ConvViT(nn.Module):
         if stride32_level:
             self.feature_info.append(dict(num_chs=embed_dim[2], reduction=2 * self.patch_size, module="downsample32"))
 
+        self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
         self.apply(init_linear_and_norm)
         w = self.patch_embed3.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the last embed acts as a linear patch projection
@@ -336,11 +364,11 @@ class ConvViT(nn.Module):
         self.img_size, self.grid_size, self.num_patches = img_size, grid, grid[0] * grid[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self._token_grid(x)
+        check_input_size(x, self.patch_size, self.img_size, self.dynamic_img_size)
         self._check_not_pruned()
         stage1 = x = self._conv_blocks(self.blocks1, self.patch_embed1(x))
         stage2 = x = self._conv_blocks(self.blocks2, self.patch_embed2(x))
-        x = self._transformer(self._tokens(x, grid))
+        x = self._transformer(self._tokens(x))
         if self.fuse_stages:
             x = x + self._fused_stages(stage1, stage2)
         return self.norm(x)
@@ -383,7 +411,7 @@ class ConvViT(nn.Module):
             if 1 in take:
                 maps.append(as_fmt(x))
         if last >= 2:
-            x = self._transformer(self._tokens(x, grid))
+            x = self._transformer(self._tokens(x))
             if 2 in take:
                 level = self.norm(x) if norm else x
                 maps.append(level if output_fmt == "NLC" else as_map(level))
@@ -422,15 +450,8 @@ class ConvViT(nn.Module):
 
     # -- the stages -------------------------------------------------------------------------------------------------
     def _token_grid(self, x: torch.Tensor) -> Tuple[int, int]:
-        height, width = x.shape[-2:]
-        if self.dynamic_img_size:
-            if height % self.patch_size or width % self.patch_size:
-                raise ValueError(f"input of {(height, width)} pixels: both sides must be multiples of the model's "
-                                 f"stride {self.patch_size}")
-        elif (height, width) != self.img_size:
-            raise ValueError(f"input of {(height, width)} pixels, the model was built for {self.img_size} "
-                             "(build it with that img_size, or with dynamic_img_size=True)")
-        return height // self.patch_size, width // self.patch_size
+        check_input_size(x, self.patch_size, self.img_size, self.dynamic_img_size)
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
     def _check_not_pruned(self) -> None:
         if self.patch_embed3 is None:
@@ -455,13 +476,11 @@ class ConvViT(nn.Module):
             x = blk(x)
         return x
 
-    def _tokens(self, stage2: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def _tokens(self, stage2: torch.Tensor) -> torch.Tensor:
         """Stage-3 patch embedding of the stage-2 map, as tokens [N, L, D] with their position embedding."""
-        x = self.patch_embed4(self.patch_embed3(stage2).flatten(2).transpose(1, 2))
-        pos_embed = self.pos_embed
-        if tuple(grid) != tuple(self.grid_size):
-            pos_embed = resample_abs_pos_embed(pos_embed, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0)
-        return x + pos_embed
+        embedded = self.patch_embed3(stage2)
+        x = self.patch_embed4(embedded.flatten(2).transpose(1, 2))
+        return x + pos_embed_for_grid(self.pos_embed, embedded, self.grid_size)
 
     def _fused_stages(self, stage1: torch.Tensor, stage2: torch.Tensor) -> torch.Tensor:
         return (self.stage1_output_decode(stage1).flatten(2).transpose(1, 2)
@@ -490,7 +509,7 @@ class ConvViT(nn.Module):
         vis2 = self._visible_map(mask, s3).to(x.dtype)
         stage1 = x = self._conv_blocks(self.blocks1, self.patch_embed1(x), vis1)
         stage2 = x = self._conv_blocks(self.blocks2, self.patch_embed2(x), vis2)
-        x = self._transformer(gather_tokens(self._tokens(x, self.grid_size), ids))
+        x = self._transformer(gather_tokens(self._tokens(x), ids))
         if self.fuse_stages:
             x = x + gather_tokens(self._fused_stages(stage1, stage2), ids)
         return self.norm(x)
@@ -545,6 +564,17 @@ def _check_masked_input(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -
         raise ValueError(f"mask of shape {tuple(mask.shape)}, expected {(x.shape[0], model.num_patches)}")
 
 
+def _resample_pos_embed_hook(module, state_dict, prefix, *args) -> None:
+    """Weights saved at another input size load into this model's grid on any load_state_dict (timm's
+    `checkpoint_path` included, which has no filter function): their position embedding is resampled, as the pretrained
+    path's checkpoint_filter_fn resamples it. Any other difference of shape still fails."""
+    key, own = prefix + "pos_embed", module.pos_embed
+    theirs = state_dict.get(key)
+    if (own is not None and isinstance(theirs, torch.Tensor) and theirs.dim() == 3 and theirs.shape != own.shape
+            and theirs.shape[-1] == own.shape[-1]):
+        state_dict[key] = resample_pos_embed(theirs, module)
+
+
 def _legacy_vit_keys_hook(module, state_dict, prefix, *args) -> None:
     rename_legacy_keys(state_dict, [prefix + new for new in LEGACY_KEY_RENAMES.values()])
 
@@ -584,6 +614,7 @@ class ViT(VisionTransformer):
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=2e-5)
         self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
+        self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
@@ -779,15 +810,26 @@ ENCODER_NAMES = {
 }
 
 
-def _cfg(first_conv: str, size: int = 224):
-    return dict(url="", num_classes=0, input_size=(3, size, size), pool_size=None, crop_pct=0.875,
-                interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                first_conv=first_conv, classifier="head")
+def _cfg(first_conv: str, size: int, stride: int):
+    # fixed_input_size: built with the defaults, a model takes inputs of its img_size only (dynamic_img_size=True
+    # takes any multiple of the stride; its own pretrained_cfg then says so, see _describe_input), and timm builds
+    # it at the cfg's input_size. pool_size: the token grid that forward_features returns (as [N, L, D] tokens).
+    return dict(url="", num_classes=0, input_size=(3, size, size), pool_size=(size // stride, size // stride),
+                crop_pct=0.875, interpolation="bicubic", fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN,
+                std=IMAGENET_DEFAULT_STD, first_conv=first_conv, classifier="head")
+
+
+def _stride(name: str) -> int:
+    """The total stride of a registered encoder: its patch size(s), given or the class's default."""
+    cls, arch = ENCODER_ARCHS[name]
+    patch = arch.get("patch_size", inspect.signature(cls).parameters["patch_size"].default)
+    return math.prod(patch) if isinstance(patch, (tuple, list)) else patch  # ConViT: one patch size per stage
 
 
 # Encoders: no classifier by default (the weights people share are pre-trained encoders), no published weights.
 default_cfgs = generate_default_cfgs({
-    name: _cfg("patch_embed1.proj" if cls is ConvViT else "patch_embed.proj", 32 if name.endswith("patch8") else 224)
+    name: _cfg("patch_embed1.proj" if cls is ConvViT else "patch_embed.proj", 32 if name.endswith("patch8") else 224,
+               _stride(name))
     for name, (cls, _) in ENCODER_ARCHS.items()})
 
 
@@ -795,8 +837,7 @@ def _create(name: str, pretrained: bool, kwargs: dict):
     """The registered encoder `name`, with learnable position embeddings (fine-tuning resizes and trains them)."""
     _check_weight_source(name, pretrained, kwargs)
     model_cls, arch = ENCODER_ARCHS[name]
-    kwargs.setdefault("learnable_pos_embed", True)
-    kwargs.setdefault("img_size", default_cfgs[name].default.input_size[-1])
+    kwargs.setdefault("learnable_pos_embed", True)  # img_size: timm passes the cfg's input_size (fixed_input_size)
     if model_cls is ConvViT:
         if kwargs.get("features_only"):
             kwargs.setdefault("stride32_level", True)  # the fourth level of ConvMAE's segmentation backbone
@@ -806,10 +847,22 @@ def _create(name: str, pretrained: bool, kwargs: dict):
         out_indices = tuple(sorted({max(0, round(depth * (i + 1) / 4) - 1) for i in range(4)}))
     if kwargs.get("features_only") and "out_indices" in kwargs:
         out_indices = kwargs.pop("out_indices")
-    return build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                pretrained_strict=False,  # checkpoint_filter_fn checks every key itself
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-                                **dict(arch, **kwargs))
+    model = build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 pretrained_strict=False,  # checkpoint_filter_fn checks every key itself
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                 **dict(arch, **kwargs))
+    _describe_input(model, model.model if kwargs.get("features_only") else model)
+    return model
+
+
+def _describe_input(model: nn.Module, encoder: nn.Module) -> None:
+    """Makes `model.pretrained_cfg` say what the built encoder takes: its input size, whether only that
+    (fixed_input_size, unless built with dynamic_img_size=True) and, without features_only, its token grid."""
+    cfg = model.pretrained_cfg
+    cfg["input_size"] = (cfg["input_size"][0], *encoder.img_size)
+    cfg["fixed_input_size"] = not encoder.dynamic_img_size
+    if "pool_size" in cfg:  # timm drops it for features_only
+        cfg["pool_size"] = tuple(encoder.grid_size)
 
 
 @register_model
