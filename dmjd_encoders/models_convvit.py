@@ -308,9 +308,11 @@ class ConvViT(nn.Module):
         self.fc_norm = BlockNorm(embed_dim[2]) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim[2], num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dim[0], reduction=s1, module="blocks1"),
-                             dict(num_chs=embed_dim[1], reduction=s1 * s2, module="blocks2"),
-                             dict(num_chs=embed_dim[2], reduction=self.patch_size, module="blocks3")]
+        # `module`: the last block of each stage, which torch.fx feature extraction (feature_cls="fx") takes as the
+        # level (the stage-3 level then as its [N, L, D] tokens, as timm's ViTs give theirs)
+        self.feature_info = [dict(num_chs=embed_dim[0], reduction=s1, module=f"blocks1.{depth[0] - 1}"),
+                             dict(num_chs=embed_dim[1], reduction=s1 * s2, module=f"blocks2.{depth[1] - 1}"),
+                             dict(num_chs=embed_dim[2], reduction=self.patch_size, module=f"blocks3.{depth[2] - 1}")]
         if stride32_level:
             self.feature_info.append(dict(num_chs=embed_dim[2], reduction=2 * self.patch_size, module="downsample32"))
 
@@ -819,9 +821,8 @@ def _cfg(first_conv: str, size: int, stride: int):
                 std=IMAGENET_DEFAULT_STD, first_conv=first_conv, classifier="head")
 
 
-def _stride(name: str) -> int:
-    """The total stride of a registered encoder: its patch size(s), given or the class's default."""
-    cls, arch = ENCODER_ARCHS[name]
+def _stride(cls: type, arch: dict) -> int:
+    """The total stride of an encoder built with `arch`: its patch size(s), given or the class's default."""
     patch = arch.get("patch_size", inspect.signature(cls).parameters["patch_size"].default)
     return math.prod(patch) if isinstance(patch, (tuple, list)) else patch  # ConViT: one patch size per stage
 
@@ -829,8 +830,8 @@ def _stride(name: str) -> int:
 # Encoders: no classifier by default (the weights people share are pre-trained encoders), no published weights.
 default_cfgs = generate_default_cfgs({
     name: _cfg("patch_embed1.proj" if cls is ConvViT else "patch_embed.proj", 32 if name.endswith("patch8") else 224,
-               _stride(name))
-    for name, (cls, _) in ENCODER_ARCHS.items()})
+               _stride(cls, arch))
+    for name, (cls, arch) in ENCODER_ARCHS.items()})
 
 
 def _create(name: str, pretrained: bool, kwargs: dict):
@@ -839,9 +840,11 @@ def _create(name: str, pretrained: bool, kwargs: dict):
     model_cls, arch = ENCODER_ARCHS[name]
     kwargs.setdefault("learnable_pos_embed", True)  # img_size: timm passes the cfg's input_size (fixed_input_size)
     if model_cls is ConvViT:
-        if kwargs.get("features_only"):
-            kwargs.setdefault("stride32_level", True)  # the fourth level of ConvMAE's segmentation backbone
-        out_indices = (0, 1, 2, 3)
+        # the fourth level of ConvMAE's segmentation backbone; not with torch.fx features, which take the modules
+        # that forward() runs
+        if kwargs.get("features_only") and kwargs.get("feature_cls") != "fx":
+            kwargs.setdefault("stride32_level", True)
+        out_indices = (0, 1, 2, 3) if kwargs.get("stride32_level") else (0, 1, 2)
     else:  # four blocks spread over the depth, as ViT segmentation backbones take them (e.g. 2, 5, 8, 11 of 12)
         depth = kwargs.get("depth", arch["depth"])
         out_indices = tuple(sorted({max(0, round(depth * (i + 1) / 4) - 1) for i in range(4)}))
@@ -851,18 +854,20 @@ def _create(name: str, pretrained: bool, kwargs: dict):
                                  pretrained_strict=False,  # checkpoint_filter_fn checks every key itself
                                  feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
                                  **dict(arch, **kwargs))
-    _describe_input(model, model.model if kwargs.get("features_only") else model)
+    _describe_input(model.pretrained_cfg, model_cls, dict(arch, **kwargs))
     return model
 
 
-def _describe_input(model: nn.Module, encoder: nn.Module) -> None:
-    """Makes `model.pretrained_cfg` say what the built encoder takes: its input size, whether only that
-    (fixed_input_size, unless built with dynamic_img_size=True) and, without features_only, its token grid."""
-    cfg = model.pretrained_cfg
-    cfg["input_size"] = (cfg["input_size"][0], *encoder.img_size)
-    cfg["fixed_input_size"] = not encoder.dynamic_img_size
-    if "pool_size" in cfg:  # timm drops it for features_only
-        cfg["pool_size"] = tuple(encoder.grid_size)
+def _describe_input(cfg: dict, model_cls: type, build_kwargs: dict) -> None:
+    """Makes a built model's pretrained_cfg say what it takes: its input size (the img_size it was given, else the
+    cfg's, which timm built it at), whether only that (fixed_input_size, unless built with dynamic_img_size=True) and
+    its token grid (pool_size)."""
+    img_size = build_kwargs.get("img_size")
+    size = to_2tuple(img_size) if img_size is not None else tuple(cfg["input_size"][-2:])
+    stride = _stride(model_cls, build_kwargs)
+    cfg["input_size"] = (cfg["input_size"][0], *size)
+    cfg["fixed_input_size"] = not build_kwargs.get("dynamic_img_size", False)
+    cfg["pool_size"] = (size[0] // stride, size[1] // stride)
 
 
 @register_model
