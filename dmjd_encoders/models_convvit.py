@@ -36,11 +36,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
+import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, global_pool_nlc, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model,
-                         register_model_deprecations, register_notrace_function)
+                         register_model_deprecations)
 from timm.models._features import feature_take_indices  # timm has no public import path for it
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -216,9 +217,8 @@ def _depthwise_on_visible(conv: nn.Conv2d, y: torch.Tensor, ids: torch.Tensor, g
 
 
 # torch.fx traces forward() with symbolic shapes, on which Python cannot branch: these two functions are leaves of
-# the traced graph (timm's register_notrace_function, which timm's FX feature extraction honours), run as they are.
-# torch.fx wraps only names without a leading underscore.
-@register_notrace_function
+# any traced graph (torch.fx.wrap; timm's FX feature extraction included), run as they are.
+@torch.fx.wrap
 def check_input_size(x: torch.Tensor, stride: int, img_size: Tuple[int, int], dynamic: bool) -> None:
     height, width = x.shape[-2:]
     if dynamic:
@@ -230,7 +230,7 @@ def check_input_size(x: torch.Tensor, stride: int, img_size: Tuple[int, int], dy
                          "(build it with that img_size, or with dynamic_img_size=True)")
 
 
-@register_notrace_function
+@torch.fx.wrap
 def pos_embed_for_grid(pos_embed: torch.Tensor, tokens_map: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
     """The position embedding for the token grid of `tokens_map` [N, D, gh, gw], resampled from the built
     `grid_size` when it differs (dynamic_img_size)."""
@@ -617,6 +617,15 @@ class ViT(VisionTransformer):
             trunc_normal_(self.head.weight, std=2e-5)
         self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
         self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
+
+    # timm's patch embedding asserts the size; these say what is wrong and how to build for it, as ConViT does
+    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        check_input_size(x, self.patch_size, self.img_size, self.dynamic_img_size)
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        check_input_size(x, self.patch_size, self.img_size, self.dynamic_img_size)
+        return super().forward_intermediates(x, *args, **kwargs)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
