@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import timm
 
@@ -44,15 +44,16 @@ def export_encoder(path: str, out_path: str, key: str = "model", model_name: Opt
             out["args"] = checkpoint["args"]
         save_checkpoint(out, out_path)
         return
-    name = _export_hub_layout(checkpoint, state, out_path, model_name)
-    card = model_card(name, out_path, checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {},
-                      parsed, datasets, license, source=os.path.basename(path), code_repo=code_repo, key=key)
+    name, size = _export_hub_layout(checkpoint, state, out_path, model_name)
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    card = model_card(name, out_path, size, args, parsed, datasets, license, source=os.path.basename(path),
+                      code_repo=code_repo, key=key)
     with open(os.path.join(out_path, "README.md"), "w") as f:
         f.write(card)
 
 
-def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: Optional[str]) -> str:
-    """Writes config.json and model.safetensors; returns the registered encoder's name."""
+def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: Optional[str]) -> Tuple[str, int]:
+    """Writes config.json and model.safetensors; returns the registered encoder's name and the input size."""
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     name = model_name or args.get("model") or checkpoint.get("config", {}).get("architecture")
     if not name:
@@ -81,7 +82,7 @@ def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: O
                               **layout)
     load_state_dict_strict(model, state, "encoder")
     timm.models.save_for_hf(model, folder, model_args=layout, safe_serialization=True)
-    return name
+    return name, size
 
 
 def main(argv=None):

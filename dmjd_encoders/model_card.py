@@ -27,10 +27,11 @@ def _yaml_list(key: str, values: Sequence[str]) -> str:
     return f"{key}:\n" + "".join(f"- {json.dumps(v)}\n" for v in values)
 
 
-def model_card(name: str, folder: str, args: dict, results: Sequence[Dict[str, str]] = (),
+def model_card(name: str, folder: str, input_size: int, args: dict, results: Sequence[Dict[str, str]] = (),
                datasets: Sequence[str] = (), license: str = "mit", source: Optional[str] = None,
                code_repo: Optional[str] = None, key: str = "model") -> str:
-    """README.md of the export of encoder `name` in `folder` (as the user typed it, for the loading code)."""
+    """README.md of the export of encoder `name`, trained at `input_size`, in `folder` (as the user typed it, for the
+    loading code)."""
     datasets = list(datasets) or ([args["data_path"].rstrip("/").rsplit("/", 1)[-1]] if args.get("data_path") else [])
     tags = ["image-feature-extraction", "timm", "dmjd", "masked-image-modeling"]
     front = ("---\n" + "library_name: timm\n" + f"license: {license}\n" + _yaml_list("tags", tags)
@@ -53,7 +54,7 @@ def model_card(name: str, folder: str, args: dict, results: Sequence[Dict[str, s
     if results:
         lines.append("## Results\n\n| task | value |\n|---|---|\n"
                      + "\n".join(f"| {r['task']} | {r['value']} |" for r in results) + "\n")
-    lines.append(_usage(name, folder, code_repo))
+    lines.append(_usage(name, folder, input_size, code_repo))
     return "\n".join(lines)
 
 
@@ -72,7 +73,7 @@ def _targets_sentence(args: dict) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def _usage(name: str, folder: str, code_repo: Optional[str]) -> str:
+def _usage(name: str, folder: str, size: int, code_repo: Optional[str]) -> str:
     install = f"pip install git+https://github.com/{code_repo}" if code_repo else "pip install path/to/dmjd-checkout"
     hub_repo, hub_source = (code_repo, "github") if code_repo else ("path/to/dmjd-checkout", "local")
     return f"""## Use
@@ -99,15 +100,14 @@ import torch
 encoder = torch.hub.load("{hub_repo}", "{name}", weights="{folder}", source="{hub_source}")
 ```
 
-segmentation_models_pytorch (its `tu-` encoders are timm's `features_only` models; see the project's
-docs/MODELS.md for the architectures that take these encoders):
+segmentation_models_pytorch (its `tu-` encoders are timm's `features_only` models; any `encoder_weights` value
+has timm load the file; the project's docs/MODELS.md lists the architectures that take these encoders):
 
 ```python
 import segmentation_models_pytorch as smp
-import dmjd_encoders  # registers the encoders
+import dmjd_encoders  # registers the encoders (also before smp's from_pretrained of a model saved with one)
 
-model = smp.Unet("tu-{name}", encoder_weights=None, classes=150)
-model.encoder.model.load_state_dict(
-    timm.create_model("local-dir:{folder}", pretrained=True, features_only=True).state_dict())
+model = smp.Unet("tu-{name}", encoder_weights="{folder}", classes=150, img_size={size},
+                 pretrained_cfg_overlay=dict(file="{folder}/model.safetensors"))
 ```
 """
