@@ -229,3 +229,25 @@ def test_a_resaved_checkpoint_gets_a_new_checksum_and_a_changed_value_is_found(t
         load_checkpoint(str(tmp_path / "edited.pth"))
     save_checkpoint(ckpt, str(tmp_path / "resaved.pth"))
     assert load_checkpoint(str(tmp_path / "resaved.pth"))["epoch"] == 2
+
+
+def test_load_notes_are_log_records_that_a_caller_can_silence_or_redirect(tmp_path, capsys, caplog):
+    """The package logs its load notes (logger dmjd_encoders.*, INFO); the scripts and these tests print them
+    (util.misc.print_library_notes), and a caller sets the level or adds a handler as with any library."""
+    import logging
+
+    from helpers import encoder_checkpoint
+    encoder_checkpoint(tmp_path / "ft.pth", "convvit_tiny_patch16")
+    note = "resampled pos_embed from the checkpoint's 4 x 4 grid to this model's 6 x 6"
+    with caplog.at_level(logging.INFO, logger="dmjd_encoders"):
+        load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=96), str(tmp_path / "ft.pth"))
+    assert [r.name for r in caplog.records if note in r.getMessage()] == ["dmjd_encoders.checkpoint"]
+    assert note in capsys.readouterr().out
+    logger = logging.getLogger("dmjd_encoders")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=96), str(tmp_path / "ft.pth"))
+    finally:
+        logger.setLevel(level)
+    assert note not in capsys.readouterr().out
