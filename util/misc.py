@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dmjd_encoders.models_convvit import check_model_name  # noqa: F401  (moved with the encoders; scripts import it here)
+from dmjd_encoders.models_convvit import check_model_name  # noqa: F401  (moved down to the encoders)
 
 
 @dataclass
