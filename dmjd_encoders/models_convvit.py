@@ -618,15 +618,6 @@ class ViT(VisionTransformer):
         self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
         self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
 
-    # timm's patch embedding asserts the size; these say what is wrong and how to build for it, as ConViT does
-    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        check_input_size(x, self.patch_size, self.img_size, self.dynamic_img_size)
-        return super().forward_features(x, *args, **kwargs)
-
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_input_size(x, self.patch_size, self.img_size, self.dynamic_img_size)
-        return super().forward_intermediates(x, *args, **kwargs)
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             _check_global_pool(global_pool, self.has_class_token)

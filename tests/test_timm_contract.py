@@ -285,7 +285,7 @@ def test_pretrained_without_weights_is_a_clear_error():
 # The checks of timm's own tests/test_models.py (pytorch-image-models), written here for the test-size encoders: each
 # test names the timm test it mirrors. timm runs its models at the cfg's input size when the cfg says
 # fixed_input_size, else at a reduced size (a target of 96 to 128 pixels), as `input_size_for` does. Left out:
-# timm's TorchScript tests (torch.jit.script cannot script timm's VisionTransformer nor ConViT: docs/MODELS.md).
+# timm's TorchScript tests for ConViT, which torch.jit.script cannot script (docs/MODELS.md); the ViT scripts.
 
 TIMM_CHECKED = ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"]
 DYNAMIC = [False, True]  # as registered, and built with dynamic_img_size=True (not fixed-size)
@@ -339,8 +339,8 @@ def test_a_model_not_declared_fixed_size_takes_any_multiple_of_its_stride(name, 
     with torch.no_grad():
         assert model(images(name)).shape == (2, model.num_features)  # the cfg's own size
         for size in ((32, 32), (48, 80), (96, 96)):
-            if cfg["fixed_input_size"]:
-                with pytest.raises(ValueError, match="built for"):
+            if cfg["fixed_input_size"]:  # ConViT: a ValueError; the ViT: timm's patch embedding's AssertionError
+                with pytest.raises((ValueError, AssertionError), match="built for|doesn't match model"):
                     model(images(name, size=size))
             else:
                 tokens = model.forward_features(images(name, size=size))
@@ -422,6 +422,15 @@ def test_timm_model_forward_features_and_intermediates(name):
         model.set_grad_checkpointing()
         torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
     assert len(maps) == len(model.feature_info)
+
+
+def test_timm_model_forward_torchscript():
+    """timm's test_model_forward_torchscript, for the ViT (timm's VisionTransformer scripts; ConViT does not)."""
+    with timm.layers.set_layer_config(scriptable=True):
+        model = timm.create_model("vit_test_patch16_gap_sincos").eval()
+    x = torch.randn(1, *input_size_for(model.pretrained_cfg, 128))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 
 @pytest.mark.parametrize("name", TIMM_CHECKED)
