@@ -297,6 +297,12 @@ def input_size_for(cfg, target):
     return size if cfg.get("fixed_input_size") else tuple(min(s, target) for s in size)
 
 
+def at_cfg_size(name, target, **kwargs):
+    """The model in eval mode and one input at the size timm's tests take for it (`input_size_for`)."""
+    model = timm.create_model(name, **kwargs).eval()
+    return model, torch.randn(1, *input_size_for(model.pretrained_cfg, target))
+
+
 def fx_model(model, train=False):
     """timm's _create_fx_model: the model traced by torchvision's feature extraction with timm's leaf modules and
     functions, returning the nodes that feed the graph's output."""
@@ -351,8 +357,7 @@ def test_a_model_not_declared_fixed_size_takes_any_multiple_of_its_stride(name, 
 @pytest.mark.parametrize("dynamic", DYNAMIC)
 def test_timm_model_forward(name, dynamic):
     """timm's test_model_forward: batch 1 at the cfg-derived size, no NaN; grad checkpointing, the same output."""
-    model = timm.create_model(name, dynamic_img_size=dynamic).eval()
-    x = torch.randn(1, *input_size_for(model.pretrained_cfg, 384))
+    model, x = at_cfg_size(name, 384, dynamic_img_size=dynamic)
     with torch.no_grad():
         out = model(x)
         assert out.shape[0] == 1 and not out.isnan().any()
@@ -414,8 +419,7 @@ def test_timm_model_forward_features_and_intermediates(name):
             else:
                 assert out.shape[1] == channels and out.shape[2] <= bound[0] and out.shape[3] <= bound[1]
             assert out.shape[0] == 1 and not out.isnan().any()
-    model = timm.create_model(name).eval()
-    x = torch.randn(1, *input_size_for(model.pretrained_cfg, 96))
+    model, x = at_cfg_size(name, 96)
     with torch.no_grad():
         final, maps = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x))
@@ -427,8 +431,7 @@ def test_timm_model_forward_features_and_intermediates(name):
 def test_timm_model_forward_torchscript():
     """timm's test_model_forward_torchscript, for the ViT (timm's VisionTransformer scripts; ConViT does not)."""
     with timm.layers.set_layer_config(scriptable=True):
-        model = timm.create_model("vit_test_patch16_gap_sincos").eval()
-    x = torch.randn(1, *input_size_for(model.pretrained_cfg, 128))
+        model, x = at_cfg_size("vit_test_patch16_gap_sincos", 128)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
@@ -437,8 +440,7 @@ def test_timm_model_forward_torchscript():
 @pytest.mark.parametrize("dynamic", DYNAMIC)
 def test_timm_model_forward_fx(name, dynamic):
     """timm's test_model_forward_fx: the model traced by torch.fx gives exactly the model's output."""
-    model = timm.create_model(name, dynamic_img_size=dynamic).eval()
-    x = torch.randn(1, *input_size_for(model.pretrained_cfg, 128))
+    model, x = at_cfg_size(name, 128, dynamic_img_size=dynamic)
     with torch.inference_mode():
         out = model(x)
         traced = torch.cat(tuple(fx_model(model)(x).values()))
