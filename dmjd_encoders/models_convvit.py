@@ -35,8 +35,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
-import torch.nn as nn
 import torch.fx
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, global_pool_nlc, resample_abs_pos_embed, to_2tuple, trunc_normal_

@@ -77,14 +77,25 @@ USE_THE_INSTALL = textwrap.dedent('''
 ''')
 
 
+def fresh_environment(venv: Path) -> Path:
+    """A new virtual environment that also sees the packages of this one (torch, timm, pip, setuptools: nothing to
+    download), after its own: a .pth file names this environment's site-packages, which --system-site-packages would
+    miss when the tests run in a virtual environment themselves. Returns its Python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    (Path(own) / "outer_environment.pth").write_text("".join(p + "\n" for p in ours))
+    return python
+
+
 def test_pip_install_gives_the_encoders_alone_usable_from_another_folder(tmp_path):
-    """A virtual environment that sees the installed torch and timm (--system-site-packages); pip builds the package
-    offline (--no-build-isolation: setuptools from the environment, --no-deps: the dependencies are there)."""
+    """pip builds the package offline into a fresh environment (--no-build-isolation: setuptools from the
+    environment, --no-deps: torch and timm are there), and a program in another folder uses it."""
     pytest.importorskip("setuptools")
     src = source_tree(tmp_path / "src")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(tmp_path / "venv")],
-                   check=True)
-    python = tmp_path / "venv" / ("Scripts" if os.name == "nt" else "bin") / "python"
+    python = fresh_environment(tmp_path / "venv")
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                               "--no-index", str(src)], capture_output=True, text=True)
     assert install.returncode == 0, install.stdout + install.stderr

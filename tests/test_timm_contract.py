@@ -428,6 +428,7 @@ def test_timm_model_forward_features_and_intermediates(name):
     assert len(maps) == len(model.feature_info)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_timm_model_forward_torchscript():
     """timm's test_model_forward_torchscript, for the ViT (timm's VisionTransformer scripts; ConViT does not)."""
     with timm.layers.set_layer_config(scriptable=True):
