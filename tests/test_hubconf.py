@@ -1,5 +1,8 @@
 """hubconf.py: torch.hub.load(checkout, encoder name, weights=...) returns the encoder with the weights loaded."""
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,3 +53,15 @@ def test_hub_load_without_weights_is_a_fresh_encoder_and_wrong_weights_are_named
     export_encoder(str(tmp_path / "vit.pth"), str(tmp_path / "vit"))
     with pytest.raises(ValueError, match="holds a vit_test_patch16_gap_sincos encoder, not convvit_tiny_patch16"):
         hub_load(NAME, weights=str(tmp_path / "vit"))
+
+
+def test_hub_load_leaves_a_users_own_util_package_alone(tmp_path):
+    """The hub imports hubconf with the checkout on sys.path; it needs the package only, so a program's own `util`
+    (a common name) is still the one it imports, before and after."""
+    (tmp_path / "util").mkdir()
+    (tmp_path / "util" / "__init__.py").write_text("MINE = True\n")
+    code = (f"import torch\nencoder = torch.hub.load({str(ROOT)!r}, {NAME!r}, source='local', img_size=32)\n"
+            "import util\nassert getattr(util, 'MINE', False), util.__file__\nprint(type(encoder).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ConvViT", proc.stderr[-2000:]
