@@ -1,6 +1,7 @@
-"""The DMJD demo on a laptop: Fashion-MNIST, a small ConViT pre-trained with DMJD on the CPU, linear probes of the
-pre-trained and of a randomly initialised encoder, and a picture of what the model predicts. Run it with
-`bash demo.sh` (which sets up the environment and the data package) or directly with `python demo.py`.
+"""The DMJD demo on a laptop: Fashion-MNIST, a small ConViT pre-trained with DMJD on the CPU (and a picture of its
+curves), linear probes of the pre-trained and of a randomly initialised encoder, and a picture of what the model
+predicts. Run it with `bash demo.sh` (which sets up the environment and the data package) or directly with
+`python demo.py`.
 
 Every stage runs the project's own scripts, exactly as an ImageNet run would, on the ImageFolder tree that
 `util/demo_data.py` writes. The commands are printed as they run, ready to paste into a shell in this folder.
@@ -81,6 +82,12 @@ def stage_commands(args, data: str, probe_data: str) -> Dict[str, List[str]]:
     }
 
 
+def curves_command(args) -> List[str]:
+    """plot_logs.py on the pre-training run: its loss, learning rate and (with an EMA teacher) momentum curves."""
+    return [shown(sys.executable), "plot_logs.py", shown(os.path.join(args.output_dir, "pretrain")),
+            "--out", shown(os.path.join(args.output_dir, "pretrain_curves.png"))]
+
+
 def run(cmd: List[str]) -> float:
     print("\n$ " + command_line(cmd), flush=True)
     start = time.time()
@@ -107,6 +114,7 @@ def main(args):
     commands = stage_commands(args, data, probe_data)
 
     pretrain_s = run(commands["pretrain"])
+    run(curves_command(args))
     results = {}
     for name, stage in (("pre-trained", "probe_pretrained"), ("random init", "probe_random")):
         run(commands[stage])
@@ -126,6 +134,7 @@ def main(args):
     print(f"\nFiles (in {out}/):")
     print("  pretrain/checkpoint-last.pth   the pre-trained DMJD model (encoder, decoder, visible branch)")
     print("  pretrain/log.txt, probe_*/log.txt   one JSON line per epoch")
+    print("  pretrain_curves.png            the pre-training curves (plot_logs.py draws any runs' log.txt)")
     print("  predictions.png                masks, the tokens each view predicts, HOG target and predictions")
     print(f"  data: {shown(data)} (ImageFolder train/ and val/), {shown(probe_data)} (the probe's subsample)")
     print("\nNext steps:")

@@ -64,5 +64,5 @@ if [ "${1:-}" = "--setup" ]; then
     exit 0
 fi
 install_data
-step "running demo.py (pre-training, two linear probes and a picture; see README.md for the time it takes)"
+step "running demo.py (pre-training and its curves, two linear probes, a picture; README.md says how long)"
 exec .venv/bin/python demo.py "$@"

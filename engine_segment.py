@@ -345,6 +345,9 @@ def train_and_evaluate(run: Run, cfg: SegmentConfig, model: torch.nn.Module, sta
         if run.writer is not None:
             for k in ("mIoU", "mAcc", "aAcc"):
                 run.writer.add_scalar(f"test/{k}", scores[k], (interval + 1) * 1000)  # the training scalars' axis
+            for name, iou in scores_for_log(scores, names)["IoU"].items():
+                if iou is not None:  # a class that the validation images never show has no IoU
+                    run.writer.add_scalar(f"test_IoU/{name}", iou, (interval + 1) * 1000)
         if run.is_main:
             write_per_class_table(cfg, scores, names, f"iteration {last}")
         record = {"iteration": last, **{f"train_{k}": v for k, v in train_stats.items()},

@@ -24,12 +24,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models.vision_transformer import Block
 
-from models_convvit import (ENCODER_ARCHS, BlockNorm, ConvViT, gather_tokens, init_linear_and_norm,
-                            visible_token_ids)
+from dmjd_encoders.pos_embed import sincos_pos_embed_2d
+from models_convvit import (ENCODER_ARCHS, ENCODER_NAMES, BlockNorm, ConvViT, gather_tokens,
+                            init_linear_and_norm, visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
 from util.schedules import reachable_pred_ratio
-from util.pos_embed import sincos_pos_embed_2d
 
 PRED_TYPES = ("hog", "pixel")
 VIS_TARGETS = ("hog", "ema")
@@ -307,19 +307,6 @@ def create_from_flags(flags: dict, **kwargs) -> DMJD:
 # class_token for a ViT initialised from MAE's layout, sparse_stages for ConViT).
 
 _ENCODER_KEYS = ("img_size", "drop_path_rate", "in_chans", "class_token", "sparse_stages")
-
-# Each pre-training model's encoder, by the registered name of the encoder alone (models_convvit): what
-# `python export_encoder.py` exports a pre-training checkpoint as.
-ENCODER_NAMES = {
-    "dmjd_convit_mini_patch8_hog": "convvit_mini_patch8",
-    "dmjd_convit_tiny_patch16_dec1_hog": "convvit_tiny_patch16",
-    "dmjd_convit_small_patch16_dec2_hog": "convvit_small_patch16",
-    "dmjd_convit_base_patch16_dec8_hog": "convvit_base_patch16",
-    "dmjd_convit_base_patch16_dec2_hog": "convvit_base_patch16",
-    "dmjd_convit_large_patch16_dec8_hog": "convvit_large_patch16",
-    "dmjd_vit_tiny_patch16_dec1_hog": "vit_test_patch16_gap_sincos",
-    "dmjd_vit_base_patch16_dec8_hog": "vit_base_patch16_gap_sincos",
-}
 
 
 def _build(name: str, decoder: dict, kwargs) -> DMJD:

@@ -8,6 +8,12 @@ import pytest  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from util.misc import print_library_notes  # noqa: E402
+
+# The scripts print the encoder package's load notes (init_distributed routes them); tests that call the library in
+# the process read them from stdout the same way.
+print_library_notes()
+
 # Ops that make a CUDA host wait for the device: a value read back (item, bool, tolist, printing) or an output
 # whose shape depends on the data (boolean indexing, nonzero, unique, masked_select).
 _HOST_READ_OPS = ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique",

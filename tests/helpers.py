@@ -155,3 +155,18 @@ def stop_with_signal(cmd, env, cwd, when: str, sig, status: int = 75, group: boo
     assert proc.returncode == status, rest + errors[-3000:]
     assert "killed by signal" not in errors, errors[-3000:]
     return rest + errors
+
+
+def encoder_checkpoint(path, name, input_size=64, **args):
+    """A checkpoint of the registered encoder `name` at `input_size`, as fine-tuning saves one ({"model", "args"}),
+    its weights away from a fresh initialisation; `args`: more saved flags. Returns the encoder (eval mode)."""
+    import timm
+    from util.checkpoint import save_checkpoint
+    torch.manual_seed(1)
+    model = timm.create_model(name, img_size=input_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_checkpoint({"model": model.state_dict(), "args": {"model": name, "input_size": input_size, **args}},
+                    str(path))
+    return model.eval()

@@ -49,7 +49,7 @@ def test_export_is_timm_hub_layout_that_every_loading_path_reads(tmp_path, dmjd,
     pre = pretraining_checkpoint(tmp_path / "pre.pth", dmjd, channels_last=True)
     export_encoder(str(tmp_path / "pre.pth"), str(tmp_path / "hub"))
     export_encoder(str(tmp_path / "pre.pth"), str(tmp_path / "enc.pth"))
-    assert sorted(os.listdir(tmp_path / "hub")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hub")) == ["README.md", "config.json", "model.safetensors"]  # + model card
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert config["architecture"] == encoder and config["num_classes"] == 0
     assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["model_args"]["fc_norm"] is False
@@ -297,3 +297,25 @@ def test_a_full_disk_inside_torch_save_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(tmp_path / "c.pth", weights_only=True)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_load_notes_are_log_records_that_a_caller_can_silence_or_redirect(tmp_path, capsys, caplog):
+    """The package logs its load notes (logger dmjd_encoders.*, INFO); the scripts and these tests print them
+    (util.misc.print_library_notes), and a caller sets the level or adds a handler as with any library."""
+    import logging
+
+    from helpers import encoder_checkpoint
+    encoder_checkpoint(tmp_path / "ft.pth", "convvit_tiny_patch16")
+    note = "resampled pos_embed from the checkpoint's 4 x 4 grid to this model's 6 x 6"
+    with caplog.at_level(logging.INFO, logger="dmjd_encoders"):
+        load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=96), str(tmp_path / "ft.pth"))
+    assert [r.name for r in caplog.records if note in r.getMessage()] == ["dmjd_encoders.checkpoint"]
+    assert note in capsys.readouterr().out
+    logger = logging.getLogger("dmjd_encoders")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        load_pretrained(timm.create_model("convvit_tiny_patch16", img_size=96), str(tmp_path / "ft.pth"))
+    finally:
+        logger.setLevel(level)
+    assert note not in capsys.readouterr().out

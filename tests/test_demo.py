@@ -51,3 +51,15 @@ def test_finetune_md_shows_the_command_the_demo_suggests(commands):
     section = text.split("## A first run at demo size", 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     assert shlex.split(block.replace("\\\n", " "))[1:] == commands["finetune"][1:]
+
+
+def test_the_curves_command_pastes_back_and_draws_the_pretraining_log(tmp_path):
+    import plot_logs
+    args = demo.parse_args(["--output_dir", str(tmp_path / "demo")])
+    cmd = demo.curves_command(args)
+    assert shlex.split(demo.command_line(cmd)) == cmd and cmd[1] == "plot_logs.py"
+    parsed = plot_logs.parse_args(cmd[2:])
+    (tmp_path / "demo" / "pretrain").mkdir(parents=True)
+    (tmp_path / "demo" / "pretrain" / "log.txt").write_text('{"train_loss": 1.0, "train_lr": 0.001, "epoch": 0}\n')
+    plot_logs.main(parsed)
+    assert (tmp_path / "demo" / "pretrain_curves.png").is_file()

@@ -267,8 +267,12 @@ def script(name, data, out, *extra, torchrun=False):
 def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
     out = tmp_path / "run"
     stdout = script(name, cls_data, out, "--finetune", str(cls_data / "pre.pth"))
+    assert f"loaded {cls_data / 'pre.pth'}: new (not in the checkpoint)" in stdout  # the package's log note, printed
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["test_count"] == 9 for r in log)
+    from util.curves import plot_runs
+    assert plot_runs([str(out)], str(tmp_path / "curves.png")) == ["loss", "learning rate",
+                                                                   "top-1 / top-5 accuracy (%)"]
     assert (out / "checkpoint-best.pth").exists() and (out / "checkpoint-last.pth").exists()
     if name == "main_linprobe.py":
         assert "trainable parameters: ['head.1.weight', 'head.1.bias']" in stdout

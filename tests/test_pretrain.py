@@ -41,6 +41,8 @@ def test_pretrain_runs_logs_and_resumes(data_root, tmp_path):
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
     assert all(np.isfinite(r["train_loss"]) and r["train_loss_vis"] > 0 for r in log)
+    from util.curves import plot_runs
+    assert plot_runs([str(out)], str(tmp_path / "curves.png")) == ["loss", "learning rate", "EMA teacher momentum"]
     assert sorted(os.listdir(out)).count("checkpoint-1.pth") == 1 and not (out / "checkpoint-0.pth").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()

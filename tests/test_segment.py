@@ -58,6 +58,11 @@ def test_script_trains_evaluates_resumes_exactly_and_evaluates_a_checkpoint(seg_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(straight)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/loss_decode", "train/loss_aux", "train/lr", "test/mIoU", "test/aAcc"} <= set(tags)
+    per_class = {f"test_IoU/{name}" for name, iou in log[-1]["test_IoU"].items() if iou is not None}
+    from util.curves import plot_runs
+    assert plot_runs([str(straight)], str(tmp_path / "curves.png")) == ["loss", "learning rate", "segmentation (%)",
+                                                                        "per-class IoU (%)"]
+    assert per_class and per_class <= set(tags)  # per-class IoU, for the classes the validation images show
 
     # Killed after the first interval: the restarted run (other loader workers) ends exactly where this one did.
     resumed = tmp_path / "resumed"

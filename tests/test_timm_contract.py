@@ -279,3 +279,219 @@ def test_pretrained_without_weights_is_a_clear_error():
         timm.create_model("convvit_tiny_patch16", pretrained=True)
     with pytest.raises(ValueError, match="pretrained=False"):  # a file given without pretrained=True is not ignored
         timm.create_model("convvit_tiny_patch16", pretrained_cfg_overlay=dict(file="weights.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checks of timm's own tests/test_models.py (pytorch-image-models), written here for the test-size encoders: each
+# test names the timm test it mirrors. timm runs its models at the cfg's input size when the cfg says
+# fixed_input_size, else at a reduced size (a target of 96 to 128 pixels), as `input_size_for` does. Left out:
+# timm's TorchScript tests for ConViT, which torch.jit.script cannot script (docs/MODELS.md); the ViT scripts.
+
+TIMM_CHECKED = ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"]
+DYNAMIC = [False, True]  # as registered, and built with dynamic_img_size=True (not fixed-size)
+
+
+def input_size_for(cfg, target):
+    """timm's _get_input_size: the cfg's size for a fixed-size model, else each side capped at `target`."""
+    size = tuple(cfg["input_size"])
+    return size if cfg.get("fixed_input_size") else tuple(min(s, target) for s in size)
+
+
+def at_cfg_size(name, target, **kwargs):
+    """The model in eval mode and one input at the size timm's tests take for it (`input_size_for`)."""
+    model = timm.create_model(name, **kwargs).eval()
+    return model, torch.randn(1, *input_size_for(model.pretrained_cfg, target))
+
+
+def fx_model(model, train=False):
+    """timm's _create_fx_model: the model traced by torchvision's feature extraction with timm's leaf modules and
+    functions, returning the nodes that feed the graph's output."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    train_return = [train_nodes[-1]]
+    if train:
+        graph_nodes = list(reversed(NodePathTracer(**tracer_kwargs).trace(model).nodes))
+        names = [n.name for n in graph_nodes]
+        train_return = [train_nodes[-names.index(n.name)] for n in graph_nodes[0]._input_nodes]
+    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registered_cfg_says_what_a_default_build_takes(name):
+    """The default cfg is true: fixed_input_size (a model built with the defaults refuses other sizes), pool_size
+    (the token grid of forward_features at input_size), num_features, first_conv, classifier."""
+    cfg = timm.get_pretrained_cfg(name).to_dict()
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert cfg["fixed_input_size"] is True and model.dynamic_img_size is False
+    assert tuple(model.img_size) == tuple(cfg["input_size"][1:])  # timm builds it at the cfg's size
+    assert tuple(cfg["pool_size"]) == tuple(model.grid_size)
+    assert model.pretrained_cfg["pool_size"] == cfg["pool_size"] and model.pretrained_cfg["fixed_input_size"]
+    assert cfg["first_conv"] + ".weight" in model.state_dict() and cfg["classifier"] == "head"
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_a_model_not_declared_fixed_size_takes_any_multiple_of_its_stride(name, dynamic):
+    """What timm's reduced-size tests rely on: a cfg without fixed_input_size means any size that is a multiple of
+    the stride works; a cfg with it means other sizes are refused."""
+    model = small(name, dynamic_img_size=dynamic).eval()
+    cfg = model.pretrained_cfg
+    assert cfg["fixed_input_size"] is (not dynamic) and cfg["input_size"] == (3, 64, 64)
+    with torch.no_grad():
+        assert model(images(name)).shape == (2, model.num_features)  # the cfg's own size
+        for size in ((32, 32), (48, 80), (96, 96)):
+            if cfg["fixed_input_size"]:  # ConViT: a ValueError; the ViT: timm's patch embedding's AssertionError
+                with pytest.raises((ValueError, AssertionError), match="built for|doesn't match model"):
+                    model(images(name, size=size))
+            else:
+                tokens = model.forward_features(images(name, size=size))
+                assert tokens.shape == (2, size[0] * size[1] // model.patch_size ** 2, model.num_features)
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_timm_model_forward(name, dynamic):
+    """timm's test_model_forward: batch 1 at the cfg-derived size, no NaN; grad checkpointing, the same output."""
+    model, x = at_cfg_size(name, 384, dynamic_img_size=dynamic)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape[0] == 1 and not out.isnan().any()
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_timm_model_backward(name, dynamic):
+    """timm's test_model_backward: num_classes=42 at the cfg-derived size (128 for a model that is not fixed-size),
+    every parameter gets a gradient."""
+    model = timm.create_model(name, num_classes=42, dynamic_img_size=dynamic).train()
+    size = input_size_for(model.pretrained_cfg, 128)
+    assert size == ((3, 128, 128) if dynamic else (3, 224, 224))
+    out = model(torch.randn(2, *size))
+    out.mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert out.shape == (2, 42) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+def test_timm_model_default_cfgs_non_std(name):
+    """timm's test_model_default_cfgs_non_std (transformers give [N, L, D] tokens) with pool_size: forward_features
+    holds pool_size tokens of num_features, pre_logits and reset_classifier(0) give head_hidden_size, num_classes=0 at
+    build gives num_features; for a model built at another size, its own cfg's pool_size."""
+    for kwargs in ({}, {"img_size": (48, 80)}):
+        model = timm.create_model(name, **kwargs).eval()
+        cfg = model.default_cfg
+        assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+        x = torch.randn(1, *input_size_for(cfg, 320))
+        with torch.no_grad():
+            tokens = model.forward_features(x)
+            pre_logits = model.forward_head(tokens, pre_logits=True)
+            assert tokens.shape == (1, cfg["pool_size"][0] * cfg["pool_size"][1], model.num_features)
+            assert pre_logits.shape == (1, model.head_hidden_size)
+            model.reset_classifier(0)
+            assert model.num_classes == 0 and model(x).shape == pre_logits.shape
+            assert timm.create_model(name, num_classes=0, **kwargs).eval()(x).shape == (1, model.num_features)
+        assert cfg["first_conv"] + ".weight" in model.state_dict()
+    assert cfg["pool_size"] == (3, 5)
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+def test_timm_model_forward_features_and_intermediates(name):
+    """timm's test_model_forward_features, test_model_forward_intermediates_features and
+    test_model_forward_intermediates: the levels have feature_info's channels and at most ceil(size / reduction) + 1
+    positions; forward_intermediates' final output is forward_features', with grad checkpointing too."""
+    for feature_cls in ("getter", "fx"):
+        model = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
+        size = input_size_for(model.pretrained_cfg, 96)
+        with torch.no_grad():
+            outputs = model(torch.randn(1, *size))
+        assert len(outputs) == len(model.feature_info.channels()) >= 2
+        for channels, reduction, out in zip(model.feature_info.channels(), model.feature_info.reduction(), outputs):
+            bound = [(s + reduction - 1) // reduction + 1 for s in size[1:]]  # ceil(size / reduction) + 1
+            if out.dim() == 3:  # fx: a level of tokens, the last block's [N, L, D]
+                assert out.shape[2] == channels and out.shape[1] <= bound[0] * bound[1]
+            else:
+                assert out.shape[1] == channels and out.shape[2] <= bound[0] and out.shape[3] <= bound[1]
+            assert out.shape[0] == 1 and not out.isnan().any()
+    model, x = at_cfg_size(name, 96)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
+    assert len(maps) == len(model.feature_info)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_timm_model_forward_torchscript():
+    """timm's test_model_forward_torchscript, for the ViT (timm's VisionTransformer scripts; ConViT does not)."""
+    with timm.layers.set_layer_config(scriptable=True):
+        model, x = at_cfg_size("vit_test_patch16_gap_sincos", 128)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_timm_model_forward_fx(name, dynamic):
+    """timm's test_model_forward_fx: the model traced by torch.fx gives exactly the model's output."""
+    model, x = at_cfg_size(name, 128, dynamic_img_size=dynamic)
+    with torch.inference_mode():
+        out = model(x)
+        traced = torch.cat(tuple(fx_model(model)(x).values()))
+    assert torch.equal(traced, out) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+def test_timm_model_backward_fx(name):
+    """timm's test_model_backward_fx: the traced model in training mode, every parameter gets a gradient."""
+    model = timm.create_model(name, num_classes=42).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    traced = fx_model(model, train=True)
+    out = torch.cat(tuple(traced(torch.randn(2, *input_size_for(model.pretrained_cfg, 128))).values()))
+    out.mean().backward()
+    assert [n for n, p in traced.named_parameters() if p.grad is None] == []
+    assert sum(p.grad.numel() for p in traced.parameters()) == num_params and out.shape[-1] == 42
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+def test_fx_feature_extraction_gives_the_levels_of_forward_intermediates(name):
+    """timm's FX feature extraction (features_only=True, feature_cls="fx"; timm.models._features_fx) takes each
+    level's last block: the same values as forward_intermediates' levels (the token level as [N, L, D])."""
+    from timm.models._features_fx import FeatureGraphNet  # what features_only=True, feature_cls="fx" builds
+    model = small(name).eval()
+    fx = FeatureGraphNet(model, out_indices=tuple(range(len(model.feature_info)))).eval()
+    x = images(name)
+    with torch.no_grad():
+        levels = fx(x)
+        maps = model.forward_intermediates(x, indices=len(levels), intermediates_only=True)
+    assert len(levels) == len(maps) == len(fx.feature_info.channels())
+    for level, expected in zip(levels, maps):
+        torch.testing.assert_close(level, expected if level.dim() == 4 else expected.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("name", TIMM_CHECKED)
+def test_checkpoint_path_loads_weights_of_another_size(name, tmp_path, caplog):
+    """timm.create_model(name, checkpoint_path=...) takes an export made at another input size: the position
+    embedding is resampled to the model's grid (and said so), every other weight loads as it is."""
+    import safetensors.torch
+    trained = small(name)  # 64 pixels: a 4 x 4 grid
+    safetensors.torch.save_file(trained.state_dict(), str(tmp_path / "model.safetensors"))
+    with caplog.at_level("INFO", logger="dmjd_encoders"):
+        model = timm.create_model(name, checkpoint_path=str(tmp_path / "model.safetensors"))  # 224: 14 x 14
+    assert "resampled pos_embed from the checkpoint's 4 x 4 grid to this model's 14 x 14" in caplog.text
+    expected = timm.layers.resample_abs_pos_embed(trained.pos_embed.detach(), new_size=[14, 14], old_size=[4, 4],
+                                                  num_prefix_tokens=0)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    for key, value in trained.state_dict().items():
+        if key != "pos_embed":
+            torch.testing.assert_close(model.state_dict()[key], value)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # another width is another architecture, still an error
+        timm.create_model(name, checkpoint_path=str(tmp_path / "model.safetensors"),
+                          embed_dim=(32, 48, 128) if name.startswith("convvit") else 128)

@@ -2,8 +2,8 @@
 import builtins
 import ctypes
 import datetime
-import difflib
 import gc
+import logging
 import os
 import random
 import signal
@@ -16,6 +16,8 @@ from typing import List
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from dmjd_encoders.models_convvit import check_model_name  # noqa: F401  (moved down to the encoders)
 
 
 @dataclass
@@ -53,15 +55,6 @@ def resolve_amp(name: str, device: torch.device):
     return name, AMP_DTYPES[name]
 
 
-def check_model_name(name: str, candidates, what: str) -> None:
-    """Exits naming --model and the closest registered names when `name` is not among `candidates`."""
-    candidates = list(candidates)
-    if name not in candidates:
-        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
-        raise SystemExit(f"error: --model {name!r} is not {what}" +
-                         (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(candidates)}"))
-
-
 def launch_world_size() -> int:
     """The number of processes the launcher started (torchrun's WORLD_SIZE; 1 for a plain `python` run)."""
     return int(os.environ.get("WORLD_SIZE", 1))
@@ -83,6 +76,7 @@ def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> 
                                 **({"device_id": device} if device.type == "cuda" else {}))
     info = DistInfo(rank, world_size, local_rank, device)
     _print_on_main_only(info.is_main)
+    print_library_notes()
     if "TORCHELASTIC_RUN_ID" in os.environ:
         stop_when_the_launcher_dies()
     return info
@@ -113,6 +107,26 @@ def _print_on_main_only(is_main: bool) -> None:
             builtin_print(*args, **kwargs)
 
     builtins.print = rank_print
+
+
+class _PrintHandler(logging.Handler):
+    """Writes each record through print(), as the scripts write their own lines: on the main rank only once
+    `_print_on_main_only` has run, and to the sys.stdout of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), flush=True)
+        except Exception:  # logging's contract: a failing handler reports itself and never raises
+            self.handleError(record)
+
+
+def print_library_notes(level: int = logging.INFO) -> None:
+    """Prints what the encoder package logs (its load notes: a resampled position embedding, the weights that start
+    fresh) among the scripts' own lines, as it printed before it logged. Calling it again changes nothing."""
+    logger = logging.getLogger("dmjd_encoders")
+    if not any(isinstance(h, _PrintHandler) for h in logger.handlers):
+        logger.addHandler(_PrintHandler())
+    logger.setLevel(level)
 
 
 def cleanup_distributed() -> None:

@@ -258,7 +258,8 @@ def pixel_reconstruction(pred, image, grid_size, patch_size: int, mean: Sequence
 
 
 # -- the figure -------------------------------------------------------------------------------------------------------
-def _font(size: int):
+def text_font(size: int):
+    """Pillow's default font at `size` pixels where Pillow can scale it (10.1+), else its fixed bitmap font."""
     try:
         return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
     except (TypeError, OSError):
@@ -271,7 +272,7 @@ def _compose(rows: List[List[np.ndarray]], titles: List[str], legend: List[Tuple
 
     A legend entry is (colours [n, 3], label): one colour fills its box, several stripe it."""
     height, width = rows[0][0].shape[:2]
-    font = _font(max(11, min(15, width // 14)))
+    font = text_font(max(11, min(15, width // 14)))
     text_h = font.getbbox("Ag")[3] + 6
     n_cols = len(rows[0])
     sheet_w = n_cols * width + (n_cols + 1) * gap
@@ -428,7 +429,7 @@ def colorize_labels(labels, palette: np.ndarray, ignore_index: int = 255) -> np.
 def label_legend(entries: Sequence[Tuple[Sequence[int], str]], width: int, gap: int = 4) -> np.ndarray:
     """Colour swatches with their names, wrapped onto as many lines as `width` pixels need: uint8 [h, width, 3].
     entries: (rgb colour, name) pairs."""
-    font = _font(13)
+    font = text_font(13)
     line_h = font.getbbox("Ag")[3] + 6
     box = line_h - 8
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -485,7 +486,7 @@ def segmentation_figure(images, labels, predictions, class_names: Sequence[str],
         entries.append((IGNORE_COLOR, "ignored"))
     panel_h, panel_w = height * scale, width * scale
     sheet_w = len(titles) * panel_w + (len(titles) + 1) * gap
-    font = _font(max(11, min(15, panel_w // 14)))
+    font = text_font(max(11, min(15, panel_w // 14)))
     text_h = font.getbbox("Ag")[3] + 6
     sheet = np.full((len(panels) * (panel_h + gap), sheet_w, 3), 255, np.uint8)
     for r, row in enumerate(panels):

@@ -3,6 +3,7 @@ weights in timm's hub layout (config.json + model.safetensors, written by export
 import errno
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -13,6 +14,9 @@ import safetensors.torch
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+
+
+_logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -293,19 +297,26 @@ def fit_encoder_state(state: dict, model: torch.nn.Module, old_grid=None) -> dic
         shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
         raise ArchitectureMismatch(f"shapes differ for {len(mismatched)} weights (checkpoint vs model: {shown})")
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = model.num_prefix_tokens
-        length = state["pos_embed"].shape[1] - prefix
-        if old_grid is None:
-            side = int(round(length ** 0.5))
-            if side * side != length:
-                raise ValueError(f"cannot infer the grid of a position embedding with {length} patch tokens; pass "
-                                 "old_grid")
-            old_grid = (side, side)
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.grid_size),
-                                                    old_size=list(old_grid), num_prefix_tokens=prefix)
-        print(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
-              f"{model.grid_size[0]} x {model.grid_size[1]}")
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model, old_grid)
     return state
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module, old_grid=None) -> torch.Tensor:
+    """A checkpoint's position embedding resampled (bicubic) to `model`'s token grid, from `old_grid` (default the
+    square grid that holds its patch tokens; a class token's row is kept as it is)."""
+    prefix = model.num_prefix_tokens
+    length = pos_embed.shape[1] - prefix
+    if old_grid is None:
+        side = int(round(length ** 0.5))
+        if side * side != length:
+            raise ValueError(f"cannot infer the grid of a position embedding with {length} patch tokens; pass "
+                             "old_grid")
+        old_grid = (side, side)
+    resampled = resample_abs_pos_embed(pos_embed, new_size=list(model.grid_size), old_size=list(old_grid),
+                                       num_prefix_tokens=prefix)
+    _logger.info(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
+                 f"{model.grid_size[0]} x {model.grid_size[1]}")
+    return resampled
 
 
 class ArchitectureMismatch(RuntimeError):
@@ -380,4 +391,4 @@ def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.
     if absent:
         raise ArchitectureMismatch(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
                                    f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
-    print(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
+    _logger.info(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")

@@ -1,0 +1,31 @@
+"""The curves of one or several runs of any script (pre-training, fine-tuning, probing, segmentation) from their
+log.txt, as one PNG: losses, learning rate, EMA momentum, accuracy or mIoU, and per-class IoU.
+
+    python plot_logs.py out/dmjd_convit_b --out curves.png
+    python plot_logs.py out/ft_a out/ft_b --names "blr 5e-4" "blr 1e-3" --out compare.png
+"""
+import argparse
+
+from util.curves import plot_runs
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser("plot the curves of runs from their log.txt",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="runs' output folders (or their log.txt files)")
+    parser.add_argument("--out", default="curves.png", help="the PNG to write")
+    parser.add_argument("--names", nargs="+", default=[], help="a label per run (default: the paths as given)")
+    parser.add_argument("--columns", default=2, type=int, help="panels per row")
+    return parser.parse_args(argv)
+
+
+def main(args) -> None:
+    try:
+        titles = plot_runs(args.runs, args.out, args.names, args.columns)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {args.out}: {', '.join(titles)}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
