@@ -622,7 +622,7 @@ class ViT(VisionTransformer):
 #   no parameters here);
 # - "final_norm_then_pool": the mean of the pre-trained final norm's tokens, what this project's probe took before it
 #   followed the release; kept so that probe checkpoints trained that way resume and evaluate on their own features.
-PROBE_FEATURES = ("pool_then_fresh_norm", "final_norm_then_pool")
+from training.flags import PROBE_FEATURES  # noqa: E402  (beside --probe_features: importable without torch)
 
 
 class LinearProbe(nn.Module):

@@ -31,7 +31,10 @@ echo "$*" >> "$FAKE_LOG"
 case "$*" in
     *"-r requirements.txt"*) exit 0 ;;
     *--index-url*)
-        [ -n "$FAKE_CPU_INDEX" ] || { echo "ERROR: Could not find a version that satisfies the requirement torch" >&2; exit 1; }
+        if [ -z "$FAKE_CPU_INDEX" ]; then
+            echo "ERROR: Could not find a version that satisfies the requirement torch" >&2
+            exit 1
+        fi
         echo "$FAKE_CPU_INDEX" > "$FAKE_STATE" ;;
     *) echo "$FAKE_DEFAULT_INDEX" > "$FAKE_STATE" ;;
 esac
