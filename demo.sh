@@ -64,7 +64,7 @@ install_torch() {
         step "PyTorch installed and checked: $(versions)"
         return
     fi
-    step "repairing once: $why. Installing a matching torch and torchvision from the default index instead (on Linux x86-64 the build with CUDA libraries: about 3 GB to download, an estimated 5 to 15 minutes; set TORCH_INDEX_URL to a reachable index of CPU wheels to avoid it)"
+    step "repairing once: $why. Installing a matching torch and torchvision from the default index instead (on Linux x86-64 the build with CUDA libraries: about 3 GB to download, an estimated 5 to 15 minutes at 30 to 100 Mbit/s; set TORCH_INDEX_URL to a reachable index of CPU wheels to avoid it)"
     pip_install --ignore-installed torch torchvision || true
     if check_torch; then
         step "PyTorch installed and checked: $(versions)"

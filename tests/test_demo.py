@@ -58,16 +58,19 @@ def documented_demo_commands():
     block = text.split("## A small check on a CPU", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     lines = [line.split("#", 1)[0] for line in block.replace("\\\n", " ").splitlines()]
     ready = re.search(r"ready: run the tests with +(.*)\"", open(os.path.join(demo.ROOT, "demo.sh")).read()).group(1)
-    return [shlex.split(line) for line in [*lines, ready] if line.strip()]
+    inline = [found for doc in ("README.md", "FINETUNE.md", "SEGMENT.md")  # `.venv/bin/python ...` in the text
+              for found in re.findall(r"(\.venv/bin/python [^`]+)`", open(os.path.join(demo.ROOT, doc)).read())]
+    return [shlex.split(line) for line in [*lines, ready, *inline] if line.strip()]
 
 
 def test_documented_demo_commands_start_in_the_demos_environment():
-    """SEGMENT.md's check and demo.sh's test command use the interpreter demo.sh creates (`.venv/bin/python`, no bare
+    """SEGMENT.md's check, demo.sh's test command and the docs' `.venv/bin/python ...` commands use the interpreter demo.sh creates (`.venv/bin/python`, no bare
     `python`, which stock Debian lacks), and start with it; without a .venv here, this interpreter (holding the same
     requirements) stands in for it."""
     venv_python = re.search(r"^VENV_PYTHON=(\S+)", open(os.path.join(demo.ROOT, "demo.sh")).read(), re.M).group(1)
     found = documented_demo_commands()
     assert any("benchmarks.segmentation_check" in cmd for cmd in found)
+    assert any("tensorboard.main" in cmd for cmd in found)  # README's quick start
     for cmd in found:
         assert cmd[0] in ("bash", venv_python), f"{shlex.join(cmd)} does not run in the demo's environment"
         if cmd[0] == venv_python and not os.path.exists(os.path.join(demo.ROOT, venv_python)):
