@@ -59,13 +59,9 @@ def get_args_parser():
     return p
 
 
-def check_data(args) -> None:
-    check_classification_data(args)
-
-
 if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
-    check_data(ARGS)
+    check_classification_data(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar, Optional, Tuple  # noqa: E402
@@ -119,7 +115,7 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
-    check_data(args)  # before the run's header and output folder
+    check_classification_data(args)  # before the run's header and output folder
     with Run(cfg) as run:
         print(lr_line)
         finetune(run, cfg)

@@ -37,13 +37,9 @@ def get_args_parser():
     return p
 
 
-def check_data(args) -> None:
-    check_classification_data(args)
-
-
 if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
-    check_data(ARGS)
+    check_classification_data(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar, Dict, Tuple  # noqa: E402
@@ -107,7 +103,7 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     args = validate_args(args)
-    check_data(args)  # before the run's header and output folder
+    check_classification_data(args)  # before the run's header and output folder
     found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda path, why: None)
     resume = found[0][1] if found else None
     cfg, lr_line = resolve_classification(LinprobeConfig, args,
