@@ -28,7 +28,8 @@ def version(name):
 print("torch", version("torch") + ", torchvision", version("torchvision"), flush=True)
 import torch, torchvision
 torchvision.ops.nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([1.0]), 0.5)
-print("import torch, torchvision and torchvision.ops.nms work", "(CUDA available)" if torch.cuda.is_available() else "(CPU)")
+print("import torch, torchvision and torchvision.ops.nms work",
+      "(CUDA available)" if torch.cuda.is_available() else "(CPU)")
 '
 
 step() { printf '\n== %s\n' "$*"; }
@@ -56,7 +57,8 @@ install_torch() {
     fi
     local why
     step "no NVIDIA GPU found: installing PyTorch's CPU-only build from $CPU_INDEX (about 200 MB)"
-    if ! pip_install --ignore-installed --index-url "$CPU_INDEX" torch torchvision; then
+    # 2 retries, not pip's 5: an unreachable index fails sooner
+    if ! pip_install --retries 2 --ignore-installed --index-url "$CPU_INDEX" torch torchvision; then
         why="$CPU_INDEX could not be used (unreachable, or it has no build for this Python)"
     elif ! check_torch; then
         why="the pair installed from $CPU_INDEX does not work ($(versions): $(failure))"
@@ -64,7 +66,9 @@ install_torch() {
         step "PyTorch installed and checked: $(versions)"
         return
     fi
-    step "repairing once: $why. Installing a matching torch and torchvision from the default index instead (on Linux x86-64 the build with CUDA libraries: about 3 GB to download, an estimated 5 to 15 minutes at 30 to 100 Mbit/s; set TORCH_INDEX_URL to a reachable index of CPU wheels to avoid it)"
+    step "repairing once: $why. Installing a matching torch and torchvision from the default index instead" \
+        "(on Linux x86-64 the build with CUDA libraries: about 3 GB to download, an estimated 5 to 15 minutes at" \
+        "30 to 100 Mbit/s; set TORCH_INDEX_URL to a reachable index of CPU wheels to avoid it)"
     pip_install --ignore-installed torch torchvision || true
     if check_torch; then
         step "PyTorch installed and checked: $(versions)"
