@@ -1,6 +1,6 @@
-"""The flags every training script shares and their checks, importable without torch: a script parses and checks
-its command line before it imports torch, so that --help, a mistyped value and a wrong --data_path answer at once,
-before any output folder or file is made."""
+"""The flags every training script shares and their checks, importable without torch: a script parses its command
+line and checks --data_path before it imports torch, so that --help, a malformed flag and a missing data folder answer
+at once; every check here runs before the run prints its config or makes its output folder."""
 import argparse
 import os
 import signal
@@ -46,6 +46,7 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> argparse._
 
 
 def add_classification_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags fine-tuning and linear probing share: classes, evaluation only, sharded evaluation."""
     group.add_argument("--nb_classes", default=1000, type=int, help="size of the classifier")
     group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on val/")
     group.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
