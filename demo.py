@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from util.demo_data import prepare_fashion_mnist
 
@@ -79,6 +79,8 @@ def stage_commands(args, data: str, probe_data: str) -> Dict[str, List[str]]:
                      "--layer_decay", "0.75", "--drop_path", "0.0", "--aa", "rand-m9-mstd0.5-inc1",
                      "--mixup", "0", "--cutmix", "0", "--reprob", "0", *common,
                      "--data_path", shown(probe_data), "--output_dir", shown(os.path.join(out, "finetune"))],
+        # the environment's own TensorBoard: demo.sh's .venv has no `tensorboard` on the shell's PATH
+        "tensorboard": [python, "-m", "tensorboard.main", "--logdir", shown(out)],
     }
 
 
@@ -86,6 +88,21 @@ def curves_command(args) -> List[str]:
     """plot_logs.py on the pre-training run: its loss, learning rate and (with an EMA teacher) momentum curves."""
     return [shown(sys.executable), "plot_logs.py", shown(os.path.join(args.output_dir, "pretrain")),
             "--out", shown(os.path.join(args.output_dir, "pretrain_curves.png"))]
+
+
+def start_problem(cmd: List[str]) -> Optional[str]:
+    """Why `cmd` would not start as printed, run from this folder (None: it would): its program, script or
+    `-m` module is missing."""
+    program = os.path.join(ROOT, cmd[0]) if os.sep in cmd[0] else shutil.which(cmd[0])
+    if not program or not os.access(program, os.X_OK):
+        return f"{cmd[0]} is not an executable program"
+    if len(cmd) > 2 and cmd[1] == "-m":
+        find = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({cmd[2]!r}) is None)"
+        if subprocess.run([program, "-c", find], cwd=ROOT, capture_output=True).returncode:
+            return f"{cmd[0]} has no module {cmd[2]}"
+    elif len(cmd) > 1 and cmd[1].endswith(".py") and not os.path.isfile(os.path.join(ROOT, cmd[1])):
+        return f"no script {cmd[1]} in {ROOT}"
+    return None
 
 
 def run(cmd: List[str]) -> float:
@@ -138,9 +155,13 @@ def main(args):
     print("  predictions.png                masks, the tokens each view predicts, HOG target and predictions")
     print(f"  data: {shown(data)} (ImageFolder train/ and val/), {shown(probe_data)} (the probe's subsample)")
     print("\nNext steps:")
+    for name in ("picture_3_views", "tensorboard", "finetune"):
+        problem = start_problem(commands[name])
+        if problem:  # say so rather than print a command that fails
+            print(f"  (warning: {problem}; install requirements.txt to run the next step below)")
     print(f"  1. Look at {out}/predictions.png, or draw other images or more views:")
     print("       " + command_line(commands["picture_3_views"]))
-    print(f"  2. Watch the losses and the pictures in TensorBoard:  tensorboard --logdir {out}")
+    print("  2. Watch the losses and the pictures in TensorBoard:  " + command_line(commands["tensorboard"]))
     print("  3. Fine-tune the pre-trained encoder (a few minutes on the CPU; see FINETUNE.md):")
     print("       " + command_line(commands["finetune"]))
     return results

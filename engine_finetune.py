@@ -1,6 +1,5 @@
 """Supervised training on a pre-trained encoder (fine-tuning or linear probing): the flags and config both scripts
 share, one epoch, evaluation, and the epochs of both."""
-import argparse
 import contextlib
 import os
 from dataclasses import dataclass
@@ -11,7 +10,8 @@ import torch.nn.functional as F
 
 from models_convvit import check_classifier_name
 from models_dmjd import ENCODER_NAMES
-from training.config import TrainConfig, check_run_flags, flag_error
+from training.config import TrainConfig
+from training.flags import check_run_flags, flag_error
 from training.data import eval_loader, train_loader
 from training.meters import Progress, log_window
 from training.run import Run, TrainState
@@ -20,13 +20,6 @@ from util.checkpoint import (ArchitectureMismatch, CheckpointError, architecture
                              load_pretrained, saved_model)
 from util.datasets import classification_folders, skip_bad_collate
 from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_device
-
-
-def add_classification_flags(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--nb_classes", default=1000, type=int, help="size of the classifier")
-    group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) on val/")
-    group.add_argument("--dist_eval", action=argparse.BooleanOptionalAction, default=True,
-                       help="shard evaluation over processes (exact: no padding); off = every process evaluates all")
 
 
 @dataclass(frozen=True)

@@ -6,26 +6,8 @@
 Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
-from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
 
-import timm
-import torch
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
-
-import models_convvit  # noqa: F401  (registers the classifiers with timm)
-from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
-                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
-                             resolve_classification, train_and_evaluate)
-from models_convvit import conv_weights_channels_last
-from training.config import add_run_flags
-from training.run import Run, TrainState
-from training.step import TrainStep
-from util.schedules import epoch_iterations
-from util.checkpoint import architecture_kwargs
-from util.transforms import eval_transform, finetune_transform
+from training.flags import add_classification_flags, add_run_flags, check_classification_data
 
 
 def get_args_parser():
@@ -77,6 +59,31 @@ def get_args_parser():
     return p
 
 
+if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+    ARGS = get_args_parser().parse_args()
+    check_classification_data(ARGS)
+
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar, Optional, Tuple  # noqa: E402
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.data import Mixup  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.optim import param_groups_layer_decay  # noqa: E402
+
+import models_convvit  # noqa: E402,F401  (registers the classifiers with timm)
+from engine_finetune import (ClassificationConfig, check_classification_flags,  # noqa: E402
+                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
+                             resolve_classification, train_and_evaluate)
+from models_convvit import conv_weights_channels_last  # noqa: E402
+from training.run import Run, TrainState  # noqa: E402
+from training.step import TrainStep  # noqa: E402
+from util.schedules import epoch_iterations  # noqa: E402
+from util.checkpoint import architecture_kwargs  # noqa: E402
+from util.transforms import eval_transform, finetune_transform  # noqa: E402
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(ClassificationConfig):
     drop_path: float
@@ -108,6 +115,7 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
+    check_classification_data(args)  # before the run's header and output folder
     with Run(cfg) as run:
         print(lr_line)
         finetune(run, cfg)
@@ -153,4 +161,4 @@ def finetune(run: Run, cfg: FinetuneConfig):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(ARGS)

@@ -7,24 +7,8 @@ a LayerNorm without affine), BatchNorm without affine and a linear classifier, t
 Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
-from dataclasses import dataclass
-from typing import ClassVar, Dict, Tuple
 
-import timm
-import torch
-from timm.optim import Lars
-
-import models_convvit  # noqa: F401  (registers the encoders with timm)
-from engine_finetune import (ClassificationConfig, add_classification_flags, check_classification_flags,
-                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
-                             resolve_classification, train_and_evaluate)
-from models_convvit import PROBE_FEATURES, LinearProbe, conv_weights_channels_last
-from training.config import add_run_flags
-from training.run import Run, TrainState, resume_candidates
-from training.step import TrainStep
-from util.checkpoint import architecture_kwargs, load_checkpoint
-from util.schedules import epoch_iterations
-from util.transforms import eval_transform, linprobe_transform
+from training.flags import PROBE_FEATURES, add_classification_flags, add_run_flags, check_classification_data
 
 
 def get_args_parser():
@@ -51,6 +35,29 @@ def get_args_parser():
     add_classification_flags(add_run_flags(p, data_help="ImageFolder root with train/ and val/"))
     p.set_defaults(clip_grad=None)
     return p
+
+
+if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+    ARGS = get_args_parser().parse_args()
+    check_classification_data(ARGS)
+
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar, Dict, Tuple  # noqa: E402
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.optim import Lars  # noqa: E402
+
+import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
+from engine_finetune import (ClassificationConfig, check_classification_flags,  # noqa: E402
+                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
+                             resolve_classification, train_and_evaluate)
+from models_convvit import LinearProbe, conv_weights_channels_last  # noqa: E402
+from training.run import Run, TrainState, resume_candidates  # noqa: E402
+from training.step import TrainStep  # noqa: E402
+from util.checkpoint import architecture_kwargs, load_checkpoint  # noqa: E402
+from util.schedules import epoch_iterations  # noqa: E402
+from util.transforms import eval_transform, linprobe_transform  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ def validate_args(args) -> argparse.Namespace:
 
 def main(args):
     args = validate_args(args)
+    check_classification_data(args)  # before the run's header and output folder
     found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda path, why: None)
     resume = found[0][1] if found else None
     cfg, lr_line = resolve_classification(LinprobeConfig, args,
@@ -129,4 +137,4 @@ def probe(run: Run, cfg: LinprobeConfig):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(ARGS)

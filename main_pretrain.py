@@ -5,23 +5,8 @@
 Defaults are the released ConViT-B recipe; see PRETRAIN.md.
 """
 import argparse
-from typing import Tuple
 
-import timm
-import torch
-from timm.optim import param_groups_weight_decay
-
-import models_dmjd  # noqa: F401  (registers the DMJD models with timm)
-from engine_pretrain import LOSS_NAMES, PretrainConfig, train_one_epoch
-from models_dmjd import DEFAULT_MODEL, EMATeacher, create_from_flags
-from training.config import add_run_flags, check_run_flags, flag_error
-from training.data import train_loader
-from training.run import Run, TrainState
-from training.step import NonFiniteLossError, TrainStep
-from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate
-from util.misc import check_model_name, launch_world_size, resolve_amp, resolve_device
-from util.schedules import adaptive_lr, epoch_iterations, reachable_pred_ratio
-from util.visualization import make_figure
+from training.flags import DEFAULT_PRETRAIN_MODEL, add_run_flags, check_data_path, check_run_flags, flag_error
 
 
 def get_args_parser():
@@ -31,7 +16,7 @@ def get_args_parser():
     p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
 
     g = p.add_argument_group("model and method")
-    g.add_argument("--model", default=DEFAULT_MODEL, type=str, help="a registered dmjd_* model")
+    g.add_argument("--model", default=DEFAULT_PRETRAIN_MODEL, type=str, help="a registered dmjd_* model")
     g.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
     g.add_argument("--num_views", default=2, type=int, help="disjointly masked views per image (1 = MaskFeat/ConvMAE)")
     g.add_argument("--mask_ratio", default=0.6, type=float, help="corruption rate: fraction masked in one view")
@@ -63,6 +48,33 @@ def get_args_parser():
     g.add_argument("--vis_freq", default=20, type=int,
                    help="TensorBoard picture of masks and predictions every N epochs (0 = never)")
     return p
+
+
+def check_data(args) -> None:
+    """Pre-training reads `train/` of --data_path."""
+    check_data_path(args.data_path, ["train"], "an ImageFolder root: train/ with one folder of images per class")
+
+
+if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+    ARGS = get_args_parser().parse_args()
+    check_data(ARGS)
+
+from typing import Tuple  # noqa: E402
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.optim import param_groups_weight_decay  # noqa: E402
+
+import models_dmjd  # noqa: E402,F401  (registers the DMJD models with timm)
+from engine_pretrain import LOSS_NAMES, PretrainConfig, train_one_epoch  # noqa: E402
+from models_dmjd import EMATeacher, create_from_flags  # noqa: E402
+from training.data import train_loader  # noqa: E402
+from training.run import Run, TrainState  # noqa: E402
+from training.step import NonFiniteLossError, TrainStep  # noqa: E402
+from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate  # noqa: E402
+from util.misc import check_model_name, launch_world_size, resolve_amp, resolve_device  # noqa: E402
+from util.schedules import adaptive_lr, epoch_iterations, reachable_pred_ratio  # noqa: E402
+from util.visualization import make_figure  # noqa: E402
 
 
 def validate_args(args) -> argparse.Namespace:
@@ -134,6 +146,7 @@ def build_model(cfg: PretrainConfig):
 
 def main(args):
     cfg, lr_line = resolve_config(args)
+    check_data(args)  # before the run's header and output folder
     with Run(cfg, save_freq=cfg.save_freq, keep_last=cfg.keep_last) as run:
         print(lr_line)
         pretrain(run, cfg)
@@ -190,4 +203,4 @@ def pretrain(run: Run, cfg: PretrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(ARGS)

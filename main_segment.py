@@ -8,16 +8,8 @@ Defaults are ConvMAE-B's ADE20K recipe (upernet_convmae_base_512_slide_160k_ade2
 """
 import argparse
 
-import models_convvit  # noqa: F401  (registers the encoders with timm)
-from engine_segment import (SegmentConfig, build_segmenter, count_parameters, encoder_of, evaluate_checkpoint,
-                            segmentation_loaders, segmentation_optimizer, segmenter_layout, train_and_evaluate)
-from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder
-from models_convvit import check_classifier_name, conv_weights_channels_last
-from training.config import add_run_flags, check_run_flags, flag_error
-from training.run import Run, TrainState
-from training.step import TrainStep
-from training.sync_batchnorm import convert_sync_batchnorm
-from util.misc import launch_world_size, resolve_amp, resolve_device
+from training.flags import add_run_flags, check_data_path, check_run_flags, flag_error
+
 
 # mmseg's multi-scale test ratios (MultiScaleFlipAug's img_ratios in its ADE20K configs)
 AUG_TEST_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
@@ -106,6 +98,29 @@ def get_args_parser():
     return p
 
 
+def check_data(args) -> None:
+    """Segmentation reads images and annotations of both splits (of the validation split alone with --eval)."""
+    splits = ["validation"] if args.eval else ["training", "validation"]
+    check_data_path(args.data_path, [f"{kind}/{split}" for split in splits for kind in ("images", "annotations")],
+                    "a dataset root in ADE20K's layout: images/ and annotations/, each with training/ and validation/")
+
+
+if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+    ARGS = get_args_parser().parse_args()
+    check_data(ARGS)
+
+import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
+from engine_segment import (SegmentConfig, build_segmenter, count_parameters, encoder_of,  # noqa: E402
+                            evaluate_checkpoint, segmentation_loaders, segmentation_optimizer, segmenter_layout,
+                            train_and_evaluate)
+from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder  # noqa: E402
+from models_convvit import check_classifier_name, conv_weights_channels_last  # noqa: E402
+from training.run import Run, TrainState  # noqa: E402
+from training.step import TrainStep  # noqa: E402
+from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
+from util.misc import launch_world_size, resolve_amp, resolve_device  # noqa: E402
+
+
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns a copy of `args` with the run layer's epochs (evaluation
     intervals) and warmup in them (`args` itself is left as it is)."""
@@ -185,6 +200,7 @@ def resolve_config(args):
 
 def main(args):
     cfg, lr_line = resolve_config(args)
+    check_data(args)  # before the run's header and output folder
     with Run(cfg, save_freq=cfg.save_freq or None, keep_last=cfg.keep_last) as run:
         print(lr_line)
         segment(run, cfg)
@@ -225,4 +241,4 @@ def segment(run: Run, cfg: SegmentConfig):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(ARGS)

@@ -288,7 +288,7 @@ def _per_row(target: torch.Tensor, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Models from main_pretrain.py's flags.
 
-DEFAULT_MODEL = "dmjd_convit_base_patch16_dec8_hog"  # the released recipe
+from training.flags import DEFAULT_PRETRAIN_MODEL as DEFAULT_MODEL  # noqa: E402  (the released recipe; beside --model)
 MODEL_FLAGS = ("num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta")
 
 

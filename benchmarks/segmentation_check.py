@@ -137,7 +137,8 @@ def main(args):
     torch.manual_seed(args.seed)
     if not os.path.isfile(args.pretrained):
         if not args.pretrain:
-            raise SystemExit(f"error: no pre-trained checkpoint at {args.pretrained}. Make it with `python demo.py` "
+            raise SystemExit(f"error: no pre-trained checkpoint at {args.pretrained}. Make it with "
+                             f"`{demo.shown(sys.executable)} demo.py` "
                              f"(about 10-20 minutes on 2 CPU cores), or run this check with --pretrain to run only "
                              f"the demo's pre-training stage, or give another DMJD checkpoint of "
                              f"{demo.PRETRAIN_MODEL} with --pretrained")

@@ -90,6 +90,30 @@ def write_file_atomically(path: str, write) -> None:
             os.remove(tmp)
 
 
+def link_checkpoint(source: str, path: str) -> None:
+    """Makes `path` the same file as the checkpoint `source`, atomically (the old `path` or the new one, never part):
+    a hard link, so that an epoch's periodic or best checkpoint takes no second copy of checkpoint-last.pth's space;
+    a copy where the file system has no hard links. Checkpoints are only ever replaced (`write_file_atomically`
+    renames a new file over the name), never rewritten in place, so a later save of either name gives that name a
+    new file and leaves the other's as it was; deleting one name leaves the other whole."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links on this file system (FAT, some network mounts), or none across devices
+        with open(source, "rb") as f:
+            write_file_atomically(path, lambda out: shutil.copyfileobj(f, out))
+        return
+    try:
+        os.replace(tmp, path)
+        _fsync_folder(folder)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 class _RecordingFile:
     """A file for a writer that may hide the file's own error behind another one (torch.save's zip writer turns a
     failed write into a RuntimeError): the file's OSError is kept in `error`."""

@@ -291,7 +291,7 @@ def test_segmentation_check_fine_tunes_both_encoders_and_draws_both_predictions(
 
 def test_segmentation_check_says_how_to_make_the_missing_checkpoint(tmp_path):
     from benchmarks.segmentation_check import main, parse_args
-    with pytest.raises(SystemExit, match=r"python demo.py.*--pretrain"):
+    with pytest.raises(SystemExit, match=r"python\S* demo.py.*--pretrain"):
         main(parse_args(["--pretrained", str(tmp_path / "none.pth"), "--data", str(tmp_path / "seg")]))
 
 

@@ -1,8 +1,14 @@
-"""Every command-line entry point: --help explains every option and shows its default."""
+"""Every command-line entry point: --help explains every option and shows its default; the training scripts answer
+--help and a wrong --data_path before importing torch."""
 import argparse
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # module -> the function that builds and parses its command line
 ENTRY_POINTS = {
@@ -67,3 +73,36 @@ def test_submitit_launcher_help_shows_defaults():
     parser = launcher_parser("test")
     assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     assert all(a.help for a in parser._actions)
+
+
+TRAINING_SCRIPTS = ["main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_segment.py"]
+
+
+def run_without_torch(script: str, *flags: str, cwd=None) -> subprocess.CompletedProcess:
+    """`python script flags...` in a process where importing torch fails: what answers here answers before torch
+    is imported."""
+    start = ("import runpy, sys; sys.modules['torch'] = None; "
+             f"sys.argv = [{script!r}, *{list(flags)!r}]; runpy.run_path({script!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", start], cwd=cwd or ROOT, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_help_answers_before_torch_is_imported(script):
+    proc = run_without_torch(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and "--data_path" in proc.stdout
+
+
+@pytest.mark.parametrize("script, layout", [("main_pretrain.py", "no 'train/' folder"),
+                                            ("main_finetune.py", "no 'train/' folder"),
+                                            ("main_linprobe.py", "no 'train/' folder"),
+                                            ("main_segment.py", "no 'images/training/' folder")])
+def test_a_wrong_data_path_is_named_before_torch_and_before_any_output(script, layout, tmp_path):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "out"
+    for data, message in ((tmp_path / "missing", "is not a folder"), (tmp_path / "data", layout)):
+        proc = run_without_torch(script, "--data_path", str(data), "--output_dir", str(out))
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line: no config dump, no traceback
+        assert proc.stderr.startswith(f"error: --data_path {str(data)!r} ") and message in proc.stderr
+        assert not out.exists()

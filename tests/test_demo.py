@@ -1,7 +1,9 @@
 """The demo's commands: every one it prints can be pasted back and is accepted by the script it runs."""
 import importlib
 import os
+import re
 import shlex
+import sys
 
 import pytest
 
@@ -20,7 +22,7 @@ def commands():
 
 def test_the_demo_runs_and_suggests_every_stage(commands):
     assert list(commands) == ["pretrain", "probe_pretrained", "probe_random", "picture", "picture_3_views",
-                              "finetune"]
+                              "finetune", "tensorboard"]
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "probe_pretrained", "probe_random", "picture", "picture_3_views",
@@ -37,6 +39,43 @@ def test_each_printed_command_pastes_back_and_parses(commands, stage):
     elif cmd[1] in ("main_finetune.py", "main_linprobe.py"):
         check_classifier_name(args.model)
         assert args.warmup_epochs <= args.epochs
+
+
+def test_every_printed_command_starts_as_printed(commands):
+    """The program, script or module of each command the demo runs or suggests is there: TensorBoard runs from the
+    demo's own interpreter (demo.sh's .venv puts no `tensorboard` on the shell's PATH)."""
+    assert commands["tensorboard"][1:3] == ["-m", "tensorboard.main"]
+    for name, cmd in commands.items():
+        assert demo.start_problem(cmd) is None, f"{name}: {demo.command_line(cmd)}"
+    assert demo.start_problem(["no-such-program", "--help"]) == "no-such-program is not an executable program"
+    assert "has no module no_such_module" in demo.start_problem([commands["tensorboard"][0], "-m", "no_such_module"])
+
+
+def documented_demo_commands():
+    """The commands that SEGMENT.md's CPU check and demo.sh print for the demo's environment, split as the shell
+    splits them."""
+    text = open(os.path.join(demo.ROOT, "SEGMENT.md")).read()
+    block = text.split("## A small check on a CPU", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0] for line in block.replace("\\\n", " ").splitlines()]
+    ready = re.search(r"ready: run the tests with +(.*)\"", open(os.path.join(demo.ROOT, "demo.sh")).read()).group(1)
+    inline = [found for doc in ("README.md", "FINETUNE.md", "SEGMENT.md")  # `.venv/bin/python ...` in the text
+              for found in re.findall(r"(\.venv/bin/python [^`]+)`", open(os.path.join(demo.ROOT, doc)).read())]
+    return [shlex.split(line) for line in [*lines, ready, *inline] if line.strip()]
+
+
+def test_documented_demo_commands_start_in_the_demos_environment():
+    """SEGMENT.md's check, demo.sh's test command and the docs' `.venv/bin/python ...` commands use the interpreter demo.sh creates (`.venv/bin/python`, no bare
+    `python`, which stock Debian lacks), and start with it; without a .venv here, this interpreter (holding the same
+    requirements) stands in for it."""
+    venv_python = re.search(r"^VENV_PYTHON=(\S+)", open(os.path.join(demo.ROOT, "demo.sh")).read(), re.M).group(1)
+    found = documented_demo_commands()
+    assert any("benchmarks.segmentation_check" in cmd for cmd in found)
+    assert any("tensorboard.main" in cmd for cmd in found)  # README's quick start
+    for cmd in found:
+        assert cmd[0] in ("bash", venv_python), f"{shlex.join(cmd)} does not run in the demo's environment"
+        if cmd[0] == venv_python and not os.path.exists(os.path.join(demo.ROOT, venv_python)):
+            cmd = [sys.executable, *cmd[1:]]
+        assert demo.start_problem(cmd) is None, shlex.join(cmd)
 
 
 def test_paths_with_spaces_are_quoted(commands):

@@ -1,5 +1,7 @@
 """training.run.Run: the run skeleton's files, resume and lifecycle, in one process on the CPU."""
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 from helpers import pretrain_config
 from training.run import Run, TrainState
 from training.step import TrainStep
+from util.checkpoint import load_checkpoint
 
 
 def state(lr=0.1, skipped=0):
@@ -98,16 +101,23 @@ def test_an_older_resume_never_wins_over_the_folders_newer_checkpoint(tmp_path, 
     assert (out / "checkpoint-3.pth").exists()  # nothing newer was pruned
 
 
+def damage(path, data: bytes) -> None:
+    """`path` with the bytes `data`, as a file of its own: damage written in place would reach every hard link of the
+    file (an epoch's periodic checkpoint is checkpoint-last.pth's file under a second name)."""
+    path.unlink()
+    path.write_bytes(data)
+
+
 def test_auto_resume_falls_back_over_damaged_files_naming_each(tmp_path, capsys):
     out = tmp_path / "out"
     good = finished_epochs(pretrain_config(output_dir=str(out), epochs=6), 4, save_freq=2)
     last = out / "checkpoint-last.pth"
-    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a node crash before the data reached the disk
+    damage(last, last.read_bytes()[:1000])  # truncated, as by a node crash before the data reached the disk
     data = bytearray((out / "checkpoint-3.pth").read_bytes())
     weight = good.model.weight.detach().numpy().tobytes()
     at = bytes(data).index(weight)  # a bit flipped inside the saved weights
     data[at + 5] ^= 0x10
-    (out / "checkpoint-3.pth").write_bytes(data)
+    damage(out / "checkpoint-3.pth", data)
     (out / ".checkpoint-last.pth.tmp4242").write_bytes(b"half a checkpoint")
     resumed = state()
     with Run(pretrain_config(output_dir=str(out), epochs=6)) as run:
@@ -182,22 +192,31 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> TrainS
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""
     import training.run as run_module
+    from util.checkpoint import link_checkpoint as real_link
     s = state()
     with Run(cfg, save_freq=save_freq) as run:
         train(s)
         run.end_epoch(s, 0, {"train_loss": 0.5})
         real_save, saved = run_module.save_checkpoint, []
 
-        def crashing_save(ckpt, path):
-            real_save(ckpt, path)
+        def crash_in_window(path):
             saved.append(path)
             if len(saved) == saves:
                 raise KeyboardInterrupt("killed")
+
+        def crashing_save(ckpt, path):
+            real_save(ckpt, path)
+            crash_in_window(path)
+
+        def crashing_link(source, path):
+            real_link(source, path)
+            crash_in_window(path)
 
         def crashing_log(log, record):
             raise KeyboardInterrupt("killed")
 
         monkeypatch.setattr(run_module, "save_checkpoint", crashing_save)
+        monkeypatch.setattr(run_module, "link_checkpoint", crashing_link)
         monkeypatch.setattr(run_module, "_append_line", crashing_log)
         train(s)
         with pytest.raises(KeyboardInterrupt):
@@ -219,6 +238,58 @@ def test_a_crash_between_an_epochs_files_is_completed_at_the_next_start(tmp_path
         assert ckpt["epoch"] == 1 and ckpt["best_acc1"] == 50.0, name
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1] and lines[1]["train_loss"] == 0.25
+
+
+def test_an_epochs_periodic_and_best_checkpoints_are_links_to_its_last_not_copies(tmp_path):
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    s = state()
+    with Run(cfg, save_freq=2) as run:
+        for epoch in range(2):
+            train(s)
+            run.end_epoch(s, epoch, {"train_loss": 0.5}, best=epoch == 1)
+        last, periodic, best = (out / f"checkpoint-{name}.pth" for name in ("last", 1, "best"))
+        assert last.samefile(periodic) and last.samefile(best) and last.stat().st_nlink == 3  # one copy on disk
+        saved = periodic.read_bytes()
+        train(s)
+        run.end_epoch(s, 2, {"train_loss": 0.25})  # replaces checkpoint-last.pth, never writes into the old file
+    assert not last.samefile(periodic) and periodic.read_bytes() == saved
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    periodic.unlink()  # deleting one name leaves the other whole
+    best_ckpt = torch.load(best, weights_only=True)
+    assert best_ckpt["epoch"] == 1 and load_checkpoint(str(best))["epoch"] == 1  # its checksum still matches
+
+
+def test_without_hard_links_an_epochs_checkpoints_are_copies(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "out"
+    s = state()
+    with Run(pretrain_config(output_dir=str(out), epochs=2), save_freq=1) as run:
+        train(s)
+        run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
+    last = out / "checkpoint-last.pth"
+    for name in ("checkpoint-0.pth", "checkpoint-best.pth"):
+        assert not last.samefile(out / name) and (out / name).read_bytes() == last.read_bytes(), name
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".checkpoint")) == []  # no temporary left
+
+
+def test_completing_an_epochs_files_links_them_to_its_last_checkpoint(tmp_path, monkeypatch):
+    import training.run as run_module
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    s = state()
+    with Run(cfg, save_freq=1) as run:
+        train(s)
+        monkeypatch.setattr(run_module, "link_checkpoint", lambda source, path: None)  # a crash before the link
+        run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
+    monkeypatch.undo()
+    assert not (out / "checkpoint-0.pth").exists()
+    with Run(cfg, save_freq=1):
+        pass
+    for name in ("checkpoint-0.pth", "checkpoint-best.pth"):
+        assert (out / "checkpoint-last.pth").samefile(out / name), name
 
 
 def test_a_live_run_holds_the_output_folder_and_a_dead_ones_lock_does_not_count(tmp_path):
@@ -338,11 +409,11 @@ def test_no_save_writes_nonfinite_weights_or_optimizer_state_over_a_good_checkpo
 def damage_every_checkpoint(out, weights: torch.Tensor):
     """checkpoint-last.pth truncated, a flipped bit in checkpoint-1.pth's `weights`, checkpoint-0.pth random bytes."""
     last = out / "checkpoint-last.pth"
-    last.write_bytes(last.read_bytes()[:700])
+    damage(last, last.read_bytes()[:700])
     data = bytearray((out / "checkpoint-1.pth").read_bytes())
     data[bytes(data).index(weights.detach().numpy().tobytes()) + 2] ^= 0x40
-    (out / "checkpoint-1.pth").write_bytes(data)
-    (out / "checkpoint-0.pth").write_bytes(bytes(range(256)) * 4)
+    damage(out / "checkpoint-1.pth", data)
+    damage(out / "checkpoint-0.pth", bytes(range(256)) * 4)
 
 
 def folder_snapshot(folder):
@@ -393,7 +464,7 @@ def test_completing_an_epochs_files_never_copies_a_damaged_checkpoint(tmp_path, 
     data = bytearray(last.read_bytes())
     at = bytes(data).index(s.model.weight.detach().numpy().tobytes())
     data[at + 3] ^= 0x08  # a flipped bit in the weights: the file still opens, memory-mapped
-    last.write_bytes(data)
+    damage(last, data)
     with Run(cfg, save_freq=1) as run:
         assert run.resume(state()) == 1  # from checkpoint-0.pth
     assert not (out / "checkpoint-1.pth").exists()

@@ -166,8 +166,11 @@ def test_a_wrong_layout_fails_at_start_naming_the_folder(tmp_path):
     args = main_segment.get_args_parser().parse_args([
         "--model", "convvit_tiny_patch16", "--input_size", "64", "--device", "cpu", "--nb_classes", "4",
         "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match=re.escape(f"no folder {tmp_path / 'data' / 'images' / 'validation'}")):
+    with pytest.raises(SystemExit, match=re.escape(f"--data_path {str(tmp_path / 'data')!r} has no "
+                                                   f"'annotations/training/' folder: expected a dataset root in "
+                                                   f"ADE20K's layout")):
         main_segment.main(args)
+    assert not (tmp_path / "out").exists()  # refused before the run's output folder is made
 
 
 def test_a_batch_that_lost_samples_is_topped_up_with_fully_ignored_blank_crops():

@@ -1,6 +1,8 @@
 """The training layer that every script and benchmark shares, between `util/` (pure helpers) and the scripts.
 
-- `training.config`: the shared run flags and the frozen, typed config that flags are resolved into once.
+- `training.flags`: the flags every script shares and their checks (--data_path's folders too), importable without
+  torch, so that a script answers --help and flag errors before it imports torch.
+- `training.config`: the frozen, typed config that flags are resolved into once.
 - `training.step`: `TrainStep`, the optimizer step of every loop (autocast, accumulation with `no_sync`, fp16 grad
   scaler, clipping, EMA teacher, one non-finite policy).
 - `training.meters`: losses summed on the device and read every `--print_freq` steps, and the progress lines (ETA,

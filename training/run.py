@@ -49,9 +49,9 @@ from torch.utils.tensorboard import SummaryWriter
 from training.config import TrainConfig
 from training.meters import Progress
 from training.step import NonFiniteLossError, TrainStep
-from util.checkpoint import (CheckpointError, last_checkpoint_path, load_checkpoint, load_state_dict_strict,
-                             no_space_error, periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files,
-                             save_checkpoint, write_file_atomically)
+from util.checkpoint import (CheckpointError, last_checkpoint_path, link_checkpoint, load_checkpoint,
+                             load_state_dict_strict, no_space_error, periodic_checkpoint_path,
+                             prune_periodic_checkpoints, remove_temp_files, save_checkpoint, write_file_atomically)
 from util.misc import (cleanup_distributed, init_distributed, last_collective, note_collective, ranks_not_arrived,
                        seed_everything)
 
@@ -235,8 +235,7 @@ class Run:
             print(f"not completing the files of epoch {epoch}: {err}")
             return
         for path in wanted:
-            with open(last, "rb") as source:
-                write_file_atomically(path, lambda f: f.write(source.read()))
+            link_checkpoint(last, path)
             print(f"completed the files of epoch {epoch}: wrote {path} from {last}")
         if periodic_checkpoint_path(self.cfg.output_dir, epoch) in wanted:
             prune_periodic_checkpoints(self.cfg.output_dir, self.keep_last)
@@ -453,12 +452,15 @@ class Run:
         periodic = bool(self.save_freq) and ((epoch + 1) % self.save_freq == 0 or epoch + 1 == self.cfg.epochs)
         ckpt = self.checkpoint(state, epoch, **extra)
         ckpt["epoch_files"] = {"periodic": periodic, "best": best, "record": record}
-        self._save(ckpt, last_checkpoint_path(self.cfg.output_dir))
+        last = last_checkpoint_path(self.cfg.output_dir)
+        self._save(ckpt, last)
+        # the same bytes under the other names: hard links to checkpoint-last.pth, not second copies (a later save
+        # of checkpoint-last.pth replaces that name only)
         if periodic:
-            save_checkpoint(ckpt, periodic_checkpoint_path(self.cfg.output_dir, epoch))
+            link_checkpoint(last, periodic_checkpoint_path(self.cfg.output_dir, epoch))
             prune_periodic_checkpoints(self.cfg.output_dir, self.keep_last)
         if best:
-            save_checkpoint(ckpt, os.path.join(self.cfg.output_dir, BEST_CHECKPOINT))
+            link_checkpoint(last, os.path.join(self.cfg.output_dir, BEST_CHECKPOINT))
         _append_line(os.path.join(self.cfg.output_dir, "log.txt"), {**record, "epoch": epoch})
         self.writer.flush()
 
