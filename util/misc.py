@@ -91,7 +91,7 @@ def stop_when_the_launcher_dies(sig: signal.Signals = signal.SIGTERM) -> None:
     parent = os.getppid()
     PR_SET_PDEATHSIG = 1
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return  # not allowed here (a sandbox): nothing changes
+        return  # refused (e.g. by a seccomp profile): nothing changes
     if os.getppid() != parent:  # the parent ended before the request: nothing will be sent
         os.kill(os.getpid(), sig)
 
