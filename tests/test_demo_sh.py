@@ -47,7 +47,7 @@ def executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def setup(tmp_path, installed: str, cpu_index: str, default_index: str):
+def run_setup(tmp_path, installed: str, cpu_index: str, default_index: str):
     """`bash demo.sh --setup` in a scratch copy with the fake python; (completed process, recorded calls)."""
     shutil.copy(ROOT / "demo.sh", tmp_path / "demo.sh")
     shutil.copy(ROOT / "requirements.txt", tmp_path / "requirements.txt")
@@ -68,7 +68,7 @@ def torch_installs(calls):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_an_unreachable_cpu_index_is_repaired_from_the_default_index(tmp_path):
-    proc, calls = setup(tmp_path, MISSING, cpu_index="", default_index=WORKS)
+    proc, calls = run_setup(tmp_path, MISSING, cpu_index="", default_index=WORKS)
     assert proc.returncode == 0, proc.stderr
     installs = torch_installs(calls)
     assert len(installs) == 2
@@ -83,7 +83,7 @@ def test_an_unreachable_cpu_index_is_repaired_from_the_default_index(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_mismatched_pair_is_named_and_repaired_once(tmp_path):
-    proc, calls = setup(tmp_path, MISMATCHED, cpu_index=MISMATCHED, default_index=WORKS)
+    proc, calls = run_setup(tmp_path, MISMATCHED, cpu_index=MISMATCHED, default_index=WORKS)
     assert proc.returncode == 0, proc.stderr
     assert len(torch_installs(calls)) == 2
     assert ("PyTorch found but not working (torch 2.13.0+cpu, torchvision 0.29.1: RuntimeError: operator "
@@ -94,7 +94,7 @@ def test_a_mismatched_pair_is_named_and_repaired_once(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_failed_repair_stops_naming_both_versions_and_the_fix(tmp_path):
-    proc, calls = setup(tmp_path, MISSING, cpu_index="", default_index=MISMATCHED)
+    proc, calls = run_setup(tmp_path, MISSING, cpu_index="", default_index=MISMATCHED)
     assert proc.returncode == 1
     assert len(torch_installs(calls)) == 2  # one repair, not a loop
     assert not any("requirements.txt" in call for call in calls)  # nothing runs on a broken PyTorch
@@ -106,7 +106,7 @@ def test_a_failed_repair_stops_naming_both_versions_and_the_fix(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_working_pytorch_is_reused_without_installing(tmp_path):
-    proc, calls = setup(tmp_path, WORKS, cpu_index="", default_index="")
+    proc, calls = run_setup(tmp_path, WORKS, cpu_index="", default_index="")
     assert proc.returncode == 0, proc.stderr
     assert torch_installs(calls) == []
     assert "PyTorch found and working: torch 2.14.1, torchvision 0.29.1" in proc.stdout

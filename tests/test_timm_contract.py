@@ -3,6 +3,8 @@
 Structure checks build every model on the meta device (shapes without weights); numerical checks use the test-size
 models at 32-64 pixels on the CPU.
 """
+import functools
+
 import pytest
 import timm
 import torch
@@ -303,6 +305,23 @@ def at_cfg_size(name, target, **kwargs):
     return model, torch.randn(1, *input_size_for(model.pretrained_cfg, target))
 
 
+@functools.lru_cache(maxsize=None)
+def timm_traces_its_own_vit() -> bool:
+    """Whether torch.fx traces timm's own VisionTransformer with this timm and torch (timm 1.0.26 passes a traced
+    value as `is_causal` to scaled_dot_product_attention, which torch refuses; later releases do not)."""
+    try:
+        fx_model(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval())
+        return True
+    except TypeError:
+        return False
+
+
+def require_fx(name):
+    """Skips an FX test of the ViT (a subclass of timm's) where timm cannot trace its own ViT."""
+    if name.startswith("vit_") and not timm_traces_its_own_vit():
+        pytest.skip(f"timm {timm.__version__} cannot trace its own VisionTransformer with torch.fx")
+
+
 def fx_model(model, train=False):
     """timm's _create_fx_model: the model traced by torchvision's feature extraction with timm's leaf modules and
     functions, returning the nodes that feed the graph's output."""
@@ -406,7 +425,8 @@ def test_timm_model_forward_features_and_intermediates(name):
     """timm's test_model_forward_features, test_model_forward_intermediates_features and
     test_model_forward_intermediates: the levels have feature_info's channels and at most ceil(size / reduction) + 1
     positions; forward_intermediates' final output is forward_features', with grad checkpointing too."""
-    for feature_cls in ("getter", "fx"):
+    fx_works = not name.startswith("vit_") or timm_traces_its_own_vit()  # see require_fx
+    for feature_cls in ("getter", "fx") if fx_works else ("getter",):
         model = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
         size = input_size_for(model.pretrained_cfg, 96)
         with torch.no_grad():
@@ -441,6 +461,7 @@ def test_timm_model_forward_torchscript():
 @pytest.mark.parametrize("dynamic", DYNAMIC)
 def test_timm_model_forward_fx(name, dynamic):
     """timm's test_model_forward_fx: the model traced by torch.fx gives exactly the model's output."""
+    require_fx(name)
     model, x = at_cfg_size(name, 128, dynamic_img_size=dynamic)
     with torch.inference_mode():
         out = model(x)
@@ -451,6 +472,7 @@ def test_timm_model_forward_fx(name, dynamic):
 @pytest.mark.parametrize("name", TIMM_CHECKED)
 def test_timm_model_backward_fx(name):
     """timm's test_model_backward_fx: the traced model in training mode, every parameter gets a gradient."""
+    require_fx(name)
     model = timm.create_model(name, num_classes=42).train()
     num_params = sum(p.numel() for p in model.parameters())
     traced = fx_model(model, train=True)
@@ -465,6 +487,7 @@ def test_fx_feature_extraction_gives_the_levels_of_forward_intermediates(name):
     """timm's FX feature extraction (features_only=True, feature_cls="fx"; timm.models._features_fx) takes each
     level's last block: the same values as forward_intermediates' levels (the token level as [N, L, D])."""
     from timm.models._features_fx import FeatureGraphNet  # what features_only=True, feature_cls="fx" builds
+    require_fx(name)
     model = small(name).eval()
     fx = FeatureGraphNet(model, out_indices=tuple(range(len(model.feature_info)))).eval()
     x = images(name)
