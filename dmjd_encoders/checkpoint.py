@@ -67,7 +67,7 @@ def write_file_atomically(path: str, write) -> None:
     and the space left."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             recording = _RecordingFile(f)
@@ -90,6 +90,11 @@ def write_file_atomically(path: str, write) -> None:
             os.remove(tmp)
 
 
+def _temp_path(path: str) -> str:
+    """Where a write of `path` goes before it is renamed over it (TEMP_FILE_PATTERN; remove_temp_files clears them)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+
+
 def link_checkpoint(source: str, path: str) -> None:
     """Makes `path` the same file as the checkpoint `source`, atomically (the old `path` or the new one, never part):
     a hard link, so that an epoch's periodic or best checkpoint takes no second copy of checkpoint-last.pth's space;
@@ -97,7 +102,7 @@ def link_checkpoint(source: str, path: str) -> None:
     renames a new file over the name), never rewritten in place, so a later save of either name gives that name a
     new file and leaves the other's as it was; deleting one name leaves the other whole."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = _temp_path(path)
     if os.path.lexists(tmp):
         os.remove(tmp)
     try:
@@ -179,13 +184,13 @@ def load_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> dict:
             return {"model": safetensors.torch.load_file(path)}
         # Only torch's zip format can be memory-mapped: a file in the legacy format (or not a checkpoint at all) is
         # read whole, so that its error says what it is, not how to re-save it for mmap.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _head(path) == ZIP_MAGIC)
     except Exception as err:  # torch and safetensors raise many types for a bad file
         raise CheckpointError(f"{path} cannot be read as a checkpoint: {_reason(err, path)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} cannot be read as a checkpoint: it holds a {type(checkpoint).__name__}, not a "
                               f"dict of weights")
-    if isinstance(checkpoint, dict) and CHECKSUM_KEY in checkpoint:
+    if CHECKSUM_KEY in checkpoint:
         expected = checkpoint.pop(CHECKSUM_KEY)
         if verify and not mmap and content_checksum(checkpoint) != expected:
             raise CheckpointError(f"{path} is damaged: its content does not match the checksum saved with it "
@@ -193,17 +198,19 @@ def load_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> dict:
     return checkpoint
 
 
-def _is_zip(path: str) -> bool:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6; before it, a pickle (its first byte 0x80)
+
+
+def _head(path: str) -> bytes:
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        return f.read(4)
 
 
 def _reason(err: Exception, path: str) -> str:
     """The first line of a loading error, without torch's advice to load with weights_only=False (which runs any code
     that a crafted file holds) or to re-save for mmap, and with what the file is when it is no checkpoint at all."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+    head = _head(path)
+    if head != ZIP_MAGIC and not head.startswith(b"\x80"):
         return ("it is not a PyTorch checkpoint: neither torch.save's zip format nor a pickle (another kind of file, "
                 "or random bytes?)")
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -229,8 +229,9 @@ class Run:
         log_due = epoch not in _logged_epochs(log)
         if not (wanted or log_due):
             return
-        try:
-            files = load_checkpoint(last)["epoch_files"]  # the whole file, its checksum verified
+        try:  # the whole file, its checksum verified (already, when the folder's check took it as the newest)
+            verified = self._verified[1] if self._verified and self._verified[0] == last else load_checkpoint(last)
+            files = verified["epoch_files"]
         except CheckpointError as err:
             print(f"not completing the files of epoch {epoch}: {err}")
             return
@@ -251,14 +252,10 @@ class Run:
             return
         skipped: List[Tuple[str, str]] = []
         candidates = resume_candidates("", self.cfg.output_dir, report=lambda path, why: skipped.append((path, why)))
-        for _, path in candidates:
-            try:
-                self._verified = (path, load_checkpoint(path))  # resume takes it from here (read once)
-                break
-            except CheckpointError as err:
-                skipped.append((path, str(err)))
+        self._verified, unloadable = _first_loadable([path for _, path in candidates])  # resume takes it from here
+        skipped += unloadable
         for path, why in skipped:
-            print(f"skipping {path}: {why}")
+            _print_skip(path, why)
         if self._verified is not None:
             if self.cfg.start_over:
                 raise SystemExit(f"error: --start_over, but {self._verified[0]} loads: drop --start_over to resume "
@@ -375,14 +372,11 @@ class Run:
         if auto and not self.cfg.resume and self.is_main and self.cfg.trains:
             found, self._verified = self._verified, None  # read and reported at the start
             return found
-        for position, path in resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None):
-            try:
-                return path, load_checkpoint(path)  # the whole file, its checksum verified
-            except CheckpointError as err:
-                if path == self.cfg.resume:
-                    raise SystemExit(f"error: --resume {err}") from None
-                print(f"skipping {path}: {err}")
-        return None
+        candidates = resume_candidates(self.cfg.resume, self.cfg.output_dir if auto else None)
+        found, skipped = _first_loadable([path for _, path in candidates], self.cfg.resume)
+        for path, why in skipped:
+            _print_skip(path, why)
+        return found
 
     def resume(self, state: Optional[TrainState], model: Optional[torch.nn.Module] = None,
                auto: bool = True) -> int:
@@ -477,6 +471,20 @@ class Run:
 
 def _print_skip(path: str, why: str) -> None:
     print(f"skipping {path}: {why}")
+
+
+def _first_loadable(paths: List[str], resume: str = "") -> Tuple[Optional[Tuple[str, dict]], List[Tuple[str, str]]]:
+    """(path, checkpoint) of the first of `paths` that loads whole with its checksum verified (None if none does),
+    and (path, reason) of each skipped before it. An unreadable `resume` stops the run instead."""
+    skipped = []
+    for path in paths:
+        try:
+            return (path, load_checkpoint(path)), skipped
+        except CheckpointError as err:
+            if path == resume:
+                raise SystemExit(f"error: --resume {err}") from None
+            skipped.append((path, str(err)))
+    return None, skipped
 
 
 def resume_candidates(resume: str, output_dir: Optional[str], report=_print_skip) -> List[Tuple[Tuple[int, int], str]]:
