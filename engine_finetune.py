@@ -1,5 +1,5 @@
-"""Supervised training on a pre-trained encoder (fine-tuning or linear probing): the flags and config both scripts
-share, one epoch, evaluation, and the epochs of both."""
+"""Supervised training on a pre-trained encoder (fine-tuning or linear probing): the config both scripts share, their
+task for the training loop (training.loop), and top-1 / top-5 evaluation."""
 import contextlib
 import os
 from dataclasses import dataclass
@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from models_convvit import check_classifier_name
 from models_dmjd import ENCODER_NAMES
-from training.config import TrainConfig
-from training.flags import check_run_flags, flag_error
+from training.config import EpochConfig
 from training.data import eval_loader, train_loader
-from training.meters import Progress, log_window
-from training.run import Run, TrainState
-from training.step import NonFiniteLossError, TrainStep, autocast_context
+from training.errors import RunError, flag_error
+from training.flags import check_epoch_flags, check_run_flags
+from training.loop import Schedule, Task, evaluate_checkpoint, fit
+from training.meters import Progress
+from training.run import Run
+from training.step import autocast_context
 from util.checkpoint import (ArchitectureMismatch, CheckpointError, architecture_kwargs, check_encoder_loaded,
                              load_pretrained, saved_model)
 from util.datasets import classification_folders, skip_bad_collate
@@ -23,7 +25,7 @@ from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_de
 
 
 @dataclass(frozen=True)
-class ClassificationConfig(TrainConfig):
+class ClassificationConfig(EpochConfig):
     """What fine-tuning and probing share besides the run: classes, the pre-trained checkpoint, evaluation."""
     nb_classes: int
     finetune: str
@@ -31,9 +33,9 @@ class ClassificationConfig(TrainConfig):
     eval: bool
     dist_eval: bool
 
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + ("nb_classes",)
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = EpochConfig.RESUME_MUST_MATCH + ("nb_classes",)
     RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        **TrainConfig.RESUME_MAY_CHANGE,
+        **EpochConfig.RESUME_MAY_CHANGE,
         "finetune": "only the first start loads it: a resumed run's weights come from its checkpoint",
         "checkpoint_key": "only the first start reads --finetune",
         "eval": "an evaluation loads the weights only, and may change anything",
@@ -44,9 +46,10 @@ class ClassificationConfig(TrainConfig):
 def check_classification_flags(args) -> None:
     """The checks of fine-tuning's and probing's shared flags; each failure names its flag."""
     check_run_flags(args)
+    check_epoch_flags(args)
     check_pretrained_flag(args.finetune)
     if args.nb_classes < 1:
-        raise SystemExit(f"error: --nb_classes must be >= 1, got {args.nb_classes}")
+        raise flag_error("--nb_classes", f"must be >= 1, got {args.nb_classes}")
     check_classifier_name(args.model)
 
 
@@ -103,67 +106,68 @@ def classification_loaders(run: Run, cfg: ClassificationConfig, train_transform,
         train_set, val_set = classification_folders(cfg.data_path, train_transform, val_transform, cfg.nb_classes,
                                                     with_train=not cfg.eval)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise RunError(str(err)) from None
     pin = cfg.pin_mem and run.device.type == "cuda"
     val = eval_loader(val_set, cfg.batch_size, run.dist, cfg.dist_eval, cfg.num_workers, pin, skip_bad_collate)
     if cfg.eval:
         return None, val
     if len(train_set) < cfg.batch_size * run.world_size:
-        raise SystemExit(f"error: --batch_size {cfg.batch_size} x {run.world_size} processes needs at least "
-                         f"that many images; {cfg.data_path}/train has {len(train_set)}")
+        raise RunError(f"--batch_size {cfg.batch_size} x {run.world_size} processes needs at least "
+                       f"that many images; {cfg.data_path}/train has {len(train_set)}")
     print(f"train: {len(train_set)} images, val: {len(val_set)} images, {len(train_set.classes)} classes")
     return train_loader(train_set, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers, pin, skip_bad_collate), val
 
 
-def evaluate_checkpoint(run: Run, cfg: ClassificationConfig, model: torch.nn.Module, val_loader) -> Dict[str, float]:
-    """--eval: the weights of --resume (if given, else the model as it is) on val/."""
-    run.resume(None, model, auto=False)
-    stats = evaluate(val_loader, model, run.device, cfg.amp_dtype, cfg.print_freq)
-    print(f"accuracy of the network on {stats['count']} test images: top-1 {stats['acc1']:.2f}%  "
-          f"top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
-    return stats
+class ClassificationTask(Task):
+    """Fine-tuning or probing as the loop sees it: a classifier, its criterion and optimizer, optional mixup /
+    cutmix (drawn inside the step, so that the step's seeding covers it), and top-1 / top-5 evaluation; the best
+    checkpoint has the best top-1 (`best_acc1`). Batches are `(images, targets, num_bad)` from
+    util.datasets.skip_bad_collate; a batch with no readable image trains as two blank images of weight 0."""
+    best = "acc1"
 
+    def __init__(self, model: torch.nn.Module, cfg: EpochConfig, device: torch.device, criterion=None,
+                 make_optimizer=None, mixup_fn=None):
+        self.model, self.trained, self.cfg, self.device = model, model, cfg, device
+        self.criterion, self.make_optimizer, self.mixup_fn = criterion, make_optimizer, mixup_fn
 
-def train_one_epoch(model: torch.nn.Module, criterion, step: TrainStep, loader, epoch: int, cfg: TrainConfig,
-                    progress: Progress, writer=None, mixup_fn=None) -> Dict[str, float]:
-    """Trains the epoch's iterations that `progress` tracks (its names: ("loss",)) on `(images, targets, num_bad)`
-    batches (util.datasets.skip_bad_collate); returns the epoch's mean loss over all ranks and the lr."""
-    model.train()
-    for it, (images, targets, _) in progress.track(loader):
-        # A batch whose files were all unreadable still takes its step (every DDP rank must), with zero weight.
-        weight = 1.0
-        if images is None:
-            images, targets, weight = torch.zeros(2, 3, cfg.input_size, cfg.input_size), torch.zeros(2).long(), 0.0
-        if mixup_fn is not None and len(images) % 2:  # an unreadable file left an odd batch: Mixup needs pairs
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(self.model)
+
+    def placeholder(self):
+        size = self.cfg.input_size
+        return torch.zeros(2, 3, size, size), torch.zeros(2, dtype=torch.long)
+
+    def prepare(self, images, targets):
+        if self.mixup_fn is not None and len(images) % 2:  # an unreadable file left an odd batch: Mixup needs pairs
             images, targets = images[:-1], targets[:-1]
-        progress.count(len(images) if weight else 0)
-        images = images.to(step.device, non_blocking=True)
-        targets = targets.to(step.device, non_blocking=True)
+        return (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
+                len(images))
 
-        def forward():  # mixup inside, so that the step's seeding covers its draws
-            x, y = mixup_fn(images, targets) if mixup_fn is not None else (images, targets)
-            return criterion(model(x).float(), y)
+    def loss(self, images, targets):
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        return self.criterion(self.trained(images).float(), targets)
 
-        losses = step(forward, epoch + it / progress.total, epoch * progress.total + it, weight)
-        if losses is not None:
-            progress.losses.add(*losses)
-        if progress.due(it):
-            log_window(step, progress, it, epoch, writer)
-    stats = progress.totals()
-    print(f"Epoch [{epoch}] {'stopped' if progress.stopped else 'done'}: loss {stats['loss']:.4f}; "
-          f"{progress.summary()}", flush=True)
-    return {"loss": stats["loss"], "lr": step.lr}
+    def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
+        return {"loss": stats["loss"], "lr": stats["lr"]}
+
+    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, float]:
+        return classification_scores(self.model, loader, progress, self.device, self.cfg.amp_dtype)
+
+    def report(self, scores: Dict[str, float]) -> str:
+        return report(scores)
+
+    def log_scores(self, writer, scores: Dict[str, float], x: int) -> None:
+        for k in ("acc1", "acc5", "loss"):
+            writer.add_scalar(f"test/{k}", scores[k], x)
 
 
-@torch.no_grad()
-def evaluate(data_loader, model: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             print_freq: int = 20) -> Dict[str, float]:
+def classification_scores(model: torch.nn.Module, loader, progress: Progress, device: torch.device,
+                          amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over every sample the loader gives this process, summed over
     processes (each sample counted once when the loader shards the set without padding)."""
-    model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count
-    progress = Progress("Test", len(data_loader), print_freq, device)
-    for it, (images, targets, _) in progress.track(data_loader):
+    for it, (images, targets, _) in progress.track(loader):
         if images is not None:  # None: every file of the batch was unreadable (each was named in a warning)
             progress.count(len(images))
             images = images.to(device, non_blocking=True)
@@ -181,7 +185,7 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device, amp_dtyp
             progress.line(it, {"loss": loss / max(count, 1), "acc1": 100 * top1 / max(count, 1)})
     loss, top1, top5, count = all_reduce_sum(totals, what="the evaluation's totals").tolist()
     if count == 0:
-        raise ValueError("the evaluation set is empty")
+        raise RunError("the evaluation set is empty")
     return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "count": int(count)}
 
 
@@ -190,33 +194,15 @@ def report(stats: Dict[str, float]) -> str:
             f"images")
 
 
-def train_and_evaluate(run: Run, cfg: TrainConfig, model: torch.nn.Module, state: TrainState, criterion, loaders,
-                       mixup_fn=None) -> Dict[str, float]:
-    """The epochs of fine-tuning or probing: train, evaluate on val/, keep checkpoint-last.pth and
-    checkpoint-best.pth (best top-1), log.txt and TensorBoard. `model` is what trains (DDP when distributed);
-    `state` holds it unwrapped. Returns the last evaluation."""
+def run_classification(run: Run, cfg: ClassificationConfig, task: ClassificationTask, loaders) -> Dict[str, float]:
+    """--eval of a checkpoint, or the epochs of fine-tuning or probing (training.loop.fit): train, evaluate on val/,
+    keep checkpoint-last.pth and checkpoint-best.pth (best top-1), log.txt and TensorBoard. Returns the last
+    evaluation."""
     train_loader, val_loader = loaders
-    start_epoch = run.resume(state)
-    best_acc1 = run.saved.get("best_acc1", 0.0)
-    iters = state.step.iters_per_epoch
-    stats = {}
-    for epoch in run.epochs(start_epoch, train_loader):
-        progress = run.progress(epoch, iters)
-        try:
-            train_stats = train_one_epoch(model, criterion, state.step, train_loader, epoch, cfg, progress,
-                                          run.writer, mixup_fn)
-        except NonFiniteLossError as err:
-            raise SystemExit(f"error: {err}") from None
-        run.stop_if_requested(state, epoch, progress, best_acc1=best_acc1)
-        stats = evaluate(val_loader, model, run.device, cfg.amp_dtype, cfg.print_freq)
-        is_best = stats["acc1"] > best_acc1
-        best_acc1 = max(best_acc1, stats["acc1"])
-        print(f"epoch {epoch}: {report(stats)}; best top-1 {best_acc1:.2f}%")
-        if run.writer is not None:
-            for k in ("acc1", "acc5", "loss"):
-                run.writer.add_scalar(f"test/{k}", stats[k], epoch)
-        record = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in stats.items()},
-                  "best_acc1": best_acc1}
-        run.end_epoch(state, epoch, record, best=is_best, best_acc1=best_acc1)
-    print(f"best top-1 {best_acc1:.2f}%")
-    return stats
+    if cfg.eval:
+        scores = evaluate_checkpoint(run, task, val_loader, cfg.resume or cfg.finetune or "the model")
+        print(f"accuracy of the network on {scores['count']} test images: top-1 {scores['acc1']:.2f}%  "
+              f"top-5 {scores['acc5']:.2f}%  loss {scores['loss']:.4f}")
+        return scores
+    return fit(run, task, cfg, train_loader, val_loader, Schedule.of_epochs(cfg.epochs, len(train_loader),
+                                                                            cfg.accum_iter))

@@ -1,19 +1,23 @@
-"""One epoch of DMJD pre-training, and the config it runs under."""
+"""DMJD pre-training as a task of the training loop (training.loop), and the config it runs under."""
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
+from timm.optim import param_groups_weight_decay
 
-from training.config import TrainConfig
-from training.meters import Progress, log_window
-from training.step import TrainStep
+from models_dmjd import EMATeacher
+from training.config import EpochConfig
+from training.errors import RunError
+from training.loop import Schedule, Task
+from util.checkpoint import load_state_dict_strict
 from util.schedules import cosine_momentum
+from util.visualization import make_figure
 
 LOSS_NAMES = ("loss", "loss_mask", "loss_vis")
 
 
 @dataclass(frozen=True)
-class PretrainConfig(TrainConfig):
+class PretrainConfig(EpochConfig):
     """main_pretrain.py's flags, resolved: pred_ratio, lr, amp and channels_last are filled in."""
     num_views: int
     mask_ratio: float
@@ -31,11 +35,11 @@ class PretrainConfig(TrainConfig):
     keep_last: int
     vis_freq: int
 
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + (
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = EpochConfig.RESUME_MUST_MATCH + (
         "num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta",
         "ema_momentum", "min_crop_scale")
     RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        **TrainConfig.RESUME_MAY_CHANGE,
+        **EpochConfig.RESUME_MAY_CHANGE,
         "compile": "the same model, compiled or not",
         "channels_last": "the conv weights' memory layout, not their values",
         "save_freq": "which periodic checkpoints are kept",
@@ -48,53 +52,61 @@ class PretrainConfig(TrainConfig):
         return cosine_momentum(progress, self.ema_momentum, self.epochs)
 
 
-def readable_batch(batch, input_size: int):
-    """(images, weight, unreadable count) of a `(images, labels[, num_bad])` batch. A batch whose files were all
-    unreadable becomes one black placeholder crop of weight 0: under DDP every rank must join each gradient
-    all-reduce and take the same optimizer steps, and the zero weight keeps it out of the gradient and the losses
-    (alone, the step then moves nothing: zero gradients)."""
-    images, num_bad = batch[0], (batch[2] if len(batch) > 2 else 0)
-    if images is None or len(images) == 0:
-        return torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8), 0.0, num_bad
-    return images, 1.0, num_bad
+class PretrainTask(Task):
+    """DMJD pre-training as the loop sees it: the student (the DMJD model), its EMA teacher (when the visible
+    branch distils one) and the teacher's momentum schedule, updated after each optimizer step; the loss and its
+    parts of both branches; no evaluation. A checkpoint keeps the teacher as its "teacher" entry (None without one).
 
+    Batches are `(uint8 images, labels, num_bad)` from util.datasets.skip_bad_collate; a batch with no readable
+    image trains as one black crop of weight 0 (out of the gradient and the losses)."""
+    loss_names = LOSS_NAMES
 
-def train_one_epoch(model: torch.nn.Module, step: TrainStep, loader, epoch: int, cfg: PretrainConfig,
-                    progress: Progress, writer=None, teacher=None) -> Dict[str, float]:
-    """Trains the epoch's iterations that `progress` tracks (all of them, or the rest of an interrupted epoch, until
-    a stop is agreed); returns the epoch's mean losses, lr, teacher momentum and counts, summed over all ranks.
-    `progress` sums the losses (its names: LOSS_NAMES). Batches are `(images, labels, num_bad)` from
-    util.datasets.skip_bad_collate."""
-    model.train()
-    skipped_before = step.skipped
-    for it, batch in progress.track(loader):
-        # -- the batch: readable crops, or a zero-weight placeholder; uint8 to the device, normalised there
-        images, weight, num_bad = readable_batch(batch, cfg.input_size)
-        progress.count(len(images) if weight else 0, bad_images=num_bad, empty_batches=int(weight == 0))
-        images = images.to(step.device, non_blocking=True)
-        if cfg.channels_last:
+    def __init__(self, model: torch.nn.Module, cfg: PretrainConfig, device: torch.device, schedule: Schedule,
+                 vis_images: Optional[torch.Tensor] = None):
+        self.model, self.cfg, self.device, self.schedule = model, cfg, device, schedule
+        self.teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
+        self.trained = model
+        self.momentum = float("nan")
+        self.vis_images = vis_images  # a picture of masks and predictions every --vis_freq epochs
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        groups = param_groups_weight_decay(self.model, self.cfg.weight_decay,
+                                           no_weight_decay_list=self.model.no_weight_decay())
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda")
+
+    def placeholder(self):
+        size = self.cfg.input_size
+        return torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+
+    def prepare(self, images, labels):
+        images = images.to(self.device, non_blocking=True)  # uint8 to the device, normalised there
+        if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        return images, None, len(images)
 
-        # -- the step: both branches, backward, and the optimizer and teacher at the end of each window
-        losses = step(lambda: model(images, teacher=teacher), epoch + it / progress.total,
-                      epoch * progress.total + it, weight)
-        if losses is not None:
-            progress.losses.add(*losses)
+    def loss(self, images, _):
+        return self.trained(images, teacher=self.teacher)
 
-        # -- every --print_freq steps: read the losses back, check them, print and log
-        if progress.due(it):
-            log_window(step, progress, it, epoch, writer, **({"momentum": step.momentum} if teacher else {}))
+    def after_step(self, steps: float) -> None:
+        if self.teacher is not None:
+            self.momentum = self.cfg.momentum_at(self.schedule.epochs(steps))
+            self.teacher.update(self.model.encoder, self.momentum)
 
-    # -- the epoch over all ranks
-    stats = {"bad_images": 0, "empty_batches": 0, **progress.totals()}
-    stats.update(lr=step.lr, steps=progress.total // cfg.accum_iter, nonfinite_skipped=step.skipped - skipped_before)
-    if teacher is not None:
-        stats["momentum"] = step.momentum
-    summary = "  ".join(f"{n} {stats[n]:.4f}" for n in LOSS_NAMES) + f"  {stats['images']} images"
-    if stats["bad_images"]:
-        summary += (f", {stats['bad_images']} unreadable images skipped ({stats['empty_batches']} batches had no "
-                    f"readable image)")
-    if stats["nonfinite_skipped"]:
-        summary += f", {stats['nonfinite_skipped']} non-finite steps skipped"
-    print(f"Epoch [{epoch}] {'stopped' if progress.stopped else 'done'}: {summary}; {progress.summary()}", flush=True)
-    return stats
+    def scalars(self) -> Dict[str, float]:
+        return {"momentum": self.momentum} if self.teacher is not None else {}
+
+    def end_round(self, epoch: int, writer) -> None:
+        cfg = self.cfg
+        if self.vis_images is not None and ((epoch + 1) % cfg.vis_freq == 0 or epoch + 1 == cfg.epochs):
+            figure = make_figure(self.model, self.vis_images, min_glyph=0)
+            writer.add_image("masks_and_predictions", figure, epoch, dataformats="HWC")
+
+    def extra_state(self) -> dict:
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def load_extra_state(self, checkpoint: dict, path: str) -> None:
+        if self.teacher is None:
+            return
+        if checkpoint.get("teacher") is None:
+            raise RunError(f"{path} has no EMA teacher; it was not trained with --vis_target ema")
+        load_state_dict_strict(self.teacher, checkpoint["teacher"], "teacher")

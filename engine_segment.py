@@ -1,12 +1,10 @@
-"""Semantic segmentation on a pre-trained encoder: the config, the model, the data, one evaluation interval of
-training iterations, evaluation (whole image or sliding window, optional multi-scale + flip), and the run's
-intervals.
+"""Semantic segmentation on a pre-trained encoder: the config, the model, the data, and the task of the training
+loop (training.loop): UperNet's losses, and evaluation (whole image or sliding window, optional multi-scale + flip).
 
 The recipe is iteration-based (mmseg's IterBasedRunner): `--iters` optimizer steps, evaluated and checkpointed every
-`--eval_interval` of them. The run layer counts epochs, so an epoch of the run is one evaluation interval, drawn from
-an endless seeded stream of the training set (training.data.stream_loader): a run resumed at an interval boundary
-continues with exactly the crops an uninterrupted one would have seen, and the lr is a pure function of the
-iteration (`SegmentConfig.lr_at`).
+`--eval_interval` of them (a round of the loop), drawn from an endless seeded stream of the training set
+(training.data.stream_loader): a run resumed anywhere continues with exactly the crops an uninterrupted one would have
+seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`).
 """
 import json
 import os
@@ -19,9 +17,11 @@ from timm.optim import param_groups_layer_decay
 from models_upernet import UperNet, create_upernet, segmentation_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
-from training.meters import Progress, log_window
-from training.run import Run, TrainState
-from training.step import NonFiniteLossError, TrainStep, autocast_context
+from training.errors import RunError
+from training.loop import Schedule, Task, evaluate_checkpoint, fit
+from training.meters import Progress
+from training.run import Run
+from training.step import autocast_context
 from util.checkpoint import load_checkpoint
 from util.datasets import skip_bad_collate
 from util.misc import all_reduce_sum
@@ -34,8 +34,7 @@ PER_CLASS_TABLE = "per_class_iou.md"
 
 @dataclass(frozen=True)
 class SegmentConfig(TrainConfig):
-    """main_segment.py's flags, resolved. `epochs` counts evaluation intervals (--iters / --eval_interval) and
-    `warmup_epochs` is --warmup_iters in intervals: what the run layer counts in."""
+    """main_segment.py's flags, resolved."""
     iters: int
     warmup_iters: int
     warmup_ratio: float
@@ -88,10 +87,15 @@ class SegmentConfig(TrainConfig):
         "checkpoint_key": "only the first start reads --finetune",
     }
 
-    def lr_at(self, progress: float) -> float:
-        """The lr at `progress` intervals: mmseg's poly decay over --iters with its linear warmup."""
-        return poly_lr(progress * self.eval_interval, self.lr, self.iters, self.poly_power, self.min_lr,
-                       self.warmup_iters, self.warmup_ratio)
+    def lr_at(self, iteration: float) -> float:
+        """The lr after `iteration` optimizer steps: mmseg's poly decay over --iters with its linear warmup."""
+        return poly_lr(iteration, self.lr, self.iters, self.poly_power, self.min_lr, self.warmup_iters,
+                       self.warmup_ratio)
+
+    @property
+    def schedule(self) -> Schedule:
+        """--iters optimizer steps in rounds of --eval_interval."""
+        return Schedule(self.iters // self.eval_interval, self.eval_interval, self.accum_iter, unit="iteration")
 
     @property
     def micro_batches_per_interval(self) -> int:
@@ -148,7 +152,7 @@ def segmentation_folder(cfg: SegmentConfig, split: str, transform) -> Segmentati
         return SegmentationFolder(cfg.data_path, split, cfg.nb_classes, transform, cfg.reduce_zero_label,
                                   cfg.ignore_index)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise RunError(str(err)) from None
 
 
 class EvalCollate:
@@ -177,7 +181,7 @@ def segmentation_loaders(run: Run, cfg: SegmentConfig):
     try:
         names = class_names(cfg.data_path, cfg.nb_classes)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise RunError(str(err)) from None
     val = eval_loader(val_set, cfg.eval_batch_size, run.dist, True, cfg.num_workers, pin,
                       EvalCollate(cfg.eval_batch_size))
     if cfg.eval:
@@ -185,8 +189,8 @@ def segmentation_loaders(run: Run, cfg: SegmentConfig):
         return None, val, names
     train_set = segmentation_folder(cfg, "training", train_transform(cfg))
     if len(train_set) < run.world_size:
-        raise SystemExit(f"error: {run.world_size} processes need at least one training image each; "
-                         f"{cfg.data_path}/images/training has {len(train_set)}")
+        raise RunError(f"{run.world_size} processes need at least one training image each; "
+                       f"{cfg.data_path}/images/training has {len(train_set)}")
     print(f"training: {len(train_set)} images, validation: {len(val_set)} images, {cfg.nb_classes} classes")
     print(f"training crops: {train_set.transform}")
     train = stream_loader(train_set, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers, pin,
@@ -194,66 +198,79 @@ def segmentation_loaders(run: Run, cfg: SegmentConfig):
     return train, val, names
 
 
-# -- training ---------------------------------------------------------------------------------------------------------
+# -- the task --------------------------------------------------------------------------------------------------------
 def full_batch(images, labels, batch_size: int, crop_size: int, ignore_index: int):
-    """(images, labels, weight, readable) of a training batch that lost `batch_size - readable` samples to bad files:
-    topped up with blank crops whose pixels are all ignored. Every step then keeps its shape, as DDP and the
-    synchronised BatchNorm need on every process (and the PPM's 1 x 1 pooling needs two or more values), and the
-    blank crops add nothing to the loss; a batch with no readable sample has weight 0 (engine_pretrain's rule)."""
-    readable = 0 if images is None else len(images)
-    missing = batch_size - readable
+    """(images, labels) of a training batch that lost samples to bad files, topped up to `batch_size` with blank
+    crops whose pixels are all ignored. Every step then keeps its shape, as DDP and the synchronised BatchNorm need on
+    every process (and the PPM's 1 x 1 pooling needs two or more values), and the blank crops add nothing to the
+    loss."""
+    missing = batch_size - len(images)
     if missing == 0:
-        return images, labels, 1.0, readable
+        return images, labels
     blank_images = torch.zeros(missing, 3, crop_size, crop_size)
     blank_labels = torch.full((missing, crop_size, crop_size), ignore_index, dtype=torch.int64)
-    if images is not None:
-        blank_images, blank_labels = torch.cat([images, blank_images]), torch.cat([labels, blank_labels])
-    return blank_images, blank_labels, float(readable > 0), readable
+    return torch.cat([images, blank_images]), torch.cat([labels, blank_labels])
 
 
-def train_one_interval(model: torch.nn.Module, step: TrainStep, loader, interval: int, cfg: SegmentConfig,
-                       progress: Progress, writer=None) -> Dict[str, float]:
-    """Trains the micro-batches of one evaluation interval that `progress` tracks (its names: cfg.loss_names) on
-    `(images, labels, num_bad)` batches; returns the interval's mean losses, lr and counts over all ranks."""
-    model.train()
-    per_interval = cfg.micro_batches_per_interval
-    for it, (images, labels, num_bad) in progress.track(loader):
-        images, labels, weight, readable = full_batch(images, labels, cfg.batch_size, cfg.input_size,
-                                                      cfg.ignore_index)
-        progress.count(readable, bad_images=num_bad, empty_batches=int(weight == 0))
-        images = images.to(step.device, non_blocking=True)
-        labels = labels.to(step.device, non_blocking=True)
+class SegmentTask(Task):
+    """Segmentation as the loop sees it: UperNet (its SyncBN made of the run's processes), layer-decayed AdamW,
+    the decode and auxiliary losses, and mIoU evaluation (the best checkpoint: the best mIoU, `best_mIoU`). After
+    each evaluation the main process rewrites the per-class table. Batches are `(images, labels, num_bad)`; a batch
+    with no readable pair trains as blank crops of weight 0."""
+    best = "mIoU"
 
-        def forward():
-            logits, aux = model(images)
-            losses = segmentation_loss(logits, labels, aux, cfg.aux_weight, cfg.ignore_index)
-            return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
+    def __init__(self, model: UperNet, cfg: SegmentConfig, device: torch.device, names: Sequence[str]):
+        self.model, self.trained, self.cfg, self.device, self.names = model, model, cfg, device, names
+        self.loss_names = cfg.loss_names
 
-        losses = step(forward, interval + it / per_interval, interval * per_interval + it, weight)
-        if losses is not None:
-            progress.losses.add(*losses)
-        if progress.due(it):
-            log_window(step, progress, it, interval, writer)
-    stats = {"bad_images": 0, "empty_batches": 0, **progress.totals()}
-    stats["lr"] = step.lr
-    summary = "  ".join(f"{n} {stats[n]:.4f}" for n in cfg.loss_names) + f"  {stats['images']} images"
-    if stats["bad_images"]:
-        summary += (f", {stats['bad_images']} unreadable pairs skipped ({stats['empty_batches']} batches had none "
-                    f"readable)")
-    print(f"{progress.header} {'stopped' if progress.stopped else 'done'}: {summary}; {progress.summary()}", flush=True)
-    return stats
+    def optimizer(self) -> torch.optim.AdamW:
+        return segmentation_optimizer(self.model, self.cfg)
+
+    def placeholder(self):
+        size = self.cfg.input_size
+        return torch.zeros(0, 3, size, size), torch.zeros(0, size, size, dtype=torch.int64)
+
+    def prepare(self, images, labels):
+        readable = len(images)
+        images, labels = full_batch(images, labels, self.cfg.batch_size, self.cfg.input_size, self.cfg.ignore_index)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), readable
+
+    def loss(self, images, labels):
+        logits, aux = self.trained(images)
+        losses = segmentation_loss(logits, labels, aux, self.cfg.aux_weight, self.cfg.ignore_index)
+        return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
+
+    def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
+        return {k: v for k, v in stats.items() if k not in ("steps", "nonfinite_skipped")}
+
+    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, object]:
+        return segmentation_scores_of(self.model, loader, progress, self.device, self.cfg)
+
+    def report(self, scores: Dict[str, object]) -> str:
+        return report(scores)
+
+    def scores_record(self, scores: Dict[str, object]) -> dict:
+        return score_record(scores, self.names)
+
+    def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
+        for k in ("mIoU", "mAcc", "aAcc"):
+            writer.add_scalar(f"test/{k}", scores[k], x)
+        for name, iou in scores_for_log(scores, self.names)["IoU"].items():
+            if iou is not None:  # a class that the validation images never show has no IoU
+                writer.add_scalar(f"test_IoU/{name}", iou, x)
+
+    def evaluated(self, scores: Dict[str, object], label: str) -> None:
+        write_per_class_table(self.cfg, scores, self.names, label)
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: UperNet, loader, device: torch.device, cfg: SegmentConfig) -> Dict[str, object]:
+def segmentation_scores_of(model: UperNet, loader, progress: Progress, device: torch.device,
+                           cfg: SegmentConfig) -> Dict[str, object]:
     """Scores of every validation image the loader gives this process, summed over the processes (each image once:
     the loader shards without padding): segmentation_scores' aAcc, mIoU, mAcc, per-class IoU / Acc, and the counts
     of images evaluated and of unreadable pairs skipped."""
-    model.eval()
     matrix = ConfusionMatrix(cfg.nb_classes, device, cfg.ignore_index)
     counts = torch.zeros(2, dtype=torch.float64)  # images evaluated, pairs skipped
-    progress = Progress("Test", len(loader), cfg.print_freq, device)
     for it, (images, labels, num_bad) in progress.track(loader):
         counts[1] += num_bad
         if images is not None:  # None: no readable pair in the batch (each was named in a warning)
@@ -270,8 +287,8 @@ def evaluate(model: UperNet, loader, device: torch.device, cfg: SegmentConfig) -
     matrix.all_reduce()
     images, bad = all_reduce_sum(counts.to(device)).tolist()
     if images == 0:
-        raise SystemExit(f"error: no validation image could be read ({int(bad)} pairs failed, see the warnings "
-                         f"above); check --data_path {cfg.data_path}")
+        raise RunError(f"no validation image could be read ({int(bad)} pairs failed, see the warnings above); check "
+                       f"--data_path {cfg.data_path}")
     scores = segmentation_scores(matrix.matrix)
     scores.update(images=int(images), bad_images=int(bad))
     return scores
@@ -301,61 +318,21 @@ def write_per_class_table(cfg: SegmentConfig, scores: Dict[str, object], names: 
     return path
 
 
-def evaluate_checkpoint(run: Run, cfg: SegmentConfig, model: UperNet, val_loader, names) -> Dict[str, object]:
-    """--eval: the weights of --resume on the validation set; the scores go to log.txt and the per-class table."""
-    run.resume(None, model, auto=False)
-    print(f"evaluation: {cfg.evaluation_line()}")
-    scores = evaluate(model, val_loader, run.device, cfg)
-    print(report(scores))
-    if run.is_main:
-        path = write_per_class_table(cfg, scores, names, f"{cfg.resume}")
-        with open(os.path.join(cfg.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps({"eval": cfg.resume, **score_record(scores, names)}) + "\n")
-        print(f"per-class IoU: {path}")
-    return scores
-
-
-def train_and_evaluate(run: Run, cfg: SegmentConfig, model: torch.nn.Module, state: TrainState, loaders,
-                       names: Sequence[str]) -> Dict[str, object]:
-    """The intervals of a run: train --eval_interval iterations, evaluate, keep checkpoint-last.pth and
-    checkpoint-best.pth (best mIoU), log.txt, TensorBoard and the per-class table. `model` is what trains (DDP
-    when distributed); `state.model` is the UperNet itself. Returns the last evaluation."""
+def run_segmentation(run: Run, cfg: SegmentConfig, task: SegmentTask, loaders) -> Dict[str, object]:
+    """--eval of --resume, or the run's intervals (training.loop.fit): train --eval_interval iterations, evaluate,
+    keep checkpoint-last.pth and checkpoint-best.pth (best mIoU), log.txt, TensorBoard (x: the iteration) and the
+    per-class table. Returns the last evaluation."""
     train_loader, val_loader = loaders
-    start = run.resume(state)
-    best = run.saved.get("best_mIoU")
-    per_interval = cfg.micro_batches_per_interval
-    print(f"evaluation every {cfg.eval_interval} iterations: {cfg.evaluation_line()}")
-    scores = {}
-    for interval in run.epochs(start, train_loader):
-        first, last = interval * cfg.eval_interval, (interval + 1) * cfg.eval_interval
-        progress = run.progress(interval, per_interval, cfg.loss_names, header=f"Iterations {first}-{last}")
-        try:
-            train_stats = train_one_interval(model, state.step, train_loader, interval, cfg, progress, run.writer)
-        except NonFiniteLossError as err:
-            raise SystemExit(f"error: {err}") from None
-        run.stop_if_requested(state, interval, progress, best_mIoU=best)
-        if train_stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
-            raise SystemExit(f"error: no training image of iterations {first}-{last} could be read "
-                             f"({train_stats['bad_images']} pairs failed, see the warnings above); check --data_path "
-                             f"{cfg.data_path}")
-        scores = evaluate(state.model, val_loader, run.device, cfg)
-        is_best = best is None or scores["mIoU"] > best
-        best = scores["mIoU"] if is_best else best
-        print(f"iteration {last}: {report(scores)}; best mIoU {best:.2f}")
-        if run.writer is not None:
-            for k in ("mIoU", "mAcc", "aAcc"):
-                run.writer.add_scalar(f"test/{k}", scores[k], (interval + 1) * 1000)  # the training scalars' axis
-            for name, iou in scores_for_log(scores, names)["IoU"].items():
-                if iou is not None:  # a class that the validation images never show has no IoU
-                    run.writer.add_scalar(f"test_IoU/{name}", iou, (interval + 1) * 1000)
+    if cfg.eval:
+        print(f"evaluation: {cfg.evaluation_line()}")
+        scores = evaluate_checkpoint(run, task, val_loader, cfg.resume)
+        print(report(scores))
         if run.is_main:
-            write_per_class_table(cfg, scores, names, f"iteration {last}")
-        record = {"iteration": last, **{f"train_{k}": v for k, v in train_stats.items()},
-                  **score_record(scores, names), "best_mIoU": best}
-        run.end_epoch(state, interval, record, best=is_best, best_mIoU=best)
-    if best is not None:
-        print(f"best mIoU {best:.2f}; per-class IoU of the last evaluation: "
-              f"{os.path.join(cfg.output_dir, PER_CLASS_TABLE)}")
+            print(f"per-class IoU: {os.path.join(cfg.output_dir, PER_CLASS_TABLE)}")
+        return scores
+    print(f"evaluation every {cfg.eval_interval} iterations: {cfg.evaluation_line()}")
+    scores = fit(run, task, cfg, train_loader, val_loader, cfg.schedule, lr_at=cfg.lr_at)
+    print(f"per-class IoU of the last evaluation: {os.path.join(cfg.output_dir, PER_CLASS_TABLE)}")
     return scores
 
 

@@ -73,13 +73,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.optim import param_groups_layer_decay  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the classifiers with timm)
-from engine_finetune import (ClassificationConfig, check_classification_flags,  # noqa: E402
-                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
-                             resolve_classification, train_and_evaluate)
+from engine_finetune import (ClassificationConfig, ClassificationTask, check_classification_flags,  # noqa: E402
+                             classification_loaders, encoder_layout, load_encoder, resolve_classification,
+                             run_classification)
 from models_convvit import conv_weights_channels_last  # noqa: E402
-from training.run import Run, TrainState  # noqa: E402
-from training.step import TrainStep  # noqa: E402
-from util.schedules import epoch_iterations  # noqa: E402
+from training.errors import exits_like_a_script, flag_error  # noqa: E402
+from training.run import Run  # noqa: E402
 from util.checkpoint import architecture_kwargs  # noqa: E402
 from util.transforms import eval_transform, finetune_transform  # noqa: E402
 
@@ -113,17 +112,18 @@ def validate_args(args) -> argparse.Namespace:
     return args
 
 
+@exits_like_a_script
 def main(args):
     cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
     check_classification_data(args)  # before the run's header and output folder
     with Run(cfg) as run:
         print(lr_line)
-        finetune(run, cfg)
+        return finetune(run, cfg)
 
 
 def finetune(run: Run, cfg: FinetuneConfig):
     train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
-    train_loader, val_loader = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
+    loaders = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
 
     # A checkpoint in MAE's / timm's ViT layout (with a class token) is fine-tuned with its class token, as MAE does.
     resume = run.resume_path(auto=not cfg.eval)
@@ -133,17 +133,7 @@ def finetune(run: Run, cfg: FinetuneConfig):
     if cfg.finetune:
         load_encoder(model, cfg.finetune, cfg.checkpoint_key)
     model = conv_weights_channels_last(model.to(run.device))
-    if cfg.eval:
-        return evaluate_checkpoint(run, cfg, model, val_loader)
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
-        if cfg.batch_size % 2:
-            raise SystemExit(f"error: --batch_size {cfg.batch_size} must be even for mixup / cutmix")
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
-                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                         label_smoothing=cfg.smoothing, num_classes=cfg.nb_classes)
-        print("mixup / cutmix on: soft-target cross-entropy")
+    mixup_fn = None if cfg.eval else mixup_of(cfg)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()
     elif cfg.smoothing > 0:
@@ -151,13 +141,24 @@ def finetune(run: Run, cfg: FinetuneConfig):
     else:
         criterion = torch.nn.CrossEntropyLoss()
 
-    trained = run.wrap(model)
-    param_groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(),
-                                            layer_decay=cfg.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, fused=run.device.type == "cuda")
-    step = TrainStep.for_run(trained, optimizer, cfg, run.rank, epoch_iterations(len(train_loader), cfg.accum_iter))
-    return train_and_evaluate(run, cfg, trained, TrainState(model, optimizer, step), criterion,
-                              (train_loader, val_loader), mixup_fn)
+    def optimizer(model):
+        groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=run.device.type == "cuda")
+
+    task = ClassificationTask(model, cfg, run.device, criterion, optimizer, mixup_fn)
+    return run_classification(run, cfg, task, loaders)
+
+
+def mixup_of(cfg: FinetuneConfig) -> Optional[Mixup]:
+    """timm's Mixup / CutMix as the flags set it (None when both are off)."""
+    if not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None):
+        return None
+    if cfg.batch_size % 2:
+        raise flag_error("--batch_size", f"{cfg.batch_size} must be even for mixup / cutmix")
+    print("mixup / cutmix on: soft-target cross-entropy")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=cfg.nb_classes)
 
 
 if __name__ == "__main__":

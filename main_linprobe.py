@@ -49,14 +49,14 @@ import torch  # noqa: E402
 from timm.optim import Lars  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_finetune import (ClassificationConfig, check_classification_flags,  # noqa: E402
-                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
-                             resolve_classification, train_and_evaluate)
+from engine_finetune import (ClassificationConfig, ClassificationTask, check_classification_flags,  # noqa: E402
+                             classification_loaders, encoder_layout, load_encoder, resolve_classification,
+                             run_classification)
 from models_convvit import LinearProbe, conv_weights_channels_last  # noqa: E402
-from training.run import Run, TrainState, resume_candidates  # noqa: E402
-from training.step import TrainStep  # noqa: E402
+from training.errors import exits_like_a_script, flag_error  # noqa: E402
+from training.output import newest_checkpoint  # noqa: E402
+from training.run import Run  # noqa: E402
 from util.checkpoint import architecture_kwargs, load_checkpoint  # noqa: E402
-from util.schedules import epoch_iterations  # noqa: E402
 from util.transforms import eval_transform, linprobe_transform  # noqa: E402
 
 
@@ -89,33 +89,33 @@ def resumed_probe_features(args, resume) -> str:
         saved_args = load_checkpoint(resume, mmap=True).get("args") or {}
         saved = saved_args.get("probe_features") or "final_norm_then_pool"
     if args.probe_features and saved and args.probe_features != saved:
-        raise SystemExit(f"error: --probe_features {args.probe_features}, but {resume} was trained on {saved}")
+        raise flag_error("--probe_features", f"{args.probe_features}, but {resume} was trained on {saved}")
     return args.probe_features or saved or PROBE_FEATURES[0]
 
 
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns `args` unchanged."""
     if not 0 < args.min_crop_scale <= 1:
-        raise SystemExit(f"error: --min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
+        raise flag_error("--min_crop_scale", f"must be in (0, 1], got {args.min_crop_scale}")
     check_classification_flags(args)
     return args
 
 
+@exits_like_a_script
 def main(args):
     args = validate_args(args)
     check_classification_data(args)  # before the run's header and output folder
-    found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda path, why: None)
-    resume = found[0][1] if found else None
+    resume = newest_checkpoint(args.resume, None if args.eval else args.output_dir)  # the run's own choice
     cfg, lr_line = resolve_classification(LinprobeConfig, args,
                                           probe_features=resumed_probe_features(args, resume))
     with Run(cfg) as run:
         print(lr_line)
-        probe(run, cfg)
+        return probe(run, cfg)
 
 
 def probe(run: Run, cfg: LinprobeConfig):
-    train_loader, val_loader = classification_loaders(run, cfg, linprobe_transform(cfg.input_size, cfg.min_crop_scale),
-                                                      eval_transform(cfg.input_size))
+    loaders = classification_loaders(run, cfg, linprobe_transform(cfg.input_size, cfg.min_crop_scale),
+                                      eval_transform(cfg.input_size))
     # A checkpoint in MAE's / timm's ViT layout (with a class token) is probed with its class token, as MAE does.
     resume = run.resume_path(auto=not cfg.eval)
     layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
@@ -125,15 +125,14 @@ def probe(run: Run, cfg: LinprobeConfig):
     elif not cfg.eval:
         print("warning: no --finetune checkpoint: probing a randomly initialised encoder")
     model = conv_weights_channels_last(LinearProbe(encoder, cfg.nb_classes, cfg.probe_features).to(run.device))
-    if cfg.eval:
-        return evaluate_checkpoint(run, cfg, model, val_loader)
-    print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
+    if not cfg.eval:
+        print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
-    trained = run.wrap(model)
-    optimizer = Lars(lars_param_groups(model.head, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
-    step = TrainStep.for_run(trained, optimizer, cfg, run.rank, epoch_iterations(len(train_loader), cfg.accum_iter))
-    return train_and_evaluate(run, cfg, trained, TrainState(model, optimizer, step), torch.nn.CrossEntropyLoss(),
-                              (train_loader, val_loader))
+    def optimizer(model):
+        return Lars(lars_param_groups(model.head, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
+
+    task = ClassificationTask(model, cfg, run.device, torch.nn.CrossEntropyLoss(), optimizer)
+    return run_classification(run, cfg, task, loaders)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Defaults are the released ConViT-B recipe; see PRETRAIN.md.
 """
 import argparse
 
-from training.flags import DEFAULT_PRETRAIN_MODEL, add_run_flags, check_data_path, check_run_flags, flag_error
+from training.flags import (DEFAULT_PRETRAIN_MODEL, add_run_flags, check_data_path, check_epoch_flags,
+                            check_run_flags)
 
 
 def get_args_parser():
@@ -63,18 +64,17 @@ from typing import Tuple  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import models_dmjd  # noqa: E402,F401  (registers the DMJD models with timm)
-from engine_pretrain import LOSS_NAMES, PretrainConfig, train_one_epoch  # noqa: E402
-from models_dmjd import EMATeacher, create_from_flags  # noqa: E402
+from engine_pretrain import PretrainConfig, PretrainTask  # noqa: E402
+from models_dmjd import create_from_flags  # noqa: E402
+from util.schedules import adaptive_lr, reachable_pred_ratio  # noqa: E402
 from training.data import train_loader  # noqa: E402
-from training.run import Run, TrainState  # noqa: E402
-from training.step import NonFiniteLossError, TrainStep  # noqa: E402
+from training.errors import RunError, exits_like_a_script, flag_error  # noqa: E402
+from training.loop import Schedule, fit  # noqa: E402
+from training.run import Run  # noqa: E402
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate  # noqa: E402
 from util.misc import check_model_name, launch_world_size, resolve_amp, resolve_device  # noqa: E402
-from util.schedules import adaptive_lr, epoch_iterations, reachable_pred_ratio  # noqa: E402
-from util.visualization import make_figure  # noqa: E402
 
 
 def validate_args(args) -> argparse.Namespace:
@@ -98,6 +98,7 @@ def validate_args(args) -> argparse.Namespace:
         if getattr(args, flag) < 0:
             raise flag_error(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
     check_run_flags(args)
+    check_epoch_flags(args)
     if args.theta < 0:
         raise flag_error("--theta", f"must be >= 0, got {args.theta}")
     if not 0 <= args.ema_momentum <= 1:
@@ -129,21 +130,22 @@ def check_dataset_size(num_images: int, batch_size: int, accum_iter: int, world_
     """An epoch must hold at least one optimizer step on every process (drop_last batches)."""
     per_step = batch_size * world_size
     if num_images < per_step:
-        raise SystemExit(f"error: --batch_size {batch_size} x {world_size} processes needs at least "
-                         f"that many images; {folder} has {num_images}")
+        raise RunError(f"--batch_size {batch_size} x {world_size} processes needs at least that many images; "
+                       f"{folder} has {num_images}")
     batches = num_images // per_step
     if batches < accum_iter:
-        raise SystemExit(f"error: --accum_iter {accum_iter} needs {accum_iter} batches of {batch_size} "
-                         f"per process in an epoch; {num_images} images over {world_size} processes give {batches}")
+        raise RunError(f"--accum_iter {accum_iter} needs {accum_iter} batches of {batch_size} per process in an "
+                       f"epoch; {num_images} images over {world_size} processes give {batches}")
 
 
 def build_model(cfg: PretrainConfig):
     try:
         return create_from_flags(cfg.flags())
     except ValueError as err:  # shapes that do not fit the model: name them before any work
-        raise SystemExit(f"error: {err} (check --input_size, --block_size, --mask_ratio)") from None
+        raise RunError(f"{err} (check --input_size, --block_size, --mask_ratio)") from None
 
 
+@exits_like_a_script
 def main(args):
     cfg, lr_line = resolve_config(args)
     check_data(args)  # before the run's header and output folder
@@ -155,51 +157,28 @@ def main(args):
 def pretrain(run: Run, cfg: PretrainConfig) -> None:
     print(f"{cfg.batch_size} images x {cfg.num_views} views per process, accum {cfg.accum_iter}, "
           f"{cfg.images_per_step} unique images per optimizer step")
-
-    model = build_model(cfg).to(run.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # 4-D weights only; the teacher copies the format
-    teacher = EMATeacher(model.encoder).to(run.device) if model.uses_teacher else None
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-          f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder)")
-
     try:
         dataset = build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.min_crop_scale)
     except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise RunError(str(err)) from None
     check_dataset_size(len(dataset), cfg.batch_size, cfg.accum_iter, cfg.world_size, f"{cfg.data_path}/train")
     print(f"dataset: {len(dataset)} images in {cfg.data_path}/train")
     loader = train_loader(dataset, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers,
                           cfg.pin_mem and run.device.type == "cuda", skip_bad_collate)
-    iters = epoch_iterations(len(loader), cfg.accum_iter)
+    schedule = Schedule.of_epochs(cfg.epochs, len(loader), cfg.accum_iter)
 
-    if cfg.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) stay as they are
-    trained = run.wrap(model)
-    param_groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95), fused=run.device.type == "cuda")
-    step = TrainStep.for_run(trained, optimizer, cfg, run.rank, iters, loss_names=LOSS_NAMES, teacher=teacher,
-                             student=model.encoder, momentum_schedule=cfg.momentum_at if teacher else None)
-    state = TrainState(model, optimizer, step, teacher)
-    start_epoch = run.resume(state)
-
+    model = build_model(cfg).to(run.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights only; the teacher copies the format
     vis_images = None
     if run.is_main and cfg.vis_freq > 0:
         vis_images = sample_images(cfg.data_path, "train", cfg.input_size, 4).to(run.device)
-    for epoch in run.epochs(start_epoch, loader):
-        progress = run.progress(epoch, iters, LOSS_NAMES)
-        try:
-            stats = train_one_epoch(trained, step, loader, epoch, cfg, progress, run.writer, teacher)
-        except NonFiniteLossError as err:
-            raise SystemExit(f"error: {err}") from None
-        run.stop_if_requested(state, epoch, progress)
-        if stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
-            raise SystemExit(f"error: no image of epoch {epoch} could be read ({stats['bad_images']} files failed, "
-                             f"see the warnings above); check --data_path {cfg.data_path}")
-        if vis_images is not None and ((epoch + 1) % cfg.vis_freq == 0 or epoch + 1 == cfg.epochs):
-            figure = make_figure(model, vis_images, min_glyph=0)
-            run.writer.add_image("masks_and_predictions", figure, epoch, dataformats="HWC")
-        run.end_epoch(state, epoch, {f"train_{k}": v for k, v in stats.items()})
+    task = PretrainTask(model, cfg, run.device, schedule, vis_images)
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+          f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder)")
+    if cfg.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) stay as they are
+    fit(run, task, cfg, loader, None, schedule)
 
 
 if __name__ == "__main__":

@@ -110,20 +110,18 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
     check_data(ARGS)
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_segment import (SegmentConfig, build_segmenter, count_parameters, encoder_of,  # noqa: E402
-                            evaluate_checkpoint, segmentation_loaders, segmentation_optimizer, segmenter_layout,
-                            train_and_evaluate)
 from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder  # noqa: E402
+from engine_segment import (SegmentConfig, SegmentTask, build_segmenter, count_parameters,  # noqa: E402
+                            encoder_of, run_segmentation, segmentation_loaders, segmenter_layout)
 from models_convvit import check_classifier_name, conv_weights_channels_last  # noqa: E402
-from training.run import Run, TrainState  # noqa: E402
-from training.step import TrainStep  # noqa: E402
+from training.errors import RunError, exits_like_a_script  # noqa: E402
+from training.run import Run  # noqa: E402
 from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 from util.misc import launch_world_size, resolve_amp, resolve_device  # noqa: E402
 
 
 def validate_args(args) -> argparse.Namespace:
-    """Fails before any work, naming the flag; returns a copy of `args` with the run layer's epochs (evaluation
-    intervals) and warmup in them (`args` itself is left as it is)."""
+    """Fails before any work, naming the flag; returns `args` unchanged."""
     for flag in ("iters", "eval_interval", "decoder_channels", "aux_channels", "nb_classes", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise flag_error(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
@@ -174,12 +172,9 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
                                          f"step, and the PPM's 1 x 1 pooling one value per channel: use 2 or more "
                                          f"images per step (over all processes)")
-    epochs = args.iters // args.eval_interval
-    derived = argparse.Namespace(**{**vars(args), "epochs": epochs,
-                                    "warmup_epochs": args.warmup_iters / args.eval_interval})
-    check_run_flags(derived)
+    check_run_flags(args)
     check_classifier_name(args.model)
-    return derived
+    return args
 
 
 def resolve_config(args):
@@ -198,12 +193,13 @@ def resolve_config(args):
     return cfg, line
 
 
+@exits_like_a_script
 def main(args):
     cfg, lr_line = resolve_config(args)
     check_data(args)  # before the run's header and output folder
     with Run(cfg, save_freq=cfg.save_freq or None, keep_last=cfg.keep_last) as run:
         print(lr_line)
-        segment(run, cfg)
+        return segment(run, cfg)
 
 
 def segment(run: Run, cfg: SegmentConfig):
@@ -219,25 +215,17 @@ def segment(run: Run, cfg: SegmentConfig):
     try:
         model = build_segmenter(cfg, **layout)
     except ValueError as err:  # sizes or levels the encoder cannot give
-        raise SystemExit(f"error: {err} (check --model, --input_size, --out_indices and --aux_in_index)") from None
+        raise RunError(f"{err} (check --model, --input_size, --out_indices and --aux_in_index)") from None
     if cfg.finetune and not resume:
         load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=NEW_ENCODER_KEYS)
     print(f"UperNet on {cfg.model}: {count_parameters(model):.2f} M parameters "
           f"({count_parameters(model.backbone):.2f} M encoder), feature strides "
           f"{list(model.backbone.feature_info.reduction())}, channels {model.in_channels}")
     model = model.to(run.device)
-    if cfg.eval:
-        return evaluate_checkpoint(run, cfg, conv_weights_channels_last(model), val_loader, names)
-
-    if run.dist.distributed:  # statistics over the whole batch, as the recipe's SyncBN
+    if run.dist.distributed and not cfg.eval:  # statistics over the whole batch, as the recipe's SyncBN
         model = convert_sync_batchnorm(model, run.device)
-    model = conv_weights_channels_last(model)
-    trained = run.wrap(model)
-    optimizer = segmentation_optimizer(model, cfg)
-    step = TrainStep.for_run(trained, optimizer, cfg, run.rank, cfg.micro_batches_per_interval,
-                             loss_names=cfg.loss_names)
-    return train_and_evaluate(run, cfg, trained, TrainState(model, optimizer, step), (train_loader, val_loader),
-                              names)
+    task = SegmentTask(conv_weights_channels_last(model), cfg, run.device, names)
+    return run_segmentation(run, cfg, task, (train_loader, val_loader))
 
 
 if __name__ == "__main__":

@@ -922,17 +922,22 @@ register_model_deprecations(__name__, {
 # ---------------------------------------------------------------------------------------------------------------------
 # What the training scripts ask of the registry and of the models.
 
+class UnknownModelError(ValueError):
+    """--model names no model of the kind a script needs; the message names the closest registered ones."""
+
+
 def check_model_name(name: str, candidates, what: str) -> None:
-    """Exits naming --model and the closest registered names when `name` is not among `candidates`."""
+    """Raises UnknownModelError naming --model and the closest registered names when `name` is not among
+    `candidates`."""
     candidates = list(candidates)
     if name not in candidates:
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
-        raise SystemExit(f"error: --model {name!r} is not {what}" +
+        raise UnknownModelError(f"--model {name!r} is not {what}" +
                          (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(candidates)}"))
 
 
 def check_classifier_name(name: str) -> None:
-    """Exits unless --model names an encoder of this module; a former name works, with a note of the new one."""
+    """Raises UnknownModelError unless --model names an encoder of this module; a former name works, with a note of the new one."""
     renamed = timm.models.get_deprecated_models(TIMM_MODULE)
     if name in renamed:
         _logger.info(f"note: --model {name} is now called {renamed[name]}; the former name still works")

@@ -123,18 +123,27 @@ def pretrain_config(**overrides):
 
 
 def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, skipped=0, epoch=0):
-    """engine_pretrain.train_one_epoch's stats, with the TrainStep and Progress that main_pretrain.py builds."""
-    from engine_pretrain import LOSS_NAMES, train_one_epoch
+    """The stats of one epoch of pre-training (training.loop.train_round on engine_pretrain.PretrainTask), with the
+    TrainStep and Progress that training.loop.fit builds. `teacher`: an EMA teacher (or a stand-in with `update`)
+    for the task to update after each optimizer step; `student` is what it follows (the model's encoder)."""
+    from engine_pretrain import LOSS_NAMES, PretrainTask
+    from training.loop import Schedule, train_round
     from training.meters import Progress
     from training.step import TrainStep
-    from util.schedules import epoch_iterations
 
-    iters = epoch_iterations(len(loader), cfg.accum_iter)
+    schedule = Schedule.of_epochs(cfg.epochs, len(loader), cfg.accum_iter)
+    task = PretrainTask.__new__(PretrainTask)  # the model may be a stand-in without an encoder
+    task.model, task.trained, task.cfg, task.device, task.schedule = model, model, cfg, torch.device("cpu"), schedule
+    task.teacher, task.momentum, task.vis_images = teacher, float("nan"), None
+    if teacher is not None:
+        task.model = type("Student", (), {"encoder": student})()  # what the teacher follows
     rank = dist.get_rank() if dist.is_initialized() else 0
-    step = TrainStep.for_run(model, optimizer, cfg, rank, iters, loss_names=LOSS_NAMES, skipped=skipped,
-                             teacher=teacher, student=student, momentum_schedule=cfg.momentum_at if teacher else None)
-    progress = Progress(f"Epoch [{epoch}]", iters, cfg.print_freq, torch.device("cpu"), names=LOSS_NAMES)
-    return train_one_epoch(model, step, loader, epoch, cfg, progress, teacher=teacher)
+    step = TrainStep.for_run(model, optimizer, cfg, rank, lambda steps: cfg.lr_at(schedule.epochs(steps)),
+                             schedule.round_batches, loss_names=LOSS_NAMES, skipped=skipped,
+                             after_step=task.after_step)
+    progress = Progress(f"Epoch [{epoch}]", schedule.round_batches, cfg.print_freq, torch.device("cpu"),
+                        names=LOSS_NAMES)
+    return train_round(task, step, loader, progress, epoch, schedule)
 
 
 def stop_with_signal(cmd, env, cwd, when: str, sig, status: int = 75, group: bool = True) -> str:

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from training.loop import Schedule
 from training.meters import LossMeter, Progress, log_window
 from training.step import NonFiniteLossError, TrainStep
 
@@ -85,9 +86,17 @@ def test_log_window_checks_prints_and_writes_tensorboard_scalars(capsys):
     assert writer.scalars == [] and capsys.readouterr().out == ""
     out = step(lambda: model(torch.ones(1)).sum(), 0.0, 0)
     progress.losses.add(*out)
-    log_window(step, progress, 1, 0, writer, momentum=0.99)
+    log_window(step, progress, 1, Schedule(1, 4, 1).axis(0, 2), writer, momentum=0.99)
     assert [tag for tag, _, _ in writer.scalars] == ["train/loss", "train/lr", "train/momentum"]
     assert {x for _, _, x in writer.scalars} == {500}  # epoch_1000x: 2 of 4 iterations of epoch 0
     step(lambda: model(torch.ones(1)).sum() * float("nan"), 0.0, 1)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1"):
-        log_window(step, progress, 3, 0, writer)
+        log_window(step, progress, 3, 1000, writer)
+
+
+def test_the_loop_axis_is_epoch_x_1000_for_epochs_and_the_optimizer_step_for_iterations():
+    epochs, intervals = Schedule(3, 4, 2), Schedule(10, 50, 2, unit="iteration")
+    assert epochs.axis(1, 4) == 1500 and epochs.round_batches == 8 and epochs.steps == 12
+    assert intervals.axis(2, 10) == 105 and intervals.axis(3, 0) == 150  # 2 micro-batches per step
+    assert intervals.header(2) == "Iterations 100-150" and intervals.label(2) == "iteration 150"
+    assert epochs.header(1) == "Epoch [1]" and epochs.label(1) == "epoch 1"

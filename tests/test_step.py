@@ -1,4 +1,4 @@
-"""training.step.TrainStep: accumulation, precision, clipping, schedules, seeding, the EMA teacher and the
+"""training.step.TrainStep: accumulation, precision, clipping, schedules, seeding, the post-step hook and the
 non-finite policy (the policy's behaviour inside an epoch is in test_engine_pretrain.py)."""
 import datetime
 import socket
@@ -90,16 +90,15 @@ class _Teacher:
         self.momenta.append(momentum)
 
 
-def test_teacher_follows_each_optimizer_step_with_the_scheduled_momentum():
+def test_after_step_follows_each_optimizer_step_with_the_scheduled_momentum():
+    # the post-step hook of a task (pre-training's EMA teacher) gets the position of each window's last batch
     model, teacher = linear(), _Teacher()
     step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p: 0.1, accum_iter=2,
-                     teacher=teacher, student=model, momentum_schedule=lambda progress: 0.9 + progress)
+                     after_step=lambda progress: teacher.update(model, 0.9 + progress))
     x, y = data()
     for index in range(4):
         step(mse(model, x, y), index / 100, index)
     assert teacher.momenta == [pytest.approx(0.91), pytest.approx(0.93)]  # the progress of each window's last batch
-    with pytest.raises(ValueError, match="needs its student and a momentum schedule"):
-        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p: 0.1, teacher=teacher)
 
 
 def test_a_nonfinite_loss_is_remembered_without_a_host_read_and_named_with_its_epoch():

@@ -20,12 +20,10 @@ class TrainConfig:
     model: str
     input_size: int
     batch_size: int
-    epochs: int
     accum_iter: int
     lr: float  # resolved from --blr unless given
     blr: float
     min_lr: float
-    warmup_epochs: float
     weight_decay: float
     clip_grad: Optional[float]
     skip_nonfinite: int
@@ -51,8 +49,8 @@ class TrainConfig:
     # --allow_flag_changes. RESUME_MAY_CHANGE: the flags that say where and how the run executes or reports, not what
     # it computes, each with the reason it may change on resume.
     RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = (
-        "model", "input_size", "batch_size", "world_size", "accum_iter", "epochs", "lr", "blr", "min_lr",
-        "warmup_epochs", "weight_decay", "clip_grad", "seed")
+        "model", "input_size", "batch_size", "world_size", "accum_iter", "lr", "blr", "min_lr", "weight_decay",
+        "clip_grad", "seed")
     RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
         "data_path": "the same data may be read from another place (its content is not compared)",
         "output_dir": "where the run writes, not what it computes",
@@ -93,10 +91,20 @@ class TrainConfig:
         """Unique images per optimizer step, over all processes."""
         return self.batch_size * self.accum_iter * self.world_size
 
-    def lr_at(self, progress: float) -> float:
-        """Linear warmup to --lr over --warmup_epochs, then a half-cosine to --min_lr at --epochs."""
-        return cosine_lr(progress, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
-
     def flags(self) -> dict:
         """The config as a plain dict of flag names to values (what checkpoints keep as `args`)."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EpochConfig(TrainConfig):
+    """A run counted in epochs of its data (pre-training, fine-tuning, probing), with MAE's lr schedule."""
+    epochs: int
+    warmup_epochs: float
+
+    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + ("epochs", "warmup_epochs")
+
+    def lr_at(self, progress: float) -> float:
+        """Linear warmup to --lr over --warmup_epochs, then a half-cosine to --min_lr at --epochs (`progress` in
+        epochs)."""
+        return cosine_lr(progress, self.lr, self.min_lr, self.warmup_epochs, self.epochs)

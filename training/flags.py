@@ -6,6 +6,8 @@ import os
 import signal
 from typing import Sequence
 
+from training.errors import flag_error
+
 # Defaults and choices that name models (kept here so that a parser needs no model code): the released pre-training
 # recipe's model (models_dmjd), and the features a linear probe can take (models_convvit.LinearProbe).
 DEFAULT_PRETRAIN_MODEL = "dmjd_convit_base_patch16_dec8_hog"
@@ -59,13 +61,9 @@ def check_classification_data(args) -> None:
                     "an ImageFolder root: train/ and val/, each with one folder of images per class")
 
 
-def flag_error(flag: str, why: str) -> SystemExit:
-    return SystemExit(f"error: {flag} {why}")
-
-
 def check_run_flags(args) -> None:
     """The checks every training script makes before any work; each failure names its flag. Reads, never writes."""
-    for flag in ("batch_size", "accum_iter", "epochs", "input_size", "print_freq"):
+    for flag in ("batch_size", "accum_iter", "input_size", "print_freq"):
         if getattr(args, flag) < 1:
             raise flag_error(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
     for flag in ("skip_nonfinite", "num_workers", "weight_decay", "min_lr"):
@@ -83,6 +81,12 @@ def check_run_flags(args) -> None:
     for name in (n.strip() for n in args.stop_signals.split(",")):
         if name in ("KILL", "STOP") or not isinstance(getattr(signal, "SIG" + name, None), signal.Signals):
             raise flag_error("--stop_signals", f"{name!r} is not a signal that can be caught (e.g. TERM,USR1)")
+
+
+def check_epoch_flags(args) -> None:
+    """--epochs and --warmup_epochs of a run counted in epochs."""
+    if args.epochs < 1:
+        raise flag_error("--epochs", f"must be >= 1, got {args.epochs}")
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise flag_error("--warmup_epochs", f"must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}; "
                                             f"give a shorter warmup for a short run")

@@ -160,15 +160,15 @@ class Progress:
         self.losses.load_state_dict(state["losses"])
 
 
-def log_window(step: TrainStep, progress: Progress, index: int, epoch: int, writer=None, **scalars) -> None:
+def log_window(step: TrainStep, progress: Progress, index: int, x: int, writer=None, **scalars) -> None:
     """A progress line of the losses since the last one (the only host read of the loop), after the non-finite
-    check that every rank takes at the same iterations; the same values to TensorBoard on an epoch_1000x axis."""
+    check that every rank takes at the same iterations; the same values to TensorBoard at `x` (the loop's axis:
+    epoch x 1000, or the optimizer step)."""
     step.raise_if_nonfinite()
     means = progress.losses.read_window()
     if means is None:  # mid-accumulation, or no readable image yet: the next line covers this window too
         return
     progress.line(index, means, lr=step.lr, **scalars)
     if writer is not None:
-        x = int((epoch + (index + 1) / progress.total) * 1000)  # comparable across batch sizes
         for name, value in {**means, "lr": step.lr, **scalars}.items():
             writer.add_scalar(f"train/{name}", value, x)

@@ -5,14 +5,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from training.data import seed_step
+from training.errors import NonFiniteLossError
 from util.misc import all_reduce_min, apply_gradients, note_collective
 from util.schedules import set_lr
 
 Losses = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """A non-finite loss (or gradient) that the run may not skip; the last good checkpoint is kept."""
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -26,9 +23,9 @@ class TrainStep:
 
     Each call runs `forward()` under autocast (bf16, fp16 or none), scales its loss by the micro-batch's weight
     and 1 / `accum_iter`, and runs backward; on the micro-batches before the last of a window, DDP's gradient
-    all-reduce is skipped (`no_sync`). The last one of each window sets the lr of the window's first progress
-    (`lr_schedule`, a pure function of progress in epochs), unscales (fp16, with a grad scaler), clips, steps,
-    zeroes the gradients and updates the EMA teacher with `momentum_schedule(progress)`.
+    all-reduce is skipped (`no_sync`). The first micro-batch of each window sets the lr (`lr_schedule`, a pure
+    function of the position the loop gives: optimizer steps); the last one unscales (fp16, with a grad scaler),
+    clips, steps, zeroes the gradients and calls `after_step(position)` (e.g. a task's EMA teacher update).
 
     `forward()` returns the loss, or the loss and a dict of detached parts named in `loss_names[1:]` (missing
     parts count as 0). A call returns, once per applied optimizer step, the window's summed losses (a device
@@ -43,34 +40,30 @@ class TrainStep:
       remembered on the device; `raise_if_nonfinite()`, called when the losses are read anyway (every
       `--print_freq` steps), raises NonFiniteLossError naming it, on every rank.
     - `skip_nonfinite` N > 0: before each optimizer step the window's losses (and, without a grad scaler, the
-      gradients) are checked on the host and agreed on by all ranks; a bad step is skipped (no optimizer or teacher
-      update) until N have been skipped in the run (`skipped` counts them, resumed runs included); the next raises.
+      gradients) are checked on the host and agreed on by all ranks; a bad step is skipped (no optimizer step, no
+      `after_step`) until N have been skipped in the run (`skipped` counts them, resumed runs included); the next
+      raises.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_schedule: Callable[[float], float], *, accum_iter: int = 1,
                  amp_dtype: Optional[torch.dtype] = None, clip_grad: Optional[float] = None,
                  skip_nonfinite: int = 0, skipped: int = 0, loss_names: Sequence[str] = ("loss",),
-                 teacher=None, student: Optional[torch.nn.Module] = None,
-                 momentum_schedule: Optional[Callable[[float], float]] = None,
-                 iters_per_epoch: Optional[int] = None, seed: Optional[int] = None, rank: int = 0):
+                 after_step: Optional[Callable[[float], None]] = None, iters_per_epoch: Optional[int] = None, seed: Optional[int] = None, rank: int = 0):
         if accum_iter < 1:
             raise ValueError(f"accum_iter must be >= 1, got {accum_iter}")
-        if (teacher is None) != (momentum_schedule is None) or (teacher is not None and student is None):
-            raise ValueError("an EMA teacher needs its student and a momentum schedule")
         self.model, self.optimizer = model, optimizer
-        self.lr_schedule, self.momentum_schedule = lr_schedule, momentum_schedule
+        self.lr_schedule, self.after_step = lr_schedule, after_step
         self.accum_iter, self.amp_dtype, self.clip_grad = accum_iter, amp_dtype, clip_grad
         self.skip_nonfinite, self.skipped = skip_nonfinite, skipped
         self.loss_names = tuple(loss_names)
-        self.teacher, self.student = teacher, student
         self.iters_per_epoch = iters_per_epoch  # only to name a bad step's epoch and iteration
         self.seed, self.rank = seed, rank
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype is torch.float16 else None
         self.is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.lr = self.momentum = float("nan")
+        self.lr = float("nan")
 
         n = len(self.loss_names)
         self._micro = 0  # micro-batches taken in the current window
@@ -82,16 +75,18 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
 
     @classmethod
-    def for_run(cls, model, optimizer, cfg, rank: int, iters_per_epoch: int, **kwargs) -> "TrainStep":
-        """The step a training script takes: the config's lr schedule, accumulation, precision, clipping and
+    def for_run(cls, model, optimizer, cfg, rank: int, lr_schedule: Callable[[float], float], iters_per_epoch: int,
+                **kwargs) -> "TrainStep":
+        """The step a training script takes: `lr_schedule` and the config's accumulation, precision, clipping and
         non-finite policy (`cfg`: a training.config.TrainConfig), seeded from --seed."""
-        return cls(model, optimizer, cfg.lr_at, accum_iter=cfg.accum_iter, amp_dtype=cfg.amp_dtype,
+        return cls(model, optimizer, lr_schedule, accum_iter=cfg.accum_iter, amp_dtype=cfg.amp_dtype,
                    clip_grad=cfg.clip_grad, skip_nonfinite=cfg.skip_nonfinite, iters_per_epoch=iters_per_epoch,
                    seed=cfg.seed, rank=rank, **kwargs)
 
     def __call__(self, forward: Callable[[], Losses], progress: float, index: int,
                  weight: float = 1.0) -> Optional[Tuple[torch.Tensor, int]]:
-        """One micro-batch at `progress` (fractional epochs) and run-wide micro-batch `index` (named in errors)."""
+        """One micro-batch at `progress` (the schedules' position: optimizer steps in the loop) and run-wide
+        micro-batch `index` (named in errors)."""
         if self._micro == 0:
             self.lr = self.lr_schedule(progress)
             set_lr(self.optimizer, self.lr)
@@ -135,9 +130,8 @@ class TrainStep:
                                           what=f"the agreement on skipping non-finite step {index}"))
         if applied:
             apply_gradients(self.optimizer, self.scaler, self.params, self.clip_grad)
-            if self.teacher is not None:
-                self.momentum = self.momentum_schedule(progress)
-                self.teacher.update(self.student, self.momentum)
+            if self.after_step is not None:
+                self.after_step(progress)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self._skip(window / max(1, count), index)

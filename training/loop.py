@@ -1,0 +1,240 @@
+"""The one training loop: a script describes its task (`Task`), and `fit` trains it.
+
+    task = MyTask(...)                                   # builds what it trains; turns a batch into a loss
+    with Run(cfg) as run:
+        fit(run, task, cfg, train_loader, val_loader, Schedule.of_epochs(cfg.epochs, len(train_loader), cfg.accum_iter))
+
+The loop counts optimizer steps. A `Schedule` cuts them into rounds: an evaluation, a checkpoint and a log.txt line
+end each round. An epoch-based script's round is an epoch of its data; an iteration-based one's (segmentation) is
+--eval_interval steps. `fit` owns what is the same for every task: resume, stop requests (a checkpoint of the current
+step, then Preempted), the non-finite policy (NonFiniteLossError, raised), best-score tracking, checkpoints and
+log.txt. `train_round` trains one round's micro-batches, `evaluate` runs the task's evaluation over a loader and
+`evaluate_checkpoint` is --eval.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from training.config import TrainConfig
+from training.errors import RunError
+from training.meters import Progress, log_window
+from training.run import Run, TrainState
+from training.step import Losses, TrainStep
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run in optimizer steps: `rounds` rounds of `round_steps` steps, each of `accum_iter` micro-batches.
+    `unit` is what the script calls a round: "epoch" (TensorBoard's axis is then MAE's epoch x 1000) or
+    "iteration" (a round is --eval_interval optimizer steps; the axis counts steps)."""
+    rounds: int
+    round_steps: int
+    accum_iter: int
+    unit: str = "epoch"
+
+    @classmethod
+    def of_epochs(cls, epochs: int, batches_per_epoch: int, accum_iter: int) -> "Schedule":
+        """Epochs of a loader's batches; an incomplete last accumulation window of an epoch is not taken."""
+        return cls(epochs, batches_per_epoch // accum_iter, accum_iter)
+
+    @property
+    def steps(self) -> int:
+        return self.rounds * self.round_steps
+
+    @property
+    def round_batches(self) -> int:
+        """Micro-batches of a round."""
+        return self.round_steps * self.accum_iter
+
+    def epochs(self, steps: float) -> float:
+        """Optimizer steps as (fractional) rounds: what an epoch-based lr schedule takes."""
+        return steps / self.round_steps
+
+    def axis(self, round_index: int, batches_done: int) -> int:
+        """TensorBoard's x of a point `batches_done` micro-batches into a round."""
+        if self.unit == "epoch":
+            return int((round_index + batches_done / self.round_batches) * 1000)  # comparable across batch sizes
+        return (round_index * self.round_batches + batches_done) // self.accum_iter
+
+    @property
+    def round_name(self) -> str:
+        return "epoch" if self.unit == "epoch" else "evaluation interval"
+
+    def label(self, round_index: int) -> str:
+        """The round as the script reports it: "epoch 3", or "iteration 48000" (the step it ends at)."""
+        return f"epoch {round_index}" if self.unit == "epoch" else f"iteration {(round_index + 1) * self.round_steps}"
+
+    def span(self, round_index: int) -> str:
+        return f"epoch {round_index}" if self.unit == "epoch" else \
+            f"iterations {round_index * self.round_steps}-{(round_index + 1) * self.round_steps}"
+
+    def header(self, round_index: int) -> str:
+        if self.unit == "epoch":
+            return f"Epoch [{round_index}]"
+        return f"Iterations {round_index * self.round_steps}-{(round_index + 1) * self.round_steps}"
+
+
+class Task:
+    """What a script trains, behind what the loop needs of it. Subclasses set `model` (saved as the checkpoint's
+    "model"; DDP wraps it into `trained`, which `loss` calls) and override what differs from these defaults.
+
+    - `loss_names`: the loss and its named parts, as `loss` returns them.
+    - `best`: the score of `evaluate_batches` whose highest value marks checkpoint-best.pth (None: no evaluation).
+    - `prepare(inputs, targets)` -> (inputs, targets, readable): a batch on the device, `readable` its real samples.
+      A batch whose every file was unreadable arrives as `placeholder()` and trains with weight 0 (every DDP rank
+      must take each step), counted as an empty batch.
+    - `after_step(steps)`: called after each applied optimizer step (e.g. the EMA teacher's update).
+    - `extra_state()` / `load_extra_state(checkpoint, path)`: what a checkpoint holds beyond the model, the optimizer
+      and the step (e.g. the teacher), as top-level entries.
+    """
+    loss_names: Tuple[str, ...] = ("loss",)
+    best: Optional[str] = None
+    model: torch.nn.Module
+    trained: torch.nn.Module
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def placeholder(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def prepare(self, inputs, targets) -> Tuple[object, object, int]:
+        raise NotImplementedError
+
+    def loss(self, inputs, targets) -> Losses:
+        raise NotImplementedError
+
+    def after_step(self, steps: float) -> None:
+        pass
+
+    def scalars(self) -> Dict[str, float]:
+        """Values printed and logged with each progress line besides the losses and the lr."""
+        return {}
+
+    def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """The training record of a round: `stats` (losses, lr, counts over all ranks) as the script reports it."""
+        return stats
+
+    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, object]:
+        raise NotImplementedError
+
+    def report(self, scores: Dict[str, object]) -> str:
+        return "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+
+    def scores_record(self, scores: Dict[str, object]) -> dict:
+        """The log.txt entries of an evaluation."""
+        return {f"test_{k}": v for k, v in scores.items()}
+
+    def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
+        pass
+
+    def evaluated(self, scores: Dict[str, object], label: str) -> None:
+        """After each evaluation, on the main process (e.g. a per-class table)."""
+
+    def end_round(self, round_index: int, writer) -> None:
+        """After each round, on the main process (e.g. a picture for TensorBoard)."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, checkpoint: dict, path: str) -> None:
+        pass
+
+
+def train_round(task: Task, step: TrainStep, loader, progress: Progress, round_index: int, schedule: Schedule,
+                writer=None) -> Dict[str, float]:
+    """Trains the micro-batches of a round that `progress` tracks (all of them, or the rest of an interrupted round,
+    until a stop is agreed); returns the round's mean losses, lr and counts, summed over all ranks."""
+    task.trained.train()
+    skipped_before = step.skipped
+    first = round_index * schedule.round_batches
+    for it, batch in progress.track(loader):
+        inputs, targets, num_bad = batch if len(batch) == 3 else (*batch, 0)  # (inputs, targets[, unreadable])
+        weight = 1.0
+        if inputs is None or len(inputs) == 0:  # every file of the batch was unreadable (each named in a warning)
+            (inputs, targets), weight = task.placeholder(), 0.0
+        inputs, targets, readable = task.prepare(inputs, targets)
+        progress.count(readable if weight else 0, bad_images=num_bad, empty_batches=int(weight == 0))
+        # the schedule's position is in optimizer steps: the lr of a window is set at its first micro-batch
+        losses = step(lambda: task.loss(inputs, targets), (first + it) / schedule.accum_iter, first + it, weight)
+        if losses is not None:
+            progress.losses.add(*losses)
+        if progress.due(it):
+            log_window(step, progress, it, schedule.axis(round_index, it + 1), writer, **task.scalars())
+
+    stats = {"bad_images": 0, "empty_batches": 0, **progress.totals()}
+    stats.update(lr=step.lr, steps=progress.total // schedule.accum_iter, nonfinite_skipped=step.skipped - skipped_before,
+                 **task.scalars())
+    summary = "  ".join(f"{n} {stats[n]:.4f}" for n in task.loss_names) + f"  {stats['images']} images"
+    if stats["bad_images"]:
+        summary += (f", {stats['bad_images']} unreadable samples skipped ({stats['empty_batches']} batches had no "
+                    f"readable sample)")
+    if stats["nonfinite_skipped"]:
+        summary += f", {stats['nonfinite_skipped']} non-finite steps skipped"
+    print(f"{progress.header} {'stopped' if progress.stopped else 'done'}: {summary}; {progress.summary()}", flush=True)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(task: Task, loader, device: torch.device, print_freq: int) -> Dict[str, object]:
+    """The task's scores over every sample the loader gives this process, summed over the processes (each sample
+    once when the loader shards without padding)."""
+    task.model.eval()
+    return task.evaluate_batches(loader, Progress("Test", len(loader), print_freq, device))
+
+
+def evaluate_checkpoint(run: Run, task: Task, loader, label: str) -> Dict[str, object]:
+    """--eval: the weights of --resume (if given, else the model as it is) on `loader`; the scores are written to
+    log.txt as a record of `label` (fsync'd, as the run's lines) and returned."""
+    run.resume(None, task.model, auto=False)
+    scores = evaluate(task, loader, run.device, run.cfg.print_freq)
+    if run.is_main:
+        task.evaluated(scores, label)
+        run.append_log({"eval": label, **task.scores_record(scores)})
+    return scores
+
+
+def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedule: Schedule,
+        lr_at=None) -> Dict[str, object]:
+    """Trains `task` for the schedule's rounds: wraps its model for DDP, takes its optimizer, resumes the newest good
+    checkpoint, and after each round evaluates on `val_loader` (if given), tracks the best score and writes the
+    round's checkpoints and log.txt line. `lr_at(steps)`: the lr after that many optimizer steps (default: the
+    config's epoch-based schedule). Returns the last evaluation's scores (or the last round's training record)."""
+    task.trained = run.wrap(task.model)
+    optimizer = task.optimizer()
+    lr_at = lr_at or (lambda steps: cfg.lr_at(schedule.epochs(steps)))
+    step = TrainStep.for_run(task.trained, optimizer, cfg, run.rank, lr_at, schedule.round_batches,
+                             loss_names=task.loss_names, after_step=task.after_step)
+    state = TrainState(task.model, optimizer, step, task)
+    start = run.resume(state)
+    best_key = f"best_{task.best}" if task.best else None
+    best = run.saved.get(best_key) if best_key else None
+    result: Dict[str, object] = {}
+    for r in run.rounds(start, schedule.rounds, train_loader, schedule.round_name):
+        progress = run.progress(r, schedule.round_batches, task.loss_names, header=schedule.header(r),
+                                later_iters=(schedule.rounds - r - 1) * schedule.round_batches)
+        stats = train_round(task, step, train_loader, progress, r, schedule, run.writer)
+        run.stop_if_requested(state, r, progress, **({best_key: best} if best_key else {}))
+        if stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
+            raise RunError(f"no image of {schedule.span(r)} could be read ({stats['bad_images']} files failed, see "
+                           f"the warnings above); check --data_path {cfg.data_path}")
+        record = {} if schedule.unit == "epoch" else {"iteration": (r + 1) * schedule.round_steps}
+        record.update({f"train_{k}": v for k, v in task.round_stats(stats).items()})
+        result, is_best = stats, False
+        if val_loader is not None:
+            result = evaluate(task, val_loader, run.device, cfg.print_freq)
+            is_best = best is None or result[task.best] > best
+            best = result[task.best] if is_best else best
+            print(f"{schedule.label(r)}: {task.report(result)}; best {task.best} {best:.2f}")
+            if run.writer is not None:
+                task.log_scores(run.writer, result, schedule.axis(r + 1, 0))
+            if run.is_main:
+                task.evaluated(result, schedule.label(r))
+            record.update(task.scores_record(result), **{best_key: best})
+        if run.is_main:
+            task.end_round(r, run.writer)
+        run.end_epoch(state, r, record, best=is_best, **({best_key: best} if best_key else {}))
+    if best is not None:
+        print(f"best {task.best} {best:.2f}")
+    return result
