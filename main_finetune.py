@@ -73,14 +73,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.optim import param_groups_layer_decay  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the classifiers with timm)
+from dmjd_encoders.pretrained import (PretrainedWeightsError, architecture_kwargs, encoder_layout,  # noqa: E402
+                                     load_encoder)
 from engine_finetune import (ClassificationConfig, check_classification_flags,  # noqa: E402
-                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
-                             resolve_classification, train_and_evaluate)
+                             classification_loaders, evaluate_checkpoint, resolve_classification, train_and_evaluate)
 from models_convvit import conv_weights_channels_last  # noqa: E402
 from training.run import Run, TrainState  # noqa: E402
 from training.step import TrainStep  # noqa: E402
 from util.schedules import epoch_iterations  # noqa: E402
-from util.checkpoint import architecture_kwargs  # noqa: E402
 from util.transforms import eval_transform, finetune_transform  # noqa: E402
 
 
@@ -109,16 +109,22 @@ class FinetuneConfig(ClassificationConfig):
 
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns `args` unchanged."""
-    check_classification_flags(args)
+    try:
+        check_classification_flags(args)
+    except PretrainedWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
     return args
 
 
 def main(args):
-    cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
-    check_classification_data(args)  # before the run's header and output folder
-    with Run(cfg) as run:
-        print(lr_line)
-        finetune(run, cfg)
+    try:
+        cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
+        check_classification_data(args)  # before the run's header and output folder
+        with Run(cfg) as run:
+            print(lr_line)
+            finetune(run, cfg)
+    except PretrainedWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def finetune(run: Run, cfg: FinetuneConfig):

@@ -49,13 +49,14 @@ import torch  # noqa: E402
 from timm.optim import Lars  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
+from dmjd_encoders.pretrained import (FRESH_KEYS, PretrainedWeightsError, architecture_kwargs,  # noqa: E402
+                                     encoder_layout, load_encoder)
 from engine_finetune import (ClassificationConfig, check_classification_flags,  # noqa: E402
-                             classification_loaders, encoder_layout, evaluate_checkpoint, load_encoder,
-                             resolve_classification, train_and_evaluate)
+                             classification_loaders, evaluate_checkpoint, resolve_classification, train_and_evaluate)
 from models_convvit import LinearProbe, conv_weights_channels_last  # noqa: E402
 from training.run import Run, TrainState, resume_candidates  # noqa: E402
 from training.step import TrainStep  # noqa: E402
-from util.checkpoint import architecture_kwargs, load_checkpoint  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
 from util.schedules import epoch_iterations  # noqa: E402
 from util.transforms import eval_transform, linprobe_transform  # noqa: E402
 
@@ -97,20 +98,26 @@ def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns `args` unchanged."""
     if not 0 < args.min_crop_scale <= 1:
         raise SystemExit(f"error: --min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
-    check_classification_flags(args)
+    try:
+        check_classification_flags(args)
+    except PretrainedWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
     return args
 
 
 def main(args):
-    args = validate_args(args)
-    check_classification_data(args)  # before the run's header and output folder
-    found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda path, why: None)
-    resume = found[0][1] if found else None
-    cfg, lr_line = resolve_classification(LinprobeConfig, args,
-                                          probe_features=resumed_probe_features(args, resume))
-    with Run(cfg) as run:
-        print(lr_line)
-        probe(run, cfg)
+    try:
+        args = validate_args(args)
+        check_classification_data(args)  # before the run's header and output folder
+        found = resume_candidates(args.resume, None if args.eval else args.output_dir, report=lambda path, why: None)
+        resume = found[0][1] if found else None
+        cfg, lr_line = resolve_classification(LinprobeConfig, args,
+                                              probe_features=resumed_probe_features(args, resume))
+        with Run(cfg) as run:
+            print(lr_line)
+            probe(run, cfg)
+    except PretrainedWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def probe(run: Run, cfg: LinprobeConfig):
@@ -121,7 +128,7 @@ def probe(run: Run, cfg: LinprobeConfig):
     layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     encoder = timm.create_model(cfg.model, img_size=cfg.input_size, **layout)
     if cfg.finetune:
-        load_encoder(encoder, cfg.finetune, cfg.checkpoint_key, allowed_missing=())
+        load_encoder(encoder, cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["probe"])
     elif not cfg.eval:
         print("warning: no --finetune checkpoint: probing a randomly initialised encoder")
     model = conv_weights_channels_last(LinearProbe(encoder, cfg.nb_classes, cfg.probe_features).to(run.device))

@@ -13,8 +13,6 @@ from training.flags import add_run_flags, check_data_path, check_run_flags, flag
 
 # mmseg's multi-scale test ratios (MultiScaleFlipAug's img_ratios in its ADE20K configs)
 AUG_TEST_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-# Keys of the encoder that --finetune's checkpoints do not hold: the stride-32 level is new in segmentation.
-NEW_ENCODER_KEYS = ("head.", "fc_norm.", "downsample32.")
 
 
 def get_args_parser():
@@ -111,9 +109,9 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
 from engine_segment import (SegmentConfig, build_segmenter, count_parameters, encoder_of,  # noqa: E402
-                            evaluate_checkpoint, segmentation_loaders, segmentation_optimizer, segmenter_layout,
-                            train_and_evaluate)
-from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder  # noqa: E402
+                            evaluate_checkpoint, segmentation_loaders, segmentation_optimizer, train_and_evaluate)
+from dmjd_encoders.pretrained import (FRESH_KEYS, PretrainedWeightsError, architecture_kwargs,  # noqa: E402
+                                     check_pretrained_flag, encoder_layout, load_encoder)
 from models_convvit import check_classifier_name, conv_weights_channels_last  # noqa: E402
 from training.run import Run, TrainState  # noqa: E402
 from training.step import TrainStep  # noqa: E402
@@ -166,7 +164,10 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--eval_stride", f"must be in [1, the window {crop}], got {args.eval_stride}")
     if min(args.aug_test_ratios) <= 0:
         raise flag_error("--aug_test_ratios", f"must be positive, got {args.aug_test_ratios}")
-    check_pretrained_flag(args.finetune)
+    try:
+        check_pretrained_flag(args.finetune)
+    except PretrainedWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.eval and not args.resume:
         raise flag_error("--eval", "needs --resume: the checkpoint of a segmentation run to evaluate")
     world_size = launch_world_size()
@@ -199,11 +200,14 @@ def resolve_config(args):
 
 
 def main(args):
-    cfg, lr_line = resolve_config(args)
-    check_data(args)  # before the run's header and output folder
-    with Run(cfg, save_freq=cfg.save_freq or None, keep_last=cfg.keep_last) as run:
-        print(lr_line)
-        segment(run, cfg)
+    try:
+        cfg, lr_line = resolve_config(args)
+        check_data(args)  # before the run's header and output folder
+        with Run(cfg, save_freq=cfg.save_freq or None, keep_last=cfg.keep_last) as run:
+            print(lr_line)
+            segment(run, cfg)
+    except PretrainedWeightsError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def segment(run: Run, cfg: SegmentConfig):
@@ -215,13 +219,13 @@ def segment(run: Run, cfg: SegmentConfig):
 
     # A checkpoint in MAE's / timm's ViT layout (with a class token) keeps its class token, as fine-tuning does.
     resume = run.resume_path(auto=not cfg.eval)
-    layout = segmenter_layout(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
+    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     try:
         model = build_segmenter(cfg, **layout)
     except ValueError as err:  # sizes or levels the encoder cannot give
         raise SystemExit(f"error: {err} (check --model, --input_size, --out_indices and --aux_in_index)") from None
     if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=NEW_ENCODER_KEYS)
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
     print(f"UperNet on {cfg.model}: {count_parameters(model):.2f} M parameters "
           f"({count_parameters(model.backbone):.2f} M encoder), feature strides "
           f"{list(model.backbone.feature_info.reduction())}, channels {model.in_channels}")
