@@ -1,15 +1,13 @@
 """Supervised training on a pre-trained encoder (fine-tuning or linear probing): the config both scripts share, their
 task for the training loop (training.loop), and top-1 / top-5 evaluation."""
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from dmjd_encoders.pretrained import check_pretrained_flag
 from models_convvit import check_classifier_name
-from models_dmjd import ENCODER_NAMES
 from training.config import EpochConfig
 from training.data import eval_loader, train_loader
 from training.errors import RunError, flag_error
@@ -18,8 +16,6 @@ from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
 from training.step import autocast_context
-from util.checkpoint import (ArchitectureMismatch, CheckpointError, architecture_kwargs, check_encoder_loaded,
-                             load_pretrained, saved_model)
 from util.datasets import classification_folders, skip_bad_collate
 from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_device
 
@@ -64,40 +60,6 @@ def resolve_classification(config_cls, args, **resolved):
             f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
     return config_cls.from_args(args, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
                                 **resolved), line
-
-
-def check_pretrained_flag(path: str) -> None:
-    """--finetune, when given, must name something to load (a checkpoint file or an export folder)."""
-    if path and not os.path.exists(path):
-        raise flag_error("--finetune", f"{path!r} is neither a checkpoint file nor an export folder")
-
-
-@contextlib.contextmanager
-def _pretrained_errors(path: str):
-    """A --finetune checkpoint that cannot be read, or does not fit, ends the script saying why, and which --model
-    fits it when the checkpoint says what it was trained as."""
-    try:
-        yield
-    except (ArchitectureMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
-        trained_as = saved_model(path)
-        hint = (f" It holds the encoder of {trained_as!r}: fine-tune or probe it with --model "
-                f"{ENCODER_NAMES.get(trained_as, trained_as)}." if trained_as else "")
-        raise SystemExit(f"error: --finetune {err}{hint}") from None
-
-
-def encoder_layout(path: str, key: str = "model") -> dict:
-    """`architecture_kwargs` of --finetune's checkpoint (the build arguments its encoder layout needs), read before
-    the model is built; a file that cannot be read ends the script naming the flag."""
-    with _pretrained_errors(path):
-        return architecture_kwargs(path, key)
-
-
-def load_encoder(model: torch.nn.Module, path: str, key: str = "model",
-                 allowed_missing=("head.", "fc_norm.")) -> None:
-    """--finetune's encoder weights into `model`; see `_pretrained_errors` for a checkpoint that does not fit."""
-    with _pretrained_errors(path):
-        missing, unexpected = load_pretrained(model, path, key)
-        check_encoder_loaded(missing, unexpected, path, allowed_missing)
 
 
 def classification_loaders(run: Run, cfg: ClassificationConfig, train_transform, val_transform):

@@ -6,7 +6,6 @@ The recipe is iteration-based (mmseg's IterBasedRunner): `--iters` optimizer ste
 (training.data.stream_loader): a run resumed anywhere continues with exactly the crops an uninterrupted one would have
 seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`).
 """
-import json
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -22,7 +21,6 @@ from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
 from training.step import autocast_context
-from util.checkpoint import load_checkpoint
 from util.datasets import skip_bad_collate
 from util.misc import all_reduce_sum
 from util.schedules import poly_lr
@@ -125,13 +123,6 @@ def build_segmenter(cfg: SegmentConfig, **layout) -> UperNet:
                           aux_in_index=cfg.aux_in_index if cfg.aux_weight > 0 else None,
                           aux_channels=cfg.aux_channels, pool_scales=cfg.pool_scales, dropout=cfg.head_dropout,
                           img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **layout)
-
-
-def segmenter_layout(checkpoint: str) -> dict:
-    """The encoder build arguments a segmentation checkpoint's weights need (util.checkpoint.architecture_kwargs for
-    a UperNet's): `class_token=True` when its encoder has MAE's / timm's ViT class token. Reads only the keys."""
-    keys = load_checkpoint(checkpoint, mmap=True)["model"]
-    return {"class_token": True} if "backbone.model.cls_token" in keys else {}
 
 
 def segmentation_optimizer(model: UperNet, cfg: SegmentConfig) -> torch.optim.AdamW:

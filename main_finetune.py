@@ -73,13 +73,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.optim import param_groups_layer_decay  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the classifiers with timm)
+from dmjd_encoders.pretrained import architecture_kwargs, encoder_layout, load_encoder  # noqa: E402
 from engine_finetune import (ClassificationConfig, ClassificationTask, check_classification_flags,  # noqa: E402
-                             classification_loaders, encoder_layout, load_encoder, resolve_classification,
-                             run_classification)
+                             classification_loaders, resolve_classification, run_classification)
 from models_convvit import conv_weights_channels_last  # noqa: E402
 from training.errors import exits_like_a_script, flag_error  # noqa: E402
 from training.run import Run  # noqa: E402
-from util.checkpoint import architecture_kwargs  # noqa: E402
 from util.transforms import eval_transform, finetune_transform  # noqa: E402
 
 

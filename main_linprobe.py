@@ -49,14 +49,14 @@ import torch  # noqa: E402
 from timm.optim import Lars  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
+from dmjd_encoders.pretrained import FRESH_KEYS, architecture_kwargs, encoder_layout, load_encoder  # noqa: E402
 from engine_finetune import (ClassificationConfig, ClassificationTask, check_classification_flags,  # noqa: E402
-                             classification_loaders, encoder_layout, load_encoder, resolve_classification,
-                             run_classification)
+                             classification_loaders, resolve_classification, run_classification)
 from models_convvit import LinearProbe, conv_weights_channels_last  # noqa: E402
 from training.errors import exits_like_a_script, flag_error  # noqa: E402
 from training.output import newest_checkpoint  # noqa: E402
 from training.run import Run  # noqa: E402
-from util.checkpoint import architecture_kwargs, load_checkpoint  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
 from util.transforms import eval_transform, linprobe_transform  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def probe(run: Run, cfg: LinprobeConfig):
     layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     encoder = timm.create_model(cfg.model, img_size=cfg.input_size, **layout)
     if cfg.finetune:
-        load_encoder(encoder, cfg.finetune, cfg.checkpoint_key, allowed_missing=())
+        load_encoder(encoder, cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["probe"])
     elif not cfg.eval:
         print("warning: no --finetune checkpoint: probing a randomly initialised encoder")
     model = conv_weights_channels_last(LinearProbe(encoder, cfg.nb_classes, cfg.probe_features).to(run.device))

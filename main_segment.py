@@ -13,8 +13,6 @@ from training.flags import add_run_flags, check_data_path, check_run_flags, flag
 
 # mmseg's multi-scale test ratios (MultiScaleFlipAug's img_ratios in its ADE20K configs)
 AUG_TEST_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-# Keys of the encoder that --finetune's checkpoints do not hold: the stride-32 level is new in segmentation.
-NEW_ENCODER_KEYS = ("head.", "fc_norm.", "downsample32.")
 
 
 def get_args_parser():
@@ -110,9 +108,10 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
     check_data(ARGS)
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder  # noqa: E402
+from dmjd_encoders.pretrained import (FRESH_KEYS, architecture_kwargs, check_pretrained_flag,  # noqa: E402
+                                     encoder_layout, load_encoder)
 from engine_segment import (SegmentConfig, SegmentTask, build_segmenter, count_parameters,  # noqa: E402
-                            encoder_of, run_segmentation, segmentation_loaders, segmenter_layout)
+                            encoder_of, run_segmentation, segmentation_loaders)
 from models_convvit import check_classifier_name, conv_weights_channels_last  # noqa: E402
 from training.errors import RunError, exits_like_a_script  # noqa: E402
 from training.run import Run  # noqa: E402
@@ -211,13 +210,13 @@ def segment(run: Run, cfg: SegmentConfig):
 
     # A checkpoint in MAE's / timm's ViT layout (with a class token) keeps its class token, as fine-tuning does.
     resume = run.resume_path(auto=not cfg.eval)
-    layout = segmenter_layout(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
+    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
     try:
         model = build_segmenter(cfg, **layout)
     except ValueError as err:  # sizes or levels the encoder cannot give
         raise RunError(f"{err} (check --model, --input_size, --out_indices and --aux_in_index)") from None
     if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=NEW_ENCODER_KEYS)
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
     print(f"UperNet on {cfg.model}: {count_parameters(model):.2f} M parameters "
           f"({count_parameters(model.backbone):.2f} M encoder), feature strides "
           f"{list(model.backbone.feature_info.reduction())}, channels {model.in_channels}")

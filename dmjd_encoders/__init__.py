@@ -9,8 +9,8 @@
 Load notes (a resampled position embedding, the weights that start fresh) go to the logger "dmjd_encoders" at INFO:
 `logging.getLogger("dmjd_encoders").setLevel(logging.WARNING)` silences them.
 """
-from .checkpoint import load_pretrained
 from .export import export_encoder
 from .models_convvit import ENCODER_ARCHS, ENCODER_NAMES, create_encoder
+from .pretrained import load_pretrained
 
 __all__ = ["ENCODER_ARCHS", "ENCODER_NAMES", "create_encoder", "export_encoder", "load_pretrained"]

@@ -1,22 +1,16 @@
 """Checkpoints as plain dicts of tensors and primitives, written atomically and read with weights_only=True; encoder
-weights in timm's hub layout (config.json + model.safetensors, written by export_encoder.py) read back."""
+weights in timm's hub layout (config.json + model.safetensors, written by export_encoder.py) read back. Putting
+pre-trained weights into an encoder is dmjd_encoders.pretrained's."""
 import errno
 import glob
 import json
-import logging
 import os
 import re
 import shutil
 import zlib
-from typing import Optional
 
 import safetensors.torch
-import timm
 import torch
-from timm.layers import resample_abs_pos_embed
-
-
-_logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -244,7 +238,8 @@ def prune_periodic_checkpoints(output_dir: str, keep_last: int) -> None:
 
 
 # Checkpoints written before the ViT became timm's VisionTransformer hold its patch embedding's conv as
-# `patch_embed.weight` / `.bias`; timm's is `patch_embed.proj.*`.
+# `patch_embed.weight` / `.bias`; timm's is `patch_embed.proj.*`. Here, not in dmjd_encoders.pretrained: the strict
+# loading of any model (a resumed run's included) renames them too.
 LEGACY_KEY_RENAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}
 
 
@@ -277,149 +272,16 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, what: str 
     module.load_state_dict(state_dict)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Pre-trained encoders for fine-tuning and probing.
-
-# Keys that only the pre-training model uses: the decoder, the mask token, the visible branch (ours:
-# `visible_branch`; the released code: `proj_embed`, `predictor`) and the multi-scale fusion projections.
-PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "visible_branch.", "proj_embed.", "predictor.",
-                          "stage1_output_decode.", "stage2_output_decode.")
-
-
-def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
-    """The encoder's weights from any of: our pre-training checkpoint (`model` holds `encoder.*` and the heads;
-    `key="teacher"` takes the EMA teacher), the authors' released DMJD checkpoints (`model` holds the encoder at the
-    top level, with `patch_embed1..4`, `blocks1..3`, `norm`, beside the decoder and projector), an encoder-only
-    export, or a bare state dict. Pre-training-only keys are dropped."""
-    if key in checkpoint and isinstance(checkpoint[key], dict):
-        state = checkpoint[key]
-    elif key != "model":
-        raise KeyError(f"the checkpoint has no {key!r} entry (it has {sorted(checkpoint)})")
-    else:
-        state = checkpoint
-    if state is None:
-        raise KeyError(f"the checkpoint's {key!r} entry is empty")
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+# The pre-trained loading that lived here is dmjd_encoders.pretrained's; its names still answer here, for
+# `from util.checkpoint import load_pretrained` and the like (one definition each, looked up when first used: that
+# module imports this one).
+_MOVED_TO_PRETRAINED = ("PRETRAIN_ONLY_PREFIXES", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
+                        "ArchitectureMismatch", "saved_model", "load_pretrained", "_check_export_architecture",
+                        "architecture_kwargs", "check_encoder_loaded")
 
 
-def fit_encoder_state(state: dict, model: torch.nn.Module, old_grid=None) -> dict:
-    """An encoder state dict adapted to `model`: the position embedding resampled (bicubic) to the model's token grid
-    (from `old_grid`, default the square grid that holds its patch tokens; a class token's row is kept as it is), a
-    classifier head of another shape, or one the model lacks, dropped. A class token in only one of the two fails,
-    naming the fix."""
-    own = model.state_dict()
-    state = rename_legacy_keys(dict(state), own)
-    if ("cls_token" in state) != ("cls_token" in own):
-        has = "has" if "cls_token" in state else "has no"
-        raise ValueError(f"the checkpoint {has} class token (`cls_token`) but the model "
-                         f"{'has none' if 'cls_token' in state else 'has one'}: build the model with "
-                         f"class_token={'cls_token' in state} (util.checkpoint.architecture_kwargs reads it from the "
-                         "checkpoint)")
-    for name in [k for k in state if k.startswith("head.")]:
-        if name not in own or own[name].shape != state[name].shape:
-            del state[name]  # a classifier for other classes (or none): the new head starts fresh
-    # A position embedding of another length is resampled below; of another width, or any other weight of another
-    # shape, means another architecture: that fails first, before anything is said about resampling.
-    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape
-                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])]
-    if mismatched:
-        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
-        raise ArchitectureMismatch(f"shapes differ for {len(mismatched)} weights (checkpoint vs model: {shown})")
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model, old_grid)
-    return state
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module, old_grid=None) -> torch.Tensor:
-    """A checkpoint's position embedding resampled (bicubic) to `model`'s token grid, from `old_grid` (default the
-    square grid that holds its patch tokens; a class token's row is kept as it is)."""
-    prefix = model.num_prefix_tokens
-    length = pos_embed.shape[1] - prefix
-    if old_grid is None:
-        side = int(round(length ** 0.5))
-        if side * side != length:
-            raise ValueError(f"cannot infer the grid of a position embedding with {length} patch tokens; pass "
-                             "old_grid")
-        old_grid = (side, side)
-    resampled = resample_abs_pos_embed(pos_embed, new_size=list(model.grid_size), old_size=list(old_grid),
-                                       num_prefix_tokens=prefix)
-    _logger.info(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
-                 f"{model.grid_size[0]} x {model.grid_size[1]}")
-    return resampled
-
-
-class ArchitectureMismatch(RuntimeError):
-    """Weights of another architecture than the model's."""
-
-
-def saved_model(checkpoint) -> Optional[str]:
-    """The model a checkpoint was trained as (its saved `args["model"]`), from a loaded dict or a path (read lazily);
-    None when it does not say or cannot be read."""
-    if isinstance(checkpoint, str):
-        try:
-            checkpoint = load_checkpoint(checkpoint, mmap=True)
-        except Exception:  # an unreadable file has nothing to say; the caller's error says what is wrong
-            return None
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    model = args.get("model") if isinstance(args, dict) else None
-    return model if isinstance(model, str) else None
-
-
-def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
-    """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
-
-    Takes a checkpoint of ours, the authors' release, MAE's or timm's ViT layout, or an export (.pth,
-    .safetensors or a hub-layout folder); loads with weights_only=True; drops pre-training-only keys and a head whose
-    shape does not fit; resamples the position embedding from the grid it was trained at (its saved --input_size)
-    to the model's. Weights of another architecture raise ArchitectureMismatch (see `saved_model` for what the
-    checkpoint was trained as).
-    """
-    checkpoint = load_checkpoint(path)
-    _check_export_architecture(checkpoint, model, path)
-    state = encoder_state_dict(checkpoint, key)
-    old_grid = None
-    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    if args.get("input_size") and "pos_embed" in state:
-        side = int(args["input_size"]) // model.patch_size
-        if side * side == state["pos_embed"].shape[1] - model.num_prefix_tokens:
-            old_grid = (side, side)  # else the grid is inferred from the embedding's length
-    try:
-        state = fit_encoder_state(state, model, old_grid)
-    except ArchitectureMismatch as err:
-        raise ArchitectureMismatch(f"{path} does not fit this model: {err}") from None
-    result = model.load_state_dict(state, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def _check_export_architecture(checkpoint: dict, model: torch.nn.Module, path: str) -> None:
-    """An export's config.json names the encoder it holds: another one than the model's is an error, even where the
-    weights' shapes happen to fit."""
-    config = checkpoint.get("config")
-    saved = config.get("architecture") if isinstance(config, dict) else None
-    own = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if not (saved and own):
-        return
-    current = timm.models.get_deprecated_models()
-    if current.get(saved, saved) != current.get(own, own):
-        raise ArchitectureMismatch(f"{path} is an export of {saved} (its {HUB_CONFIG}), not of this model's {own}: "
-                                   f"build {saved}, or export the checkpoint of {own}")
-
-
-def architecture_kwargs(path: Optional[str], key: str = "model") -> dict:
-    """The build arguments a checkpoint's encoder layout needs beyond the architecture's name: `class_token=True`
-    for MAE's and timm's ViT layout. Reads only the keys (memory-mapped); no path, no arguments."""
-    if not path:
-        return {}
-    state = encoder_state_dict(load_checkpoint(path, mmap=True), key)
-    return {"class_token": True} if "cls_token" in state else {}
-
-
-def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=("head.", "fc_norm.")) -> None:
-    """Fails, naming the keys, when any encoder weight was not in the checkpoint."""
-    absent = [k for k in missing if not k.startswith(tuple(allowed_missing))]
-    if absent:
-        raise ArchitectureMismatch(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
-                                   f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
-    _logger.info(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
+def __getattr__(name: str):
+    if name in _MOVED_TO_PRETRAINED:
+        from . import pretrained
+        return getattr(pretrained, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,9 @@ from typing import Optional, Sequence, Tuple
 import timm
 
 from . import models_convvit
-from .checkpoint import encoder_state_dict, load_checkpoint, load_state_dict_strict, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from .model_card import model_card, parse_result
+from .pretrained import encoder_state_dict, export_architecture, has_class_token
 
 
 def export_encoder(path: str, out_path: str, key: str = "model", model_name: Optional[str] = None,
@@ -55,7 +56,7 @@ def export_encoder(path: str, out_path: str, key: str = "model", model_name: Opt
 def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: Optional[str]) -> Tuple[str, int]:
     """Writes config.json and model.safetensors; returns the registered encoder's name and the input size."""
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    name = model_name or args.get("model") or checkpoint.get("config", {}).get("architecture")
+    name = model_name or args.get("model") or export_architecture(checkpoint)
     if not name:
         raise ValueError("the checkpoint does not name its model (no args): pass --model, the registered encoder")
     name = models_convvit.ENCODER_NAMES.get(name, name)
@@ -63,7 +64,7 @@ def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: O
     if name not in models_convvit.ENCODER_ARCHS:
         raise ValueError(f"{name!r} is not an encoder of this project; choose from "
                          f"{', '.join(models_convvit.ENCODER_ARCHS)} or a dmjd_* pre-training model")
-    class_token = "cls_token" in state
+    class_token = has_class_token(state)
     size = args.get("input_size")
     if not size and "pos_embed" in state:  # the square grid of the position embedding times the total stride
         side = int(round((state["pos_embed"].shape[1] - class_token) ** 0.5))

@@ -45,8 +45,8 @@ from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, gener
 from timm.models._features import feature_take_indices  # timm has no public import path for it
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .checkpoint import (LEGACY_KEY_RENAMES, encoder_state_dict, fit_encoder_state, load_checkpoint, rename_legacy_keys,
-                         resample_pos_embed)
+from .checkpoint import LEGACY_KEY_RENAMES, load_checkpoint, rename_legacy_keys
+from .pretrained import checkpoint_filter_fn, export_architecture, resample_pos_embed
 from .pos_embed import sincos_pos_embed_2d
 
 _logger = logging.getLogger(__name__)
@@ -707,37 +707,8 @@ class LinearProbe(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Loading weights through timm (pretrained_cfg_overlay=dict(file=...), local-dir: and hf-hub: exports).
-
-# Parameters that a model may have fresh, not from the checkpoint: a new classifier, the norm after pooling, the
-# segmentation level.
-_FRESH_PREFIXES = ("head.", "fc_norm.", "downsample32.")
-
-
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """timm's pretrained filter: any checkpoint util.checkpoint.load_pretrained takes (ours, the authors' release,
-    MAE's or timm's ViT, an export), adapted to `model`: the encoder's keys only, position embedding resampled, a
-    head of another size dropped, the pre-trained final norm dropped when the model pools before its norm (fc_norm),
-    as MAE fine-tunes. Fails with the keys when an encoder weight is missing or left over; prints what starts fresh.
-    """
-    state = fit_encoder_state(encoder_state_dict(state_dict), model)
-    dropped = sorted(k for k in state if k.startswith("norm.")) if isinstance(model.norm, nn.Identity) else []
-    if dropped:
-        _logger.info(f"unused: the pre-trained final norm {dropped}: the model pools, then applies its own fc_norm")
-        state = {k: v for k, v in state.items() if k not in dropped}
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    absent = [k for k in missing if not k.startswith(_FRESH_PREFIXES)]
-    unexpected = sorted(k for k in state if k not in own)
-    if absent or unexpected:
-        hint = (" (a fine-tuned checkpoint: build the model with fc_norm=True)"
-                if "norm.weight" in absent and "fc_norm.weight" in unexpected else "")
-        raise RuntimeError(f"the weights do not fit {type(model).__name__}{hint}: missing {absent[:8] or 'none'}, "
-                           f"unexpected {unexpected[:8] or 'none'}")
-    if missing:
-        _logger.info(f"new (not in the weights): {missing}")
-    return state
-
+# Loading weights through timm (pretrained_cfg_overlay=dict(file=...), local-dir: and hf-hub: exports); the filter,
+# checkpoint_filter_fn, is dmjd_encoders.pretrained's (and answers here too, as timm's model files have it).
 
 _WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
 
@@ -761,14 +732,13 @@ def _check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
 def create_encoder(name: str, weights: Optional[str] = None, **kwargs) -> nn.Module:
     """The registered encoder `name` (timm.create_model's keyword arguments) with `weights` loaded: an export folder
     of `python export_encoder.py` (built at its input size, with its layout), its model.safetensors, or any checkpoint
-    util.checkpoint.load_pretrained takes. What hubconf.py's entry points return."""
+    dmjd_encoders.pretrained.load_pretrained takes. What hubconf.py's entry points return."""
     if weights is None:
         return timm.create_model(name, **kwargs)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"weights not found: {weights}")
     if os.path.isdir(weights):
-        config = load_checkpoint(weights)["config"]
-        exported = config.get("architecture")
+        exported = export_architecture(load_checkpoint(weights))
         if exported != name:
             raise ValueError(f"{weights} holds a {exported} encoder, not {name}: load it as {exported}")
         return timm.create_model(f"local-dir:{weights}", pretrained=True, **kwargs)

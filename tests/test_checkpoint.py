@@ -207,14 +207,14 @@ class _NotAWeight:
     (None, "cannot be read as a checkpoint: it holds objects other than tensors and plain values"),
 ])
 def test_bad_finetune_files_are_named_without_advice_to_load_unsafely(tmp_path, content, reason):
-    from engine_finetune import load_encoder
+    from dmjd_encoders.pretrained import PretrainedWeightsError, load_encoder
     path = tmp_path / "bad.pth"
     if content is None:
         torch.save({"model": {}, "extra": _NotAWeight()}, path)
     else:
         path.write_bytes(content)
     model = timm.create_model("convvit_tiny_patch16", img_size=64)
-    with pytest.raises(SystemExit, match=rf"--finetune {path} {reason}") as stop:
+    with pytest.raises(PretrainedWeightsError, match=rf"--finetune {path} {reason}") as stop:
         load_encoder(model, str(path))
     assert "weights_only=False" not in str(stop.value) and "weights_only set to False" not in str(stop.value)
 

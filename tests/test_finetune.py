@@ -360,19 +360,19 @@ def test_every_pretraining_model_names_the_encoder_that_takes_its_weights():
 
 
 def test_another_architecture_is_named_with_the_classifier_to_use(tmp_path, capsys):
-    from engine_finetune import load_encoder
+    from dmjd_encoders.pretrained import PretrainedWeightsError, load_encoder
     pretrain_checkpoint(tmp_path / "mini.pth", "dmjd_convit_mini_patch8_hog", img_size=32)
     model = timm.create_model("convvit_base_patch16", img_size=32, num_classes=10)
-    with pytest.raises(SystemExit, match=r"'dmjd_convit_mini_patch8_hog': fine-tune or probe it with --model "
-                                         r"convvit_mini_patch8"):
+    with pytest.raises(PretrainedWeightsError,
+                       match=r"'dmjd_convit_mini_patch8_hog': fine-tune or probe it with --model convvit_mini_patch8"):
         load_encoder(model, str(tmp_path / "mini.pth"))
     assert "resampled" not in capsys.readouterr().out  # no note about a step that never happened
-    with pytest.raises(SystemExit, match="--model convvit_mini_patch8"):
+    with pytest.raises(PretrainedWeightsError, match="--model convvit_mini_patch8"):
         load_encoder(timm.create_model("vit_test_patch16_gap_sincos", img_size=32, num_classes=10),
                      str(tmp_path / "mini.pth"))
     # same shapes, other names: found by the check of the loaded keys, with the same hint
     pretrain_checkpoint(tmp_path / "vit.pth", "dmjd_vit_tiny_patch16_dec1_hog", img_size=64)
-    with pytest.raises(SystemExit, match="--model vit_test_patch16_gap_sincos"):
+    with pytest.raises(PretrainedWeightsError, match="--model vit_test_patch16_gap_sincos"):
         load_encoder(timm.create_model("convvit_tiny_patch16", img_size=64, num_classes=10), str(tmp_path / "vit.pth"))
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import main_segment
-from engine_segment import EvalCollate, full_batch, segmenter_layout
+from dmjd_encoders.pretrained import architecture_kwargs
+from engine_segment import EvalCollate, full_batch
 from helpers import (load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
                      write_segmentation_folder)
 from util.schedules import poly_lr
@@ -209,4 +210,4 @@ def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tm
     model = create_upernet("vit_test_patch16_gap_sincos", 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
                            class_token=class_token)
     save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
-    assert segmenter_layout(str(tmp_path / "seg.pth")) == ({"class_token": True} if class_token else {})
+    assert architecture_kwargs(str(tmp_path / "seg.pth")) == ({"class_token": True} if class_token else {})

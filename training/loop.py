@@ -12,7 +12,7 @@ log.txt. `train_round` trains one round's micro-batches, `evaluate` runs the tas
 `evaluate_checkpoint` is --eval.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 

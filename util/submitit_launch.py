@@ -15,6 +15,7 @@ from pathlib import Path
 
 import submitit
 
+from training.errors import script_errors
 from util.checkpoint import last_checkpoint_path
 
 REQUEUE_EXIT_CODE = 75  # training.run.Preempted's status: stopped on a signal after saving, to be continued
@@ -107,7 +108,10 @@ def parse_args(module, description: str, argv=None):
         args.output_dir = opts.job_dir
     if not opts.job_dir:
         opts.job_dir = os.path.join(args.output_dir, "submitit")
-    args = module.validate_args(args)  # bad flags fail now, not after hours in the queue; derived ones are explicit
+    try:  # bad flags fail now, not after hours in the queue; derived ones are explicit
+        args = module.validate_args(args)
+    except script_errors() as err:  # the command line's error, as argparse's own: the launcher exits here
+        raise SystemExit(f"error: {err}") from None
     return opts, args
 
 

@@ -1,0 +1,273 @@
+"""Pre-trained weights into an encoder: which build arguments a checkpoint's encoder needs (its layout), the one test
+for a class token, the weights each use lets start fresh, the encoder's keys taken out of any checkpoint we read
+(ours, the authors' release, MAE's, timm's ViT, an export, a fine-tuned classifier, a UperNet), the position
+embedding resampled to the model's grid, timm's pretrained filter, and the checks that the encoder loaded whole.
+
+File I/O (formats, checksums, atomic writes) is dmjd_encoders.checkpoint's. Nothing here exits: a checkpoint that
+cannot be used raises, and the scripts turn PretrainedWeightsError into their `error:` line.
+"""
+import contextlib
+import logging
+import os
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from .checkpoint import HUB_CONFIG, CheckpointError, load_checkpoint, rename_legacy_keys
+
+# The load notes keep the logger they had before this module took the loading over from dmjd_encoders.checkpoint:
+# a caller's level or handler on that name still applies.
+_logger = logging.getLogger(__package__ + ".checkpoint")
+
+__all__ = ["PretrainedWeightsError", "ArchitectureMismatch", "PRETRAIN_ONLY_PREFIXES", "SEGMENTER_ENCODER_PREFIX",
+           "FRESH_KEYS", "has_class_token", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
+           "saved_model", "export_architecture", "load_pretrained", "architecture_kwargs", "check_encoder_loaded",
+           "checkpoint_filter_fn", "check_pretrained_flag", "encoder_layout", "load_encoder"]
+
+
+class PretrainedWeightsError(ValueError):
+    """--finetune names nothing to load, or weights that cannot be read or do not fit; the message starts with the
+    flag (`--finetune ...`), and a script prints it as `error: <message>`."""
+
+
+class ArchitectureMismatch(RuntimeError):
+    """Weights of another architecture than the model's."""
+
+
+# Keys that only the pre-training model uses: the decoder, the mask token, the visible branch (ours:
+# `visible_branch`; the released code: `proj_embed`, `predictor`) and the multi-scale fusion projections.
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "visible_branch.", "proj_embed.", "predictor.",
+                          "stage1_output_decode.", "stage2_output_decode.")
+
+# Where a UperNet (models_upernet.py) holds its encoder: timm's features_only wrapper around the model.
+SEGMENTER_ENCODER_PREFIX = "backbone.model."
+
+# The encoder weights that a pre-trained checkpoint need not hold, by use: they start fresh. A classifier gets a new
+# head and the norm after pooling (MAE's fine-tuning); a linear probe uses the encoder exactly as it was trained;
+# a dense (segmentation) backbone also gets the stride-32 level that pre-training never had.
+FRESH_KEYS = {
+    "classifier": ("head.", "fc_norm."),
+    "probe": (),
+    "dense": ("head.", "fc_norm.", "downsample32."),
+}
+
+
+def has_class_token(state) -> bool:
+    """Whether weights (an encoder's keys, or a UperNet's, its encoder under SEGMENTER_ENCODER_PREFIX) hold MAE's /
+    timm's ViT class token: the one test of it, so that a layout, a fit and an export agree."""
+    return "cls_token" in state or SEGMENTER_ENCODER_PREFIX + "cls_token" in state
+
+
+def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
+    """The encoder's weights from any of: our pre-training checkpoint (`model` holds `encoder.*` and the heads;
+    `key="teacher"` takes the EMA teacher), the authors' released DMJD checkpoints (`model` holds the encoder at the
+    top level, with `patch_embed1..4`, `blocks1..3`, `norm`, beside the decoder and projector), an encoder-only
+    export, or a bare state dict. Pre-training-only keys are dropped."""
+    if key in checkpoint and isinstance(checkpoint[key], dict):
+        state = checkpoint[key]
+    elif key != "model":
+        raise KeyError(f"the checkpoint has no {key!r} entry (it has {sorted(checkpoint)})")
+    else:
+        state = checkpoint
+    if state is None:
+        raise KeyError(f"the checkpoint's {key!r} entry is empty")
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+
+
+def fit_encoder_state(state: dict, model: torch.nn.Module, old_grid=None) -> dict:
+    """An encoder state dict adapted to `model`: the position embedding resampled (bicubic) to the model's token grid
+    (from `old_grid`, default the square grid that holds its patch tokens; a class token's row is kept as it is), a
+    classifier head of another shape, or one the model lacks, dropped. A class token in only one of the two fails,
+    naming the fix."""
+    own = model.state_dict()
+    state = rename_legacy_keys(dict(state), own)
+    theirs = has_class_token(state)
+    if theirs != has_class_token(own):
+        has = "has" if theirs else "has no"
+        raise ValueError(f"the checkpoint {has} class token (`cls_token`) but the model "
+                         f"{'has none' if theirs else 'has one'}: build the model with "
+                         f"class_token={theirs} (util.checkpoint.architecture_kwargs reads it from the "
+                         "checkpoint)")
+    for name in [k for k in state if k.startswith("head.")]:
+        if name not in own or own[name].shape != state[name].shape:
+            del state[name]  # a classifier for other classes (or none): the new head starts fresh
+    # A position embedding of another length is resampled below; of another width, or any other weight of another
+    # shape, means another architecture: that fails first, before anything is said about resampling.
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape
+                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])]
+    if mismatched:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
+        raise ArchitectureMismatch(f"shapes differ for {len(mismatched)} weights (checkpoint vs model: {shown})")
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model, old_grid)
+    return state
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module, old_grid=None) -> torch.Tensor:
+    """A checkpoint's position embedding resampled (bicubic) to `model`'s token grid, from `old_grid` (default the
+    square grid that holds its patch tokens; a class token's row is kept as it is)."""
+    prefix = model.num_prefix_tokens
+    length = pos_embed.shape[1] - prefix
+    if old_grid is None:
+        side = int(round(length ** 0.5))
+        if side * side != length:
+            raise ValueError(f"cannot infer the grid of a position embedding with {length} patch tokens; pass "
+                             "old_grid")
+        old_grid = (side, side)
+    resampled = resample_abs_pos_embed(pos_embed, new_size=list(model.grid_size), old_size=list(old_grid),
+                                       num_prefix_tokens=prefix)
+    _logger.info(f"resampled pos_embed from the checkpoint's {old_grid[0]} x {old_grid[1]} grid to this model's "
+                 f"{model.grid_size[0]} x {model.grid_size[1]}")
+    return resampled
+
+
+def saved_model(checkpoint) -> Optional[str]:
+    """The model a checkpoint was trained as (its saved `args["model"]`), from a loaded dict or a path (read lazily);
+    None when it does not say or cannot be read."""
+    if isinstance(checkpoint, str):
+        try:
+            checkpoint = load_checkpoint(checkpoint, mmap=True)
+        except Exception:  # an unreadable file has nothing to say; the caller's error says what is wrong
+            return None
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    model = args.get("model") if isinstance(args, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def export_architecture(checkpoint: dict) -> Optional[str]:
+    """The registered encoder an export holds, as its config.json names it (load_checkpoint's "config"); None for
+    any other checkpoint."""
+    config = checkpoint.get("config")
+    return config.get("architecture") if isinstance(config, dict) else None
+
+
+def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
+    """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
+
+    Takes a checkpoint of ours, the authors' release, MAE's or timm's ViT layout, or an export (.pth,
+    .safetensors or a hub-layout folder); loads with weights_only=True; drops pre-training-only keys and a head whose
+    shape does not fit; resamples the position embedding from the grid it was trained at (its saved --input_size)
+    to the model's. Weights of another architecture raise ArchitectureMismatch (see `saved_model` for what the
+    checkpoint was trained as).
+    """
+    checkpoint = load_checkpoint(path)
+    _check_export_architecture(checkpoint, model, path)
+    state = encoder_state_dict(checkpoint, key)
+    old_grid = None
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    if args.get("input_size") and "pos_embed" in state:
+        side = int(args["input_size"]) // model.patch_size
+        if side * side == state["pos_embed"].shape[1] - model.num_prefix_tokens:
+            old_grid = (side, side)  # else the grid is inferred from the embedding's length
+    try:
+        state = fit_encoder_state(state, model, old_grid)
+    except ArchitectureMismatch as err:
+        raise ArchitectureMismatch(f"{path} does not fit this model: {err}") from None
+    result = model.load_state_dict(state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _check_export_architecture(checkpoint: dict, model: torch.nn.Module, path: str) -> None:
+    """An export's config.json names the encoder it holds: another one than the model's is an error, even where the
+    weights' shapes happen to fit."""
+    saved = export_architecture(checkpoint)
+    own = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not (saved and own):
+        return
+    current = timm.models.get_deprecated_models()
+    if current.get(saved, saved) != current.get(own, own):
+        raise ArchitectureMismatch(f"{path} is an export of {saved} (its {HUB_CONFIG}), not of this model's {own}: "
+                                   f"build {saved}, or export the checkpoint of {own}")
+
+
+def architecture_kwargs(path: Optional[str], key: str = "model") -> dict:
+    """The build arguments a checkpoint's encoder layout needs beyond the architecture's name: `class_token=True`
+    for MAE's and timm's ViT layout. Any checkpoint: pre-training, an export, a classifier or a UperNet (a resumed
+    segmentation run). Reads only the keys (memory-mapped); no path, no arguments."""
+    if not path:
+        return {}
+    state = encoder_state_dict(load_checkpoint(path, mmap=True), key)
+    return {"class_token": True} if has_class_token(state) else {}
+
+
+def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=FRESH_KEYS["classifier"]) -> None:
+    """Fails, naming the keys, when any encoder weight was not in the checkpoint (`allowed_missing`: the prefixes
+    of the weights that start fresh, one of FRESH_KEYS)."""
+    absent = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    if absent:
+        raise ArchitectureMismatch(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
+                                   f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
+    _logger.info(f"loaded {path}: new (not in the checkpoint): {missing or 'none'}; unused: {unexpected or 'none'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading weights through timm (pretrained_cfg_overlay=dict(file=...), local-dir: and hf-hub: exports).
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """timm's pretrained filter: any checkpoint load_pretrained takes (ours, the authors' release, MAE's or timm's
+    ViT, an export), adapted to `model`: the encoder's keys only, position embedding resampled, a head of another
+    size dropped, the pre-trained final norm dropped when the model pools before its norm (fc_norm), as MAE
+    fine-tunes. Fails with the keys when an encoder weight is missing or left over; prints what starts fresh.
+    """
+    state = fit_encoder_state(encoder_state_dict(state_dict), model)
+    dropped = sorted(k for k in state if k.startswith("norm.")) if isinstance(model.norm, nn.Identity) else []
+    if dropped:
+        _logger.info(f"unused: the pre-trained final norm {dropped}: the model pools, then applies its own fc_norm")
+        state = {k: v for k, v in state.items() if k not in dropped}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    # timm builds any use (a classifier, or a features_only backbone): the widest list of fresh weights applies
+    absent = [k for k in missing if not k.startswith(FRESH_KEYS["dense"])]
+    unexpected = sorted(k for k in state if k not in own)
+    if absent or unexpected:
+        hint = (" (a fine-tuned checkpoint: build the model with fc_norm=True)"
+                if "norm.weight" in absent and "fc_norm.weight" in unexpected else "")
+        raise RuntimeError(f"the weights do not fit {type(model).__name__}{hint}: missing {absent[:8] or 'none'}, "
+                           f"unexpected {unexpected[:8] or 'none'}")
+    if missing:
+        _logger.info(f"new (not in the weights): {missing}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scripts' --finetune: the same loading, its failures as PretrainedWeightsError naming the flag.
+
+def check_pretrained_flag(path: str) -> None:
+    """--finetune, when given, must name something to load (a checkpoint file or an export folder)."""
+    if path and not os.path.exists(path):
+        raise PretrainedWeightsError(f"--finetune {path!r} is neither a checkpoint file nor an export folder")
+
+
+@contextlib.contextmanager
+def _pretrained_errors(path: str):
+    """A --finetune checkpoint that cannot be read, or does not fit, raises PretrainedWeightsError saying why, and
+    which --model fits it when the checkpoint says what it was trained as."""
+    try:
+        yield
+    except (ArchitectureMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
+        from .models_convvit import ENCODER_NAMES  # here, not at the top: models_convvit imports this module
+        trained_as = saved_model(path)
+        hint = (f" It holds the encoder of {trained_as!r}: fine-tune or probe it with --model "
+                f"{ENCODER_NAMES.get(trained_as, trained_as)}." if trained_as else "")
+        raise PretrainedWeightsError(f"--finetune {err}{hint}") from None
+
+
+def encoder_layout(path: str, key: str = "model") -> dict:
+    """`architecture_kwargs` of --finetune's checkpoint (the build arguments its encoder layout needs), read before
+    the model is built; a file that cannot be read raises PretrainedWeightsError naming the flag."""
+    with _pretrained_errors(path):
+        return architecture_kwargs(path, key)
+
+
+def load_encoder(model: torch.nn.Module, path: str, key: str = "model",
+                 allowed_missing=FRESH_KEYS["classifier"]) -> None:
+    """--finetune's encoder weights into `model`, every one but the `allowed_missing` (one of FRESH_KEYS) that start
+    fresh; see `_pretrained_errors` for a checkpoint that does not fit."""
+    with _pretrained_errors(path):
+        missing, unexpected = load_pretrained(model, path, key)
+        check_encoder_loaded(missing, unexpected, path, allowed_missing)

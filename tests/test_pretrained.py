@@ -1,0 +1,85 @@
+"""dmjd_encoders.pretrained: one test for a class token, whatever the checkpoint; one declaration of the weights that
+start fresh, by use; the scripts' --finetune failures raised as PretrainedWeightsError, never an exit."""
+import pytest
+import timm
+import torch
+
+import models_convvit  # noqa: F401  (registers the encoders)
+from dmjd_encoders import pretrained
+from dmjd_encoders.pretrained import (FRESH_KEYS, ArchitectureMismatch, PretrainedWeightsError, architecture_kwargs,
+                                      check_encoder_loaded, check_pretrained_flag, has_class_token, load_encoder)
+from export_encoder import export_encoder
+from util.checkpoint import save_checkpoint
+
+ENCODER = "vit_test_patch16_gap_sincos"
+
+
+def tiny_vit(class_token: bool, **kwargs) -> torch.nn.Module:
+    return timm.create_model(ENCODER, img_size=32, class_token=class_token, **kwargs)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_one_detector_finds_the_class_token_of_an_encoder_and_of_a_upernet(class_token):
+    from models_upernet import create_upernet
+    assert has_class_token(tiny_vit(class_token).state_dict()) is class_token
+    segmenter = create_upernet(ENCODER, 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
+                               class_token=class_token)
+    assert has_class_token(segmenter.state_dict()) is class_token
+    assert not has_class_token({"pos_embed": torch.zeros(1, 4, 64)})
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_the_layout_of_every_kind_of_checkpoint_comes_from_one_function(tmp_path, class_token):
+    from models_upernet import create_upernet
+    expected = {"class_token": True} if class_token else {}
+    encoder = tiny_vit(class_token).state_dict()
+    save_checkpoint({"model": {f"encoder.{k}": v for k, v in encoder.items()}, "args": {"model": ENCODER}},
+                    str(tmp_path / "pre.pth"))  # a pre-training checkpoint: the encoder under encoder.
+    save_checkpoint({"model": tiny_vit(class_token, num_classes=3, fc_norm=True).state_dict(),
+                     "args": {"model": ENCODER, "input_size": 32}}, str(tmp_path / "cls.pth"))
+    export_encoder(str(tmp_path / "cls.pth"), str(tmp_path / "export"))
+    segmenter = create_upernet(ENCODER, 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
+                               class_token=class_token)
+    save_checkpoint({"model": segmenter.state_dict()}, str(tmp_path / "seg.pth"))
+    for name in ("pre.pth", "cls.pth", "export", "seg.pth"):
+        assert architecture_kwargs(str(tmp_path / name)) == expected, name
+    assert architecture_kwargs(None) == {}
+
+
+def test_the_weights_that_start_fresh_are_declared_once_by_use():
+    assert FRESH_KEYS == {"classifier": ("head.", "fc_norm."), "probe": (),
+                          "dense": ("head.", "fc_norm.", "downsample32.")}
+    new = ["head.weight", "fc_norm.weight", "downsample32.0.weight"]
+    check_encoder_loaded(new, [], "pre.pth", FRESH_KEYS["dense"])
+    check_encoder_loaded(new[:2], [], "pre.pth")  # a classifier's, by default
+    with pytest.raises(ArchitectureMismatch, match="lacks 1 encoder weights of this model, e.g. downsample32"):
+        check_encoder_loaded(new, [], "pre.pth", FRESH_KEYS["classifier"])
+    with pytest.raises(ArchitectureMismatch, match="lacks 2 encoder weights"):
+        check_encoder_loaded(new[:2], [], "pre.pth", FRESH_KEYS["probe"])
+
+
+def test_a_classifier_starts_its_head_fresh_and_a_probe_nothing(tmp_path):
+    save_checkpoint({"model": tiny_vit(False).state_dict()}, str(tmp_path / "enc.pth"))
+    load_encoder(tiny_vit(False, num_classes=3, fc_norm=True), str(tmp_path / "enc.pth"))
+    load_encoder(tiny_vit(False), str(tmp_path / "enc.pth"), allowed_missing=FRESH_KEYS["probe"])
+    with pytest.raises(PretrainedWeightsError, match=r"^--finetune .*enc.pth lacks 4 encoder weights"):
+        load_encoder(tiny_vit(False, num_classes=3, fc_norm=True), str(tmp_path / "enc.pth"),
+                     allowed_missing=FRESH_KEYS["probe"])
+
+
+def test_a_missing_finetune_path_raises_a_value_error_that_names_the_flag(tmp_path):
+    check_pretrained_flag("")  # no --finetune: nothing to check
+    with pytest.raises(PretrainedWeightsError) as raised:
+        check_pretrained_flag(str(tmp_path / "none.pth"))
+    assert isinstance(raised.value, ValueError)
+    assert str(raised.value) == (f"--finetune {str(tmp_path / 'none.pth')!r} is neither a checkpoint file nor an "
+                                 "export folder")
+
+
+def test_the_old_names_are_the_new_module_s_own():
+    import util.checkpoint
+    for name in ("load_pretrained", "architecture_kwargs", "encoder_state_dict", "fit_encoder_state",
+                 "resample_pos_embed", "ArchitectureMismatch", "saved_model", "check_encoder_loaded",
+                 "PRETRAIN_ONLY_PREFIXES"):
+        assert getattr(util.checkpoint, name) is getattr(pretrained, name), name
+    assert models_convvit.checkpoint_filter_fn is pretrained.checkpoint_filter_fn
