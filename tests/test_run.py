@@ -8,9 +8,20 @@ import pytest
 import torch
 
 from helpers import pretrain_config
+from training.errors import exits_like_a_script
 from training.run import Run, TrainState
 from training.step import TrainStep
 from util.checkpoint import load_checkpoint
+
+
+def as_script(call, *args):
+    """`call(*args)` as a script's main makes it: library errors become `error: ...` exits (status 1, 75 for a stop)."""
+    return exits_like_a_script(call)(*args)
+
+
+def enter_and_leave(cfg):
+    with Run(cfg):
+        pass
 
 
 def state(lr=0.1, skipped=0):
@@ -30,7 +41,7 @@ def test_epochs_write_last_periodic_and_best_checkpoints_and_log_lines(tmp_path,
     s = state(skipped=1)
     with Run(cfg, save_freq=2, keep_last=1) as run:
         assert run.world_size == 1 and run.is_main and run.writer is not None
-        for epoch in run.epochs(0):
+        for epoch in run.rounds(0, cfg.epochs):
             train(s)
             run.end_epoch(s, epoch, {"train_loss": 1.0 / (epoch + 1)}, best=epoch == 1, best_acc1=float(epoch))
     out = tmp_path / "out"
@@ -40,7 +51,7 @@ def test_epochs_write_last_periodic_and_best_checkpoints_and_log_lines(tmp_path,
     assert [r["epoch"] for r in log] == [0, 1, 2, 3] and log[1]["train_loss"] == 0.5
     best = torch.load(out / "checkpoint-best.pth", weights_only=True)
     assert best["epoch"] == 1 and best["best_acc1"] == 1.0 and best["nonfinite_skipped"] == 1
-    assert best["args"] == cfg.flags() and best["teacher"] is None and best["scaler"] is None
+    assert best["args"] == cfg.flags() and best.get("teacher") is None and best["scaler"] is None
     printed = capsys.readouterr().out
     assert "device cpu, world size 1, amp none" in printed and "training epochs 0 to 3" in printed
     assert "training time" in printed
@@ -135,7 +146,7 @@ def test_an_unreadable_explicit_resume_stops_the_run_naming_it(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with Run(pretrain_config(output_dir=str(tmp_path / "out"), resume=str(bad))) as run:
         with pytest.raises(SystemExit, match=rf"--resume {bad} cannot be read as a checkpoint") as stop:
-            run.resume(state())
+            as_script(run.resume, state())
     assert "weights_only=False" not in str(stop.value)
 
 
@@ -145,7 +156,7 @@ def test_changed_flags_that_define_the_run_stop_it_naming_each(tmp_path):
     changed = pretrain_config(output_dir=out, epochs=8, batch_size=32, num_views=3, lr=0.5)
     with Run(changed) as run:
         with pytest.raises(SystemExit) as stop:
-            run.resume(state())
+            as_script(run.resume, state())
     message = str(stop.value)
     for shown in ("--epochs: saved 6, given 8", "--batch_size: saved 64, given 32", "--num_views: saved 2, given 3",
                   "--lr: saved 0.001, given 0.5", "--allow_flag_changes batch_size,epochs,lr,num_views"):
@@ -159,18 +170,21 @@ def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_fr
     import os
     import signal
 
-    from training.run import Preempted
     cfg = pretrain_config(output_dir=str(tmp_path), epochs=2, accum_iter=2)
     s = state()
-    with pytest.raises(Preempted) as stop:
+
+    def stopped_run():
         with Run(cfg) as run:
-            for epoch in run.epochs(0):
+            for epoch in run.rounds(0, cfg.epochs):
                 progress = run.progress(epoch, 8)
                 for it, _ in progress.track(range(8)):
                     if it == 2:
                         os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-window: the window finishes first
                     progress.losses.add(torch.tensor([1.0]), 1)
-                run.stop_if_requested(s, epoch, progress)
+                run.stop_if_requested(s, epoch, progress)  # raises Preempted, which a script's main exits 75 with
+
+    with pytest.raises(SystemExit) as stop:
+        as_script(stopped_run)
     assert stop.value.code == 75
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["resume_at"] == {"epoch": 0, "iteration": 4} and ckpt["epoch"] == -1
@@ -180,7 +194,7 @@ def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_fr
 
     with Run(cfg) as run:
         assert run.resume(state()) == 0
-        for epoch in run.epochs(0):
+        for epoch in run.rounds(0, cfg.epochs):
             progress = run.progress(epoch, 8)
             assert progress.first == (4 if epoch == 0 else 0)
             assert progress.losses.count == (4 if epoch == 0 else 0)
@@ -191,13 +205,13 @@ def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_fr
 def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> TrainState:
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""
-    import training.run as run_module
+    import training.output as output_module
     from util.checkpoint import link_checkpoint as real_link
     s = state()
     with Run(cfg, save_freq=save_freq) as run:
         train(s)
         run.end_epoch(s, 0, {"train_loss": 0.5})
-        real_save, saved = run_module.save_checkpoint, []
+        real_save, saved = output_module.save_checkpoint, []
 
         def crash_in_window(path):
             saved.append(path)
@@ -215,9 +229,9 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> TrainS
         def crashing_log(log, record):
             raise KeyboardInterrupt("killed")
 
-        monkeypatch.setattr(run_module, "save_checkpoint", crashing_save)
-        monkeypatch.setattr(run_module, "link_checkpoint", crashing_link)
-        monkeypatch.setattr(run_module, "_append_line", crashing_log)
+        monkeypatch.setattr(output_module, "save_checkpoint", crashing_save)
+        monkeypatch.setattr(output_module, "link_checkpoint", crashing_link)
+        monkeypatch.setattr(output_module, "append_line", crashing_log)
         train(s)
         with pytest.raises(KeyboardInterrupt):
             run.end_epoch(s, 1, {"train_loss": 0.25}, **extra)
@@ -276,13 +290,13 @@ def test_without_hard_links_an_epochs_checkpoints_are_copies(tmp_path, monkeypat
 
 
 def test_completing_an_epochs_files_links_them_to_its_last_checkpoint(tmp_path, monkeypatch):
-    import training.run as run_module
+    import training.output as output_module
     out = tmp_path / "out"
     cfg = pretrain_config(output_dir=str(out), epochs=4)
     s = state()
     with Run(cfg, save_freq=1) as run:
         train(s)
-        monkeypatch.setattr(run_module, "link_checkpoint", lambda source, path: None)  # a crash before the link
+        monkeypatch.setattr(output_module, "link_checkpoint", lambda source, path: None)  # a crash before the link
         run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
     monkeypatch.undo()
     assert not (out / "checkpoint-0.pth").exists()
@@ -305,8 +319,7 @@ def test_a_live_run_holds_the_output_folder_and_a_dead_ones_lock_does_not_count(
     assert holder.stdout.readline().strip() == "locked"
     try:
         with pytest.raises(SystemExit, match=r"--output_dir .* is in use by a live run \(pid 12345 on elsewhere"):
-            with Run(pretrain_config(output_dir=str(out))):
-                pass
+            as_script(enter_and_leave, pretrain_config(output_dir=str(out)))
     finally:
         holder.kill()
         holder.wait()
@@ -378,7 +391,7 @@ def test_a_stop_after_a_nonfinite_loss_keeps_the_last_good_checkpoint(tmp_path):
         assert not torch.isfinite(s.model.weight).all()
         with pytest.raises(SystemExit, match=r"non-finite loss at step 99.*the last good checkpoint is kept.*found "
                                              r"when stopping on a signal: nothing was saved") as stop:
-            run.stop_if_requested(s, 1, stopped_progress(run, 1))
+            as_script(run.stop_if_requested, s, 1, stopped_progress(run, 1))
     assert stop.value.code != 75  # not a requeue: the resumed run would meet the same loss
     assert (out / "checkpoint-last.pth").read_bytes() == before
 
@@ -395,13 +408,13 @@ def test_no_save_writes_nonfinite_weights_or_optimizer_state_over_a_good_checkpo
         with pytest.raises(SystemExit, match=rf"not saving {out / 'checkpoint-last.pth'}: 1 tensors of the model or "
                                              r"optimizer state are non-finite \(model.bias\); the last good checkpoint "
                                              r"is kept"):
-            run.end_epoch(s, 1, {"train_loss": 0.25})
+            as_script(run.end_epoch, s, 1, {"train_loss": 0.25})
         with torch.no_grad():
             s.model.bias[0] = 0.0
         moment = next(iter(s.optimizer.state.values()))["exp_avg"]
         moment.fill_(float("nan"))
         with pytest.raises(SystemExit, match=r"optimizer.state.0.exp_avg"):  # the stop save makes the same check
-            run.stop_if_requested(s, 1, stopped_progress(run, 1))
+            as_script(run.stop_if_requested, s, 1, stopped_progress(run, 1))
     assert (out / "checkpoint-last.pth").read_bytes() == before
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
 
@@ -427,8 +440,7 @@ def test_a_folder_whose_checkpoints_are_all_damaged_stops_naming_each_and_change
     (out / ".checkpoint-last.pth.tmp4242").write_bytes(b"half a checkpoint")
     before = folder_snapshot(out)
     with pytest.raises(SystemExit) as stop:
-        with Run(pretrain_config(output_dir=str(out), epochs=4)):
-            pass
+        as_script(enter_and_leave, pretrain_config(output_dir=str(out), epochs=4))
     message = str(stop.value)
     assert message.startswith(f"error: every checkpoint in --output_dir {out} is damaged")
     assert f"{out / 'checkpoint-last.pth'} cannot be read as a checkpoint" in message
@@ -452,8 +464,7 @@ def test_start_over_is_refused_while_a_checkpoint_loads(tmp_path):
     out = tmp_path / "out"
     finished_epochs(pretrain_config(output_dir=str(out), epochs=4), 1)
     with pytest.raises(SystemExit, match=rf"--start_over, but {out / 'checkpoint-last.pth'} loads"):
-        with Run(pretrain_config(output_dir=str(out), epochs=4, start_over=True)):
-            pass
+        as_script(enter_and_leave, pretrain_config(output_dir=str(out), epochs=4, start_over=True))
 
 
 def test_completing_an_epochs_files_never_copies_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
@@ -503,7 +514,7 @@ def test_allowing_a_model_change_on_resume_is_a_clear_error(tmp_path):
                               allow_flag_changes="model")
     with Run(changed) as run:
         with pytest.raises(SystemExit) as stop:
-            run.resume(other)
+            as_script(run.resume, other)
     message = str(stop.value)
     assert message.startswith(f"error: {tmp_path / 'checkpoint-last.pth'} holds the weights of --model "
                               "dmjd_convit_tiny_patch16_dec1_hog, which do not load into this run's --model "
@@ -516,7 +527,7 @@ def test_a_full_disk_while_writing_the_log_or_tensorboard_names_the_file_or_fold
     import builtins
     import errno
 
-    from training.run import _append_line, _NamedWriter
+    from training.output import NamedWriter as _NamedWriter, append_line as _append_line
     real_open = builtins.open
 
     def full_open(path, mode="r", *args, **kwargs):

@@ -327,7 +327,7 @@ class Run:
     def _check_flags(self, path: str, saved: dict) -> None:
         allowed = {n.strip() for n in self.cfg.allow_flag_changes.split(",") if n.strip()}
         given = self.cfg.flags()
-        changed = [(name, saved[name], given[name]) for name in type(self.cfg).RESUME_MUST_MATCH
+        changed = [(name, saved[name], given[name]) for name in sorted(type(self.cfg).RESUME_MUST_MATCH)
                    if name in saved and saved[name] != given[name] and name not in allowed and "all" not in allowed]
         if changed:
             shown = "; ".join(f"--{name}: saved {a!r}, given {b!r}" for name, a, b in changed)
