@@ -8,6 +8,7 @@ Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
 import argparse
 
+from training.errors import exits_like_a_script, flag_error
 from training.flags import PROBE_FEATURES, add_classification_flags, add_run_flags, check_classification_data
 
 
@@ -39,7 +40,7 @@ def get_args_parser():
 
 if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
-    check_classification_data(ARGS)
+    exits_like_a_script(check_classification_data)(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar, Dict, Tuple  # noqa: E402
@@ -53,7 +54,6 @@ from dmjd_encoders.pretrained import FRESH_KEYS, architecture_kwargs, encoder_la
 from engine_finetune import (ClassificationConfig, ClassificationTask, check_classification_flags,  # noqa: E402
                              classification_loaders, resolve_classification, run_classification)
 from models_convvit import LinearProbe, conv_weights_channels_last  # noqa: E402
-from training.errors import exits_like_a_script, flag_error  # noqa: E402
 from training.output import newest_checkpoint  # noqa: E402
 from training.run import Run  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402

@@ -6,6 +6,7 @@ Defaults are the released ConViT-B recipe; see PRETRAIN.md.
 """
 import argparse
 
+from training.errors import RunError, exits_like_a_script, flag_error
 from training.flags import (DEFAULT_PRETRAIN_MODEL, add_run_flags, check_data_path, check_epoch_flags,
                             check_run_flags)
 
@@ -58,7 +59,7 @@ def check_data(args) -> None:
 
 if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
-    check_data(ARGS)
+    exits_like_a_script(check_data)(ARGS)
 
 from typing import Tuple  # noqa: E402
 
@@ -70,7 +71,6 @@ from engine_pretrain import PretrainConfig, PretrainTask  # noqa: E402
 from models_dmjd import create_from_flags  # noqa: E402
 from util.schedules import adaptive_lr, reachable_pred_ratio  # noqa: E402
 from training.data import train_loader  # noqa: E402
-from training.errors import RunError, exits_like_a_script, flag_error  # noqa: E402
 from training.loop import Schedule, fit  # noqa: E402
 from training.run import Run  # noqa: E402
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate  # noqa: E402

@@ -8,6 +8,7 @@ Defaults are ConvMAE-B's ADE20K recipe (upernet_convmae_base_512_slide_160k_ade2
 """
 import argparse
 
+from training.errors import RunError, exits_like_a_script
 from training.flags import add_run_flags, check_data_path, check_run_flags, flag_error
 
 
@@ -105,7 +106,7 @@ def check_data(args) -> None:
 
 if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
-    check_data(ARGS)
+    exits_like_a_script(check_data)(ARGS)
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
 from dmjd_encoders.pretrained import (FRESH_KEYS, architecture_kwargs, check_pretrained_flag,  # noqa: E402
@@ -113,7 +114,6 @@ from dmjd_encoders.pretrained import (FRESH_KEYS, architecture_kwargs, check_pre
 from engine_segment import (SegmentConfig, SegmentTask, build_segmenter, count_parameters,  # noqa: E402
                             encoder_of, run_segmentation, segmentation_loaders)
 from models_convvit import check_classifier_name, conv_weights_channels_last  # noqa: E402
-from training.errors import RunError, exits_like_a_script  # noqa: E402
 from training.run import Run  # noqa: E402
 from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 from util.misc import launch_world_size, resolve_amp, resolve_device  # noqa: E402

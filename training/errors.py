@@ -1,6 +1,7 @@
 """The exceptions that end a run, and the one place that turns them into a script's exit: library code raises, only
 scripts exit (`exits_like_a_script`)."""
 import functools
+import sys
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, to be continued
 
@@ -28,7 +29,10 @@ def flag_error(flag: str, why: str) -> FlagError:
 
 def script_errors() -> tuple:
     """The exceptions a script reports as `error: <message>` (exit 1): the run's, and the encoder package's for a
-    checkpoint that cannot be read or does not fit."""
+    --model it does not have and a checkpoint that cannot be read or does not fit (once the package is loaded: a
+    script's checks before torch is imported raise only the run's)."""
+    if "dmjd_encoders.pretrained" not in sys.modules:
+        return (RunError,)
     from dmjd_encoders.models_convvit import UnknownModelError  # the package does not import training
     from dmjd_encoders.pretrained import PretrainedWeightsError
     return RunError, PretrainedWeightsError, UnknownModelError
