@@ -13,13 +13,14 @@ from models_dmjd import ENCODER_NAMES
 from training.config import TrainConfig
 from training.flags import check_run_flags, flag_error
 from training.data import eval_loader, train_loader
+from training.distributed import all_reduce_sum, launch_world_size
 from training.meters import Progress, log_window
 from training.run import Run, TrainState
 from training.step import NonFiniteLossError, TrainStep, autocast_context
 from util.checkpoint import (ArchitectureMismatch, CheckpointError, architecture_kwargs, check_encoder_loaded,
                              load_pretrained, saved_model)
 from util.datasets import classification_folders, skip_bad_collate
-from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_device
+from util.misc import resolve_amp, resolve_device
 
 
 @dataclass(frozen=True)

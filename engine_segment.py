@@ -19,12 +19,12 @@ from timm.optim import param_groups_layer_decay
 from models_upernet import UperNet, create_upernet, segmentation_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
+from training.distributed import all_reduce_sum
 from training.meters import Progress, log_window
 from training.run import Run, TrainState
 from training.step import NonFiniteLossError, TrainStep, autocast_context
 from util.checkpoint import load_checkpoint
 from util.datasets import skip_bad_collate
-from util.misc import all_reduce_sum
 from util.schedules import poly_lr
 from util.seg_datasets import SegEvalTransform, SegmentationFolder, SegTrainTransform, class_names
 from util.seg_metrics import ConfusionMatrix, per_class_table, scores_for_log, segmentation_scores

@@ -115,10 +115,11 @@ from engine_segment import (SegmentConfig, build_segmenter, count_parameters, en
                             train_and_evaluate)
 from engine_finetune import check_pretrained_flag, encoder_layout, load_encoder  # noqa: E402
 from models_convvit import check_classifier_name, conv_weights_channels_last  # noqa: E402
+from training.distributed import launch_world_size  # noqa: E402
 from training.run import Run, TrainState  # noqa: E402
 from training.step import TrainStep  # noqa: E402
 from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
-from util.misc import launch_world_size, resolve_amp, resolve_device  # noqa: E402
+from util.misc import resolve_amp, resolve_device  # noqa: E402
 
 
 def validate_args(args) -> argparse.Namespace:

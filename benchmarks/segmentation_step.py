@@ -25,9 +25,10 @@ from benchmarks.grad_checkpointing import saved_activation_bytes
 from engine_segment import build_segmenter, segmentation_optimizer, train_one_interval
 from models_convvit import conv_weights_channels_last
 from models_upernet import segmentation_loss
+from training.distributed import synchronize
 from training.meters import Progress
 from training.step import TrainStep, autocast_context
-from util.misc import AMP_DTYPES, synchronize
+from util.misc import AMP_DTYPES
 
 
 def parse_args(argv=None):

@@ -47,13 +47,14 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
 from training.config import TrainConfig
+from training.distributed import (cleanup_distributed, init_distributed, last_collective, note_collective,
+                                  ranks_not_arrived)
 from training.meters import Progress
 from training.step import NonFiniteLossError, TrainStep
 from util.checkpoint import (CheckpointError, last_checkpoint_path, link_checkpoint, load_checkpoint,
                              load_state_dict_strict, no_space_error, periodic_checkpoint_path,
                              prune_periodic_checkpoints, remove_temp_files, save_checkpoint, write_file_atomically)
-from util.misc import (cleanup_distributed, init_distributed, last_collective, note_collective, ranks_not_arrived,
-                       seed_everything)
+from util.misc import seed_everything
 
 BEST_CHECKPOINT = "checkpoint-best.pth"
 LOCK_FILE = ".lock"
@@ -146,7 +147,7 @@ class Run:
             self.writer.close()
         if self._lock is not None:
             self._lock.close()  # releases the lock
-        # DDP wrappers go before the process group (see util.misc.cleanup_distributed): ours, and those that the
+        # DDP wrappers go before the process group (see training.distributed.cleanup_distributed): ours, and those that the
         # frames of a propagating exception still hold.
         if tb is not None:
             traceback.clear_frames(tb)

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from util.misc import all_reduce_sum
+from training.distributed import all_reduce_sum
 from util.seg_datasets import IGNORE_INDEX
 
 __all__ = ["ConfusionMatrix", "segmentation_scores", "per_class_table", "scores_for_log"]
