@@ -67,14 +67,14 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import models_dmjd  # noqa: E402,F401  (registers the DMJD models with timm)
 from engine_pretrain import LOSS_NAMES, PretrainConfig, train_one_epoch  # noqa: E402
-from models_dmjd import EMATeacher, create_from_flags  # noqa: E402
+from models_dmjd import EMATeacher, adaptive_lr, create_from_flags, reachable_pred_ratio  # noqa: E402
 from training.data import train_loader  # noqa: E402
 from training.distributed import launch_world_size  # noqa: E402
 from training.run import Run, TrainState  # noqa: E402
 from training.step import NonFiniteLossError, TrainStep  # noqa: E402
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate  # noqa: E402
 from util.misc import check_model_name, resolve_amp, resolve_device  # noqa: E402
-from util.schedules import adaptive_lr, epoch_iterations, reachable_pred_ratio  # noqa: E402
+from util.schedules import epoch_iterations  # noqa: E402
 from util.visualization import make_figure  # noqa: E402
 
 
