@@ -1,7 +1,7 @@
 """The training layer that every script and benchmark shares, between `util/` (pure helpers) and the scripts.
 
-- `training.flags`: the flags every script shares and their checks (--data_path's folders too), importable without
-  torch, so that a script answers --help and flag errors before it imports torch.
+- `training.flags`: the flags every script shares and their checks (--data_path's folders too), and main_segment.py's
+  parser, importable without torch, so that a script answers --help and flag errors before it imports torch.
 - `training.config`: the frozen, typed config that flags are resolved into once.
 - `training.step`: `TrainStep`, the optimizer step of every loop (autocast, accumulation with `no_sync`, fp16 grad
   scaler, clipping, EMA teacher, one non-finite policy).
