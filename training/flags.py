@@ -109,7 +109,18 @@ def segmentation_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch_size", default=2, type=int, help="images per GPU (the recipe: 2 x 8 GPUs = 16)")
     p.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step (iteration)")
+    _add_segmentation_schedule_flags(p)
+    _add_segmentation_model_flags(p)
+    _add_segmentation_optimizer_flags(p)
+    _add_segmentation_data_flags(p)
+    _add_segmentation_evaluation_flags(p)
+    _add_segmentation_initialisation_flags(p)
+    add_run_flags(p, data_help="dataset root holding images/{training,validation} and annotations/{...}")
+    p.set_defaults(data_path="/datasets/ADEChallengeData2016")
+    return p
 
+
+def _add_segmentation_schedule_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule (in iterations, i.e. optimizer steps)")
     g.add_argument("--iters", default=160000, type=int, help="training iterations")
     g.add_argument("--warmup_iters", default=1500, type=int, help="linear lr warmup")
@@ -122,6 +133,8 @@ def segmentation_parser() -> argparse.ArgumentParser:
                    help="also keep checkpoint-<k>.pth every N evaluation intervals (0: only last and best)")
     g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)")
 
+
+def _add_segmentation_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="convvit_base_patch16", type=str, help="the encoder (its multi-scale features)")
     g.add_argument("--input_size", default=512, type=int, help="training crop size in pixels")
@@ -137,6 +150,8 @@ def segmentation_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux_channels", default=256, type=int, help="auxiliary FCN head width")
     g.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight (0: no auxiliary head)")
 
+
+def _add_segmentation_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer (AdamW)")
     g.add_argument("--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)")
     g.add_argument("--blr", default=1.6e-3, type=float,
@@ -147,6 +162,8 @@ def segmentation_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay")
     g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)")
 
+
+def _add_segmentation_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--nb_classes", default=150, type=int, help="classes (after --reduce_zero_label)")
     g.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=True,
@@ -163,6 +180,8 @@ def segmentation_parser() -> argparse.ArgumentParser:
     g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="mmseg's photometric distortion (brightness, contrast, saturation, hue)")
 
+
+def _add_segmentation_evaluation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume on the validation set")
     g.add_argument("--eval_mode", default="slide", choices=["slide", "whole"],
@@ -176,10 +195,9 @@ def segmentation_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", default=1, type=int,
                    help="validation images per batch (more than 1 needs images of one size)")
 
+
+def _add_segmentation_initialisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("initialisation")
     g.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or an encoder export)")
     g.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
                    help="take the student encoder, or the EMA teacher's")
-    add_run_flags(p, data_help="dataset root holding images/{training,validation} and annotations/{...}")
-    p.set_defaults(data_path="/datasets/ADEChallengeData2016")
-    return p
