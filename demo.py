@@ -16,19 +16,16 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from util.demo_commands import CLASSIFIER, DATA_DIR, PRETRAIN_EPOCHS, ROOT, common_flags, pretrain_command, shown
 from util.demo_data import prepare_fashion_mnist
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-PRETRAIN_MODEL = "dmjd_convit_mini_patch8_hog"
-CLASSIFIER = "convvit_mini_patch8"  # the classifier built on PRETRAIN_MODEL's encoder
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser("DMJD demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "fashion_mnist"), help="where the ImageFolder goes")
+    p.add_argument("--data", default=DATA_DIR, help="where the ImageFolder goes")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "output_dir", "demo"),
                    help="pre-training, probes and the picture (emptied at start)")
-    p.add_argument("--pretrain_epochs", default=2, type=int, help="DMJD pre-training epochs")
+    p.add_argument("--pretrain_epochs", default=PRETRAIN_EPOCHS, type=int, help="DMJD pre-training epochs")
     p.add_argument("--probe_epochs", default=2, type=int, help="linear-probe epochs")
     p.add_argument("--probe_train", default=20000, type=int, help="training images of the probe (per-class subsample)")
     p.add_argument("--probe_blr", default=10.0, type=float,
@@ -37,12 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", default=2, type=int, help="data-loading workers of every stage")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
-
-
-def shown(path: str) -> str:
-    """A path relative to the repository when it lies inside it: the printed commands run from there."""
-    rel = os.path.relpath(path, ROOT)
-    return path if rel.startswith("..") else rel
 
 
 def command_line(cmd: List[str]) -> str:
@@ -55,17 +46,14 @@ def stage_commands(args, data: str, probe_data: str) -> Dict[str, List[str]]:
     each runs as printed."""
     python = shown(sys.executable)
     out = args.output_dir
-    common = ["--input_size", "32", "--num_workers", str(args.num_workers), "--device", args.device,
-              "--print_freq", "50"]
+    common = common_flags(args.num_workers, args.device)
     checkpoint = shown(os.path.join(out, "pretrain", "checkpoint-last.pth"))
     probe = [python, "main_linprobe.py", "--model", CLASSIFIER, "--nb_classes", "10", "--batch_size", "256",
              "--epochs", str(args.probe_epochs), "--warmup_epochs", "0", "--blr", str(args.probe_blr),
              "--min_crop_scale", "0.6", *common, "--data_path", shown(probe_data)]
     return {
-        "pretrain": [python, "main_pretrain.py", "--model", PRETRAIN_MODEL, "--mask_type", "rand",
-                     "--batch_size", "128", "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "0.2",
-                     "--blr", "1.5e-3", "--min_crop_scale", "0.6", *common, "--data_path", shown(data),
-                     "--output_dir", shown(os.path.join(out, "pretrain"))],
+        "pretrain": pretrain_command(data, os.path.join(out, "pretrain"), args.pretrain_epochs, args.num_workers,
+                                     args.device),
         "probe_pretrained": probe + ["--finetune", checkpoint, "--output_dir", shown(os.path.join(out, "probe_pretrained"))],
         "probe_random": probe + ["--output_dir", shown(os.path.join(out, "probe_random_init"))],
         "picture": [python, "visualize.py", "--checkpoint", checkpoint, "--data_path", shown(data), "--split", "val",

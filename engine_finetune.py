@@ -10,6 +10,7 @@ from dmjd_encoders.pretrained import check_pretrained_flag
 from models_convvit import check_classifier_name
 from training.config import EpochConfig
 from training.data import eval_loader, train_loader
+from training.distributed import all_reduce_sum, launch_world_size
 from training.errors import RunError, flag_error
 from training.flags import check_epoch_flags, check_run_flags
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
@@ -17,7 +18,7 @@ from training.meters import Progress
 from training.run import Run
 from training.step import autocast_context
 from util.datasets import classification_folders, skip_bad_collate
-from util.misc import all_reduce_sum, launch_world_size, resolve_amp, resolve_device
+from util.misc import resolve_amp, resolve_device
 
 
 @dataclass(frozen=True)

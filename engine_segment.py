@@ -6,6 +6,7 @@ The recipe is iteration-based (mmseg's IterBasedRunner): `--iters` optimizer ste
 (training.data.stream_loader): a run resumed anywhere continues with exactly the crops an uninterrupted one would have
 seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`).
 """
+import argparse
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -13,16 +14,20 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 from timm.optim import param_groups_layer_decay
 
+from dmjd_encoders.pretrained import check_pretrained_flag
+from models_convvit import check_classifier_name
 from models_upernet import UperNet, create_upernet, segmentation_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
-from training.errors import RunError
+from training.distributed import all_reduce_sum, launch_world_size
+from training.errors import RunError, flag_error
+from training.flags import check_run_flags
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
 from training.step import autocast_context
 from util.datasets import skip_bad_collate
-from util.misc import all_reduce_sum
+from util.misc import resolve_amp, resolve_device
 from util.schedules import poly_lr
 from util.seg_datasets import SegEvalTransform, SegmentationFolder, SegTrainTransform, class_names
 from util.seg_metrics import ConfusionMatrix, per_class_table, scores_for_log, segmentation_scores
@@ -116,6 +121,81 @@ class SegmentConfig(TrainConfig):
 
 
 # -- model and data ---------------------------------------------------------------------------------------------------
+def validate_args(args) -> argparse.Namespace:
+    """The checks of main_segment.py's flags (training.flags.segmentation_parser): fails before any work, naming the
+    flag; returns a copy of `args` with the run layer's epochs (evaluation intervals) and warmup in them (`args`
+    itself is left as it is)."""
+    for flag in ("iters", "eval_interval", "decoder_channels", "aux_channels", "nb_classes", "eval_batch_size"):
+        if getattr(args, flag) < 1:
+            raise flag_error(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
+    for flag in ("save_freq", "keep_last", "aux_weight", "min_lr"):
+        if getattr(args, flag) < 0:
+            raise flag_error(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
+    if args.iters % args.eval_interval:
+        raise flag_error("--iters", f"{args.iters} must be a multiple of --eval_interval {args.eval_interval} (the "
+                                    f"run evaluates and checkpoints at the end of each interval)")
+    if not 0 <= args.warmup_iters <= args.iters:
+        raise flag_error("--warmup_iters", f"must be in [0, --iters {args.iters}], got {args.warmup_iters}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise flag_error("--warmup_ratio", f"must be in [0, 1], got {args.warmup_ratio}")
+    if not args.poly_power > 0:
+        raise flag_error("--poly_power", f"must be > 0, got {args.poly_power}")
+    if not 0 < args.layer_decay <= 1:
+        raise flag_error("--layer_decay", f"must be in (0, 1], got {args.layer_decay}")
+    if not all(0 <= b < 1 for b in args.betas):
+        raise flag_error("--betas", f"must be in [0, 1), got {args.betas}")
+    for flag in ("drop_path", "head_dropout"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise flag_error(f"--{flag}", f"must be in [0, 1), got {getattr(args, flag)}")
+    if min(args.pool_scales) < 1:
+        raise flag_error("--pool_scales", f"must be >= 1, got {args.pool_scales}")
+    if args.ignore_index < args.nb_classes:
+        raise flag_error("--ignore_index", f"{args.ignore_index} is one of the {args.nb_classes} classes "
+                                           f"(--nb_classes); it must be >= {args.nb_classes}")
+    if min(args.img_scale) < 1:
+        raise flag_error("--img_scale", f"must be positive, got {args.img_scale}")
+    if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
+        raise flag_error("--ratio_range", f"must be LOW HIGH with 0 < LOW <= HIGH, got {args.ratio_range}")
+    if not 0 < args.cat_max_ratio <= 1:
+        raise flag_error("--cat_max_ratio", f"must be in (0, 1], got {args.cat_max_ratio}")
+    if not 0 <= args.flip_prob <= 1:
+        raise flag_error("--flip_prob", f"must be in [0, 1], got {args.flip_prob}")
+    if args.eval_crop_size is not None and args.eval_crop_size < 1:
+        raise flag_error("--eval_crop_size", f"must be >= 1, got {args.eval_crop_size}")
+    crop = args.eval_crop_size or args.input_size
+    if args.eval_stride is not None and not 1 <= args.eval_stride <= crop:
+        raise flag_error("--eval_stride", f"must be in [1, the window {crop}], got {args.eval_stride}")
+    if min(args.aug_test_ratios) <= 0:
+        raise flag_error("--aug_test_ratios", f"must be positive, got {args.aug_test_ratios}")
+    check_pretrained_flag(args.finetune)
+    if args.eval and not args.resume:
+        raise flag_error("--eval", "needs --resume: the checkpoint of a segmentation run to evaluate")
+    world_size = launch_world_size()
+    if args.batch_size * world_size < 2:
+        raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
+                                         f"step, and the PPM's 1 x 1 pooling one value per channel: use 2 or more "
+                                         f"images per step (over all processes)")
+    check_run_flags(args)
+    check_classifier_name(args.model)
+    return args
+
+
+def resolve_config(args):
+    """(config, lr line): the flags checked, with the lr (blr x total batch / 256 unless --lr), the precision, the
+    evaluation window and stride resolved for the launch's device and world size."""
+    args = validate_args(args)
+    device, world_size = resolve_device(args.device), launch_world_size()
+    images_per_step = args.batch_size * args.accum_iter * world_size
+    lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
+    line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
+            f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
+    crop = args.eval_crop_size or args.input_size
+    stride = args.eval_stride or max(1, crop * 2 // 3)
+    cfg = SegmentConfig.from_args(args, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
+                                  eval_crop_size=crop, eval_stride=stride)
+    return cfg, line
+
+
 def build_segmenter(cfg: SegmentConfig, **layout) -> UperNet:
     """UperNet on --model's multi-scale features (timm features_only, any input size that is a multiple of the
     stride), as the flags say; `layout`: build arguments a checkpoint's encoder needs (architecture_kwargs)."""

@@ -29,10 +29,25 @@ from models_convvit import (ENCODER_ARCHS, ENCODER_NAMES, BlockNorm, ConvViT, ga
                             init_linear_and_norm, visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
-from util.schedules import reachable_pred_ratio
 
 PRED_TYPES = ("hog", "pixel")
 VIS_TARGETS = ("hog", "ema")
+
+
+def reachable_pred_ratio(num_views: int, mask_ratio: float) -> float:
+    """The largest prediction rate K views of corruption rate m can cover: min(1, K * m)."""
+    return min(1.0, num_views * mask_ratio)
+
+
+def adaptive_lr(blr: float, images_per_step: int, pred_ratio: float, mask_ratio: float):
+    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate).
+
+    Each image counts once however many views it has. Returns the lr and a line that shows every factor.
+    """
+    lr = blr * images_per_step / 256 * (pred_ratio / mask_ratio)
+    line = (f"lr = blr {blr:.3g} x {images_per_step} images / 256 x (pred_ratio {pred_ratio:.3g} / mask_ratio "
+            f"{mask_ratio:.3g}) = {lr:.4g}")
+    return lr, line
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -13,7 +13,9 @@ probabilities at the label size (whole image or sliding window, optional multi-s
 Inputs are normalised images (ImageNet mean/std, as the encoders expect): normalisation belongs to the data.
 
 The heads use BatchNorm; under DDP the caller converts them (and the backbone's) with
-`torch.nn.SyncBatchNorm.convert_sync_batchnorm`, as the recipe trains with SyncBN at 2 images per GPU.
+`training.sync_batchnorm.convert_sync_batchnorm`, so that their statistics span the batches of all processes, as the
+recipe trains with SyncBN at 2 images per GPU: torch's SyncBatchNorm on CUDA, and on the CPU (gloo) the project's
+`AllReduceBatchNorm`, which sums the statistics with one differentiable all-reduce.
 """
 import re
 from typing import List, Optional, Sequence, Tuple, Union
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torchvision.ops import Conv2dNormActivation
 
-from util.seg_datasets import IGNORE_INDEX
+from util.seg_labels import IGNORE_INDEX
 
 # The suffix with which a group_matcher puts parameters with the block before them (timm's MATCH_PREV_GROUP).
 MATCH_PREV_GROUP = (99999,)

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401
 from engine_pretrain import LOSS_NAMES  # noqa: E402
-from models_dmjd import EMATeacher  # noqa: E402
+from models_dmjd import EMATeacher, adaptive_lr, reachable_pred_ratio  # noqa: E402
+from training.distributed import synchronize  # noqa: E402
 from training.step import NonFiniteLossError, TrainStep  # noqa: E402
 from util.demo_data import DEBIAN_DIR, locate_idx_files, read_idx  # noqa: E402
-from util.misc import resolve_device, synchronize  # noqa: E402
-from util.schedules import adaptive_lr, cosine_lr, cosine_momentum, reachable_pred_ratio  # noqa: E402
+from util.misc import resolve_device  # noqa: E402
+from util.schedules import cosine_lr, cosine_momentum  # noqa: E402
 
 CONFIGS = {
     "maskfeat": dict(num_views=1, theta=0.0),

@@ -24,10 +24,11 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import demo  # noqa: E402
 import models_convvit  # noqa: E402,F401  (registers the encoders)
 from engine_segment import SegmentConfig, build_segmenter  # noqa: E402
 from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
+from util.demo_commands import (CLASSIFIER, DATA_DIR, PRETRAIN_EPOCHS, PRETRAIN_MODEL, pretrain_command,  # noqa: E402
+                                 shown)
 from util.demo_data import prepare_fashion_mnist  # noqa: E402
 from util.demo_seg_data import SEG_CLASS_NAMES, prepare_fashion_mnist_seg  # noqa: E402
 from util.seg_datasets import SegEvalTransform, SegmentationFolder  # noqa: E402
@@ -68,16 +69,16 @@ def parse_args(argv=None):
 
 def segment_command(args, data: str, output_dir: str, finetune: str = None):
     """main_segment.py at the canvas size (one 64 px window: whole-image evaluation), evaluated once at the end."""
-    python = demo.shown(sys.executable)
-    cmd = [python, "main_segment.py", "--model", demo.CLASSIFIER, "--input_size", "64", "--nb_classes",
+    python = shown(sys.executable)
+    cmd = [python, "main_segment.py", "--model", CLASSIFIER, "--input_size", "64", "--nb_classes",
            str(len(SEG_CLASS_NAMES)), "--img_scale", "64", "64", "--eval_mode", "whole",
            "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_interval", str(args.iters),
            "--warmup_iters", str(args.warmup_iters), "--blr", str(args.blr),
            "--decoder_channels", str(args.decoder_channels), "--aux_channels", str(args.aux_channels),
            "--num_workers", str(args.num_workers), "--device", args.device,
-           "--seed", str(args.seed), "--print_freq", "50", "--data_path", demo.shown(data),
-           "--output_dir", demo.shown(output_dir)]
-    return cmd + (["--finetune", demo.shown(finetune)] if finetune else [])
+           "--seed", str(args.seed), "--print_freq", "50", "--data_path", shown(data),
+           "--output_dir", shown(output_dir)]
+    return cmd + (["--finetune", shown(finetune)] if finetune else [])
 
 
 def run(cmd) -> float:
@@ -90,12 +91,8 @@ def run(cmd) -> float:
 def make_pretrained(args) -> None:
     """The demo's pre-training stage, as demo.py runs it, into --pretrained's folder."""
     out = os.path.dirname(os.path.abspath(args.pretrained))
-    demo_args = demo.parse_args(["--output_dir", os.path.dirname(out), "--num_workers", str(args.num_workers),
-                                 "--device", args.device])
-    data = prepare_fashion_mnist(demo_args.data, sources=[args.source] if args.source else None, verbose=True)
-    cmd = demo.stage_commands(demo_args, data, data)["pretrain"]
-    cmd[cmd.index("--output_dir") + 1] = demo.shown(out)
-    run(cmd)
+    data = prepare_fashion_mnist(DATA_DIR, sources=[args.source] if args.source else None, verbose=True)
+    run(pretrain_command(data, out, PRETRAIN_EPOCHS, args.num_workers, args.device))
 
 
 def last_scores(output_dir: str) -> dict:
@@ -138,10 +135,10 @@ def main(args):
     if not os.path.isfile(args.pretrained):
         if not args.pretrain:
             raise SystemExit(f"error: no pre-trained checkpoint at {args.pretrained}. Make it with "
-                             f"`{demo.shown(sys.executable)} demo.py` "
+                             f"`{shown(sys.executable)} demo.py` "
                              f"(about 10-20 minutes on 2 CPU cores), or run this check with --pretrain to run only "
                              f"the demo's pre-training stage, or give another DMJD checkpoint of "
-                             f"{demo.PRETRAIN_MODEL} with --pretrained")
+                             f"{PRETRAIN_MODEL} with --pretrained")
         make_pretrained(args)
     try:  # the dataset's own fixed seed: --seed seeds the two runs, not the data
         data = prepare_fashion_mnist_seg(args.data, [args.source] if args.source else None, args.num_train,
@@ -166,7 +163,7 @@ def main(args):
         json.dump({"iters": args.iters, "batch_size": args.batch_size, "pretrained": args.pretrained, **summary}, f,
                   indent=1)
     print("\n" + "=" * 78)
-    print(f"UperNet on {demo.CLASSIFIER}, {args.iters} iterations of {args.batch_size} images, "
+    print(f"UperNet on {CLASSIFIER}, {args.iters} iterations of {args.batch_size} images, "
           f"{args.num_val} validation canvases ({len(SEG_CLASS_NAMES)} classes):")
     for name, label in RUNS.items():
         s = summary[name]

@@ -20,14 +20,15 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import main_segment
 from benchmarks.grad_checkpointing import saved_activation_bytes
-from engine_segment import build_segmenter, segmentation_optimizer, train_one_interval
+from engine_segment import build_segmenter, resolve_config, segmentation_optimizer, train_one_interval
 from models_convvit import conv_weights_channels_last
 from models_upernet import segmentation_loss
+from training.distributed import synchronize
+from training.flags import segmentation_parser
 from training.meters import Progress
 from training.step import TrainStep, autocast_context
-from util.misc import AMP_DTYPES, synchronize
+from util.misc import AMP_DTYPES
 
 
 def parse_args(argv=None):
@@ -52,7 +53,7 @@ def step_config(args, size: int, batch_size: int, steps: int):
              "--decoder_channels", str(args.decoder_channels), "--nb_classes", str(args.nb_classes),
              "--device", args.device, "--amp", args.amp, "--iters", str(max(steps, 1)),
              "--eval_interval", str(max(steps, 1)), "--warmup_iters", "0", "--print_freq", str(10 ** 6)]
-    return main_segment.resolve_config(main_segment.get_args_parser().parse_args(flags))[0]
+    return resolve_config(segmentation_parser().parse_args(flags))[0]
 
 
 def random_batch(cfg, batch_size: int, device: torch.device):

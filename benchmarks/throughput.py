@@ -36,10 +36,11 @@ import models_dmjd  # noqa: E402,F401  (registers the models)
 from benchmarks import grad_checkpointing  # noqa: E402
 from engine_pretrain import LOSS_NAMES  # noqa: E402
 from models_dmjd import EMATeacher  # noqa: E402
+from training.distributed import synchronize  # noqa: E402
 from training.meters import LossMeter  # noqa: E402
 from training.step import TrainStep, autocast_context  # noqa: E402
 from util.hog import hog_targets  # noqa: E402
-from util.misc import AMP_DTYPES, resolve_device, synchronize  # noqa: E402
+from util.misc import AMP_DTYPES, resolve_device  # noqa: E402
 
 # The plain path is the step as the authors' release runs it: fp32, dense conv stages, unfused attention, a
 # per-parameter AdamW, contiguous memory, HOG computed for every view, masks drawn on the host and copied over, and

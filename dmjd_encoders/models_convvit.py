@@ -262,14 +262,7 @@ class ConvViT(nn.Module):
         if not (len(patch_size) == len(embed_dim) == len(depth) == len(mlp_ratio) == 3):
             raise ValueError("ConvViT takes three stages: patch_size, embed_dim, depth and mlp_ratio need 3 values")
         _check_global_pool(global_pool, class_token=False)
-        self.stage_strides = tuple(int(p) for p in patch_size)
-        s1, s2, s3 = self.stage_strides
-        self.patch_size = s1 * s2 * s3  # total stride from pixels to tokens
-        self.img_size = to_2tuple(img_size)
-        if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
-            raise ValueError(f"input size {self.img_size} must be divisible by the model's stride {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self._set_geometry(img_size, patch_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -279,12 +272,35 @@ class ConvViT(nn.Module):
         self.grad_checkpointing = False
         self.fuse_stages = fuse_stages
         self.sparse_stages = sparse_stages
-        # stochastic depth rising linearly over all blocks (on the CPU, also when built under torch.device("meta"))
-        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
 
         # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid_size).unsqueeze(0),
                                       requires_grad=learnable_pos_embed)
+        self._build_stages(in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, fuse_stages)
+        self._build_outputs(embed_dim[2], num_classes, fc_norm, drop_rate, stride32_level)
+        self.feature_info = self._feature_levels(embed_dim, depth, stride32_level)
+
+        self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
+        self._init_weights(num_classes)
+
+    def _set_geometry(self, img_size, patch_size: Sequence[int]) -> None:
+        """The stage strides, the total stride (`patch_size`), the built input size and its token grid."""
+        self.stage_strides = tuple(int(p) for p in patch_size)
+        s1, s2, s3 = self.stage_strides
+        self.patch_size = s1 * s2 * s3  # total stride from pixels to tokens
+        self.img_size = to_2tuple(img_size)
+        if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
+            raise ValueError(f"input size {self.img_size} must be divisible by the model's stride {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def _build_stages(self, in_chans: int, embed_dim: Sequence[int], depth: Sequence[int], num_heads: int,
+                      mlp_ratio: Sequence[float], drop_path_rate: float, fuse_stages: bool) -> None:
+        """The three stages' patch embeddings and blocks, and with `fuse_stages` the projections of the stage-1 and
+        stage-2 maps to the token width."""
+        s1, s2, s3 = self.stage_strides
+        # stochastic depth rising linearly over all blocks (on the CPU, also when built under torch.device("meta"))
+        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.patch_embed1 = ConvPatchEmbed(in_chans, embed_dim[0], s1)
         self.patch_embed2 = ConvPatchEmbed(embed_dim[0], embed_dim[1], s2)
         self.patch_embed3 = ConvPatchEmbed(embed_dim[1], embed_dim[2], s3)
@@ -298,25 +314,34 @@ class ConvViT(nn.Module):
         if fuse_stages:
             self.stage1_output_decode = nn.Conv2d(embed_dim[0], embed_dim[2], s2 * s3, stride=s2 * s3)
             self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], s3, stride=s3)
+
+    def _build_outputs(self, width: int, num_classes: int, fc_norm: bool, drop_rate: float,
+                       stride32_level: bool) -> None:
+        """The final norm, the stride-32 level when asked for, and the classifier (pooled norm, dropout, head)."""
         # Global pooling with fc_norm replaces the final norm by a norm after pooling (MAE / ConvMAE fine-tuning).
-        self.norm = nn.Identity() if fc_norm else BlockNorm(embed_dim[2])
+        self.norm = nn.Identity() if fc_norm else BlockNorm(width)
         # ConvMAE's segmentation backbone has no padding here (3x3 / 2 gives 15 x 15 from 32 x 32); padding 1 keeps
         # the level at exactly a 32nd of an input that is a multiple of 32, and defined for any multiple of 16.
         self.downsample32 = nn.Sequential(
-            nn.Conv2d(embed_dim[2], embed_dim[2], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[2]), nn.GELU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.GELU(),
         ) if stride32_level else None
-        self.fc_norm = BlockNorm(embed_dim[2]) if fc_norm else nn.Identity()
+        self.fc_norm = BlockNorm(width) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim[2], num_classes) if num_classes > 0 else nn.Identity()
-        # `module`: the last block of each stage, which torch.fx feature extraction (feature_cls="fx") takes as the
-        # level (the stage-3 level then as its [N, L, D] tokens, as timm's ViTs give theirs)
-        self.feature_info = [dict(num_chs=embed_dim[0], reduction=s1, module=f"blocks1.{depth[0] - 1}"),
-                             dict(num_chs=embed_dim[1], reduction=s1 * s2, module=f"blocks2.{depth[1] - 1}"),
-                             dict(num_chs=embed_dim[2], reduction=self.patch_size, module=f"blocks3.{depth[2] - 1}")]
-        if stride32_level:
-            self.feature_info.append(dict(num_chs=embed_dim[2], reduction=2 * self.patch_size, module="downsample32"))
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
+    def _feature_levels(self, embed_dim: Sequence[int], depth: Sequence[int], stride32_level: bool) -> List[dict]:
+        """timm's `feature_info`: each level's width, stride and `module`, the last block of each stage, which torch.fx
+        feature extraction (feature_cls="fx") takes as the level (the stage-3 level then as its [N, L, D] tokens, as
+        timm's ViTs give theirs)."""
+        s1, s2, _ = self.stage_strides
+        levels = [dict(num_chs=embed_dim[0], reduction=s1, module=f"blocks1.{depth[0] - 1}"),
+                  dict(num_chs=embed_dim[1], reduction=s1 * s2, module=f"blocks2.{depth[1] - 1}"),
+                  dict(num_chs=embed_dim[2], reduction=self.patch_size, module=f"blocks3.{depth[2] - 1}")]
+        if stride32_level:
+            levels.append(dict(num_chs=embed_dim[2], reduction=2 * self.patch_size, module="downsample32"))
+        return levels
+
+    def _init_weights(self, num_classes: int) -> None:
         self.apply(init_linear_and_norm)
         w = self.patch_embed3.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the last embed acts as a linear patch projection

@@ -57,7 +57,7 @@ stats = pretrain_epoch(torch.nn.parallel.DistributedDataParallel(model), batches
                        pretrain_config(lr=1e-3, min_lr=1e-3, print_freq=1, world_size=2))
 print(json.dumps({"stats": stats, "checksum": sum(p.double().sum().item() for p in model.parameters()),
                   "steps": [int(s["step"]) for s in optimizer.state.values()][0]}))
-from util.misc import cleanup_distributed
+from training.distributed import cleanup_distributed
 cleanup_distributed()  # the dropped DDP wrapper freed before the group (a teardown that can hang otherwise)
 """
 

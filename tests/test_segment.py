@@ -11,7 +11,7 @@ import torch
 
 import main_segment
 from dmjd_encoders.pretrained import architecture_kwargs
-from engine_segment import EvalCollate, full_batch
+from engine_segment import EvalCollate, full_batch, resolve_config, validate_args
 from helpers import (load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
                      write_segmentation_folder)
 from util.schedules import poly_lr
@@ -146,11 +146,11 @@ def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_d
 def test_bad_flags_fail_early_naming_the_flag(flags, message):
     args = main_segment.get_args_parser().parse_args(flags)
     with pytest.raises(SystemExit, match=re.escape(message)):
-        main_segment.validate_args(args)
+        validate_args(args)
 
 
 def test_the_default_recipe_is_convmae_bs_ade20k_config():
-    cfg, line = main_segment.resolve_config(main_segment.get_args_parser().parse_args(["--device", "cpu"]))
+    cfg, line = resolve_config(main_segment.get_args_parser().parse_args(["--device", "cpu"]))
     assert line == "lr = blr 0.0016 x 2 images / 256 = 1.25e-05"  # 1e-4 at the recipe's 8 x 2 images
     assert (cfg.iters, cfg.warmup_iters, cfg.eval_interval, cfg.epochs) == (160000, 1500, 16000, 10)
     assert (cfg.input_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio) == (512, [2048, 512], [0.5, 2.0], 0.75)

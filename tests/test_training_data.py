@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from training.data import (EpochSampler, SeededSamples, ShardSampler, StreamSampler, mixed_seed, seed_step,
                            stream_loader, train_loader)
-from util.misc import DistInfo
+from training.distributed import DistInfo
 
 
 class _RandomDraws(Dataset):

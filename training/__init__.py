@@ -1,7 +1,7 @@
 """The training layer that every script and benchmark shares, between `util/` (pure helpers) and the scripts.
 
-- `training.flags`: the flags every script shares and their checks (--data_path's folders too), importable without
-  torch, so that a script answers --help and flag errors before it imports torch.
+- `training.flags`: the flags every script shares and their checks (--data_path's folders too), and main_segment.py's
+  parser, importable without torch, so that a script answers --help and flag errors before it imports torch.
 - `training.config`: the frozen, typed config that flags are resolved into once.
 - `training.step`: `TrainStep`, the optimizer step of every loop (autocast, accumulation with `no_sync`, fp16 grad
   scaler, clipping, EMA teacher, one non-finite policy).
@@ -10,6 +10,9 @@
 - `training.data`: loaders whose every sample is seeded from (seed, epoch, index), so that a resumed run sees the
   same crops as an uninterrupted one (by epochs of the data, or by windows of an endless stream for iteration-based
   runs), and exact sharded evaluation.
+- `training.distributed`: the process group (torchrun's environment, NCCL on CUDA and gloo on CPU, print on the
+  main rank only, teardown), the sums and minima over the processes, and the name of the collective a process waits
+  in, reported when it times out.
 - `training.run`: the run skeleton (process group, DDP, resume, checkpoints, log.txt, TensorBoard, teardown).
 - `training.sync_batchnorm`: BatchNorm over the batches of all processes, on CUDA (torch's SyncBatchNorm) and on
   the CPU with gloo (one differentiable all-reduce of the statistics).

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from util.misc import DistInfo, seed_everything
+from training.distributed import DistInfo
+from util.misc import seed_everything
 
 _MIX = (0x9E3779B1, 0x85EBCA77)  # odd multipliers above any dataset size: distinct keys give distinct seeds
 

@@ -1,6 +1,7 @@
 """The flags every training script shares and their checks, importable without torch: a script parses its command
 line and checks --data_path before it imports torch, so that --help, a malformed flag and a missing data folder answer
-at once; every check here runs before the run prints its config or makes its output folder."""
+at once; every check here runs before the run prints its config or makes its output folder. main_segment.py's whole
+parser is here too (`segmentation_parser`), as the segmentation benchmark builds its configs from the same recipe."""
 import argparse
 import os
 import signal
@@ -99,3 +100,108 @@ def check_data_path(data_path: str, folders: Sequence[str], layout: str) -> None
     for folder in folders:
         if not os.path.isdir(os.path.join(data_path, folder)):
             raise flag_error("--data_path", f"{data_path!r} has no '{folder}/' folder: expected {layout}")
+
+
+# mmseg's multi-scale test ratios (MultiScaleFlipAug's img_ratios in its ADE20K configs)
+AUG_TEST_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+
+def segmentation_parser() -> argparse.ArgumentParser:
+    """main_segment.py's flags: ConvMAE-B's ADE20K recipe by default (the segmentation benchmark builds its configs
+    from them too)."""
+    p = argparse.ArgumentParser("semantic segmentation with UperNet",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch_size", default=2, type=int, help="images per GPU (the recipe: 2 x 8 GPUs = 16)")
+    p.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step (iteration)")
+    _add_segmentation_schedule_flags(p)
+    _add_segmentation_model_flags(p)
+    _add_segmentation_optimizer_flags(p)
+    _add_segmentation_data_flags(p)
+    _add_segmentation_evaluation_flags(p)
+    _add_segmentation_initialisation_flags(p)
+    add_run_flags(p, data_help="dataset root holding images/{training,validation} and annotations/{...}")
+    p.set_defaults(data_path="/datasets/ADEChallengeData2016")
+    return p
+
+
+def _add_segmentation_schedule_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedule (in iterations, i.e. optimizer steps)")
+    g.add_argument("--iters", default=160000, type=int, help="training iterations")
+    g.add_argument("--warmup_iters", default=1500, type=int, help="linear lr warmup")
+    g.add_argument("--warmup_ratio", default=1e-6, type=float, help="the warmup starts at this fraction of the lr")
+    g.add_argument("--poly_power", default=1.0, type=float,
+                   help="lr = (lr - min_lr) x (1 - iter / iters)^power + min_lr")
+    g.add_argument("--eval_interval", default=16000, type=int,
+                   help="evaluate and checkpoint every N iterations (--iters must be a multiple)")
+    g.add_argument("--save_freq", default=0, type=int,
+                   help="also keep checkpoint-<k>.pth every N evaluation intervals (0: only last and best)")
+    g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)")
+
+
+def _add_segmentation_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="convvit_base_patch16", type=str, help="the encoder (its multi-scale features)")
+    g.add_argument("--input_size", default=512, type=int, help="training crop size in pixels")
+    g.add_argument("--drop_path", default=0.2, type=float, help="stochastic depth rate of the encoder")
+    g.add_argument("--out_indices", default=None, type=int, nargs="+",
+                   help="encoder feature levels the decoder takes (none: all four of ConViT, strides 4 to 32)")
+    g.add_argument("--decoder_channels", default=768, type=int,
+                   help="UPerHead width (ConvMAE-B's config; mmseg's UperNet default is 512)")
+    g.add_argument("--pool_scales", default=[1, 2, 3, 6], type=int, nargs="+", help="PPM pooling bins")
+    g.add_argument("--head_dropout", default=0.1, type=float, help="dropout before both heads' classifiers")
+    g.add_argument("--aux_in_index", default=2, type=int,
+                   help="feature level of the auxiliary FCN head (2: the stride-16 map)")
+    g.add_argument("--aux_channels", default=256, type=int, help="auxiliary FCN head width")
+    g.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight (0: no auxiliary head)")
+
+
+def _add_segmentation_optimizer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer (AdamW)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)")
+    g.add_argument("--blr", default=1.6e-3, type=float,
+                   help="base lr: lr = blr x total batch / 256 (the recipe: 1e-4 at 16 images per step)")
+    g.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the poly decay")
+    g.add_argument("--betas", default=[0.9, 0.999], type=float, nargs=2, help="AdamW betas")
+    g.add_argument("--weight_decay", default=0.05, type=float, help="none on biases, norms and pos_embed")
+    g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay")
+    g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)")
+
+
+def _add_segmentation_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--nb_classes", default=150, type=int, help="classes (after --reduce_zero_label)")
+    g.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=True,
+                   help="annotation 0 is 'unlabelled' (ignored) and k is class k - 1 (ADE20K)")
+    g.add_argument("--ignore_index", default=255, type=int, help="label of pixels left out of loss and scores")
+    g.add_argument("--img_scale", default=[2048, 512], type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="images are resized to fit these long / short sides (keeping the aspect ratio), times a "
+                        "random ratio in training")
+    g.add_argument("--ratio_range", default=[0.5, 2.0], type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="random rescale ratio of --img_scale in training")
+    g.add_argument("--cat_max_ratio", default=0.75, type=float,
+                   help="redraw a crop (up to 10 times) while one class covers this share of it (1: never)")
+    g.add_argument("--flip_prob", default=0.5, type=float, help="horizontal flip probability")
+    g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
+                   help="mmseg's photometric distortion (brightness, contrast, saturation, hue)")
+
+
+def _add_segmentation_evaluation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="only evaluate --resume on the validation set")
+    g.add_argument("--eval_mode", default="slide", choices=["slide", "whole"],
+                   help="sliding-window or whole-image inference")
+    g.add_argument("--eval_crop_size", default=None, type=int, help="sliding window (none: --input_size)")
+    g.add_argument("--eval_stride", default=None, type=int,
+                   help="sliding-window stride (none: two thirds of the window, 341 at 512)")
+    g.add_argument("--aug_test", action="store_true", help="multi-scale (--aug_test_ratios) and flip evaluation")
+    g.add_argument("--aug_test_ratios", default=AUG_TEST_RATIOS, type=float, nargs="+",
+                   help="test scales of --aug_test, relative to --img_scale")
+    g.add_argument("--eval_batch_size", default=1, type=int,
+                   help="validation images per batch (more than 1 needs images of one size)")
+
+
+def _add_segmentation_initialisation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("initialisation")
+    g.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or an encoder export)")
+    g.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
+                   help="take the student encoder, or the EMA teacher's")

@@ -6,8 +6,8 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from training.distributed import all_reduce_sum
 from training.step import TrainStep
-from util.misc import all_reduce_sum
 
 
 class LossMeter:

@@ -41,14 +41,15 @@ import torch
 import torch.distributed as dist
 
 from training.config import TrainConfig
+from training.distributed import (cleanup_distributed, init_distributed, last_collective, note_collective,
+                                  ranks_not_arrived)
 from training.errors import REQUEUE_EXIT_CODE, NonFiniteLossError, Preempted, RunError  # noqa: F401 (re-exported)
 from training.meters import Progress
 from training.output import (OutputFolder, NamedWriter, append_line, checkpoint_position, first_loadable,
                              newest_checkpoint, resume_candidates, _drop_log_lines, _print_skip)
 from training.step import TrainStep
 from util.checkpoint import last_checkpoint_path, load_state_dict_strict
-from util.misc import (cleanup_distributed, init_distributed, last_collective, note_collective, ranks_not_arrived,
-                       seed_everything)
+from util.misc import seed_everything
 
 
 @dataclass
@@ -126,8 +127,8 @@ class Run:
         if self.writer is not None:
             self.writer.close()
         self.folder.close()
-        # DDP wrappers go before the process group (see util.misc.cleanup_distributed): ours, and those that the
-        # frames of a propagating exception still hold.
+        # DDP wrappers go before the process group (see training.distributed.cleanup_distributed): ours, and those
+        # that the frames of a propagating exception still hold.
         if tb is not None:
             traceback.clear_frames(tb)
         self._wrapped.clear()

@@ -5,8 +5,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from training.data import seed_step
+from training.distributed import all_reduce_min, note_collective
 from training.errors import NonFiniteLossError
-from util.misc import all_reduce_min, apply_gradients, note_collective
+from util.misc import apply_gradients
 from util.schedules import set_lr
 
 Losses = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]

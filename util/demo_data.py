@@ -35,7 +35,6 @@ SPLITS = {  # ImageFolder split -> idx file stem
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-SPLIT_SIZES = {"train": 60000, "val": 10000}
 MARKER = ".prepared.json"
 
 # idx type codes (the third magic byte) -> big-endian numpy dtypes

@@ -1,39 +1,13 @@
-"""Distributed set-up and small run-time helpers. Everything works on CPU (gloo) as well as CUDA (NCCL)."""
-import builtins
-import ctypes
-import datetime
-import gc
+"""Small run-time helpers: the device and autocast precision of a run, seeding, the encoder package's log lines
+among the scripts' prints, and one optimizer step from accumulated gradients. The process group and its collectives
+are in training.distributed."""
 import logging
-import os
 import random
-import signal
-import sys
-import time
-import zlib
-from dataclasses import dataclass
-from typing import List
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dmjd_encoders.models_convvit import check_model_name  # noqa: F401  (moved down to the encoders)
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,63 +29,9 @@ def resolve_amp(name: str, device: torch.device):
     return name, AMP_DTYPES[name]
 
 
-def launch_world_size() -> int:
-    """The number of processes the launcher started (torchrun's WORLD_SIZE; 1 for a plain `python` run)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device_name: str = "auto", timeout_minutes: float = 30) -> DistInfo:
-    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on CUDA, gloo on CPU. A collective that
-    waits longer than `timeout_minutes` for another process fails."""
-    device = resolve_device(device_name)
-    world_size = launch_world_size()
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                **({"device_id": device} if device.type == "cuda" else {}))
-    info = DistInfo(rank, world_size, local_rank, device)
-    _print_on_main_only(info.is_main)
-    print_library_notes()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        stop_when_the_launcher_dies()
-    return info
-
-
-def stop_when_the_launcher_dies(sig: signal.Signals = signal.SIGTERM) -> None:
-    """Asks Linux to send this process `sig` when its parent (torchrun's agent) ends, however it ends: a launcher
-    killed by a signal it does not handle (torchrun dies of SIGUSR1) would otherwise leave its training processes
-    running on. With a stop signal the run then saves its step and exits with status 75. No-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return  # refused (e.g. by a seccomp profile): nothing changes
-    if os.getppid() != parent:  # the parent ended before the request: nothing will be sent
-        os.kill(os.getpid(), sig)
-
-
-def _print_on_main_only(is_main: bool) -> None:
-    """Silences print() on other ranks; print(..., force=True) still prints, prefixed with the rank."""
-    builtin_print = builtins.print
-
-    def rank_print(*args, force=False, **kwargs):
-        if is_main or force:
-            if not is_main:
-                args = (f"[rank {int(os.environ.get('RANK', 0))}]",) + args
-            builtin_print(*args, **kwargs)
-
-    builtins.print = rank_print
-
-
 class _PrintHandler(logging.Handler):
     """Writes each record through print(), as the scripts write their own lines: on the main rank only once
-    `_print_on_main_only` has run, and to the sys.stdout of the moment."""
+    `training.distributed._print_on_main_only` has run, and to the sys.stdout of the moment."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -129,75 +49,10 @@ def print_library_notes(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
-def cleanup_distributed() -> None:
-    """Ends the process group. Callers drop their DDP wrapper first: a DDP reducer freed after the group, as the
-    group's last owner, destroys it without releasing the GIL, which can deadlock with a gloo worker thread that
-    still needs the GIL to free the tensors of its last all-reduce (seen with torch 2.11)."""
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()  # DDP holds reference cycles: free the dropped reducers now, while the group still lives
-        dist.destroy_process_group()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-_LAST_COLLECTIVE = ["none yet"]
-
-
-def note_collective(what: str) -> None:
-    """Remembers which collective this process is about to wait in, to name it if it times out."""
-    _LAST_COLLECTIVE[0] = what
-
-
-def last_collective() -> str:
-    return _LAST_COLLECTIVE[0]
-
-
-def ranks_not_arrived(what: str, rank: int, world_size: int, wait: float = 10.0) -> List[int]:
-    """After `what` timed out on `rank`: the ranks that did not arrive in it. Every process that times out in the
-    same collective leaves its rank in the launcher's key-value store (torchrun's MASTER_ADDR:MASTER_PORT) and waits
-    up to `wait` seconds for the others; the ranks still missing then are returned (empty when the store cannot be
-    reached, e.g. it lived in a process that died)."""
-    try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=max(wait, 10.0)))
-    except (KeyError, ValueError, RuntimeError, OSError):
-        return []
-    key = f"timed out/{zlib.crc32(what.encode()):08x}"
-    try:
-        store.set(f"{key}/{rank}", "arrived")
-        deadline = time.monotonic() + wait
-        while True:
-            missing = [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
-            if not missing or time.monotonic() > deadline:
-                return missing
-            time.sleep(0.2)
-    except (RuntimeError, OSError):
-        return []
-
-
-def all_reduce_sum(values: torch.Tensor, what: str = "a sum over the processes") -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        note_collective(what)
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def all_reduce_min(values: torch.Tensor, what: str = "a minimum over the processes") -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        note_collective(what)
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    return values
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def apply_gradients(optimizer: torch.optim.Optimizer, scaler, parameters, clip_grad=None) -> None:

@@ -40,30 +40,7 @@ def epoch_iterations(num_batches: int, accum_iter: int) -> int:
     return iters
 
 
-def adjust_learning_rate(optimizer, progress: float, args) -> float:
-    """Sets the warmup + cosine lr of `progress` (fractional epochs) from args.lr/min_lr/warmup_epochs/epochs."""
-    lr = cosine_lr(progress, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-    set_lr(optimizer, lr)
-    return lr
-
-
 def set_lr(optimizer, lr: float) -> None:
     """Sets every group's lr, honouring a per-group `lr_scale` (layer-wise decay)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def reachable_pred_ratio(num_views: int, mask_ratio: float) -> float:
-    """The largest prediction rate K views of corruption rate m can cover: min(1, K * m)."""
-    return min(1.0, num_views * mask_ratio)
-
-
-def adaptive_lr(blr: float, images_per_step: int, pred_ratio: float, mask_ratio: float):
-    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate).
-
-    Each image counts once however many views it has. Returns the lr and a line that shows every factor.
-    """
-    lr = blr * images_per_step / 256 * (pred_ratio / mask_ratio)
-    line = (f"lr = blr {blr:.3g} x {images_per_step} images / 256 x (pred_ratio {pred_ratio:.3g} / mask_ratio "
-            f"{mask_ratio:.3g}) = {lr:.4g}")
-    return lr, line

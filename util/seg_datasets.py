@@ -31,12 +31,12 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.datasets import UnreadableImageWarning, load_rgb
+from util.seg_labels import IGNORE_INDEX
 
 __all__ = ["AnnotationFormatError", "ADE20K_CLASSES", "SPLITS", "SegmentationFolder", "SegTrainTransform",
            "SegEvalTransform", "load_label", "reduce_zero_label", "rescale_size", "random_rescale", "random_crop",
-           "photometric_distortion", "normalize", "class_names", "IGNORE_INDEX"]
+           "photometric_distortion", "normalize", "class_names"]
 
-IGNORE_INDEX = 255
 SPLITS = ("training", "validation")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ANNOTATION_EXTENSION = ".png"

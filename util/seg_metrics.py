@@ -2,7 +2,7 @@
 
 The matrix is accumulated on the device (rows: ground truth, columns: prediction) and summed over DDP processes
 with one all-reduce; evaluated with a sampler that gives each process a disjoint part of the set without padding
-(util.classification.ShardSampler), every image is counted exactly once.
+(training.data.ShardSampler), every image is counted exactly once.
 
 From the matrix M, per class k: intersection M[k, k], ground-truth area (row sum), predicted area (column sum),
 union = ground truth + predicted - intersection.
@@ -18,8 +18,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from util.misc import all_reduce_sum
-from util.seg_datasets import IGNORE_INDEX
+from training.distributed import all_reduce_sum
+from util.seg_labels import IGNORE_INDEX
 
 __all__ = ["ConfusionMatrix", "segmentation_scores", "per_class_table", "scores_for_log"]
 

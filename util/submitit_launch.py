@@ -1,9 +1,10 @@
 """SLURM launch through submitit for any training script with `get_args_parser()` and `main(args)`.
 
 The job runs one task per GPU and turns submitit's job environment into torchrun's variables (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which util.misc.init_distributed reads. When SLURM preempts the job or its
-time runs out, submitit calls `Trainer.checkpoint()`, which resubmits the same arguments with `--resume` set to the
-run's real `<output_dir>/checkpoint-last.pth`, so the requeued job continues from the last finished epoch.
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which training.distributed.init_distributed reads. When SLURM preempts the
+job or its time runs out, submitit calls `Trainer.checkpoint()`, which resubmits the same arguments with `--resume`
+set to the run's real `<output_dir>/checkpoint-last.pth`, so the requeued job continues from the last finished
+epoch.
 """
 import argparse
 import copy

@@ -327,28 +327,11 @@ def make_figure(model, images: torch.Tensor, masks: Optional[torch.Tensor] = Non
     teacher here. For TensorBoard: writer.add_image(tag, make_figure(model, images), step, dataformats="HWC").
     """
     model = getattr(model, "module", model)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be a uint8 tensor [B, 3, H, W], got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 crops (0-255), got {images.dtype}")
-    batch = images.shape[0]
-    gh, gw = model.grid_size
-    patch = model.patch_size
-    if images.shape[-2:] != (gh * patch, gw * patch):
-        raise ValueError(f"images of {tuple(images.shape[-2:])} pixels; the model takes {(gh * patch, gw * patch)}")
-    device = next(model.parameters()).device
-    if masks is None:
-        masks = model.make_masks(batch, device=device, generator=torch.Generator().manual_seed(seed))
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.forward_outputs(images.to(device), masks.to(device), visible_branch=False)
-    finally:
-        model.train(was_training)
-
+    _check_figure_images(model, images)
+    out = _masked_branch(model, images, masks, seed)
     masks = out["masks"].cpu().numpy()
-    num_views = masks.shape[0]
+    num_views, batch = masks.shape[0], images.shape[0]
+    gh, gw = model.grid_size
     pred = out["pred"].float().cpu().numpy().reshape(num_views, batch, gh * gw, -1)
     target = out["target"].float().cpu().numpy()
     crops = images.permute(0, 2, 3, 1).cpu().numpy()
@@ -356,39 +339,87 @@ def make_figure(model, images: torch.Tensor, masks: Optional[torch.Tensor] = Non
     scale = max(1, math.ceil(min_panel / min(crops.shape[1:3])))
     if hog:
         scale = max(scale, math.ceil(min_glyph / model.hog_cell_size))
-    mean = model.pixel_mean.flatten().cpu().numpy()
-    std = model.pixel_std.flatten().cpu().numpy()
+    panel = _PredictionPanel(model, scale, grid_lines)
+    rows = [_figure_row(panel, crops[b], masks[:, b], target[b] if hog else None, pred[:, b])
+            for b in range(batch)]
+    return _compose(rows, _figure_titles(num_views, hog), _coverage_legend(num_views))
 
-    def prediction(tokens, shown, crop):
-        if hog:
-            return hog_panel(tokens, (gh, gw), patch, model.hog_cell_size, model.hog_bins, scale=scale, shown=shown,
-                             grid_lines=grid_lines)
-        recon = upscale(pixel_reconstruction(tokens, crop, (gh, gw), patch, mean, std, shown), scale)
-        return draw_token_grid(recon, patch * scale) if grid_lines else recon
 
-    rows = []
-    for b in range(batch):
-        crop = crops[b]
-        row = [upscale(crop, scale)]
-        row += [mask_overlay(crop, masks[k, b], (gh, gw), patch, scale=scale, grid_lines=grid_lines)
-                for k in range(num_views)]
-        row.append(coverage_panel(masks[:, b], (gh, gw), patch, image=crop, scale=scale, grid_lines=grid_lines))
-        if hog:
-            row.append(prediction(target[b], None, crop))
-        row += [prediction(pred[k, b], masks[k, b], crop) for k in range(num_views)]
-        if num_views > 1:
-            # Every token predicted by the views that mask it, averaged over them.
-            count = masks[:, b].sum(axis=0)
-            merged = (pred[:, b] * masks[:, b, :, None]).sum(axis=0) / np.maximum(count, 1)[:, None]
-            row.append(prediction(merged, count > 0, crop))
-        rows.append(row)
+def _check_figure_images(model, images) -> None:
+    """make_figure takes uint8 crops [B, 3, H, W] of the model's input size."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a uint8 tensor [B, 3, H, W], got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 crops (0-255), got {images.dtype}")
+    gh, gw = model.grid_size
+    patch = model.patch_size
+    if images.shape[-2:] != (gh * patch, gw * patch):
+        raise ValueError(f"images of {tuple(images.shape[-2:])} pixels; the model takes {(gh * patch, gw * patch)}")
 
+
+def _masked_branch(model, images: torch.Tensor, masks: Optional[torch.Tensor], seed: int) -> dict:
+    """The model's masked-branch outputs in eval mode (its mode restored afterwards), with `masks` or, by default,
+    its own masking drawn with a CPU generator seeded with `seed`."""
+    device = next(model.parameters()).device
+    if masks is None:
+        masks = model.make_masks(images.shape[0], device=device, generator=torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        return model.forward_outputs(images.to(device), masks.to(device), visible_branch=False)
+    finally:
+        model.train(was_training)
+
+
+class _PredictionPanel:
+    """Draws a token-wise prediction (or the target) of the model: HOG glyphs, or the reconstructed pixels; tokens
+    outside `shown` get the NOT_PREDICTED colour."""
+
+    def __init__(self, model, scale: int, grid_lines: bool):
+        self.model, self.scale, self.grid_lines = model, scale, grid_lines
+        self.grid = tuple(model.grid_size)
+        self.hog = model.pred_type == "hog"
+        self.mean = model.pixel_mean.flatten().cpu().numpy()
+        self.std = model.pixel_std.flatten().cpu().numpy()
+
+    def __call__(self, tokens, shown, crop) -> np.ndarray:
+        model, patch = self.model, self.model.patch_size
+        if self.hog:
+            return hog_panel(tokens, self.grid, patch, model.hog_cell_size, model.hog_bins, scale=self.scale,
+                             shown=shown, grid_lines=self.grid_lines)
+        recon = upscale(pixel_reconstruction(tokens, crop, self.grid, patch, self.mean, self.std, shown), self.scale)
+        return draw_token_grid(recon, patch * self.scale) if self.grid_lines else recon
+
+
+def _figure_row(panel: _PredictionPanel, crop: np.ndarray, masks: np.ndarray, target: Optional[np.ndarray],
+                pred: np.ndarray) -> List[np.ndarray]:
+    """One image's row: the crop, each view's input, the coverage, the HOG target (when given), each view's
+    prediction and, with several views, every masked token's prediction averaged over the views that mask it.
+    masks: [K, L]; pred: [K, L, D]."""
+    grid, patch, scale, grid_lines = panel.grid, panel.model.patch_size, panel.scale, panel.grid_lines
+    num_views = masks.shape[0]
+    row = [upscale(crop, scale)]
+    row += [mask_overlay(crop, masks[k], grid, patch, scale=scale, grid_lines=grid_lines) for k in range(num_views)]
+    row.append(coverage_panel(masks, grid, patch, image=crop, scale=scale, grid_lines=grid_lines))
+    if target is not None:
+        row.append(panel(target, None, crop))
+    row += [panel(pred[k], masks[k], crop) for k in range(num_views)]
+    if num_views > 1:
+        # Every token predicted by the views that mask it, averaged over them.
+        count = masks.sum(axis=0)
+        merged = (pred * masks[:, :, None]).sum(axis=0) / np.maximum(count, 1)[:, None]
+        row.append(panel(merged, count > 0, crop))
+    return row
+
+
+def _figure_titles(num_views: int, hog: bool) -> List[str]:
     what = "HOG" if hog else "pixel"
     titles = ["input"] + [f"view {k + 1} input" for k in range(num_views)] + ["masked by"]
     titles += ["HOG target"] if hog else []
     titles += [f"{what} pred, view {k + 1}" for k in range(num_views)]
     titles += [f"{what} pred, all views"] if num_views > 1 else []
-    return _compose(rows, titles, _coverage_legend(num_views))
+    return titles
 
 
 # -- segmentation -----------------------------------------------------------------------------------------------------
