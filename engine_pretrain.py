@@ -1,6 +1,6 @@
 """DMJD pre-training as a task of the training loop (training.loop), and the config it runs under."""
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -8,7 +8,7 @@ from timm.optim import param_groups_weight_decay
 from models_dmjd import EMATeacher
 from training.config import EpochConfig
 from training.errors import RunError
-from training.loop import Schedule, Task
+from training.loop import Task
 from util.checkpoint import load_state_dict_strict
 from util.schedules import cosine_momentum
 from util.visualization import make_figure
@@ -58,14 +58,16 @@ class PretrainTask(Task):
     parts of both branches; no evaluation. A checkpoint keeps the teacher as its "teacher" entry (None without one).
 
     Batches are `(uint8 images, labels, num_bad)` from util.datasets.skip_bad_collate; a batch with no readable
-    image trains as one black crop of weight 0 (out of the gradient and the losses)."""
+    image trains as one black crop of weight 0 (out of the gradient and the losses).
+
+    `momentum_at(steps)`: the teacher's momentum after that many optimizer steps. The benchmarks, which time the
+    step alone, build the task without a config (`cfg` None) for its teacher and post-step hook."""
     loss_names = LOSS_NAMES
 
-    def __init__(self, model: torch.nn.Module, cfg: PretrainConfig, device: torch.device, schedule: Schedule,
-                 vis_images: Optional[torch.Tensor] = None):
-        self.model, self.cfg, self.device, self.schedule = model, cfg, device, schedule
+    def __init__(self, model: torch.nn.Module, cfg: Optional[PretrainConfig], device: torch.device,
+                 momentum_at: Callable[[float], float], vis_images: Optional[torch.Tensor] = None):
+        self.model, self.trained, self.cfg, self.device, self.momentum_at = model, model, cfg, device, momentum_at
         self.teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
-        self.trained = model
         self.momentum = float("nan")
         self.vis_images = vis_images  # a picture of masks and predictions every --vis_freq epochs
 
@@ -89,7 +91,7 @@ class PretrainTask(Task):
 
     def after_step(self, steps: float) -> None:
         if self.teacher is not None:
-            self.momentum = self.cfg.momentum_at(self.schedule.epochs(steps))
+            self.momentum = self.momentum_at(steps)
             self.teacher.update(self.model.encoder, self.momentum)
 
     def scalars(self) -> Dict[str, float]:

@@ -173,7 +173,7 @@ def pretrain(run: Run, cfg: PretrainConfig) -> None:
     vis_images = None
     if run.is_main and cfg.vis_freq > 0:
         vis_images = sample_images(cfg.data_path, "train", cfg.input_size, 4).to(run.device)
-    task = PretrainTask(model, cfg, run.device, schedule, vis_images)
+    task = PretrainTask(model, cfg, run.device, lambda steps: cfg.momentum_at(schedule.epochs(steps)), vis_images)
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder)")
     if cfg.compile:

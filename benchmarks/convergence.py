@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401
-from engine_pretrain import LOSS_NAMES  # noqa: E402
-from models_dmjd import EMATeacher, adaptive_lr, reachable_pred_ratio  # noqa: E402
+from engine_pretrain import LOSS_NAMES, PretrainTask  # noqa: E402
+from models_dmjd import adaptive_lr, reachable_pred_ratio  # noqa: E402
 from training.distributed import synchronize  # noqa: E402
 from training.step import NonFiniteLossError, TrainStep  # noqa: E402
 from util.demo_data import DEBIAN_DIR, locate_idx_files, read_idx  # noqa: E402
@@ -144,14 +144,13 @@ def pretrain_run(args, name, seed, data, device):
     pred_ratio = reachable_pred_ratio(cfg["num_views"], args.mask_ratio)
     model = timm.create_model(args.model, img_size=32, mask_ratio=args.mask_ratio, pred_ratio=pred_ratio,
                               mask_type=args.mask_type, **cfg).to(device)
-    teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
+    # the pre-training task's teacher and post-step hook, its schedules following the clock: progress = time / budget
+    task = PretrainTask(model, None, device, momentum_at=lambda progress: cosine_momentum(progress, 0.996, 1.0))
     lr, _ = adaptive_lr(args.blr, args.batch_size, pred_ratio, args.mask_ratio)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.05)
-    # the training step of main_pretrain.py, its schedules following the clock: progress = time / budget
     step = TrainStep(model, optimizer, lambda progress: cosine_lr(progress, lr, 0.0, args.warmup_fraction, 1.0),
-                     loss_names=LOSS_NAMES, teacher=teacher, student=model.encoder if teacher else None,
-                     momentum_schedule=(lambda progress: cosine_momentum(progress, 0.996, 1.0)) if teacher else None)
+                     loss_names=LOSS_NAMES, after_step=task.after_step)
     generator = torch.Generator(device=device).manual_seed(seed)
     train_x = data[0]
     eval_times = [args.budget * (i + 1) / args.evals for i in range(args.evals)]
@@ -166,7 +165,7 @@ def pretrain_run(args, name, seed, data, device):
             progress = (trained + time.perf_counter() - start) / args.budget
             idx = torch.randint(0, len(train_x), (args.batch_size,), generator=generator, device=device)
             images = augment(train_x[idx], generator)
-            step(lambda: model(images, teacher=teacher), progress, steps)
+            step(lambda: task.loss(images, None), progress, steps)
             steps += 1
         synchronize(device)
         trained += time.perf_counter() - start

@@ -11,8 +11,8 @@ For each crop size:
   bf16 autocast;
 - the batch-independent part: fp32 weights, gradients and AdamW's two moments (16 bytes per parameter);
 - FLOPs per image of the forward and of forward + backward (torch.utils.flop_counter);
-- images/s of engine_segment.train_one_interval (TrainStep: autocast, AdamW with layer decay, the poly lr) on
-  random crops already on the device, after a warm-up step; on CUDA also the peak memory allocated.
+- images/s of the training loop's round on engine_segment.SegmentTask (TrainStep: autocast, AdamW with layer
+  decay, the poly lr) on random crops already on the device, after a warm-up step; on CUDA also the peak memory allocated.
 """
 import argparse
 import time
@@ -21,11 +21,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.grad_checkpointing import saved_activation_bytes
-from engine_segment import build_segmenter, resolve_config, segmentation_optimizer, train_one_interval
+from engine_segment import SegmentTask, build_segmenter, resolve_config
 from models_convvit import conv_weights_channels_last
 from models_upernet import segmentation_loss
 from training.distributed import synchronize
 from training.flags import segmentation_parser
+from training.loop import Schedule, train_round
 from training.meters import Progress
 from training.step import TrainStep, autocast_context
 from util.misc import AMP_DTYPES
@@ -94,17 +95,18 @@ def flops_per_image(cfg, model, device):
 
 
 def timed_steps(cfg, model, device, steps: int):
-    """Seconds per step of engine_segment.train_one_interval over `steps` steps of random crops, after one."""
-    optimizer = segmentation_optimizer(model, cfg)
-    step = TrainStep.for_run(model, optimizer, cfg, 0, cfg.micro_batches_per_interval, loss_names=cfg.loss_names)
+    """Seconds per step of the training loop's round (training.loop.train_round on engine_segment.SegmentTask) over
+    `steps` steps of random crops, after one."""
+    task = SegmentTask(model, cfg, device, [str(k) for k in range(cfg.nb_classes)])
+    step = TrainStep.for_run(model, task.optimizer(), cfg, 0, cfg.lr_at, steps, loss_names=task.loss_names)
     batch = (*random_batch(cfg, cfg.batch_size, device), 0)
     quiet = dict(print_freq=10 ** 6, device=device, names=cfg.loss_names)
-    train_one_interval(model, step, [batch], 0, cfg, Progress("warm-up", 1, **quiet))
+    train_round(task, step, [batch], Progress("warm-up", 1, **quiet), 0, Schedule(1, 1, 1, "iteration"))
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    train_one_interval(model, step, [batch] * steps, 0, cfg, Progress("timed", steps, **quiet))
+    train_round(task, step, [batch] * steps, Progress("timed", steps, **quiet), 0, Schedule(1, steps, 1, "iteration"))
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

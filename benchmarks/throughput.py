@@ -34,8 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_dmjd  # noqa: E402,F401  (registers the models)
 from benchmarks import grad_checkpointing  # noqa: E402
-from engine_pretrain import LOSS_NAMES  # noqa: E402
-from models_dmjd import EMATeacher  # noqa: E402
+from engine_pretrain import LOSS_NAMES, PretrainTask  # noqa: E402
 from training.distributed import synchronize  # noqa: E402
 from training.meters import LossMeter  # noqa: E402
 from training.step import TrainStep, autocast_context  # noqa: E402
@@ -171,7 +170,8 @@ def memory_estimate(args, device, amp: str, batches=(1, 2), sparse_stages: bool 
     The largest batch keeps 10% of the memory back for the allocator's fragmentation and kernel workspaces."""
     amp_dtype = AMP_DTYPES[amp]
     training = Path(sparse_stages=sparse_stages, fused_attn=True, hog_once=True, device_masks=True, no_sync=True)
-    model, _, teacher, _ = build(args, device, training)
+    model, _, task, _ = build(args, device, training)
+    teacher = task.teacher
     sizes = []
     for batch in batches:
         images = synthetic_images(batch, args.input_size, device)
@@ -229,11 +229,11 @@ def build(args, device, path: Path):
         hog_per_view(model)
     if path.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
+    task = PretrainTask(model, None, device, momentum_at=lambda steps: 0.996)  # the teacher and its update
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   **({"fused": True} if path.fused_adamw else {"foreach": False}))
     step_model = torch.compile(model) if path.compile else model
-    return model, step_model, teacher, optimizer
+    return model, step_model, task, optimizer
 
 
 def count_flops(model, teacher, images, device, amp_dtype):
@@ -250,16 +250,16 @@ def count_flops(model, teacher, images, device, amp_dtype):
 
 
 def make_step(args, device, path: Path, images):
-    """The pre-training step of a path: training's own TrainStep (autocast, grad scaler with fp16, optimizer, EMA
-    teacher) on its model, with its losses summed on the device as the engine does; returns a closure that takes one
+    """The pre-training step of a path: training's own TrainStep (autocast, grad scaler with fp16, optimizer) with
+    the pre-training task's post-step hook (its EMA teacher) on its model, with its losses summed on the device as the engine does; returns a closure that takes one
     step, the model, the teacher (or None), the (channels-last) images and the optimizer."""
-    model, step_model, teacher, optimizer = build(args, device, path)
+    model, step_model, task, optimizer = build(args, device, path)
+    teacher = task.teacher
     if path.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     num_visible = model.num_visible_tokens
     train_step = TrainStep(step_model, optimizer, lambda progress: BENCHMARK_LR, amp_dtype=AMP_DTYPES[path.amp],
-                           loss_names=LOSS_NAMES, teacher=teacher, student=model.encoder if teacher else None,
-                           momentum_schedule=(lambda progress: 0.996) if teacher else None)
+                           loss_names=LOSS_NAMES, after_step=task.after_step)
     meter = LossMeter(LOSS_NAMES, device)
     index = itertools.count()
 

@@ -133,7 +133,8 @@ def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, sk
 
     schedule = Schedule.of_epochs(cfg.epochs, len(loader), cfg.accum_iter)
     task = PretrainTask.__new__(PretrainTask)  # the model may be a stand-in without an encoder
-    task.model, task.trained, task.cfg, task.device, task.schedule = model, model, cfg, torch.device("cpu"), schedule
+    task.model, task.trained, task.cfg, task.device = model, model, cfg, torch.device("cpu")
+    task.momentum_at = lambda steps: cfg.momentum_at(schedule.epochs(steps))
     task.teacher, task.momentum, task.vis_images = teacher, float("nan"), None
     if teacher is not None:
         task.model = type("Student", (), {"encoder": student})()  # what the teacher follows
