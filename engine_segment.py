@@ -289,6 +289,7 @@ class SegmentTask(Task):
     each evaluation the main process rewrites the per-class table. Batches are `(images, labels, num_bad)`; a batch
     with no readable pair trains as blank crops of weight 0."""
     best = "mIoU"
+    samples = "pairs"
 
     def __init__(self, model: UperNet, cfg: SegmentConfig, device: torch.device, names: Sequence[str]):
         self.model, self.trained, self.cfg, self.device, self.names = model, model, cfg, device, names

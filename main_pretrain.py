@@ -67,6 +67,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models_dmjd  # noqa: E402,F401  (registers the DMJD models with timm)
+from dmjd_encoders.models_convvit import check_model_name  # noqa: E402
 from engine_pretrain import PretrainConfig, PretrainTask  # noqa: E402
 from models_dmjd import adaptive_lr, create_from_flags, reachable_pred_ratio  # noqa: E402
 from training.data import train_loader  # noqa: E402
@@ -74,7 +75,7 @@ from training.distributed import launch_world_size  # noqa: E402
 from training.loop import Schedule, fit  # noqa: E402
 from training.run import Run  # noqa: E402
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate  # noqa: E402
-from util.misc import check_model_name, resolve_amp, resolve_device  # noqa: E402
+from util.misc import resolve_amp, resolve_device  # noqa: E402
 
 
 def validate_args(args) -> argparse.Namespace:

@@ -13,10 +13,12 @@ import timm
 import torch
 from PIL import Image
 
+from dmjd_encoders.models_convvit import check_model_name
 from models_dmjd import DEFAULT_MODEL, MODEL_FLAGS, create_from_flags
+from training.errors import exits_like_a_script
 from util.checkpoint import load_checkpoint, load_state_dict_strict
 from util.datasets import sample_images
-from util.misc import check_model_name, resolve_device
+from util.misc import resolve_device
 from util.visualization import make_figure
 
 
@@ -55,6 +57,7 @@ def model_flags(args, saved: dict) -> dict:
     return {**flags, **given}
 
 
+@exits_like_a_script
 def main(args):
     if args.num_images < 1:
         raise SystemExit(f"error: --num_images must be >= 1, got {args.num_images}")

@@ -34,6 +34,13 @@ def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
 
 
+def as_script(call, *args):
+    """`call(*args)` as a script's main makes it: library errors become `error: ...` exits (status 1, 75 for a stop),
+    as the scripts print them."""
+    from training.errors import exits_like_a_script
+    return exits_like_a_script(call)(*args)
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

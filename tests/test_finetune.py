@@ -18,7 +18,7 @@ import models_dmjd  # noqa: F401
 from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
 from models_convvit import LinearProbe
 from export_encoder import export_encoder
-from helpers import pretrain_checkpoint, run_script, script_env, stop_with_signal
+from helpers import as_script, pretrain_checkpoint, run_script, script_env, stop_with_signal
 from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
 from models_convvit import check_classifier_name
 
@@ -228,7 +228,7 @@ def test_a_resumed_probe_keeps_the_features_it_was_trained_on(tmp_path):
     assert resumed_probe_features(args, str(tmp_path / "now.pth")) == "pool_then_fresh_norm"
     args.probe_features = "final_norm_then_pool"
     with pytest.raises(SystemExit, match="was trained on pool_then_fresh_norm"):
-        resumed_probe_features(args, str(tmp_path / "now.pth"))
+        as_script(resumed_probe_features, args, str(tmp_path / "now.pth"))
 
 
 def test_former_classifier_names_are_accepted_with_a_note(capsys):
@@ -236,7 +236,7 @@ def test_former_classifier_names_are_accepted_with_a_note(capsys):
     assert "now called vit_base_patch16_gap_sincos" in capsys.readouterr().out
     check_classifier_name("convvit_base_patch16")
     with pytest.raises(SystemExit, match="did you mean vit_base_patch16_gap_sincos"):
-        check_classifier_name("vit_base_patch16_gap")
+        as_script(check_classifier_name, "vit_base_patch16_gap")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_a_missing_or_unreadable_finetune_checkpoint_is_a_flag_error(cls_data, t
     module = importlib.import_module(name.removesuffix(".py"))
     with pytest.raises(SystemExit, match=re.escape("--finetune 'no/such.pth' is neither a checkpoint file nor an "
                                                    "export folder")):
-        module.validate_args(module.get_args_parser().parse_args(["--finetune", "no/such.pth"]))
+        as_script(module.validate_args, module.get_args_parser().parse_args(["--finetune", "no/such.pth"]))
     # a file that is there but is no checkpoint: read for its layout before the model is built, it ends the script
     # with the flag's name, not a traceback
     (tmp_path / "notes.pth").write_text("not a checkpoint")

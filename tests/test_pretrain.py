@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main_pretrain
-from helpers import load, read_log, run_script as run, script_env, stop_with_signal
+from helpers import as_script, load, read_log, run_script as run, script_env, stop_with_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def test_missing_train_folder_is_named(tmp_path):
 def test_validate_args_names_the_flag(flags, message):
     args = main_pretrain.get_args_parser().parse_args(flags)
     with pytest.raises(SystemExit, match=re.escape(message)):
-        main_pretrain.validate_args(args)
+        as_script(main_pretrain.validate_args, args)
 
 
 @pytest.mark.parametrize("images, world_size, batch, accum, message", [
@@ -163,7 +163,7 @@ def test_validate_args_names_the_flag(flags, message):
 ])
 def test_dataset_too_small_for_the_step_is_an_early_error(images, world_size, batch, accum, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        main_pretrain.check_dataset_size(images, batch, accum, world_size, "data/train")
+        as_script(main_pretrain.check_dataset_size, images, batch, accum, world_size, "data/train")
     main_pretrain.check_dataset_size(images, batch, 1, 1, "data/train")
 
 

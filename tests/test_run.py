@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import pretrain_config
-from training.errors import exits_like_a_script
+from helpers import as_script, pretrain_config
 from training.run import Run, TrainState
 from training.step import TrainStep
 from util.checkpoint import load_checkpoint
-
-
-def as_script(call, *args):
-    """`call(*args)` as a script's main makes it: library errors become `error: ...` exits (status 1, 75 for a stop)."""
-    return exits_like_a_script(call)(*args)
 
 
 def enter_and_leave(cfg):

@@ -5,14 +5,15 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import main_segment
 from dmjd_encoders.pretrained import architecture_kwargs
-from engine_segment import EvalCollate, full_batch, resolve_config, validate_args
-from helpers import (load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
+from engine_segment import EvalCollate, SegmentTask, full_batch, resolve_config, validate_args
+from helpers import (as_script, load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
                      write_segmentation_folder)
 from util.schedules import poly_lr
 
@@ -146,20 +147,21 @@ def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_d
 def test_bad_flags_fail_early_naming_the_flag(flags, message):
     args = main_segment.get_args_parser().parse_args(flags)
     with pytest.raises(SystemExit, match=re.escape(message)):
-        validate_args(args)
+        as_script(validate_args, args)
 
 
 def test_the_default_recipe_is_convmae_bs_ade20k_config():
     cfg, line = resolve_config(main_segment.get_args_parser().parse_args(["--device", "cpu"]))
     assert line == "lr = blr 0.0016 x 2 images / 256 = 1.25e-05"  # 1e-4 at the recipe's 8 x 2 images
-    assert (cfg.iters, cfg.warmup_iters, cfg.eval_interval, cfg.epochs) == (160000, 1500, 16000, 10)
+    assert (cfg.iters, cfg.warmup_iters, cfg.eval_interval, cfg.schedule.rounds) == (160000, 1500, 16000, 10)
     assert (cfg.input_size, cfg.img_scale, cfg.ratio_range, cfg.cat_max_ratio) == (512, [2048, 512], [0.5, 2.0], 0.75)
     assert (cfg.eval_mode, cfg.eval_crop_size, cfg.eval_stride) == ("slide", 512, 341)
     assert (cfg.drop_path, cfg.aux_weight, cfg.decoder_channels, cfg.layer_decay) == (0.2, 0.4, 768, 0.75)
     assert (cfg.nb_classes, cfg.reduce_zero_label, cfg.ignore_index, cfg.betas) == (150, True, 255, [0.9, 0.999])
-    # the lr is a function of the iteration (progress counts evaluation intervals)
+    # the lr is a function of the iteration (the loop counts optimizer steps: no intervals in between)
     for iteration in (0, 750, 1500, 80000, 160000):
-        assert cfg.lr_at(iteration / 16000) == pytest.approx(poly_lr(iteration, cfg.lr, 160000, 1.0, 0.0, 1500, 1e-6))
+        assert cfg.lr_at(iteration) == pytest.approx(poly_lr(iteration, cfg.lr, 160000, 1.0, 0.0, 1500, 1e-6))
+    assert (cfg.schedule.round_steps, cfg.schedule.unit, cfg.schedule.label(0)) == (16000, "iteration", "iteration 16000")
 
 
 def test_a_wrong_layout_fails_at_start_naming_the_folder(tmp_path):
@@ -176,12 +178,18 @@ def test_a_wrong_layout_fails_at_start_naming_the_folder(tmp_path):
 
 def test_a_batch_that_lost_samples_is_topped_up_with_fully_ignored_blank_crops():
     images, labels = torch.ones(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.long)
-    x, y, weight, readable = full_batch(images, labels, 3, 8, 255)
+    x, y = full_batch(images, labels, 3, 8, 255)
     assert x.shape == (3, 3, 8, 8) and torch.equal(x[0], images[0]) and (x[1:] == 0).all()
-    assert (y[1:] == 255).all() and torch.equal(y[0], labels[0]) and (weight, readable) == (1.0, 1)
-    x, y, weight, readable = full_batch(None, None, 2, 8, 255)
-    assert x.shape == (2, 3, 8, 8) and (y == 255).all() and (weight, readable) == (0.0, 0)
+    assert (y[1:] == 255).all() and torch.equal(y[0], labels[0])
     assert full_batch(images, labels, 1, 8, 255)[0] is images
+    # the task: what a batch holds of readable samples; a batch with none is the task's placeholder, which the loop
+    # trains with weight 0 (training.loop.train_round), topped up the same way
+    cfg = SimpleNamespace(batch_size=3, input_size=8, ignore_index=255, loss_names=("loss", "loss_decode"))
+    task = SegmentTask(None, cfg, torch.device("cpu"), ["a"])
+    x, y, readable = task.prepare(images, labels)
+    assert x.shape == (3, 3, 8, 8) and readable == 1
+    x, y, readable = task.prepare(*task.placeholder())
+    assert x.shape == (3, 3, 8, 8) and (y == 255).all() and readable == 0
 
 
 def test_evaluation_batches_of_images_of_several_sizes_name_the_flag():

@@ -90,6 +90,7 @@ class Task:
     """
     loss_names: Tuple[str, ...] = ("loss",)
     best: Optional[str] = None
+    samples = "images"  # what a sample is, in messages ("pairs" of image and annotation)
     model: torch.nn.Module
     trained: torch.nn.Module
 
@@ -168,8 +169,8 @@ def train_round(task: Task, step: TrainStep, loader, progress: Progress, round_i
                  **task.scalars())
     summary = "  ".join(f"{n} {stats[n]:.4f}" for n in task.loss_names) + f"  {stats['images']} images"
     if stats["bad_images"]:
-        summary += (f", {stats['bad_images']} unreadable samples skipped ({stats['empty_batches']} batches had no "
-                    f"readable sample)")
+        summary += (f", {stats['bad_images']} unreadable {task.samples} skipped ({stats['empty_batches']} batches had "
+                    f"none readable)")
     if stats["nonfinite_skipped"]:
         summary += f", {stats['nonfinite_skipped']} non-finite steps skipped"
     print(f"{progress.header} {'stopped' if progress.stopped else 'done'}: {summary}; {progress.summary()}", flush=True)

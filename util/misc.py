@@ -7,7 +7,6 @@ import random
 import numpy as np
 import torch
 
-from dmjd_encoders.models_convvit import check_model_name  # noqa: F401  (moved down to the encoders)
 
 
 def resolve_device(name: str) -> torch.device:
