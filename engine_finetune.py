@@ -1,7 +1,7 @@
 """Supervised training on a pre-trained encoder (fine-tuning or linear probing): the config both scripts share, their
 task for the training loop (training.loop), and top-1 / top-5 evaluation."""
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from models_convvit import check_classifier_name
 from training.config import EpochConfig
 from training.data import eval_loader, train_loader
 from training.distributed import all_reduce_sum, launch_world_size
-from training.errors import RunError, flag_error
+from training.errors import RunError
 from training.flags import check_epoch_flags, check_run_flags
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
@@ -30,27 +30,16 @@ class ClassificationConfig(EpochConfig):
     eval: bool
     dist_eval: bool
 
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = EpochConfig.RESUME_MUST_MATCH + ("nb_classes",)
-    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        **EpochConfig.RESUME_MAY_CHANGE,
-        "finetune": "only the first start loads it: a resumed run's weights come from its checkpoint",
-        "checkpoint_key": "only the first start reads --finetune",
-        "eval": "an evaluation loads the weights only, and may change anything",
-        "dist_eval": "sharded or not, evaluation is exact: the same scores",
-    }
 
-
-def check_classification_flags(args) -> None:
-    """The checks of fine-tuning's and probing's shared flags; each failure names its flag."""
-    check_run_flags(args)
+def check_classification_flags(parser, args) -> None:
+    """The checks of fine-tuning's or probing's flags (`parser`: the script's); each failure names its flag."""
+    check_run_flags(parser, args)
     check_epoch_flags(args)
     check_pretrained_flag(args.finetune)
-    if args.nb_classes < 1:
-        raise flag_error("--nb_classes", f"must be >= 1, got {args.nb_classes}")
     check_classifier_name(args.model)
 
 
-def resolve_classification(config_cls, args, **resolved):
+def resolve_classification(config_cls, parser, args, **resolved):
     """(config, lr line) of fine-tuning or probing flags, checked by the script's `validate_args`: lr = blr x total
     batch / 256 (unless --lr is given), the precision resolved for the launch's device and world size, and any other
     `resolved` fields as given."""
@@ -59,7 +48,7 @@ def resolve_classification(config_cls, args, **resolved):
     lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
     line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
             f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
-    return config_cls.from_args(args, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
+    return config_cls.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
                                 **resolved), line
 
 

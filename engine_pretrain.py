@@ -1,6 +1,6 @@
 """DMJD pre-training as a task of the training loop (training.loop), and the config it runs under."""
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -34,18 +34,6 @@ class PretrainConfig(EpochConfig):
     save_freq: int
     keep_last: int
     vis_freq: int
-
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = EpochConfig.RESUME_MUST_MATCH + (
-        "num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta",
-        "ema_momentum", "min_crop_scale")
-    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        **EpochConfig.RESUME_MAY_CHANGE,
-        "compile": "the same model, compiled or not",
-        "channels_last": "the conv weights' memory layout, not their values",
-        "save_freq": "which periodic checkpoints are kept",
-        "keep_last": "how many periodic checkpoints are kept",
-        "vis_freq": "how often TensorBoard gets a picture",
-    }
 
     def momentum_at(self, progress: float) -> float:
         """The EMA teacher's momentum: cosine from --ema_momentum to 1 over the run."""

@@ -9,7 +9,7 @@ seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`).
 import argparse
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from timm.optim import param_groups_layer_decay
@@ -21,7 +21,7 @@ from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
 from training.distributed import all_reduce_sum, launch_world_size
 from training.errors import RunError, flag_error
-from training.flags import check_run_flags
+from training.flags import check_run_flags, segmentation_parser
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
@@ -73,23 +73,6 @@ class SegmentConfig(TrainConfig):
     finetune: str
     checkpoint_key: str
 
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + (
-        "iters", "warmup_iters", "eval_interval", "nb_classes", "reduce_zero_label", "layer_decay", "drop_path",
-        "decoder_channels", "aux_weight", "warmup_ratio", "poly_power", "betas", "out_indices", "pool_scales",
-        "head_dropout", "aux_in_index", "aux_channels", "ignore_index", "img_scale", "ratio_range", "cat_max_ratio",
-        "flip_prob", "photometric",
-        # the best checkpoint is chosen by comparing the intervals' scores: they must be measured the same way
-        "eval_mode", "eval_crop_size", "eval_stride", "aug_test", "aug_test_ratios")
-    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        **TrainConfig.RESUME_MAY_CHANGE,
-        "save_freq": "which periodic checkpoints are kept",
-        "keep_last": "how many periodic checkpoints are kept",
-        "eval_batch_size": "the same scores in batches of any size",
-        "eval": "an evaluation loads the weights only, and may change anything",
-        "finetune": "only the first start loads it: a resumed run's weights come from its checkpoint",
-        "checkpoint_key": "only the first start reads --finetune",
-    }
-
     def lr_at(self, iteration: float) -> float:
         """The lr after `iteration` optimizer steps: mmseg's poly decay over --iters with its linear warmup."""
         return poly_lr(iteration, self.lr, self.iters, self.poly_power, self.min_lr, self.warmup_iters,
@@ -123,32 +106,13 @@ class SegmentConfig(TrainConfig):
 # -- model and data ---------------------------------------------------------------------------------------------------
 def validate_args(args) -> argparse.Namespace:
     """The checks of main_segment.py's flags (training.flags.segmentation_parser): fails before any work, naming the
-    flag; returns a copy of `args` with the run layer's epochs (evaluation intervals) and warmup in them (`args`
-    itself is left as it is)."""
-    for flag in ("iters", "eval_interval", "decoder_channels", "aux_channels", "nb_classes", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            raise flag_error(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
-    for flag in ("save_freq", "keep_last", "aux_weight", "min_lr"):
-        if getattr(args, flag) < 0:
-            raise flag_error(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
+    flag; returns `args` unchanged."""
+    check_run_flags(segmentation_parser(), args)  # each flag's range, as declared
     if args.iters % args.eval_interval:
         raise flag_error("--iters", f"{args.iters} must be a multiple of --eval_interval {args.eval_interval} (the "
                                     f"run evaluates and checkpoints at the end of each interval)")
     if not 0 <= args.warmup_iters <= args.iters:
         raise flag_error("--warmup_iters", f"must be in [0, --iters {args.iters}], got {args.warmup_iters}")
-    if not 0 <= args.warmup_ratio <= 1:
-        raise flag_error("--warmup_ratio", f"must be in [0, 1], got {args.warmup_ratio}")
-    if not args.poly_power > 0:
-        raise flag_error("--poly_power", f"must be > 0, got {args.poly_power}")
-    if not 0 < args.layer_decay <= 1:
-        raise flag_error("--layer_decay", f"must be in (0, 1], got {args.layer_decay}")
-    if not all(0 <= b < 1 for b in args.betas):
-        raise flag_error("--betas", f"must be in [0, 1), got {args.betas}")
-    for flag in ("drop_path", "head_dropout"):
-        if not 0 <= getattr(args, flag) < 1:
-            raise flag_error(f"--{flag}", f"must be in [0, 1), got {getattr(args, flag)}")
-    if min(args.pool_scales) < 1:
-        raise flag_error("--pool_scales", f"must be >= 1, got {args.pool_scales}")
     if args.ignore_index < args.nb_classes:
         raise flag_error("--ignore_index", f"{args.ignore_index} is one of the {args.nb_classes} classes "
                                            f"(--nb_classes); it must be >= {args.nb_classes}")
@@ -156,12 +120,6 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--img_scale", f"must be positive, got {args.img_scale}")
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         raise flag_error("--ratio_range", f"must be LOW HIGH with 0 < LOW <= HIGH, got {args.ratio_range}")
-    if not 0 < args.cat_max_ratio <= 1:
-        raise flag_error("--cat_max_ratio", f"must be in (0, 1], got {args.cat_max_ratio}")
-    if not 0 <= args.flip_prob <= 1:
-        raise flag_error("--flip_prob", f"must be in [0, 1], got {args.flip_prob}")
-    if args.eval_crop_size is not None and args.eval_crop_size < 1:
-        raise flag_error("--eval_crop_size", f"must be >= 1, got {args.eval_crop_size}")
     crop = args.eval_crop_size or args.input_size
     if args.eval_stride is not None and not 1 <= args.eval_stride <= crop:
         raise flag_error("--eval_stride", f"must be in [1, the window {crop}], got {args.eval_stride}")
@@ -175,7 +133,6 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
                                          f"step, and the PPM's 1 x 1 pooling one value per channel: use 2 or more "
                                          f"images per step (over all processes)")
-    check_run_flags(args)
     check_classifier_name(args.model)
     return args
 
@@ -191,8 +148,8 @@ def resolve_config(args):
             f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
     crop = args.eval_crop_size or args.input_size
     stride = args.eval_stride or max(1, crop * 2 // 3)
-    cfg = SegmentConfig.from_args(args, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
-                                  eval_crop_size=crop, eval_stride=stride)
+    cfg = SegmentConfig.from_args(args, segmentation_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
+                                  world_size=world_size, eval_crop_size=crop, eval_stride=stride)
     return cfg, line
 
 

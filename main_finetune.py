@@ -8,54 +8,62 @@ Defaults are the released ConViT-B recipe; see FINETUNE.md.
 import argparse
 
 from training.errors import exits_like_a_script, flag_error
-from training.flags import add_classification_flags, add_run_flags, check_classification_data
+from training.flags import MUST_MATCH, add_classification_flags, add_run_flags, check_classification_data, flag
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("fine-tuning for image classification",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch_size", default=128, type=int, help="images per GPU (released: 1024 in all)")
-    p.add_argument("--epochs", default=100, type=int, help="50 for ConViT-L")
-    p.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step")
+    flag(p, "--batch_size", default=128, type=int, help="images per GPU (released: 1024 in all)",
+            check=">= 1", resume=MUST_MATCH)
+    flag(p, "--epochs", default=100, type=int, help="50 for ConViT-L", check=">= 1", resume=MUST_MATCH)
+    flag(p, "--accum_iter", default=1, type=int, help="micro-batches per optimizer step",
+            check=">= 1", resume=MUST_MATCH)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="convvit_base_patch16", type=str,
-                   help="the classifier built on the pre-trained encoder")
-    g.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
-    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
-    g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=True,
-                   help="mean of the tokens then a fresh norm (fc_norm, default), or the pre-trained final norm then "
-                        "the mean")
+    flag(g, "--model", default="convvit_base_patch16", type=str,
+            help="the classifier built on the pre-trained encoder", resume=MUST_MATCH)
+    flag(g, "--input_size", default=224, type=int, help="crop size in pixels", check=">= 1", resume=MUST_MATCH)
+    flag(g, "--drop_path", default=0.1, type=float, help="stochastic depth rate", resume=MUST_MATCH)
+    flag(g, "--global_pool", action=argparse.BooleanOptionalAction, default=True,
+            help="mean of the tokens then a fresh norm (fc_norm, default), or the pre-trained final norm then "
+                 "the mean", resume=MUST_MATCH)
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)")
-    g.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)")
-    g.add_argument("--blr", default=5e-4, type=float, help="base lr: lr = blr x total batch / 256")
-    g.add_argument("--layer_decay", default=0.65, type=float, help="layer-wise lr decay (0.75 for ConViT-L)")
-    g.add_argument("--min_lr", default=1e-6, type=float, help="lr at the end of the cosine")
-    g.add_argument("--warmup_epochs", default=5, type=float, help="linear lr warmup, at most --epochs")
+    flag(g, "--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)",
+            check="> 0", resume=MUST_MATCH)
+    flag(g, "--weight_decay", default=0.05, type=float, help="AdamW weight decay", check=">= 0", resume=MUST_MATCH)
+    flag(g, "--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)",
+            check="> 0", resume=MUST_MATCH)
+    flag(g, "--blr", default=5e-4, type=float, help="base lr: lr = blr x total batch / 256",
+            check="> 0", resume=MUST_MATCH)
+    flag(g, "--layer_decay", default=0.65, type=float, help="layer-wise lr decay (0.75 for ConViT-L)",
+            resume=MUST_MATCH)
+    flag(g, "--min_lr", default=1e-6, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
+    flag(g, "--warmup_epochs", default=5, type=float, help="linear lr warmup, at most --epochs", resume=MUST_MATCH)
 
     g = p.add_argument_group("augmentation")
-    g.add_argument("--color_jitter", default=None, type=float, help="only used without --aa")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=str, help="timm auto-augment policy")
-    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
-    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", type=str, help="random erasing fill: pixel, rand or const")
-    g.add_argument("--recount", default=1, type=int, help="random erasing regions per image")
-    g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0 = off)")
-    g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)")
-    g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+",
-                   help="cutmix box size bounds as fractions (overrides --cutmix)")
-    g.add_argument("--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch")
-    g.add_argument("--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix instead of mixup")
-    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
-                   help="one mixing per batch, pair of images or image")
+    flag(g, "--color_jitter", default=None, type=float, help="only used without --aa", resume=MUST_MATCH)
+    flag(g, "--aa", default="rand-m9-mstd0.5-inc1", type=str, help="timm auto-augment policy", resume=MUST_MATCH)
+    flag(g, "--smoothing", default=0.1, type=float, help="label smoothing", resume=MUST_MATCH)
+    flag(g, "--reprob", default=0.25, type=float, help="random erasing probability", resume=MUST_MATCH)
+    flag(g, "--remode", default="pixel", type=str, help="random erasing fill: pixel, rand or const", resume=MUST_MATCH)
+    flag(g, "--recount", default=1, type=int, help="random erasing regions per image", resume=MUST_MATCH)
+    flag(g, "--mixup", default=0.8, type=float, help="mixup alpha (0 = off)", resume=MUST_MATCH)
+    flag(g, "--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)", resume=MUST_MATCH)
+    flag(g, "--cutmix_minmax", default=None, type=float, nargs="+",
+            help="cutmix box size bounds as fractions (overrides --cutmix)", resume=MUST_MATCH)
+    flag(g, "--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch", resume=MUST_MATCH)
+    flag(g, "--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix instead of mixup",
+            resume=MUST_MATCH)
+    flag(g, "--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
+            help="one mixing per batch, pair of images or image", resume=MUST_MATCH)
 
     g = p.add_argument_group("initialisation")
-    g.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
-    g.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
-                   help="take the student encoder, or the EMA teacher's")
+    flag(g, "--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)",
+            resume="only the first start loads it: a resumed run's weights come from its checkpoint")
+    flag(g, "--checkpoint_key", default="model", choices=["model", "teacher"],
+            help="take the student encoder, or the EMA teacher's", resume="only the first start reads --finetune")
     add_classification_flags(add_run_flags(p, data_help="ImageFolder root with train/ and val/"))
     return p
 
@@ -65,7 +73,7 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
     exits_like_a_script(check_classification_data)(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
-from typing import ClassVar, Optional, Tuple  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -100,20 +108,16 @@ class FinetuneConfig(ClassificationConfig):
     mixup_switch_prob: float
     mixup_mode: str
 
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = ClassificationConfig.RESUME_MUST_MATCH + (
-        "drop_path", "global_pool", "layer_decay", "color_jitter", "aa", "smoothing", "reprob", "remode", "recount",
-        "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob", "mixup_mode")
-
 
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns `args` unchanged."""
-    check_classification_flags(args)
+    check_classification_flags(get_args_parser(), args)
     return args
 
 
 @exits_like_a_script
 def main(args):
-    cfg, lr_line = resolve_classification(FinetuneConfig, validate_args(args))
+    cfg, lr_line = resolve_classification(FinetuneConfig, get_args_parser(), validate_args(args))
     check_classification_data(args)  # before the run's header and output folder
     with Run(cfg) as run:
         print(lr_line)

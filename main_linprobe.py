@@ -9,30 +9,40 @@ Defaults are the released ConViT-B recipe; see FINETUNE.md.
 import argparse
 
 from training.errors import exits_like_a_script, flag_error
-from training.flags import PROBE_FEATURES, add_classification_flags, add_run_flags, check_classification_data
+from training.flags import (MUST_MATCH, PROBE_FEATURES, add_classification_flags, add_run_flags,
+                            check_classification_data, flag)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("linear probing", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch_size", default=512, type=int, help="images per GPU (released: 4096 in all)")
-    p.add_argument("--epochs", default=90, type=int, help="90 for ConViT-B, 50 for ConViT-L")
-    p.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step")
-    p.add_argument("--model", default="convvit_base_patch16", type=str, help="the classifier whose encoder is probed")
-    p.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
-    p.add_argument("--min_crop_scale", default=0.08, type=float, help="RandomResizedCrop's smallest area fraction")
-    p.add_argument("--weight_decay", default=0.0, type=float, help="LARS weight decay")
-    p.add_argument("--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)")
-    p.add_argument("--blr", default=0.1, type=float, help="0.1 for ConViT-B, 0.05 for ConViT-L")
-    p.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine")
-    p.add_argument("--warmup_epochs", default=10, type=float, help="linear lr warmup, at most --epochs")
-    p.add_argument("--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)")
-    p.add_argument("--checkpoint_key", default="model", choices=["model", "teacher"],
-                   help="probe the student encoder, or the EMA teacher's")
-    p.add_argument("--probe_features", default=None, choices=PROBE_FEATURES,
-                   help="pool_then_fresh_norm: the release's (mean of the last block's tokens, then a LayerNorm "
-                        "without affine; the default); final_norm_then_pool: the mean of the final norm's tokens, as "
-                        "probes trained before this flag existed. A resumed probe keeps its own (none: the default, or "
-                        "the resumed probe's)")
+    flag(p, "--batch_size", default=512, type=int, help="images per GPU (released: 4096 in all)",
+            check=">= 1", resume=MUST_MATCH)
+    flag(p, "--epochs", default=90, type=int, help="90 for ConViT-B, 50 for ConViT-L", check=">= 1", resume=MUST_MATCH)
+    flag(p, "--accum_iter", default=1, type=int, help="micro-batches per optimizer step",
+            check=">= 1", resume=MUST_MATCH)
+    flag(p, "--model", default="convvit_base_patch16", type=str, help="the classifier whose encoder is probed",
+            resume=MUST_MATCH)
+    flag(p, "--input_size", default=224, type=int, help="crop size in pixels", check=">= 1", resume=MUST_MATCH)
+    flag(p, "--min_crop_scale", default=0.08, type=float, help="RandomResizedCrop's smallest area fraction",
+            check="(0, 1]", resume=MUST_MATCH)
+    flag(p, "--weight_decay", default=0.0, type=float, help="LARS weight decay", check=">= 0", resume=MUST_MATCH)
+    flag(p, "--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)",
+            check="> 0", resume=MUST_MATCH)
+    flag(p, "--blr", default=0.1, type=float, help="0.1 for ConViT-B, 0.05 for ConViT-L",
+            check="> 0", resume=MUST_MATCH)
+    flag(p, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
+    flag(p, "--warmup_epochs", default=10, type=float, help="linear lr warmup, at most --epochs", resume=MUST_MATCH)
+    flag(p, "--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)",
+            resume="only the first start loads it: a resumed run's weights come from its checkpoint")
+    flag(p, "--checkpoint_key", default="model", choices=["model", "teacher"],
+            help="probe the student encoder, or the EMA teacher's", resume="only the first start reads --finetune")
+    flag(p, "--probe_features", default=None, choices=PROBE_FEATURES,
+            help="pool_then_fresh_norm: the release's (mean of the last block's tokens, then a LayerNorm "
+                 "without affine; the default); final_norm_then_pool: the mean of the final norm's tokens, as "
+                 "probes trained before this flag existed. A resumed probe keeps its own (none: the default, or "
+                 "the resumed probe's)",
+            resume="a resumed probe keeps the features it was trained on; a conflicting flag stops the run before the "
+                   "checkpoint is loaded (resumed_probe_features)")
     add_classification_flags(add_run_flags(p, data_help="ImageFolder root with train/ and val/"))
     p.set_defaults(clip_grad=None)
     return p
@@ -43,7 +53,6 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
     exits_like_a_script(check_classification_data)(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
-from typing import ClassVar, Dict, Tuple  # noqa: E402
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -64,13 +73,6 @@ from util.transforms import eval_transform, linprobe_transform  # noqa: E402
 class LinprobeConfig(ClassificationConfig):
     min_crop_scale: float
     probe_features: str  # resolved: the flag, or a resumed probe's own
-
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = ClassificationConfig.RESUME_MUST_MATCH + ("min_crop_scale",)
-    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        **ClassificationConfig.RESUME_MAY_CHANGE,
-        "probe_features": "a resumed probe keeps the features it was trained on; a conflicting flag stops the run "
-                          "before the checkpoint is loaded (resumed_probe_features)",
-    }
 
 
 def lars_param_groups(head: torch.nn.Module, weight_decay: float):
@@ -95,9 +97,7 @@ def resumed_probe_features(args, resume) -> str:
 
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns `args` unchanged."""
-    if not 0 < args.min_crop_scale <= 1:
-        raise flag_error("--min_crop_scale", f"must be in (0, 1], got {args.min_crop_scale}")
-    check_classification_flags(args)
+    check_classification_flags(get_args_parser(), args)
     return args
 
 
@@ -106,7 +106,7 @@ def main(args):
     args = validate_args(args)
     check_classification_data(args)  # before the run's header and output folder
     resume = newest_checkpoint(args.resume, None if args.eval else args.output_dir)  # the run's own choice
-    cfg, lr_line = resolve_classification(LinprobeConfig, args,
+    cfg, lr_line = resolve_classification(LinprobeConfig, get_args_parser(), args,
                                           probe_features=resumed_probe_features(args, resume))
     with Run(cfg) as run:
         print(lr_line)

@@ -7,48 +7,68 @@ Defaults are the released ConViT-B recipe; see PRETRAIN.md.
 import argparse
 
 from training.errors import RunError, exits_like_a_script, flag_error
-from training.flags import (DEFAULT_PRETRAIN_MODEL, add_run_flags, check_data_path, check_epoch_flags,
-                            check_run_flags)
+from training.flags import (DEFAULT_PRETRAIN_MODEL, MUST_MATCH, add_run_flags, check_data_path, check_epoch_flags,
+                            check_run_flags, flag)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("DMJD pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch_size", default=64, type=int, help="images per GPU (each gives --num_views views)")
-    p.add_argument("--epochs", default=400, type=int, help="pre-training epochs")
-    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
+    flag(p, "--batch_size", default=64, type=int, help="images per GPU (each gives --num_views views)",
+            check=">= 1", resume=MUST_MATCH)
+    flag(p, "--epochs", default=400, type=int, help="pre-training epochs", check=">= 1", resume=MUST_MATCH)
+    flag(p, "--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step",
+            check=">= 1", resume=MUST_MATCH)
 
     g = p.add_argument_group("model and method")
-    g.add_argument("--model", default=DEFAULT_PRETRAIN_MODEL, type=str, help="a registered dmjd_* model")
-    g.add_argument("--input_size", default=224, type=int, help="crop size in pixels")
-    g.add_argument("--num_views", default=2, type=int, help="disjointly masked views per image (1 = MaskFeat/ConvMAE)")
-    g.add_argument("--mask_ratio", default=0.6, type=float, help="corruption rate: fraction masked in one view")
-    g.add_argument("--pred_ratio", default=None, type=float,
-                   help="prediction rate: fraction masked in at least one view (none: min(1, views x mask_ratio))")
-    g.add_argument("--mask_type", default="block", choices=["block", "rand"],
-                   help="block: units of --block_size x --block_size patches (SimMIM); rand: single patches")
-    g.add_argument("--block_size", default=2, type=int, help="block masking unit, in patches")
-    g.add_argument("--pred_type", default="hog", choices=["hog", "pixel"], help="target of the masked tokens")
-    g.add_argument("--vis_target", default="hog", choices=["hog", "ema"], help="target of the visible tokens")
-    g.add_argument("--theta", default=1.0, type=float, help="weight of the visible-distillation loss (0 = off)")
-    g.add_argument("--ema_momentum", default=0.996, type=float, help="initial teacher momentum (cosine to 1)")
-    g.add_argument("--min_crop_scale", default=0.5, type=float, help="RandomResizedCrop's smallest area fraction")
+    flag(g, "--model", default=DEFAULT_PRETRAIN_MODEL, type=str, help="a registered dmjd_* model", resume=MUST_MATCH)
+    flag(g, "--input_size", default=224, type=int, help="crop size in pixels", check=">= 1", resume=MUST_MATCH)
+    flag(g, "--num_views", default=2, type=int, help="disjointly masked views per image (1 = MaskFeat/ConvMAE)",
+            check=">= 1", resume=MUST_MATCH)
+    flag(g, "--mask_ratio", default=0.6, type=float, help="corruption rate: fraction masked in one view",
+            check="(0, 1)", resume=MUST_MATCH)
+    flag(g, "--pred_ratio", default=None, type=float,
+            help="prediction rate: fraction masked in at least one view (none: min(1, views x mask_ratio))",
+            resume=MUST_MATCH)
+    flag(g, "--mask_type", default="block", choices=["block", "rand"],
+            help="block: units of --block_size x --block_size patches (SimMIM); rand: single patches",
+            resume=MUST_MATCH)
+    flag(g, "--block_size", default=2, type=int, help="block masking unit, in patches", check=">= 1", resume=MUST_MATCH)
+    flag(g, "--pred_type", default="hog", choices=["hog", "pixel"], help="target of the masked tokens",
+            resume=MUST_MATCH)
+    flag(g, "--vis_target", default="hog", choices=["hog", "ema"], help="target of the visible tokens",
+            resume=MUST_MATCH)
+    flag(g, "--theta", default=1.0, type=float, help="weight of the visible-distillation loss (0 = off)",
+            check=">= 0", resume=MUST_MATCH)
+    flag(g, "--ema_momentum", default=0.996, type=float, help="initial teacher momentum (cosine to 1)",
+            check="[0, 1]", resume=MUST_MATCH)
+    flag(g, "--min_crop_scale", default=0.5, type=float, help="RandomResizedCrop's smallest area fraction",
+            check="(0, 1]", resume=MUST_MATCH)
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay (none on biases and norms)")
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (none: the adaptive rule from --blr)")
-    g.add_argument("--blr", default=6e-4, type=float, help="base lr: lr = blr x images / 256 x pred / mask ratio")
-    g.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine")
-    g.add_argument("--warmup_epochs", default=20, type=float, help="linear lr warmup, per iteration")
-    g.add_argument("--clip_grad", default=None, type=float, help="max gradient norm (3.0 for ConViT-L)")
+    flag(g, "--weight_decay", default=0.05, type=float, help="AdamW weight decay (none on biases and norms)",
+            check=">= 0", resume=MUST_MATCH)
+    flag(g, "--lr", default=None, type=float, help="absolute lr (none: the adaptive rule from --blr)",
+            check="> 0", resume=MUST_MATCH)
+    flag(g, "--blr", default=6e-4, type=float, help="base lr: lr = blr x images / 256 x pred / mask ratio",
+            check="> 0", resume=MUST_MATCH)
+    flag(g, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
+    flag(g, "--warmup_epochs", default=20, type=float, help="linear lr warmup, per iteration", resume=MUST_MATCH)
+    flag(g, "--clip_grad", default=None, type=float, help="max gradient norm (3.0 for ConViT-L)",
+            check="> 0", resume=MUST_MATCH)
 
     g = add_run_flags(p, data_help="ImageFolder root holding train/")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory for the conv stages and the input (none: on with CUDA, off on the CPU)")
-    g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs")
-    g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)")
-    g.add_argument("--vis_freq", default=20, type=int,
-                   help="TensorBoard picture of masks and predictions every N epochs (0 = never)")
+    flag(g, "--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)",
+            resume="the same model, compiled or not")
+    flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=None,
+            help="NHWC memory for the conv stages and the input (none: on with CUDA, off on the CPU)",
+            resume="the conv weights' memory layout, not their values")
+    flag(g, "--save_freq", default=20, type=int, help="keep checkpoint-<epoch>.pth every N epochs",
+            check=">= 1", resume="which periodic checkpoints are kept")
+    flag(g, "--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)",
+            check=">= 0", resume="how many periodic checkpoints are kept")
+    flag(g, "--vis_freq", default=20, type=int,
+            help="TensorBoard picture of masks and predictions every N epochs (0 = never)",
+            check=">= 0", resume="how often TensorBoard gets a picture")
     return p
 
 
@@ -81,10 +101,8 @@ from util.misc import resolve_amp, resolve_device  # noqa: E402
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns a copy of `args` with the prediction rate made explicit
     (`args` itself is left as it is)."""
-    if not 0 < args.mask_ratio < 1:
-        raise flag_error("--mask_ratio", f"must be in (0, 1), got {args.mask_ratio}")
-    if args.num_views < 1:
-        raise flag_error("--num_views", f"must be >= 1, got {args.num_views}")
+    check_run_flags(get_args_parser(), args)  # each flag's range, as declared
+    check_epoch_flags(args)
     reachable = reachable_pred_ratio(args.num_views, args.mask_ratio)
     pred_ratio = reachable if args.pred_ratio is None else args.pred_ratio
     if not args.mask_ratio <= pred_ratio <= 1:
@@ -92,20 +110,6 @@ def validate_args(args) -> argparse.Namespace:
     if pred_ratio > reachable + 1e-6:
         raise flag_error("--pred_ratio", f"{pred_ratio} cannot be reached by {args.num_views} view(s) of mask_ratio "
                                          f"{args.mask_ratio} (at most {reachable:.3g}); add views or lower it")
-    for flag in ("save_freq", "block_size"):
-        if getattr(args, flag) < 1:
-            raise flag_error(f"--{flag}", f"must be >= 1, got {getattr(args, flag)}")
-    for flag in ("keep_last", "vis_freq"):
-        if getattr(args, flag) < 0:
-            raise flag_error(f"--{flag}", f"must be >= 0, got {getattr(args, flag)}")
-    check_run_flags(args)
-    check_epoch_flags(args)
-    if args.theta < 0:
-        raise flag_error("--theta", f"must be >= 0, got {args.theta}")
-    if not 0 <= args.ema_momentum <= 1:
-        raise flag_error("--ema_momentum", f"must be in [0, 1], got {args.ema_momentum}")
-    if not 0 < args.min_crop_scale <= 1:
-        raise flag_error("--min_crop_scale", f"must be in (0, 1], got {args.min_crop_scale}")
     check_model_name(args.model, timm.list_models("dmjd_*"), "a DMJD model")
     return argparse.Namespace(**{**vars(args), "pred_ratio": pred_ratio})
 
@@ -122,8 +126,9 @@ def resolve_config(args) -> Tuple[PretrainConfig, str]:
     else:
         lr, lr_line = args.lr, f"lr = {args.lr:.4g} (given; the adaptive rule is not applied)"
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    cfg = PretrainConfig.from_args(args, pred_ratio=pred_ratio, lr=lr, amp=resolve_amp(args.amp, device)[0],
-                                   channels_last=channels_last, world_size=world_size)
+    cfg = PretrainConfig.from_args(args, get_args_parser(), pred_ratio=pred_ratio, lr=lr,
+                                   amp=resolve_amp(args.amp, device)[0], channels_last=channels_last,
+                                   world_size=world_size)
     return cfg, lr_line
 
 

@@ -11,6 +11,7 @@ started as the printed commands, so what is checked is the real script. The pict
 both models' predictions side by side for the first validation images.
 """
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -104,7 +105,8 @@ def predictions(checkpoint: str, dataset: SegmentationFolder, indices) -> np.nda
     """A run's predicted label maps [N, H, W] for validation images `indices`, from its checkpoint, evaluated as the
     script evaluates (its saved flags: window, stride, scales)."""
     ckpt = load_checkpoint(checkpoint)
-    cfg = SegmentConfig(**{**ckpt["args"], "device": "cpu", "amp": "none"})
+    saved = {**ckpt["args"], "device": "cpu", "amp": "none"}
+    cfg = SegmentConfig(**{f.name: saved[f.name] for f in dataclasses.fields(SegmentConfig)})
     model = build_segmenter(cfg)
     load_state_dict_strict(model, ckpt["model"])
     model.eval()

@@ -1,7 +1,7 @@
 """Helpers that several test files (and the scripts some tests start) share: a tiny ImageFolder, a tiny segmentation
 dataset in ADE20K's layout, Fashion-MNIST idx files, a pre-training checkpoint, and the pre-training config and
 epoch that main_pretrain.py builds, at test size, and a script's process with its log."""
-import dataclasses
+import argparse
 import json
 import os
 import subprocess
@@ -126,7 +126,7 @@ def pretrain_config(**overrides):
         ["--model", "dmjd_convit_tiny_patch16_dec1_hog", "--input_size", "64", "--device", "cpu"]))
     flags.update(pred_ratio=1.0, lr=1e-3, amp="none", channels_last=False, world_size=1, warmup_epochs=0)
     flags.update(overrides)
-    return PretrainConfig(**{f.name: flags[f.name] for f in dataclasses.fields(PretrainConfig)})
+    return PretrainConfig.from_args(argparse.Namespace(**flags), main_pretrain.get_args_parser())
 
 
 def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, skipped=0, epoch=0):

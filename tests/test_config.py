@@ -1,10 +1,13 @@
-"""training.config: every flag of every training script is classified for resume, and docs/RELIABILITY.md says so."""
+"""training.config and training.flags: every flag of every training script declares, where it is defined, what a
+resumed run does with it (and a config field holds it), and docs/RELIABILITY.md says so."""
 import dataclasses
 import importlib
 import re
 from pathlib import Path
 
 import pytest
+
+from training.flags import MUST_MATCH, check_flags, flag, resume_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +24,7 @@ def flags_and_config(script):
     parser = importlib.import_module(script).get_args_parser()
     module, name = TRAINING_SCRIPTS[script]
     config = getattr(importlib.import_module(module), name)
-    return [a.dest for a in parser._actions if a.dest != "help"], config
+    return [a.dest for a in parser._actions if a.dest != "help"], config, resume_rules(parser)
 
 
 def test_every_main_script_that_trains_is_listed():
@@ -31,13 +34,15 @@ def test_every_main_script_that_trains_is_listed():
 
 @pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
 def test_every_flag_is_either_checked_on_resume_or_may_change_with_a_reason(script):
-    flags, config = flags_and_config(script)
-    must, may = set(config.RESUME_MUST_MATCH), config.RESUME_MAY_CHANGE
+    flags, config, rules = flags_and_config(script)
+    must = {name for name, rule in rules.items() if rule == MUST_MATCH}
+    may = {name: rule for name, rule in rules.items() if rule != MUST_MATCH}
     assert not [f for f in flags if f not in must and f not in may], f"unclassified flags of {script}"
     assert not must & set(may), "a flag in both kinds"
     fields = {f.name for f in dataclasses.fields(config)}
     assert must <= fields and set(may) <= fields, "a classified name that is no field of the config"
     assert all(len(reason) > 10 for reason in may.values())
+    assert set(config.RESOLVED_MUST_MATCH) <= fields - set(flags), "a resolved name that is a flag or no field"
 
 
 def documented_kinds():
@@ -55,8 +60,28 @@ def test_the_reliability_doc_lists_every_flag_with_its_kind():
     documented = documented_kinds()
     expected = {}
     for script in TRAINING_SCRIPTS:
-        flags, config = flags_and_config(script)
-        for flag in flags:
-            kind = "checked" if flag in config.RESUME_MUST_MATCH else "may change"
-            assert expected.setdefault(flag, kind) == kind, f"--{flag} is of two kinds in two scripts"
+        flags, config, rules = flags_and_config(script)
+        for name in flags:
+            kind = "checked" if rules[name] == MUST_MATCH else "may change"
+            assert expected.setdefault(name, kind) == kind, f"--{name} is of two kinds in two scripts"
     assert documented == expected
+
+
+def test_a_flag_declares_its_range_and_check_flags_names_the_first_out_of_it():
+    import argparse
+    parser = argparse.ArgumentParser()
+    flag(parser, "--views", type=int, default=2, check=">= 1", resume=MUST_MATCH)
+    flag(parser, "--ratio", type=float, default=0.5, check="(0, 1)", resume=MUST_MATCH)
+    flag(parser, "--betas", type=float, nargs=2, default=[0.9, 0.99], check="[0, 1)", resume=MUST_MATCH)
+    flag(parser, "--clip", type=float, default=None, check="> 0", resume="a reason that is long enough")
+    check_flags(parser, parser.parse_args([]))  # defaults in range; None passes
+    for argv, message in ((["--views", "0"], "--views must be >= 1, got 0"),
+                          (["--ratio", "1"], "--ratio must be in (0, 1), got 1.0"),
+                          (["--betas", "0.9", "1"], "--betas must be in [0, 1), got [0.9, 1.0]"),
+                          (["--clip", "0"], "--clip must be > 0, got 0.0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_flags(parser, parser.parse_args(argv))
+    assert resume_rules(parser) == {"views": MUST_MATCH, "ratio": MUST_MATCH, "betas": MUST_MATCH,
+                                    "clip": "a reason that is long enough"}
+    with pytest.raises(ValueError, match="unknown check"):
+        flag(parser, "--other", check="< 3", resume=MUST_MATCH)

@@ -2,10 +2,11 @@
 the config, never `args`."""
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
+from training.flags import must_match
 from util.misc import AMP_DTYPES
 from util.schedules import cosine_lr
 
@@ -14,8 +15,10 @@ from util.schedules import cosine_lr
 class TrainConfig:
     """What every training run is: its flags with every default resolved (lr, precision, world size).
 
-    Scripts subclass it with their own flags and build it once with `from_args`; it is saved in checkpoints as
-    `args` (`flags()`), so that a checkpoint says exactly how it was trained.
+    Scripts subclass it with a field per flag and build it once with `from_args(args, parser)`; it is saved in
+    checkpoints as `args` (`flags()`), so that a checkpoint says exactly how it was trained. What a resumed run does
+    with each flag is declared with the flag (training.flags.flag's `resume`); `must_match()` lists those that
+    define the run, and the resolved fields that do (`world_size`).
     """
     model: str
     input_size: int
@@ -43,39 +46,23 @@ class TrainConfig:
     start_over: bool
     world_size: int  # processes in the run
 
-    # Every flag is one of two kinds (docs/RELIABILITY.md lists them; tests/test_config.py keeps every script's flags
-    # classified). RESUME_MUST_MATCH: the flags that define what the run computes (model, optimisation, schedule,
-    # data order and augmentation, method): a resumed run must have the checkpoint's values, or name the flag in
-    # --allow_flag_changes. RESUME_MAY_CHANGE: the flags that say where and how the run executes or reports, not what
-    # it computes, each with the reason it may change on resume.
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = (
-        "model", "input_size", "batch_size", "world_size", "accum_iter", "lr", "blr", "min_lr", "weight_decay",
-        "clip_grad", "seed")
-    RESUME_MAY_CHANGE: ClassVar[Dict[str, str]] = {
-        "data_path": "the same data may be read from another place (its content is not compared)",
-        "output_dir": "where the run writes, not what it computes",
-        "log_dir": "where TensorBoard's events go",
-        "device": "where the run executes (e.g. resuming a GPU run's checkpoint on another node)",
-        "amp": "the arithmetic's precision, not the method (e.g. fp16 on GPUs without bf16)",
-        "resume": "which file to continue from (the newest good one of it and the folder wins)",
-        "print_freq": "how often losses are read back and printed; the steps are the same",
-        "skip_nonfinite": "the failure policy: raising it gets a run past a known bad step",
-        "num_workers": "samples are seeded by (seed, epoch, index): the same crops with any number of workers",
-        "pin_mem": "host memory for the batches; the same values",
-        "allow_flag_changes": "names the changes allowed in this start",
-        "stop_signals": "how the scheduler stops the run",
-        "dist_timeout": "how long a collective waits before the run fails",
-        "start_over": "only read when the folder has no loadable checkpoint",
-    }
+    RESOLVED_MUST_MATCH: ClassVar[Tuple[str, ...]] = ("world_size",)  # fields that are no flag but define the run
 
     @classmethod
-    def from_args(cls, args, **resolved):
-        """The config of `args`: every field from the flag of the same name, except those given as `resolved`."""
+    def from_args(cls, args, parser, **resolved):
+        """The config of `args`, parsed by `parser`: every field from the flag of the same name, except those given
+        as `resolved`; the flags that must match on resume are `parser`'s (training.flags.must_match)."""
         names = {f.name for f in dataclasses.fields(cls)}  # ClassVars are not fields
         unknown = set(resolved) - names
         if unknown:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
-        return cls(**{name: resolved[name] if name in resolved else getattr(args, name) for name in names})
+        cfg = cls(**{name: resolved[name] if name in resolved else getattr(args, name) for name in names})
+        object.__setattr__(cfg, "_must_match", tuple(sorted(must_match(parser) + cls.RESOLVED_MUST_MATCH)))
+        return cfg
+
+    def must_match(self) -> Tuple[str, ...]:
+        """The names whose values a resumed run must share with its checkpoint (unless --allow_flag_changes)."""
+        return self._must_match
 
     @property
     def trains(self) -> bool:
@@ -101,8 +88,6 @@ class EpochConfig(TrainConfig):
     """A run counted in epochs of its data (pre-training, fine-tuning, probing), with MAE's lr schedule."""
     epochs: int
     warmup_epochs: float
-
-    RESUME_MUST_MATCH: ClassVar[Tuple[str, ...]] = TrainConfig.RESUME_MUST_MATCH + ("epochs", "warmup_epochs")
 
     def lr_at(self, progress: float) -> float:
         """Linear warmup to --lr over --warmup_epochs, then a half-cosine to --min_lr at --epochs (`progress` in

@@ -1,20 +1,21 @@
-"""The run skeleton that every training script shares: what happens around its epochs.
+"""The run: what happens around the training loop (training.loop.fit), for every script.
 
     with Run(cfg) as run:
         model = run.wrap(model)                      # DDP when distributed
-        state = TrainState(model_without_ddp, optimizer, step, teacher)
+        state = TrainState(model_without_ddp, optimizer, step, task)
         start = run.resume(state)                    # the newest good checkpoint (see below)
-        for epoch in run.epochs(start, loader):      # sets the loader's epoch (and start, mid-epoch)
-            progress = run.progress(epoch, iters, names)
-            stats = engine.train_one_epoch(..., progress, ...)
-            run.stop_if_requested(state, epoch, progress)   # SIGTERM / SIGUSR1: save this step, exit 75
-            run.end_epoch(state, epoch, record, best=...)
+        for r in run.rounds(start, total, loader):   # sets the loader's round (and start, mid-round)
+            progress = run.progress(r, iters, names)
+            stats = training.loop.train_round(..., progress, ...)
+            run.stop_if_requested(state, r, progress)   # SIGTERM / SIGUSR1: save this step, raise Preempted
+            run.end_epoch(state, r, record, best=...)
 
 Entering starts the process group (torchrun's environment; NCCL on CUDA, gloo on CPU; collectives time out after
 --dist_timeout minutes), prints the run's header and config, seeds, and on the main process takes the output
-folder's lock (a second live run on it is refused; a dead run's lock does not count), removes temporary files of
-interrupted saves, completes the files of the last finished epoch if a crash cut its writing short, and opens
-TensorBoard. Leaving closes them, drops the DDP wrappers and ends the process group, in that order.
+folder's lock and checks its checkpoints (training.output.OutputFolder: a second live run on it is refused; a dead
+run's lock does not count), removes temporary files of interrupted saves, completes the files of the last finished
+round if a crash cut its writing short, and opens TensorBoard. Leaving closes them, drops the DDP wrappers and ends
+the process group, in that order.
 
 What never goes wrong in silence (docs/RELIABILITY.md):
 - Resume takes the newest checkpoint that loads and matches its checksum, among --resume and the output folder's
@@ -23,8 +24,8 @@ What never goes wrong in silence (docs/RELIABILITY.md):
 - The flags that define the run's schedule or model must match the checkpoint's (or be named in
   --allow_flag_changes): a changed one stops the run naming its saved and given values.
 - SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a
-  checkpoint of that step (its position in the epoch's sample order included) and exit status 75 (EX_TEMPFAIL):
-  "requeue me". The loader workers ignore them (training.data), so a signal to the whole job stops it the same way.
+  checkpoint of that step (its position in the round's sample order included), then Preempted, which a script
+  turns into exit status 75 (EX_TEMPFAIL): "requeue me". The loader workers ignore them (training.data), so a signal to the whole job stops it the same way.
 - No save writes non-finite weights or optimizer state; a stop after an unread non-finite loss saves nothing.
 - A folder whose checkpoints are all damaged stops the run, unchanged (--start_over sets them aside); completing an
   epoch's files verifies what it copies; a torn line of log.txt is dropped, named and kept in a copy.
@@ -328,7 +329,7 @@ class Run:
     def _check_flags(self, path: str, saved: dict) -> None:
         allowed = {n.strip() for n in self.cfg.allow_flag_changes.split(",") if n.strip()}
         given = self.cfg.flags()
-        changed = [(name, saved[name], given[name]) for name in sorted(type(self.cfg).RESUME_MUST_MATCH)
+        changed = [(name, saved[name], given[name]) for name in self.cfg.must_match()
                    if name in saved and saved[name] != given[name] and name not in allowed and "all" not in allowed]
         if changed:
             shown = "; ".join(f"--{name}: saved {a!r}, given {b!r}" for name, a, b in changed)

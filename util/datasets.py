@@ -86,7 +86,7 @@ def skip_bad_collate(batch: List[Optional[tuple]]):
 
     Returns `(images, labels, num_bad)`. A batch with bad files is smaller than `batch_size`; when none of its files
     could be read, images and labels are None (the training engines then still take their step, see
-    engine_pretrain.train_one_epoch). num_bad is a plain int: counting needs no device sync.
+    training.loop.train_round). num_bad is a plain int: counting needs no device sync.
     """
     good = [sample for sample in batch if sample is not None]
     num_bad = len(batch) - len(good)
