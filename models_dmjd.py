@@ -25,7 +25,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 
 from dmjd_encoders.pos_embed import sincos_pos_embed_2d
-from models_convvit import (ENCODER_ARCHS, ENCODER_NAMES, BlockNorm, ConvViT, gather_tokens,
+from models_convvit import (ENCODER_ARCHS, ENCODER_OF, BlockNorm, ConvViT, gather_tokens,
                             init_linear_and_norm, visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
@@ -334,7 +334,7 @@ def _build(name: str, decoder: dict, kwargs) -> DMJD:
     for key in ("pretrained_cfg", "cache_dir"):
         kwargs.pop(key, None)
     enc_kwargs = {k: kwargs.pop(k) for k in _ENCODER_KEYS if k in kwargs}
-    encoder_cls, arch = ENCODER_ARCHS[ENCODER_NAMES[name]]
+    encoder_cls, arch = ENCODER_ARCHS[ENCODER_OF[name]]
     if encoder_cls is ConvViT:
         enc_kwargs["fuse_stages"] = True
     encoder = encoder_cls(**arch, **enc_kwargs)

@@ -10,7 +10,7 @@ Load notes (a resampled position embedding, the weights that start fresh) go to 
 `logging.getLogger("dmjd_encoders").setLevel(logging.WARNING)` silences them.
 """
 from .export import export_encoder
-from .models_convvit import ENCODER_ARCHS, ENCODER_NAMES, create_encoder
+from .models_convvit import ENCODER_ARCHS, ENCODER_NAMES, ENCODER_OF, create_encoder
 from .pretrained import load_pretrained
 
-__all__ = ["ENCODER_ARCHS", "ENCODER_NAMES", "create_encoder", "export_encoder", "load_pretrained"]
+__all__ = ["ENCODER_ARCHS", "ENCODER_NAMES", "ENCODER_OF", "create_encoder", "export_encoder", "load_pretrained"]

@@ -59,7 +59,7 @@ def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: O
     name = model_name or args.get("model") or export_architecture(checkpoint)
     if not name:
         raise ValueError("the checkpoint does not name its model (no args): pass --model, the registered encoder")
-    name = models_convvit.ENCODER_NAMES.get(name, name)
+    name = models_convvit.ENCODER_OF.get(name, name)
     name = timm.models.get_deprecated_models(models_convvit.TIMM_MODULE).get(name, name)
     if name not in models_convvit.ENCODER_ARCHS:
         raise ValueError(f"{name!r} is not an encoder of this project; choose from "

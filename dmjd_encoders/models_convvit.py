@@ -55,7 +55,8 @@ _logger = logging.getLogger(__name__)
 TIMM_MODULE = __name__.rsplit(".", 1)[-1]
 
 __all__ = ["ConvViT", "ViT", "LinearProbe", "PROBE_FEATURES", "gather_tokens", "visible_token_ids",
-           "init_linear_and_norm", "checkpoint_filter_fn", "create_encoder", "ENCODER_ARCHS", "ENCODER_NAMES"]
+           "init_linear_and_norm", "checkpoint_filter_fn", "create_encoder", "ENCODER_ARCHS", "ENCODER_OF",
+           "ENCODER_NAMES"]
 
 
 BlockNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -793,9 +794,9 @@ ENCODER_ARCHS = {
     "vit_large_patch16_gap_sincos": (ViT, dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)),
 }
 
-# Each pre-training model's (models_dmjd.py) encoder, by the registered name of the encoder alone: what
-# `python export_encoder.py` exports a pre-training checkpoint as.
-ENCODER_NAMES = {
+# The encoder of each pre-training model (models_dmjd.py), by the registered name of the encoder alone: what
+# `python export_encoder.py` exports a pre-training checkpoint as. (ENCODER_ARCHS: each encoder's class and sizes.)
+ENCODER_OF = {
     "dmjd_convit_mini_patch8_hog": "convvit_mini_patch8",
     "dmjd_convit_tiny_patch16_dec1_hog": "convvit_tiny_patch16",
     "dmjd_convit_small_patch16_dec2_hog": "convvit_small_patch16",
@@ -805,6 +806,7 @@ ENCODER_NAMES = {
     "dmjd_vit_tiny_patch16_dec1_hog": "vit_test_patch16_gap_sincos",
     "dmjd_vit_base_patch16_dec8_hog": "vit_base_patch16_gap_sincos",
 }
+ENCODER_NAMES = ENCODER_OF  # its name before 2026-12: the package's users may import it
 
 
 def _cfg(first_conv: str, size: int, stride: int):

@@ -250,10 +250,10 @@ def _pretrained_errors(path: str):
     try:
         yield
     except (ArchitectureMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
-        from .models_convvit import ENCODER_NAMES  # here, not at the top: models_convvit imports this module
+        from .models_convvit import ENCODER_OF  # here, not at the top: models_convvit imports this module
         trained_as = saved_model(path)
         hint = (f" It holds the encoder of {trained_as!r}: fine-tune or probe it with --model "
-                f"{ENCODER_NAMES.get(trained_as, trained_as)}." if trained_as else "")
+                f"{ENCODER_OF.get(trained_as, trained_as)}." if trained_as else "")
         raise PretrainedWeightsError(f"--finetune {err}{hint}") from None
 
 

@@ -348,10 +348,10 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
 
 
 def test_every_pretraining_model_names_the_encoder_that_takes_its_weights():
-    from models_dmjd import ENCODER_NAMES
+    from models_dmjd import ENCODER_OF
     from util.checkpoint import PRETRAIN_ONLY_PREFIXES
-    assert set(ENCODER_NAMES) == set(timm.list_models("dmjd_*"))
-    for name, encoder_name in ENCODER_NAMES.items():
+    assert set(ENCODER_OF) == set(timm.list_models("dmjd_*"))
+    for name, encoder_name in ENCODER_OF.items():
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             encoder = timm.create_model(name, img_size=64).encoder.state_dict()
             classifier = timm.create_model(encoder_name, img_size=64).state_dict()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import as_script, pretrain_config
-from training.run import Run, TrainState
+from training.run import Run, CheckpointState
 from training.step import TrainStep
 from util.checkpoint import load_checkpoint
 
@@ -22,10 +22,10 @@ def state(lr=0.1, skipped=0):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    return TrainState(model, optimizer, TrainStep(model, optimizer, lambda p: lr, skipped=skipped))
+    return CheckpointState(model, optimizer, TrainStep(model, optimizer, lambda p: lr, skipped=skipped))
 
 
-def train(s: TrainState, steps=2):
+def train(s: CheckpointState, steps=2):
     for index in range(steps):
         s.step(lambda: s.model(torch.ones(4, 3)).pow(2).mean(), 0.0, index)
 
@@ -196,7 +196,7 @@ def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_fr
     assert "continuing at epoch 0, iteration 4" in capsys.readouterr().out
 
 
-def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> TrainState:
+def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> CheckpointState:
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""
     import training.output as output_module
@@ -368,7 +368,7 @@ def stopped_progress(run, epoch, iters=4, at=2):
     return progress
 
 
-def nan_step(s: TrainState):
+def nan_step(s: CheckpointState):
     """A step whose loss is NaN: the weights become NaN too, and nothing reads the loss back."""
     s.step(lambda: s.model(torch.full((4, 3), float("nan"))).pow(2).mean(), 0.0, 99)
 
@@ -503,7 +503,7 @@ def test_a_torn_log_line_is_named_kept_in_a_copy_and_the_run_continues(tmp_path,
 def test_allowing_a_model_change_on_resume_is_a_clear_error(tmp_path):
     out = str(tmp_path)
     finished_epochs(pretrain_config(output_dir=out, epochs=4), 1)
-    other = TrainState(*(lambda m: (m, torch.optim.AdamW(m.parameters()), None))(torch.nn.Linear(3, 5)))
+    other = CheckpointState(*(lambda m: (m, torch.optim.AdamW(m.parameters()), None))(torch.nn.Linear(3, 5)))
     changed = pretrain_config(output_dir=out, epochs=4, model="dmjd_convit_small_patch16_dec8_hog",
                               allow_flag_changes="model")
     with Run(changed) as run:

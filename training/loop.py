@@ -19,7 +19,7 @@ import torch
 from training.config import TrainConfig
 from training.errors import RunError
 from training.meters import Progress, log_window
-from training.run import Run, TrainState
+from training.run import Run, CheckpointState
 from training.step import Losses, TrainStep
 
 
@@ -207,7 +207,7 @@ def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedu
     lr_at = lr_at or (lambda steps: cfg.lr_at(schedule.epochs(steps)))
     step = TrainStep.for_run(task.trained, optimizer, cfg, run.rank, lr_at, schedule.round_batches,
                              loss_names=task.loss_names, after_step=task.after_step)
-    state = TrainState(task.model, optimizer, step, task)
+    state = CheckpointState(task.model, optimizer, step, task)
     start = run.resume(state)
     best_key = f"best_{task.best}" if task.best else None
     best = run.saved.get(best_key) if best_key else None

@@ -2,7 +2,7 @@
 
     with Run(cfg) as run:
         model = run.wrap(model)                      # DDP when distributed
-        state = TrainState(model_without_ddp, optimizer, step, task)
+        state = CheckpointState(model_without_ddp, optimizer, step, task)
         start = run.resume(state)                    # the newest good checkpoint (see below)
         for r in run.rounds(start, total, loader):   # sets the loader's round (and start, mid-round)
             progress = run.progress(r, iters, names)
@@ -54,7 +54,7 @@ from util.misc import seed_everything
 
 
 @dataclass
-class TrainState:
+class CheckpointState:
     """What a checkpoint holds besides the config: the model (without DDP), the optimizer, the step's grad scaler
     and count of skipped non-finite steps, and a task's own state (`task.extra_state()` /
     `task.load_extra_state(checkpoint, path)`, e.g. pre-training's EMA teacher)."""
@@ -216,7 +216,7 @@ class Run:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
         return bool(flag.item())
 
-    def stop_if_requested(self, state: TrainState, index: int, progress: Progress, **extra) -> None:
+    def stop_if_requested(self, state: CheckpointState, index: int, progress: Progress, **extra) -> None:
         """If `progress` stopped on a signal: saves checkpoint-last.pth at that step (with where the round stopped
         and its record so far), waits for every process, and raises Preempted (exit status 75). A loss that became
         non-finite since it was last read ends the run as the non-finite policy does: named, the last good
@@ -247,7 +247,7 @@ class Run:
         raise Preempted()
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
-    def checkpoint(self, state: TrainState, epoch: int, **extra) -> dict:
+    def checkpoint(self, state: CheckpointState, epoch: int, **extra) -> dict:
         """The checkpoint's content: plain dicts of tensors and primitives that load with weights_only=True."""
         step = state.step
         return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
@@ -256,7 +256,7 @@ class Run:
                 "epoch": epoch, "nonfinite_skipped": step.skipped, "args": self.cfg.flags(), **extra}
 
     @staticmethod
-    def _checked(state: TrainState) -> tuple:
+    def _checked(state: CheckpointState) -> tuple:
         """The entries whose values must be finite to be saved: the model, the optimizer and the task's own."""
         own = tuple(state.task.extra_state()) if state.task is not None else ()
         return ("model", "optimizer") + own
@@ -276,7 +276,7 @@ class Run:
             _print_skip(path, why)
         return found
 
-    def resume(self, state: Optional[TrainState], model: Optional[torch.nn.Module] = None,
+    def resume(self, state: Optional[CheckpointState], model: Optional[torch.nn.Module] = None,
                auto: bool = True) -> int:
         """Loads the newest good checkpoint into `state` and returns the round to continue at (0 without one).
 
@@ -337,7 +337,7 @@ class Run:
                            f"values, or give --allow_flag_changes {','.join(n for n, _, _ in changed)} to change "
                            f"them deliberately")
 
-    def end_epoch(self, state: TrainState, index: int, record: dict, best: bool = False, **extra) -> None:
+    def end_epoch(self, state: CheckpointState, index: int, record: dict, best: bool = False, **extra) -> None:
         """On the main process: the round's checkpoints and log.txt line (OutputFolder.save_round)."""
         if not self.is_main:
             return
