@@ -313,8 +313,8 @@ def segmentation_scores_of(model: UperNet, loader, progress: Progress, device: t
             matrix.update(probs.argmax(1), labels)
         if progress.due(it):
             progress.line(it)
-    matrix.all_reduce()
-    images, bad = all_reduce_sum(counts.to(device)).tolist()
+    matrix.matrix = all_reduce_sum(matrix.matrix, what="the confusion matrix")
+    images, bad = all_reduce_sum(counts.to(device), what="the evaluation's counts").tolist()
     if images == 0:
         raise RunError(f"no validation image could be read ({int(bad)} pairs failed, see the warnings above); check "
                        f"--data_path {cfg.data_path}")

@@ -306,3 +306,13 @@ def test_segmentation_step_benchmark_counts_memory_flops_and_times_the_real_loop
         assert r["fixed_bytes"] == 16 * r["parameters"] and (r["amp"], r["batch_size"]) == ("none", 2)
     assert large["activation_bytes_per_image_none"] > 2 * small["activation_bytes_per_image_none"]  # 2.25x pixels
     assert "| 96 x 96 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vis_target", ["hog", "ema"])
+def test_loop_step_times_this_checkouts_loop_and_gives_its_loss(vis_target):
+    # a subprocess: the benchmark puts the checkout it times first on sys.path
+    proc = run_script([sys.executable, "benchmarks/loop_step.py", "--tree", ".", "--vis_target", vis_target,
+                       "--steps", "2", "--batch_size", "2"])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["vis_target"] == vis_target and row["ms_per_step"] > 0 and row["images_per_s"] > 0
+    assert row["loss"] == row["loss"] and row["tree"] == str(Path(__file__).resolve().parents[1])  # a number

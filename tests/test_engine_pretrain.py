@@ -185,3 +185,29 @@ def test_steady_state_step_never_waits_for_the_host(vis_target, accum, fused, ho
     assert recorder.seen, "the recorder saw nothing: it does not intercept the reads it should"
     early = [(it, op) for it, op in recorder.seen if it < 5]
     assert not early, f"host reads in steady-state iterations: {early}"
+
+
+@pytest.mark.parametrize("vis_target", ["hog", "ema"])
+def test_the_task_owns_the_teacher_its_update_and_its_checkpoint_entry(vis_target):
+    from engine_pretrain import PretrainTask
+    from models_dmjd import create_from_flags
+    from training.errors import RunError
+
+    cfg = pretrain_config(vis_target=vis_target, ema_momentum=0.5)
+    model = create_from_flags(cfg.flags())
+    task = PretrainTask(model, cfg, torch.device("cpu"), momentum_at=lambda steps: 0.5)
+    saved = task.extra_state()
+    if vis_target == "hog":  # no teacher: the entry is still there, None, as every pre-training checkpoint has it
+        assert saved == {"teacher": None} and task.teacher is None and task.scalars() == {}
+        task.after_step(1.0)  # nothing to update
+        return
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in task.teacher.parameters()]
+    task.after_step(3.0)  # the post-step hook: t <- m t + (1 - m) s with m = momentum_at(3.0)
+    for t, b, s in zip(task.teacher.parameters(), before, model.encoder.parameters()):
+        assert torch.allclose(t, 0.5 * b + 0.5 * s)
+    assert task.scalars() == {"momentum": 0.5} and set(saved) == {"teacher"} and saved["teacher"]
+    with pytest.raises(RunError, match="has no EMA teacher; it was not trained with --vis_target ema"):
+        task.load_extra_state({"teacher": None}, "old.pth")

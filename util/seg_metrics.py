@@ -1,7 +1,7 @@
 """Semantic segmentation scores from a confusion matrix, with MMSegmentation's definitions (IoUMetric).
 
-The matrix is accumulated on the device (rows: ground truth, columns: prediction) and summed over DDP processes
-with one all-reduce; evaluated with a sampler that gives each process a disjoint part of the set without padding
+The matrix is accumulated on the device (rows: ground truth, columns: prediction); the segmentation task sums it over
+DDP processes with one all-reduce (engine_segment). Evaluated with a sampler that gives each process a disjoint part of the set without padding
 (training.data.ShardSampler), every image is counted exactly once.
 
 From the matrix M, per class k: intersection M[k, k], ground-truth area (row sum), predicted area (column sum),
@@ -18,7 +18,6 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from training.distributed import all_reduce_sum
 from util.seg_labels import IGNORE_INDEX
 
 __all__ = ["ConfusionMatrix", "segmentation_scores", "per_class_table", "scores_for_log"]
@@ -47,11 +46,6 @@ class ConfusionMatrix:
         # Left-out pixels go to an extra bin that is dropped: no boolean indexing, so no wait for the device.
         index = torch.where(valid, label * c + pred, torch.full_like(label, c * c))
         self.matrix += torch.bincount(index, minlength=c * c + 1)[:c * c].view(c, c)
-
-    def all_reduce(self) -> "ConfusionMatrix":
-        """Sums the counts over the DDP processes (no-op without a process group); returns self."""
-        self.matrix = all_reduce_sum(self.matrix)
-        return self
 
 
 def segmentation_scores(matrix: torch.Tensor) -> Dict[str, object]:
