@@ -12,7 +12,8 @@ For each crop size:
 - the batch-independent part: fp32 weights, gradients and AdamW's two moments (16 bytes per parameter);
 - FLOPs per image of the forward and of forward + backward (torch.utils.flop_counter);
 - images/s of the training loop's round on engine_segment.SegmentTask (TrainStep: autocast, AdamW with layer
-  decay, the poly lr) on random crops already on the device, after a warm-up step; on CUDA also the peak memory allocated.
+  decay, the poly lr) on random crops already on the device, after a warm-up step; on CUDA also the peak memory
+  allocated.
 """
 import argparse
 import time

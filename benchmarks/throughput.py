@@ -251,8 +251,8 @@ def count_flops(model, teacher, images, device, amp_dtype):
 
 def make_step(args, device, path: Path, images):
     """The pre-training step of a path: training's own TrainStep (autocast, grad scaler with fp16, optimizer) with
-    the pre-training task's post-step hook (its EMA teacher) on its model, with its losses summed on the device as the engine does; returns a closure that takes one
-    step, the model, the teacher (or None), the (channels-last) images and the optimizer."""
+    the pre-training task's post-step hook (its EMA teacher) on its model, with its losses summed on the device as
+    the loop does; returns a closure that takes one step, the model, the teacher (or None), the (channels-last) images and the optimizer."""
     model, step_model, task, optimizer = build(args, device, path)
     teacher = task.teacher
     if path.channels_last:

@@ -934,7 +934,8 @@ def check_model_name(name: str, candidates, what: str) -> None:
 
 
 def check_classifier_name(name: str) -> None:
-    """Raises UnknownModelError unless --model names an encoder of this module; a former name works, with a note of the new one."""
+    """Raises UnknownModelError unless --model names an encoder of this module; a former name works, with a note of
+    the new one."""
     renamed = timm.models.get_deprecated_models(TIMM_MODULE)
     if name in renamed:
         _logger.info(f"note: --model {name} is now called {renamed[name]}; the former name still works")

@@ -50,9 +50,9 @@ def documented_kinds():
     text = (ROOT / "docs" / "RELIABILITY.md").read_text()
     section = text[text.index("## Which flags are checked on resume"):]
     kinds = {}
-    for flag, kind in re.findall(r"^\| `--(\w+)` \| [^|]* \| (checked|may change) \|", section, re.M):
-        assert flag not in kinds, f"--{flag} is listed twice"
-        kinds[flag] = kind
+    for name, kind in re.findall(r"^\| `--(\w+)` \| [^|]* \| (checked|may change) \|", section, re.M):
+        assert name not in kinds, f"--{name} is listed twice"
+        kinds[name] = kind
     return kinds
 
 

@@ -1,4 +1,5 @@
-"""engine_pretrain.PretrainTask in the training loop's round (training.loop.train_round): placeholders for unreadable batches, the non-finite
+"""engine_pretrain.PretrainTask in the training loop's round (training.loop.train_round): placeholders for unreadable
+batches, the non-finite
 policy, and a steady state that never waits for the host."""
 import json
 import math

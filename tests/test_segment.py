@@ -161,7 +161,8 @@ def test_the_default_recipe_is_convmae_bs_ade20k_config():
     # the lr is a function of the iteration (the loop counts optimizer steps: no intervals in between)
     for iteration in (0, 750, 1500, 80000, 160000):
         assert cfg.lr_at(iteration) == pytest.approx(poly_lr(iteration, cfg.lr, 160000, 1.0, 0.0, 1500, 1e-6))
-    assert (cfg.schedule.round_steps, cfg.schedule.unit, cfg.schedule.label(0)) == (16000, "iteration", "iteration 16000")
+    schedule = cfg.schedule
+    assert (schedule.round_steps, schedule.unit, schedule.label(0)) == (16000, "iteration", "iteration 16000")
 
 
 def test_a_wrong_layout_fails_at_start_naming_the_folder(tmp_path):

@@ -165,8 +165,8 @@ def train_round(task: Task, step: TrainStep, loader, progress: Progress, round_i
             log_window(step, progress, it, schedule.axis(round_index, it + 1), writer, **task.scalars())
 
     stats = {"bad_images": 0, "empty_batches": 0, **progress.totals()}
-    stats.update(lr=step.lr, steps=progress.total // schedule.accum_iter, nonfinite_skipped=step.skipped - skipped_before,
-                 **task.scalars())
+    stats.update(lr=step.lr, steps=progress.total // schedule.accum_iter,
+                 nonfinite_skipped=step.skipped - skipped_before, **task.scalars())
     summary = "  ".join(f"{n} {stats[n]:.4f}" for n in task.loss_names) + f"  {stats['images']} images"
     if stats["bad_images"]:
         summary += (f", {stats['bad_images']} unreadable {task.samples} skipped ({stats['empty_batches']} batches had "

@@ -50,7 +50,8 @@ class TrainStep:
                  lr_schedule: Callable[[float], float], *, accum_iter: int = 1,
                  amp_dtype: Optional[torch.dtype] = None, clip_grad: Optional[float] = None,
                  skip_nonfinite: int = 0, skipped: int = 0, loss_names: Sequence[str] = ("loss",),
-                 after_step: Optional[Callable[[float], None]] = None, iters_per_epoch: Optional[int] = None, seed: Optional[int] = None, rank: int = 0):
+                 after_step: Optional[Callable[[float], None]] = None, iters_per_epoch: Optional[int] = None,
+                 seed: Optional[int] = None, rank: int = 0):
         if accum_iter < 1:
             raise ValueError(f"accum_iter must be >= 1, got {accum_iter}")
         self.model, self.optimizer = model, optimizer

@@ -1,8 +1,8 @@
 """Semantic segmentation scores from a confusion matrix, with MMSegmentation's definitions (IoUMetric).
 
-The matrix is accumulated on the device (rows: ground truth, columns: prediction); the segmentation task sums it over
-DDP processes with one all-reduce (engine_segment). Evaluated with a sampler that gives each process a disjoint part of the set without padding
-(training.data.ShardSampler), every image is counted exactly once.
+The matrix is accumulated on the device (rows: ground truth, columns: prediction); the segmentation task sums it
+over DDP processes with one all-reduce (engine_segment). Evaluated with a sampler that gives each process a disjoint
+part of the set without padding (training.data.ShardSampler), every image is counted exactly once.
 
 From the matrix M, per class k: intersection M[k, k], ground-truth area (row sum), predicted area (column sum),
 union = ground truth + predicted - intersection.
