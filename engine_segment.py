@@ -81,7 +81,7 @@ class SegmentConfig(TrainConfig):
     @property
     def schedule(self) -> Schedule:
         """--iters optimizer steps in rounds of --eval_interval."""
-        return Schedule(self.iters // self.eval_interval, self.eval_interval, self.accum_iter, unit="iteration")
+        return Schedule(self.iters, self.eval_interval, self.accum_iter, unit="iteration")
 
     @property
     def micro_batches_per_interval(self) -> int:

@@ -107,7 +107,7 @@ def timed_steps(cfg, model, device, steps: int):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    train_round(task, step, [batch] * steps, Progress("timed", steps, **quiet), 0, Schedule(1, steps, 1, "iteration"))
+    train_round(task, step, [batch] * steps, Progress("timed", steps, **quiet), 0, Schedule(steps, steps, 1, "iteration"))
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

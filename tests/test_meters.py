@@ -86,7 +86,7 @@ def test_log_window_checks_prints_and_writes_tensorboard_scalars(capsys):
     assert writer.scalars == [] and capsys.readouterr().out == ""
     out = step(lambda: model(torch.ones(1)).sum(), 0.0, 0)
     progress.losses.add(*out)
-    log_window(step, progress, 1, Schedule(1, 4, 1).axis(0, 2), writer, momentum=0.99)
+    log_window(step, progress, 1, Schedule(4, 4, 1).axis(0, 2), writer, momentum=0.99)
     assert [tag for tag, _, _ in writer.scalars] == ["train/loss", "train/lr", "train/momentum"]
     assert {x for _, _, x in writer.scalars} == {500}  # epoch_1000x: 2 of 4 iterations of epoch 0
     step(lambda: model(torch.ones(1)).sum() * float("nan"), 0.0, 1)
@@ -95,8 +95,16 @@ def test_log_window_checks_prints_and_writes_tensorboard_scalars(capsys):
 
 
 def test_the_loop_axis_is_epoch_x_1000_for_epochs_and_the_optimizer_step_for_iterations():
-    epochs, intervals = Schedule(3, 4, 2), Schedule(10, 50, 2, unit="iteration")
-    assert epochs.axis(1, 4) == 1500 and epochs.round_batches == 8 and epochs.steps == 12
+    epochs, intervals = Schedule(12, 4, 2), Schedule(500, 50, 2, unit="iteration")
+    assert epochs.axis(1, 4) == 1500 and epochs.round_batches == 8 and epochs.rounds == 3
     assert intervals.axis(2, 10) == 105 and intervals.axis(3, 0) == 150  # 2 micro-batches per step
     assert intervals.header(2) == "Iterations 100-150" and intervals.label(2) == "iteration 150"
     assert epochs.header(1) == "Epoch [1]" and epochs.label(1) == "epoch 1"
+
+
+def test_a_schedule_whose_rounds_do_not_divide_its_steps_ends_with_a_shorter_round():
+    schedule = Schedule(92187, 3688, 1, unit="iteration")  # ConvMAE's 25-epoch COCO schedule, evaluated every 3688
+    assert schedule.rounds == 25 and schedule.batches_in(0) == 3688 and schedule.batches_in(24) == 92187 - 24 * 3688
+    assert schedule.label(24) == "iteration 92187" and schedule.header(24) == "Iterations 88512-92187"
+    assert schedule.batches_after(23) == 92187 - 24 * 3688 and schedule.batches_after(24) == 0
+    assert Schedule.of_epochs(3, 10, 4) == Schedule(6, 2, 4)  # 2 whole windows of 4 batches per epoch

@@ -25,10 +25,11 @@ from training.step import Losses, TrainStep
 
 @dataclass(frozen=True)
 class Schedule:
-    """The run in optimizer steps: `rounds` rounds of `round_steps` steps, each of `accum_iter` micro-batches.
-    `unit` is what the script calls a round: "epoch" (TensorBoard's axis is then MAE's epoch x 1000) or
-    "iteration" (a round is --eval_interval optimizer steps; the axis counts steps)."""
-    rounds: int
+    """The run in optimizer steps: `steps` of them, in rounds of `round_steps` (the last one shorter when they do not
+    divide), each step of `accum_iter` micro-batches. `unit` is what the script calls a round: "epoch" (TensorBoard's
+    axis is then MAE's epoch x 1000) or "iteration" (a round is --eval_interval optimizer steps; the axis counts
+    steps)."""
+    steps: int
     round_steps: int
     accum_iter: int
     unit: str = "epoch"
@@ -36,16 +37,29 @@ class Schedule:
     @classmethod
     def of_epochs(cls, epochs: int, batches_per_epoch: int, accum_iter: int) -> "Schedule":
         """Epochs of a loader's batches; an incomplete last accumulation window of an epoch is not taken."""
-        return cls(epochs, batches_per_epoch // accum_iter, accum_iter)
+        per_epoch = batches_per_epoch // accum_iter
+        return cls(epochs * per_epoch, per_epoch, accum_iter)
 
     @property
-    def steps(self) -> int:
-        return self.rounds * self.round_steps
+    def rounds(self) -> int:
+        return -(-self.steps // self.round_steps)
 
     @property
     def round_batches(self) -> int:
-        """Micro-batches of a round."""
+        """Micro-batches of a full round."""
         return self.round_steps * self.accum_iter
+
+    def last_step(self, round_index: int) -> int:
+        """The optimizer step a round ends at (its steps are those after the previous round's last)."""
+        return min((round_index + 1) * self.round_steps, self.steps)
+
+    def batches_in(self, round_index: int) -> int:
+        """Micro-batches of round `round_index` (the last one may be shorter)."""
+        return (self.last_step(round_index) - round_index * self.round_steps) * self.accum_iter
+
+    def batches_after(self, round_index: int) -> int:
+        """Micro-batches of the rounds after `round_index` (for the run's ETA)."""
+        return (self.steps - self.last_step(round_index)) * self.accum_iter
 
     def epochs(self, steps: float) -> float:
         """Optimizer steps as (fractional) rounds: what an epoch-based lr schedule takes."""
@@ -63,16 +77,15 @@ class Schedule:
 
     def label(self, round_index: int) -> str:
         """The round as the script reports it: "epoch 3", or "iteration 48000" (the step it ends at)."""
-        return f"epoch {round_index}" if self.unit == "epoch" else f"iteration {(round_index + 1) * self.round_steps}"
+        return f"epoch {round_index}" if self.unit == "epoch" else f"iteration {self.last_step(round_index)}"
 
     def span(self, round_index: int) -> str:
-        return f"epoch {round_index}" if self.unit == "epoch" else \
-            f"iterations {round_index * self.round_steps}-{(round_index + 1) * self.round_steps}"
+        if self.unit == "epoch":
+            return f"epoch {round_index}"
+        return f"iterations {round_index * self.round_steps}-{self.last_step(round_index)}"
 
     def header(self, round_index: int) -> str:
-        if self.unit == "epoch":
-            return f"Epoch [{round_index}]"
-        return f"Iterations {round_index * self.round_steps}-{(round_index + 1) * self.round_steps}"
+        return f"Epoch [{round_index}]" if self.unit == "epoch" else self.span(round_index).capitalize()
 
 
 class Task:
@@ -213,14 +226,14 @@ def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedu
     best = run.saved.get(best_key) if best_key else None
     result: Dict[str, object] = {}
     for r in run.rounds(start, schedule.rounds, train_loader, schedule.round_name):
-        progress = run.progress(r, schedule.round_batches, task.loss_names, header=schedule.header(r),
-                                later_iters=(schedule.rounds - r - 1) * schedule.round_batches)
+        progress = run.progress(r, schedule.batches_in(r), task.loss_names, header=schedule.header(r),
+                                later_iters=schedule.batches_after(r))
         stats = train_round(task, step, train_loader, progress, r, schedule, run.writer)
         run.stop_if_requested(state, r, progress, **({best_key: best} if best_key else {}))
         if stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
             raise RunError(f"no image of {schedule.span(r)} could be read ({stats['bad_images']} files failed, see "
                            f"the warnings above); check --data_path {cfg.data_path}")
-        record = {} if schedule.unit == "epoch" else {"iteration": (r + 1) * schedule.round_steps}
+        record = {} if schedule.unit == "epoch" else {"iteration": schedule.last_step(r)}
         record.update({f"train_{k}": v for k, v in task.round_stats(stats).items()})
         result, is_best = stats, False
         if val_loader is not None:
