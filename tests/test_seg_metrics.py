@@ -74,7 +74,7 @@ def test_per_class_table_and_log_record():
 DDP_SCRIPT = """
 import json, os, datetime
 import torch, torch.distributed as dist
-from training.distributed import all_reduce_sum
+from training.distributed import all_reduce_sum, cleanup_distributed
 from util.seg_metrics import ConfusionMatrix
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -85,8 +85,9 @@ cm = ConfusionMatrix(4)
 for index in range(rank, len(samples), world):  # each sample on one process, no padding (as ShardSampler)
     pred, label = samples[index]
     cm.update(pred, torch.where(label == 4, 255, label))
-print(json.dumps(all_reduce_sum(cm.matrix).tolist()))  # as the segmentation task sums it
-dist.destroy_process_group()
+print(json.dumps(all_reduce_sum(cm.matrix).tolist()), flush=True)  # as the segmentation task sums it
+dist.barrier()  # both processes are done with the group before either ends it (gloo at torch 2.6 hung once here)
+cleanup_distributed()
 """
 
 
