@@ -5,8 +5,8 @@ width) of the transformed image, which evaluation needs to map results back to `
 
 Training (detectron2's `RandomFlip`, `ResizeScale`, `FixedSizeCrop`, then `recompute_boxes` and
 `filter_empty_instances`): flip horizontally with probability 0.5; resize, keeping the aspect ratio, so that the
-image fits in a square of side `scale * image_size` with `scale` uniform in `scale_range`; crop a random
-`image_size` square (padding at the bottom and right when the image is smaller). Boxes are then the tight boxes of
+image fits in a square of side `scale * image_size` with `scale` uniform in `scale_range`; crop an `image_size`
+square at a random place (padding at the bottom and right when the image is smaller). Boxes are then the tight boxes of
 the cropped masks, so a box follows the visible part of its object rather than the crop of its old box, and an
 instance the crop leaves without a pixel is dropped. Draws come from torch's global generator, which the training
 loader seeds for each sample (training.data.SeededSamples).
@@ -114,8 +114,11 @@ class DetTrainTransform:
         factor = min(scale * self.image_size / height, scale * self.image_size / width)
         image, target = resize(image, target, (max(1, round(height * factor)), max(1, round(width * factor))))
         height, width = image.shape[-2:]
-        top = round(float(torch.rand(())) * max(0, height - self.image_size))
-        left = round(float(torch.rand(())) * max(0, width - self.image_size))
+        # One draw for both axes, as detectron2's FixedSizeCrop: the crop's corner lies on the line from the
+        # top-left to the bottom-right placement, the distribution the published recipe trained with.
+        where = float(torch.rand(()))
+        top = round(where * max(0, height - self.image_size))
+        left = round(where * max(0, width - self.image_size))
         image, target = crop_and_pad(image, target, top, left, self.image_size, self.fill)
         target["boxes"] = masks_to_boxes(target["masks"])
         target["area"] = target["masks"].flatten(1).sum(1).to(torch.float32)
