@@ -70,6 +70,8 @@ def test_records_are_in_the_original_image_with_the_files_category_ids():
     nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
                "masks": torch.zeros(0, 1, 32, 32)}
     assert coco_records([nothing], [target(1)], CATEGORY_IDS) == []
+    with pytest.raises(ValueError, match="outside 1..2"):
+        coco_records([output([(A, 0, 0.9)])], [target(1)], CATEGORY_IDS)
 
 
 def test_perfect_detections_score_100_and_absent_sizes_nan():
@@ -91,6 +93,13 @@ def test_a_missed_object_and_a_false_positive_give_cocoevals_numbers():
         for name in ("AP", "AP50", "AP75"):
             assert metrics[name] == pytest.approx((MISSED_ONE_OF_TWO + 50) / 2, abs=1e-9)
         assert metrics["APs"] == pytest.approx(MISSED_ONE_OF_TWO, abs=1e-9) and metrics["APm"] == pytest.approx(100)
+
+
+def test_evaluation_leaves_the_annotation_file_as_it_was():
+    data = ground_truth()
+    before = json.dumps(data)
+    coco_evaluate(data, records_of({1: [(A, 1, 0.9)]}))
+    assert json.dumps(data) == before
 
 
 def test_scores_equal_calling_cocoeval_directly(capsys):

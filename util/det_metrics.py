@@ -62,8 +62,11 @@ def coco_records(outputs: Sequence[Dict[str, torch.Tensor]], targets: Sequence[d
         rles = (_encode_masks(output["masks"], (orig_h, orig_w), mask_threshold) if "masks" in output
                 else [None] * len(boxes))
         image_id = int(target["image_id"])
-        for box, label, score, rle in zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist(),
-                                          rles):
+        labels = output["labels"].tolist()
+        if labels and not 1 <= min(labels) <= max(labels) <= len(category_ids):
+            raise ValueError(f"labels of image {image_id} outside 1..{len(category_ids)} (0 is the background): "
+                             f"{sorted(set(labels))}")
+        for box, label, score, rle in zip(boxes.tolist(), labels, output["scores"].tolist(), rles):
             record = {"image_id": image_id, "category_id": category_ids[int(label) - 1], "bbox": box,
                       "score": float(score)}
             if rle is not None:
@@ -98,9 +101,10 @@ def write_results(records: List[dict], path: str) -> None:
 
 
 def coco_ground_truth(coco_data: dict) -> COCO:
-    """A pycocotools COCO of a parsed annotation file (util.coco.CocoDetection.coco_data), built quietly."""
+    """A pycocotools COCO of a parsed annotation file (util.coco.CocoDetection.coco_data), built quietly. Its
+    annotations are copies: COCOeval writes into them (masks as RLE, `ignore`), and the dataset reads the originals."""
     coco = COCO()
-    coco.dataset = coco_data
+    coco.dataset = {**coco_data, "annotations": [dict(annotation) for annotation in coco_data["annotations"]]}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
