@@ -6,8 +6,8 @@ width) of the transformed image, which evaluation needs to map results back to `
 Training (detectron2's `RandomFlip`, `ResizeScale`, `FixedSizeCrop`, then `recompute_boxes` and
 `filter_empty_instances`): flip horizontally with probability 0.5; resize, keeping the aspect ratio, so that the
 image fits in a square of side `scale * image_size` with `scale` uniform in `scale_range`; crop an `image_size`
-square at a random place (padding at the bottom and right when the image is smaller). Boxes are then the tight boxes of
-the cropped masks, so a box follows the visible part of its object rather than the crop of its old box, and an
+square at a random place (padding at the bottom and right when the image is smaller). Boxes are then the tight boxes
+of the cropped masks, so a box follows the visible part of its object rather than the crop of its old box, and an
 instance the crop leaves without a pixel is dropped. Draws come from torch's global generator, which the training
 loader seeds for each sample (training.data.SeededSamples).
 """
