@@ -6,10 +6,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import write_fashion_idx
-from util.coco import annotation_mask, coco_split
+from util.coco import annotation_mask, coco_split, detection_collate
+from util.det_metrics import coco_evaluate, coco_records, gather_records
+from util.det_transforms import DetEvalTransform, DetTrainTransform
 from util.demo_data import CLASS_NAMES
 from util.demo_det_data import instance_masks, main, prepare_fashion_mnist_det
 from util.demo_seg_data import BACKGROUND_LABEL, Placement, prepare_fashion_mnist_seg
@@ -75,6 +78,27 @@ def test_masks_are_the_visible_items_of_the_segmentation_sets_canvases_and_boxes
         x, y, w, h = annotation["bbox"]
         assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
         assert annotation["area"] == mask.sum() and annotation["iscrowd"] == 0
+
+
+def test_the_set_trains_and_evaluates_through_the_detection_data_layer(tmp_path, source):
+    root = prepare(tmp_path / "det", source)
+    train = coco_split(root, "train", transform=DetTrainTransform(48))
+    torch.manual_seed(0)
+    images, targets, num_bad = detection_collate([train[i] for i in range(3)])
+    assert num_bad == 0 and [tuple(image.shape) for image in images] == [(3, 48, 48)] * 3
+    assert all(t["boxes"].shape == (len(t["labels"]), 4) for t in targets)
+    # Perfect outputs at the evaluation size, the ground truth itself, score 100 through records and COCOeval.
+    val = coco_split(root, "val", transform=DetEvalTransform(64))
+    records, image_ids = [], []
+    for index in range(len(val)):
+        _, target = val[index]
+        output = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"])),
+                  "masks": target["masks"][:, None].float()}
+        records += coco_records([output], [target], val.category_ids)
+        image_ids.append(target["image_id"])
+    records, image_ids = gather_records(records, image_ids)
+    scores = coco_evaluate(val.coco_data, records, image_ids=image_ids)
+    assert scores["bbox"]["AP"] == pytest.approx(100) and scores["segm"]["AP"] == pytest.approx(100)
 
 
 def test_an_item_hidden_by_later_ones_is_no_instance():
