@@ -22,7 +22,7 @@ file inside, and a finished preparation is reused when the options match.
 """
 import argparse
 import os
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -30,7 +30,8 @@ from PIL import Image
 from util.demo_data import (CLASS_NAMES, DEBIAN_DIR, add_source_flags, finish_preparation, finished_preparation,
                             load_split, locate_idx_files, partial_folder)
 
-__all__ = ["prepare_fashion_mnist_seg", "make_canvas", "SEG_CLASS_NAMES", "FOREGROUND_THRESHOLD"]
+__all__ = ["prepare_fashion_mnist_seg", "make_canvas", "paste_items", "Placement", "canvas_options", "SEG_CLASS_NAMES",
+           "FOREGROUND_THRESHOLD"]
 
 FOREGROUND_THRESHOLD = 24
 IGNORE_LABEL, BACKGROUND_LABEL = 0, 1  # annotation values; items are 2 + Fashion-MNIST label
@@ -40,23 +41,47 @@ JPEG_QUALITY = 95
 SPLITS = {"training": "train", "validation": "val"}
 
 
-def make_canvas(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, canvas: int = 64,
+class Placement(NamedTuple):
+    """An item pasted on a canvas: its Fashion-MNIST label, top-left corner and resized pixels (uint8 [side, side])."""
+    label: int
+    y: int
+    x: int
+    pixels: np.ndarray
+
+    @property
+    def window(self) -> Tuple[slice, slice]:
+        side = self.pixels.shape[0]
+        return slice(self.y, self.y + side), slice(self.x, self.x + side)
+
+
+def paste_items(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, canvas: int = 64,
                 min_items: int = 2, max_items: int = 4, scale_range: Tuple[float, float] = (0.75, 1.5)):
-    """One image and its annotation from a pool of items (uint8 [N, h, w], labels [N]): uint8 [canvas, canvas]
-    grey image, uint8 [canvas, canvas] annotation (0 ignore, 1 background, 2 + label)."""
+    """A grey canvas (uint8 [canvas, canvas]) with items from a pool (uint8 [N, h, w], labels [N]) pasted one after
+    the other, and their Placements in pasting order. An item's black surround is transparent."""
     image = np.zeros((canvas, canvas), np.uint8)
-    annotation = np.full((canvas, canvas), BACKGROUND_LABEL, np.uint8)
+    placements = []
     for _ in range(rng.integers(min_items, max_items + 1)):
         k = rng.integers(len(items))
         side = int(round(items.shape[1] * rng.uniform(*scale_range)))
         side = max(1, min(side, canvas))
         item = np.asarray(Image.fromarray(items[k]).resize((side, side), Image.BILINEAR))
         y, x = rng.integers(0, canvas - side + 1, size=2)
-        ink = item > 0
-        window = (slice(y, y + side), slice(x, x + side))
-        image[window] = np.where(ink, item, image[window])
-        item_label = np.where(item >= FOREGROUND_THRESHOLD, 2 + int(labels[k]), IGNORE_LABEL).astype(np.uint8)
-        annotation[window] = np.where(ink, item_label, annotation[window])
+        placement = Placement(int(labels[k]), int(y), int(x), item)
+        image[placement.window] = np.where(item > 0, item, image[placement.window])
+        placements.append(placement)
+    return image, placements
+
+
+def make_canvas(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, canvas: int = 64,
+                min_items: int = 2, max_items: int = 4, scale_range: Tuple[float, float] = (0.75, 1.5)):
+    """One image and its annotation from a pool of items (uint8 [N, h, w], labels [N]): uint8 [canvas, canvas]
+    grey image, uint8 [canvas, canvas] annotation (0 ignore, 1 background, 2 + label)."""
+    image, placements = paste_items(items, labels, rng, canvas, min_items, max_items, scale_range)
+    annotation = np.full((canvas, canvas), BACKGROUND_LABEL, np.uint8)
+    for placement in placements:
+        item = placement.pixels
+        item_label = np.where(item >= FOREGROUND_THRESHOLD, 2 + placement.label, IGNORE_LABEL).astype(np.uint8)
+        annotation[placement.window] = np.where(item > 0, item_label, annotation[placement.window])
     return image, annotation
 
 
@@ -73,6 +98,25 @@ def _write_split(folder: str, items: np.ndarray, labels: np.ndarray, count: int,
         Image.fromarray(image, "L").convert("RGB").save(os.path.join(image_dir, f"{i:0{width}d}.jpg"),
                                                          quality=JPEG_QUALITY)
         Image.fromarray(annotation, "L").save(os.path.join(label_dir, f"{i:0{width}d}.png"))
+
+
+def canvas_options(dataset: str, num_train: int, num_val: int, canvas: int, min_items: int, max_items: int,
+                   scale_range: Tuple[float, float], seed: int) -> dict:
+    """The options of a canvas dataset, checked, as its marker file records them."""
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("canvas", canvas),
+                        ("min_items", min_items), ("max_items", max_items)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if max_items < min_items:
+        raise ValueError(f"max_items ({max_items}) is below min_items ({min_items})")
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+    return {"dataset": dataset, "num_train": num_train, "num_val": num_val, "canvas": canvas,
+            "min_items": min_items, "max_items": max_items, "scale_range": [float(low), float(high)],
+            "seed": seed, "foreground_threshold": FOREGROUND_THRESHOLD}
 
 
 def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None, num_train: int = 2000,
@@ -94,20 +138,7 @@ def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None
     others it raises rather than mixing two datasets.
     """
     root = os.path.abspath(root)
-    for name, value in (("num_train", num_train), ("num_val", num_val), ("canvas", canvas),
-                        ("min_items", min_items), ("max_items", max_items)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if max_items < min_items:
-        raise ValueError(f"max_items ({max_items}) is below min_items ({min_items})")
-    low, high = scale_range
-    if not 0 < low <= high:
-        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
-    options = {"dataset": "fashion-mnist-seg", "num_train": num_train, "num_val": num_val, "canvas": canvas,
-               "min_items": min_items, "max_items": max_items, "scale_range": [float(low), float(high)],
-               "seed": seed, "foreground_threshold": FOREGROUND_THRESHOLD}
+    options = canvas_options("fashion-mnist-seg", num_train, num_val, canvas, min_items, max_items, scale_range, seed)
 
     if finished_preparation(root, options, "the Fashion-MNIST segmentation set"):
         return root
