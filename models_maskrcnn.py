@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FeaturePyramidNetwork, roi_align
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 FPN_CHANNELS = 256
@@ -57,14 +57,15 @@ class EncoderFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
-class RoIAlignV2(nn.Module):
+class RoIAlignV2(MultiScaleRoIAlign):
     """RoIAlign over the FPN levels with half-pixel alignment (detectron2's ROIAlignV2; torchvision's
-    MultiScaleRoIAlign does not align): each box is pooled from the level of its size, k = floor(4 + log2(sqrt(area)
-    / 224)) clamped to the levels given (the FPN paper's rule, as both libraries assign them)."""
+    MultiScaleRoIAlign, whose place it takes, does not align): each box is pooled from the level of its size,
+    k = floor(4 + log2(sqrt(area) / 224)) clamped to the levels given (the FPN paper's rule, as both libraries assign
+    them), at the level's known stride."""
 
     def __init__(self, featmap_names: Sequence[str], strides: Sequence[int], output_size: int,
                  canonical_size: float = 224.0, canonical_level: int = 4):
-        super().__init__()
+        super().__init__(list(featmap_names), output_size, sampling_ratio=0)
         self.featmap_names, self.strides, self.output_size = list(featmap_names), list(strides), output_size
         self.canonical_size, self.canonical_level = canonical_size, canonical_level
         self.min_level, self.max_level = (int(round(math.log2(s))) for s in (strides[0], strides[-1]))
@@ -88,23 +89,29 @@ class RoIAlignV2(nn.Module):
         return out
 
 
-def create_mask_rcnn(encoder_name: str, num_classes: int, image_size: int, **encoder_kwargs) -> MaskRCNN:
+def create_mask_rcnn(encoder_name: str, num_classes: int, image_size: int, fpn_channels: int = FPN_CHANNELS,
+                     rois_per_image: int = ROI["box_batch_size_per_image"], **encoder_kwargs) -> MaskRCNN:
     """Mask R-CNN on the multi-scale features of `encoder_name` (a timm model of this project's encoders) for
-    `num_classes` classes (background excluded), for images resized to at most `image_size` on their longest side."""
+    `num_classes` classes (background excluded), for images resized to at most `image_size` on their longest side.
+    `fpn_channels` (256) and `rois_per_image` (512 sampled for the box head in training) are the recipe's; smaller
+    ones make the CPU's tests and checks affordable (the box head's 4 convs on 512 RoIs cost ~60 GFLOPs an image)."""
     encoder = timm.create_model(encoder_name, features_only=True, **encoder_kwargs)
-    backbone = EncoderFPN(encoder)
+    backbone = EncoderFPN(encoder, fpn_channels)
     if len(backbone.strides) != 4:
         raise ValueError(f"{encoder_name} gives {len(backbone.strides)} feature levels (strides "
                          f"{backbone.strides}); Mask R-CNN's FPN takes four, strides 4 to 32")
     names = [str(i) for i in range(4)]
     anchors = AnchorGenerator(tuple((s,) for s in ANCHOR_SIZES), (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
-    box_head = FastRCNNConvFCHead((FPN_CHANNELS, 7, 7), [FPN_CHANNELS] * 4, [1024], norm_layer=nn.BatchNorm2d)
-    mask_head = MaskRCNNHeads(FPN_CHANNELS, [FPN_CHANNELS] * 4, 1, norm_layer=nn.BatchNorm2d)
-    return MaskRCNN(backbone, num_classes=num_classes + 1, min_size=image_size, max_size=image_size,
+    box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=nn.BatchNorm2d)
+    mask_head = MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1, norm_layer=nn.BatchNorm2d)
+    roi = {**ROI, "box_batch_size_per_image": rois_per_image}
+    return MaskRCNN(backbone, num_classes=None, min_size=image_size, max_size=image_size,
                     image_mean=list(PIXEL_MEAN), image_std=list(PIXEL_STD), rpn_anchor_generator=anchors,
-                    rpn_head=RPNHead(FPN_CHANNELS, len(ASPECT_RATIOS), conv_depth=2),
+                    rpn_head=RPNHead(fpn_channels, len(ASPECT_RATIOS), conv_depth=2),
                     box_roi_pool=RoIAlignV2(names, backbone.strides, 7), box_head=box_head,
-                    mask_roi_pool=RoIAlignV2(names, backbone.strides, 14), mask_head=mask_head, **RPN, **ROI)
+                    box_predictor=FastRCNNPredictor(1024, num_classes + 1),
+                    mask_roi_pool=RoIAlignV2(names, backbone.strides, 14), mask_head=mask_head,
+                    mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1), **RPN, **roi)
 
 
 def detection_loss(losses: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -279,3 +279,86 @@ def _add_segmentation_initialisation_flags(p: argparse.ArgumentParser) -> None:
             resume="only the first start loads it: a resumed run's weights come from its checkpoint")
     flag(g, "--checkpoint_key", default="model", choices=["model", "teacher"],
             help="take the student encoder, or the EMA teacher's", resume="only the first start reads --finetune")
+
+
+def detection_parser() -> argparse.ArgumentParser:
+    """main_detect.py's flags: ConvMAE-B's 25-epoch COCO recipe by default (DET/configs/convmae/
+    convmae_base_mask_rcnn_FPN_25ep.py: 368,750 / 4 iterations of 32 images, evaluated every 3,688)."""
+    p = argparse.ArgumentParser("object detection and instance segmentation with Mask R-CNN",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag(p, "--batch_size", default=4, type=int, help="images per GPU (the recipe: 4 x 8 GPUs = 32)",
+         check=">= 1", resume=MUST_MATCH)
+    flag(p, "--accum_iter", default=1, type=int, help="micro-batches per optimizer step (iteration)",
+         check=">= 1", resume=MUST_MATCH)
+    g = p.add_argument_group("schedule (in iterations, i.e. optimizer steps)")
+    flag(g, "--iters", default=92187, type=int, help="training iterations (368,750 / 4: 25 epochs of COCO)",
+         check=">= 1", resume=MUST_MATCH)
+    flag(g, "--warmup_length", default=0.005, type=float,
+         help="linear warmup, as a fraction of --iters (the 100-epoch config's 0.125%% x 4)", check="[0, 1]",
+         resume=MUST_MATCH)
+    flag(g, "--warmup_factor", default=0.001, type=float, help="the warmup starts at this fraction of the lr",
+         check="[0, 1]", resume=MUST_MATCH)
+    flag(g, "--eval_interval", default=3688, type=int,
+         help="evaluate and checkpoint every N iterations (and at the last)", check=">= 1", resume=MUST_MATCH)
+    flag(g, "--save_freq", default=0, type=int, check=">= 0",
+         help="also keep checkpoint-<k>.pth every N evaluation intervals (0: only last and best)",
+         resume="which periodic checkpoints are kept")
+    flag(g, "--keep_last", default=0, type=int, help="periodic checkpoints kept (0 = all)", check=">= 0",
+         resume="how many periodic checkpoints are kept")
+    _add_detection_model_flags(p)
+    _add_detection_optimizer_flags(p)
+    _add_detection_data_flags(p)
+    g = p.add_argument_group("evaluation")
+    flag(g, "--eval", action="store_true", help="only evaluate --resume on the validation set",
+         resume="an evaluation loads the weights only, and may change anything")
+    flag(g, "--eval_batch_size", default=2, type=int, help="validation images per batch", check=">= 1",
+         resume="the same scores in batches of any size")
+    _add_segmentation_initialisation_flags(p)
+    add_run_flags(p, data_help="dataset root in COCO 2017's layout: annotations/instances_{train,val}2017.json, "
+                               "train2017/, val2017/")
+    p.set_defaults(data_path="/datasets/coco")
+    return p
+
+
+def _add_detection_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    flag(g, "--model", default="convvit_base_patch16", type=str, help="the encoder (its multi-scale features)",
+         resume=MUST_MATCH)
+    flag(g, "--input_size", default=1024, type=int, check=">= 1", resume=MUST_MATCH,
+         help="training crops are --input_size squared (large-scale jitter); test images are resized to it on "
+              "their longest side")
+    flag(g, "--drop_path", default=0.1, type=float, help="stochastic depth rate of the encoder", check="[0, 1)",
+         resume=MUST_MATCH)
+
+
+def _add_detection_optimizer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer (AdamW)")
+    flag(g, "--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)", check="> 0",
+         resume=MUST_MATCH)
+    flag(g, "--blr", default=6.4e-4, type=float, check="> 0", resume=MUST_MATCH,
+         help="base lr: lr = blr x total batch / 256 (the recipe: 8e-5 at 32 images per step)")
+    flag(g, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0",
+         resume=MUST_MATCH)
+    flag(g, "--betas", default=[0.9, 0.999], type=float, nargs=2, help="AdamW betas", check="[0, 1)",
+         resume=MUST_MATCH)
+    flag(g, "--weight_decay", default=0.1, type=float, check=">= 0", resume=MUST_MATCH,
+         help="none on norms, position embeddings and relative-position tables")
+    flag(g, "--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)", check="> 0",
+         resume=MUST_MATCH)
+
+
+def _add_detection_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (classes come from the annotation file)")
+    flag(g, "--train_json", default="", type=str, resume="the same data may be read from another place",
+         help="a COCO-format annotation file for training (none: --data_path's annotations/instances_train2017.json)")
+    flag(g, "--train_images", default="", type=str, resume="the same data may be read from another place",
+         help="the folder its file_names are relative to (none: --data_path/train2017)")
+    flag(g, "--val_json", default="", type=str, resume="the same data may be read from another place",
+         help="a COCO-format annotation file for evaluation (none: --data_path's instances_val2017.json)")
+    flag(g, "--val_images", default="", type=str, resume="the same data may be read from another place",
+         help="the folder its file_names are relative to (none: --data_path/val2017)")
+    flag(g, "--scale_range", default=[0.1, 2.0], type=float, nargs=2, metavar=("LOW", "HIGH"), check="> 0",
+         resume=MUST_MATCH, help="large-scale jitter: images are resized to --input_size times a random ratio in "
+                                 "this range, then cropped (padded) to --input_size")
+    flag(g, "--flip_prob", default=0.5, type=float, help="horizontal flip probability", check="[0, 1]",
+         resume=MUST_MATCH)

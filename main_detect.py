@@ -1,0 +1,79 @@
+"""Object detection and instance segmentation: Mask R-CNN with FPN on a pre-trained ConViT / ViT encoder, trained and
+evaluated on COCO (or any COCO-format dataset). Launch with torchrun on GPUs, or plainly (or with torchrun) on a CPU.
+
+    torchrun --nproc_per_node=8 main_detect.py --finetune out/dmjd_convit_b/checkpoint-399.pth \
+        --data_path /path/to/coco --output_dir out/det_convit_b
+
+Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep); see DETECT.md.
+"""
+import os
+
+from training.errors import RunError, exits_like_a_script, flag_error
+from training.flags import detection_parser as get_args_parser  # the script's parser, by the scripts' name
+
+
+def check_data(args) -> None:
+    """The annotation files and image folders the run reads (of the validation split alone with --eval), named by
+    the flags or in COCO 2017's layout under --data_path."""
+    splits = ["val"] if args.eval else ["train", "val"]
+    for split in splits:
+        images = getattr(args, f"{split}_images") or os.path.join(args.data_path, f"{split}2017")
+        annotations = getattr(args, f"{split}_json") or os.path.join(args.data_path, "annotations",
+                                                                     f"instances_{split}2017.json")
+        if not os.path.isfile(annotations):
+            raise flag_error(f"--{split}_json" if getattr(args, f"{split}_json") else "--data_path",
+                             f"{annotations!r} is not a file: expected COCO's instance annotations")
+        if not os.path.isdir(images):
+            raise flag_error(f"--{split}_images" if getattr(args, f"{split}_images") else "--data_path",
+                             f"{images!r} is not a folder: expected the images of {annotations}")
+
+
+if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+    ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_data)(ARGS)
+
+import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
+from dmjd_encoders.pretrained import FRESH_KEYS, architecture_kwargs, encoder_layout, load_encoder  # noqa: E402
+from engine_detect import (DetectConfig, DetectTask, build_detector, count_parameters, detection_loaders,  # noqa
+                           encoder_of, resolve_config, run_detection, validate_args)  # noqa: E402,F401
+from models_convvit import conv_weights_channels_last  # noqa: E402
+from training.run import Run  # noqa: E402
+from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
+
+
+@exits_like_a_script
+def main(args):
+    cfg, lr_line = resolve_config(args)
+    check_data(args)  # before the run's header and output folder
+    with Run(cfg, save_freq=cfg.save_freq or None, keep_last=cfg.keep_last) as run:
+        print(lr_line)
+        return detect(run, cfg)
+
+
+def detect(run: Run, cfg: DetectConfig):
+    if not cfg.eval:
+        print(f"{cfg.iters} iterations of {cfg.images_per_step} images ({cfg.batch_size} per process x "
+              f"{cfg.world_size} processes x accum {cfg.accum_iter}), cosine lr with a warmup over "
+              f"{cfg.warmup_length:g} of them; large-scale jitter {cfg.scale_range} at {cfg.input_size} px")
+    train_loader, val_loader, val_set = detection_loaders(run, cfg)
+
+    # A checkpoint in MAE's / timm's ViT layout (with a class token) keeps its class token, as fine-tuning does.
+    resume = run.resume_path(auto=not cfg.eval)
+    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
+    try:
+        model = build_detector(cfg, len(val_set.class_names), **layout)
+    except ValueError as err:  # sizes or levels the encoder cannot give
+        raise RunError(f"{err} (check --model and --input_size)") from None
+    if cfg.finetune and not resume:
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
+    print(f"Mask R-CNN on {cfg.model}: {count_parameters(model):.2f} M parameters "
+          f"({count_parameters(model.backbone.body):.2f} M encoder), feature strides {model.backbone.strides}")
+    model = model.to(run.device)
+    if run.dist.distributed and not cfg.eval:  # statistics over the whole batch, as the recipe's SyncBN
+        model = convert_sync_batchnorm(model, run.device)
+    task = DetectTask(conv_weights_channels_last(model), cfg, run.device, val_set)
+    return run_detection(run, cfg, task, (train_loader, val_loader))
+
+
+if __name__ == "__main__":
+    main(ARGS)
