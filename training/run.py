@@ -330,10 +330,14 @@ class Run:
     def _check_flags(self, path: str, saved: dict) -> None:
         allowed = {n.strip() for n in self.cfg.allow_flag_changes.split(",") if n.strip()}
         given = self.cfg.flags()
+        # a flag the checkpoint predates: its run had the flag's declared `absent` value (an option then off)
+        absent = {name: value for name, value in self.cfg.absent_values().items() if name not in saved}
+        saved = dict(absent, **saved)
         changed = [(name, saved[name], given[name]) for name in self.cfg.must_match()
                    if name in saved and saved[name] != given[name] and name not in allowed and "all" not in allowed]
         if changed:
-            shown = "; ".join(f"--{name}: saved {a!r}, given {b!r}" for name, a, b in changed)
+            shown = "; ".join(f"--{name}: saved {a!r}{' (saved before the flag existed)' if name in absent else ''}"
+                              f", given {b!r}" for name, a, b in changed)
             raise RunError(f"{path} was trained with other flags that define the run: {shown}. Resume with the saved "
                            f"values, or give --allow_flag_changes {','.join(n for n, _, _ in changed)} to change "
                            f"them deliberately")
