@@ -266,3 +266,27 @@ def test_resuming_a_checkpoint_saved_before_the_dense_flags_names_them_and_resum
     off = small_segmentation_config("--output_dir", str(tmp_path / "b"), "--no-rel_pos_bias", "--layer_scale", "none")
     with Run(off) as run:
         run._check_flags("old.pth", saved)
+
+
+def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_their_former_values(tmp_path):
+    import models_convvit  # noqa: F401  (registers the encoders)
+    from engine_segment import build_segmenter
+    from training.errors import RunError
+    from training.run import Run
+    from util.checkpoint import save_checkpoint
+    old = small_segmentation_config("--model", "convvit_tiny_patch16", "--no-rel_pos_bias", "--layer_scale", "none")
+    args = old.flags()
+    for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
+        del args[name]
+    save_checkpoint({"model": build_segmenter(old).state_dict(), "args": args, "epoch": 0}, str(tmp_path / "old.pth"))
+    cfg = small_segmentation_config("--model", "convvit_tiny_patch16", "--eval", "--resume", str(tmp_path / "old.pth"),
+                                    "--output_dir", str(tmp_path / "eval"))
+    with Run(cfg) as run:
+        with pytest.raises(RunError, match=r"saved before these flags existed .* --rel_pos_bias False, --layer_scale "
+                                           r"None \(this run has True, 1.0\)"):
+            run.resume(None, build_segmenter(cfg), auto=False)
+    former = small_segmentation_config("--model", "convvit_tiny_patch16", "--eval", "--resume",
+                                       str(tmp_path / "old.pth"), "--output_dir", str(tmp_path / "eval2"),
+                                       "--no-rel_pos_bias", "--layer_scale", "none")
+    with Run(former) as run:
+        assert run.resume(None, build_segmenter(former), auto=False) == 0  # the weights load

@@ -322,7 +322,14 @@ class Run:
         try:
             load_state_dict_strict(model, ckpt["model"])
         except RuntimeError as err:  # e.g. --allow_flag_changes model: the weights are another architecture's
-            saved = (ckpt.get("args") or {}).get("model", "another model")
+            args, given = ckpt.get("args") or {}, self.cfg.flags()
+            predated = [(name, value) for name, value in self.cfg.absent_values().items()
+                        if name not in args and value != given[name]]
+            if predated:  # e.g. --eval of a checkpoint saved before a model option existed (it was off)
+                shown = ", ".join(f"--{name} {value!r}" for name, value in predated)
+                raise RunError(f"{path} was saved before these flags existed and its weights need their former "
+                               f"values: {shown} (this run has {', '.join(repr(given[n]) for n, _ in predated)})")
+            saved = args.get("model", "another model")
             raise RunError(f"{path} holds the weights of --model {saved}, which do not load into this run's --model "
                            f"{self.cfg.model} ({str(err).split(': ', 1)[-1][:300]}). Resume with --model {saved}, "
                            f"or train {self.cfg.model} in another --output_dir") from None
