@@ -15,7 +15,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 from dmjd_encoders.pretrained import check_pretrained_flag
-from models_convvit import check_classifier_name
+from models_convvit import check_classifier_name, is_plain_vit
 from models_upernet import UperNet, create_upernet, segmentation_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
@@ -55,6 +55,9 @@ class SegmentConfig(TrainConfig):
     aux_in_index: int
     aux_channels: int
     aux_weight: float
+    rel_pos_bias: bool
+    layer_scale: Optional[float]
+    simple_pyramid: bool  # resolved: on for a plain ViT unless given
     nb_classes: int
     reduce_zero_label: bool
     ignore_index: int
@@ -134,6 +137,9 @@ def validate_args(args) -> argparse.Namespace:
                                          f"step, and the PPM's 1 x 1 pooling one value per channel: use 2 or more "
                                          f"images per step (over all processes)")
     check_classifier_name(args.model)
+    if args.simple_pyramid and not is_plain_vit(args.model):
+        raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
+                                             f"stages")
     return args
 
 
@@ -148,18 +154,25 @@ def resolve_config(args):
             f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
     crop = args.eval_crop_size or args.input_size
     stride = args.eval_stride or max(1, crop * 2 // 3)
+    pyramid = is_plain_vit(args.model) if args.simple_pyramid is None else args.simple_pyramid
     cfg = SegmentConfig.from_args(args, segmentation_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
-                                  world_size=world_size, eval_crop_size=crop, eval_stride=stride)
+                                  world_size=world_size, eval_crop_size=crop, eval_stride=stride,
+                                  simple_pyramid=pyramid)
     return cfg, line
 
 
 def build_segmenter(cfg: SegmentConfig, **layout) -> UperNet:
     """UperNet on --model's multi-scale features (timm features_only, any input size that is a multiple of the
-    stride), as the flags say; `layout`: build arguments a checkpoint's encoder needs (architecture_kwargs)."""
+    stride), as the flags say; `layout`: build arguments a checkpoint's encoder needs (architecture_kwargs). The
+    encoder's dense options (dmjd_encoders.dense): --rel_pos_bias, --layer_scale, --simple_pyramid (plain ViTs)."""
+    dense = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
+    if cfg.simple_pyramid:
+        dense["simple_pyramid"] = True
     return create_upernet(cfg.model, cfg.nb_classes, out_indices=cfg.out_indices, channels=cfg.decoder_channels,
                           aux_in_index=cfg.aux_in_index if cfg.aux_weight > 0 else None,
                           aux_channels=cfg.aux_channels, pool_scales=cfg.pool_scales, dropout=cfg.head_dropout,
-                          img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **layout)
+                          img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path,
+                          **dense, **layout)
 
 
 def segmentation_optimizer(model: UperNet, cfg: SegmentConfig) -> torch.optim.AdamW:

@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 import models_convvit  # noqa: E402,F401  (registers the encoders)
 from engine_segment import SegmentConfig, build_segmenter  # noqa: E402
 from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
+from training.flags import absent_values, segmentation_parser  # noqa: E402
 from util.demo_commands import (CLASSIFIER, DATA_DIR, PRETRAIN_EPOCHS, PRETRAIN_MODEL, pretrain_command,  # noqa: E402
                                  shown)
 from util.demo_data import prepare_fashion_mnist  # noqa: E402
@@ -105,7 +106,8 @@ def predictions(checkpoint: str, dataset: SegmentationFolder, indices) -> np.nda
     """A run's predicted label maps [N, H, W] for validation images `indices`, from its checkpoint, evaluated as the
     script evaluates (its saved flags: window, stride, scales)."""
     ckpt = load_checkpoint(checkpoint)
-    saved = {**ckpt["args"], "device": "cpu", "amp": "none"}
+    # a flag the checkpoint predates: the value its run had (training.flags.flag's `absent`)
+    saved = {**absent_values(segmentation_parser()), **ckpt["args"], "device": "cpu", "amp": "none"}
     cfg = SegmentConfig(**{f.name: saved[f.name] for f in dataclasses.fields(SegmentConfig)})
     model = build_segmenter(cfg)
     load_state_dict_strict(model, ckpt["model"])

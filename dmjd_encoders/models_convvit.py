@@ -43,9 +43,10 @@ from timm.layers import DropPath, global_pool_nlc, resample_abs_pos_embed, to_2t
 from timm.models import (build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model,
                          register_model_deprecations)
 from timm.models._features import feature_take_indices  # timm has no public import path for it
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import LEGACY_KEY_RENAMES, load_checkpoint, rename_legacy_keys
+from .dense import DenseOptions, SimpleFeaturePyramid, VITDET_PYRAMID_CHANNELS, set_token_grid
 from .pretrained import checkpoint_filter_fn, export_architecture, resample_pos_embed
 from .pos_embed import sincos_pos_embed_2d
 
@@ -258,7 +259,8 @@ class ConvViT(nn.Module):
                  mlp_ratio: Sequence[float] = (8.0, 8.0, 4.0), num_classes: int = 0, global_pool: str = "avg",
                  fc_norm: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  learnable_pos_embed: bool = False, dynamic_img_size: bool = False, stride32_level: bool = False,
-                 fuse_stages: bool = False, sparse_stages: bool = True):
+                 fuse_stages: bool = False, sparse_stages: bool = True, rel_pos_bias: bool = False,
+                 layer_scale: Optional[float] = None, window_size: int = 0, global_blocks: Sequence[int] = ()):
         super().__init__()
         if not (len(patch_size) == len(embed_dim) == len(depth) == len(mlp_ratio) == 3):
             raise ValueError("ConvViT takes three stages: patch_size, embed_dim, depth and mlp_ratio need 3 values")
@@ -273,6 +275,10 @@ class ConvViT(nn.Module):
         self.grad_checkpointing = False
         self.fuse_stages = fuse_stages
         self.sparse_stages = sparse_stages
+        # dense transfer's options of the transformer blocks (dmjd_encoders.dense)
+        self.dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks))
+        self.dense.check(depth[2])
+        self.dense_blocks = self.dense.per_block  # a plain bool for forward (TorchScript)
 
         # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid_size).unsqueeze(0),
@@ -309,9 +315,11 @@ class ConvViT(nn.Module):
         self.blocks1 = nn.ModuleList([ConvBlock(embed_dim[0], mlp_ratio[0], dpr[i]) for i in range(depth[0])])
         self.blocks2 = nn.ModuleList([ConvBlock(embed_dim[1], mlp_ratio[1], dpr[depth[0] + i])
                                       for i in range(depth[1])])
+        block = self.dense.block_fn(self.grid_size)
         self.blocks3 = nn.ModuleList([
-            Block(embed_dim[2], num_heads, mlp_ratio[2], qkv_bias=True, norm_layer=BlockNorm,
-                  drop_path=dpr[depth[0] + depth[1] + i]) for i in range(depth[2])])
+            block(embed_dim[2], num_heads, mlp_ratio=mlp_ratio[2], qkv_bias=True, norm_layer=BlockNorm,
+                  init_values=self.dense.layer_scale, drop_path=dpr[depth[0] + depth[1] + i], depth=i)
+            for i in range(depth[2])])
         if fuse_stages:
             self.stage1_output_decode = nn.Conv2d(embed_dim[0], embed_dim[2], s2 * s3, stride=s2 * s3)
             self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], s3, stride=s3)
@@ -352,7 +360,7 @@ class ConvViT(nn.Module):
     # -- timm's model interface -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {"pos_embed"}
+        return {"pos_embed"} | _rel_pos_tables(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
@@ -507,6 +515,8 @@ class ConvViT(nn.Module):
     def _tokens(self, stage2: torch.Tensor) -> torch.Tensor:
         """Stage-3 patch embedding of the stage-2 map, as tokens [N, L, D] with their position embedding."""
         embedded = self.patch_embed3(stage2)
+        if self.dense_blocks and not torch.jit.is_scripting():  # (a default model traces and scripts unchanged)
+            set_token_grid(self.blocks3, embedded.shape[-2:])
         x = self.patch_embed4(embedded.flatten(2).transpose(1, 2))
         return x + pos_embed_for_grid(self.pos_embed, embedded, self.grid_size)
 
@@ -586,10 +596,18 @@ class ConvViT(nn.Module):
 
 
 def _check_masked_input(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> None:
+    if model.dense.per_block:
+        raise ValueError("a model built with rel_pos_bias or window_size is for dense transfer: its blocks take the "
+                         "whole token grid, not the visible tokens of a mask")
     if tuple(x.shape[-2:]) != tuple(model.img_size):
         raise ValueError(f"input of {tuple(x.shape[-2:])} pixels, the model was built for {tuple(model.img_size)}")
     if mask.shape != (x.shape[0], model.num_patches):
         raise ValueError(f"mask of shape {tuple(mask.shape)}, expected {(x.shape[0], model.num_patches)}")
+
+
+def _rel_pos_tables(model: nn.Module) -> set:
+    """The names of the relative position tables (no weight decay on them, as ConvMAE's detection config)."""
+    return {name for name, _ in model.named_parameters() if name.endswith("relative_position_bias_table")}
 
 
 def _resample_pos_embed_hook(module, state_dict, prefix, *args) -> None:
@@ -613,22 +631,36 @@ class ViT(VisionTransformer):
 
     `class_token=True` builds MAE's layout (a class token with its own position, pooling still over the patch
     tokens, as MAE fine-tunes), in which timm's and MAE's ViT checkpoints load unchanged.
+
+    Dense transfer (dmjd_encoders.dense): `rel_pos_bias`, `layer_scale`, `window_size` and `global_blocks` in every
+    block; `simple_pyramid=True` makes the feature levels (`feature_info`, `forward_intermediates`, features_only)
+    ViTDet's four, strides 4, 8, 16 and 32 of `pyramid_channels` each, from the last block's map.
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  global_pool: str = "avg", embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, class_token: bool = False, fc_norm: bool = False,
                  learnable_pos_embed: bool = False, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = False):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = False,
+                 rel_pos_bias: bool = False, layer_scale: Optional[float] = None, window_size: int = 0,
+                 global_blocks: Sequence[int] = (), simple_pyramid: bool = False,
+                 pyramid_channels: int = VITDET_PYRAMID_CHANNELS):
         _check_global_pool(global_pool, class_token)
         size = to_2tuple(img_size)
         if size[0] % patch_size or size[1] % patch_size:
             raise ValueError(f"input size {size} must be divisible by the model's stride {patch_size}")
+        dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks))
+        dense.check(depth)
+        grid = (size[0] // patch_size, size[1] // patch_size)
         super().__init__(img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          mlp_ratio=mlp_ratio, qkv_bias=True, class_token=class_token, fc_norm=fc_norm,
                          dynamic_img_size=dynamic_img_size, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
-                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, weight_init="skip")
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, weight_init="skip",
+                         init_values=layer_scale, block_fn=dense.block_fn(grid, int(class_token)))
+        self.dense = dense
+        if dense.per_block:
+            self.patch_embed.register_forward_hook(self._grid_to_blocks)
         with torch.no_grad():
             grid = sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size)
             prefix = grid.new_zeros(self.num_prefix_tokens, embed_dim)  # MAE: a zero position for the class token
@@ -643,6 +675,59 @@ class ViT(VisionTransformer):
             trunc_normal_(self.head.weight, std=2e-5)
         self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
         self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
+        self.pyramid = SimpleFeaturePyramid(embed_dim, pyramid_channels) if simple_pyramid else None
+        if simple_pyramid:
+            self.feature_info = [dict(num_chs=pyramid_channels, reduction=int(patch_size / scale),
+                                      module=f"pyramid.outputs.{i}")
+                                 for i, scale in enumerate(SimpleFeaturePyramid.SCALES)]
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set(super().no_weight_decay()) | _rel_pos_tables(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """timm's layer groups; the simple pyramid goes after the last block, as the final norm does (a UperNet puts
+        both with its heads, as it puts ConViT's stride-32 level)."""
+        matcher = super().group_matcher(coarse)
+        if self.pyramid is not None:
+            matcher["blocks"] = list(matcher["blocks"]) + [(r"^pyramid\.", (99999,))]
+        return matcher
+
+    def _grid_to_blocks(self, module: nn.Module, inputs, tokens: torch.Tensor) -> None:
+        """patch_embed's forward hook in a model with DenseBlocks: tells them the token grid, [N, H, W, D] tokens'
+        with dynamic_img_size, else the built one (a hook, so that a default model traces and scripts unchanged)."""
+        set_token_grid(self.blocks, tokens.shape[1:3] if self.dynamic_img_size else self.grid_size)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, **kwargs):
+        """timm's, or with the simple pyramid its levels `indices` (of the four) from the last block's map."""
+        if self.pyramid is None:
+            return super().forward_intermediates(x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                                                 intermediates_only=intermediates_only, **kwargs)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        out = super().forward_intermediates(x, [len(self.blocks) - 1], norm=norm, output_fmt="NCHW",
+                                            intermediates_only=intermediates_only, **kwargs)
+        last = out[0] if intermediates_only else out[1][0]
+        maps = self.pyramid.levels(last, take)
+        if output_fmt == "NLC":
+            maps = [m.flatten(2).transpose(1, 2) for m in maps]
+        return maps if intermediates_only else (out[0], maps)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's, or with the simple pyramid: every block is kept (the pyramid takes the last), the norm and head
+        pruned as asked; returns the pyramid levels taken."""
+        if self.pyramid is None:
+            return super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        levels = self.feature_info
+        super().prune_intermediate_layers([len(self.blocks) - 1], prune_norm, prune_head)
+        self.feature_info = levels
+        return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
@@ -842,6 +927,8 @@ def _create(name: str, pretrained: bool, kwargs: dict):
         if kwargs.get("features_only") and kwargs.get("feature_cls") != "fx":
             kwargs.setdefault("stride32_level", True)
         out_indices = (0, 1, 2, 3) if kwargs.get("stride32_level") else (0, 1, 2)
+    elif kwargs.get("simple_pyramid"):  # ViTDet's four levels
+        out_indices = (0, 1, 2, 3)
     else:  # four blocks spread over the depth, as ViT segmentation backbones take them (e.g. 2, 5, 8, 11 of 12)
         depth = kwargs.get("depth", arch["depth"])
         out_indices = tuple(sorted({max(0, round(depth * (i + 1) / 4) - 1) for i in range(4)}))
@@ -931,6 +1018,13 @@ def check_model_name(name: str, candidates, what: str) -> None:
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
         raise UnknownModelError(f"--model {name!r} is not {what}" +
                          (f"; did you mean {', '.join(close)}?" if close else f"; choose from {', '.join(candidates)}"))
+
+
+def is_plain_vit(name: str) -> bool:
+    """Whether the registered encoder `name` (or a former name of one) is a plain ViT: one stride, no conv stages
+    (its multi-scale levels for dense transfer then come from `simple_pyramid=True`)."""
+    name = timm.models.get_deprecated_models(TIMM_MODULE).get(name, name)
+    return name in ENCODER_ARCHS and ENCODER_ARCHS[name][0] is ViT
 
 
 def check_classifier_name(name: str) -> None:

@@ -23,7 +23,7 @@ from .checkpoint import HUB_CONFIG, CheckpointError, load_checkpoint, rename_leg
 _logger = logging.getLogger(__package__ + ".checkpoint")
 
 __all__ = ["PretrainedWeightsError", "ArchitectureMismatch", "PRETRAIN_ONLY_PREFIXES", "SEGMENTER_ENCODER_PREFIX",
-           "FRESH_KEYS", "has_class_token", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
+           "FRESH_KEYS", "is_fresh", "has_class_token", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
            "saved_model", "export_architecture", "load_pretrained", "architecture_kwargs", "check_encoder_loaded",
            "checkpoint_filter_fn", "check_pretrained_flag", "encoder_layout", "load_encoder"]
 
@@ -45,14 +45,21 @@ PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "visible_branch.", "proj_emb
 # Where a UperNet (models_upernet.py) holds its encoder: timm's features_only wrapper around the model.
 SEGMENTER_ENCODER_PREFIX = "backbone.model."
 
-# The encoder weights that a pre-trained checkpoint need not hold, by use: they start fresh. A classifier gets a new
-# head and the norm after pooling (MAE's fine-tuning); a linear probe uses the encoder exactly as it was trained;
-# a dense (segmentation) backbone also gets the stride-32 level that pre-training never had.
+# The encoder weights that a pre-trained checkpoint need not hold, by use: they start fresh. Each entry names a module,
+# matched at any depth of a key (`is_fresh`: "ls1." matches "blocks3.0.ls1.gamma"). A classifier gets a new head and
+# the norm after pooling (MAE's fine-tuning); a linear probe uses the encoder exactly as it was trained; a dense
+# (segmentation, detection) backbone also gets what pre-training never had: ConViT's stride-32 level, and the build
+# options of dmjd_encoders.dense (relative position tables, layer scales, a ViT's simple feature pyramid).
 FRESH_KEYS = {
     "classifier": ("head.", "fc_norm."),
     "probe": (),
-    "dense": ("head.", "fc_norm.", "downsample32."),
+    "dense": ("head.", "fc_norm.", "downsample32.", "rel_pos.", "ls1.", "ls2.", "pyramid."),
 }
+
+
+def is_fresh(key: str, fresh) -> bool:
+    """Whether the weight `key` belongs to one of the modules `fresh` (one of FRESH_KEYS), at any depth."""
+    return any(("." + key).find("." + name) >= 0 for name in fresh)
 
 
 def has_class_token(state) -> bool:
@@ -198,7 +205,7 @@ def architecture_kwargs(path: Optional[str], key: str = "model") -> dict:
 def check_encoder_loaded(missing, unexpected, path: str, allowed_missing=FRESH_KEYS["classifier"]) -> None:
     """Fails, naming the keys, when any encoder weight was not in the checkpoint (`allowed_missing`: the prefixes
     of the weights that start fresh, one of FRESH_KEYS)."""
-    absent = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    absent = [k for k in missing if not is_fresh(k, allowed_missing)]
     if absent:
         raise ArchitectureMismatch(f"{path} lacks {len(absent)} encoder weights of this model, e.g. "
                                    f"{', '.join(absent[:8])}; is it a checkpoint of this architecture?")
@@ -222,7 +229,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state)
     # timm builds any use (a classifier, or a features_only backbone): the widest list of fresh weights applies
-    absent = [k for k in missing if not k.startswith(FRESH_KEYS["dense"])]
+    absent = [k for k in missing if not is_fresh(k, FRESH_KEYS["dense"])]
     unexpected = sorted(k for k in state if k not in own)
     if absent or unexpected:
         hint = (" (a fine-tuned checkpoint: build the model with fc_norm=True)"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.flags import MUST_MATCH, check_flags, flag, resume_rules
+from training.flags import MUST_MATCH, absent_values, check_flags, flag, resume_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +85,16 @@ def test_a_flag_declares_its_range_and_check_flags_names_the_first_out_of_it():
                                     "clip": "a reason that is long enough"}
     with pytest.raises(ValueError, match="unknown check"):
         flag(parser, "--other", check="< 3", resume=MUST_MATCH)
+
+
+def test_a_flag_added_after_checkpoints_were_saved_declares_the_value_they_ran_with():
+    import argparse
+
+    from training.flags import segmentation_parser
+    parser = argparse.ArgumentParser()
+    flag(parser, "--new_option", action="store_true", resume=MUST_MATCH, absent=False)
+    flag(parser, "--old", type=int, default=1, resume=MUST_MATCH)
+    assert absent_values(parser) == {"new_option": False}
+    # segmentation's dense options were off before they were flags (Run._check_flags compares them so)
+    assert absent_values(segmentation_parser()) == {"rel_pos_bias": False, "layer_scale": None,
+                                                    "simple_pyramid": False}

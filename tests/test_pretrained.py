@@ -48,9 +48,14 @@ def test_the_layout_of_every_kind_of_checkpoint_comes_from_one_function(tmp_path
 
 def test_the_weights_that_start_fresh_are_declared_once_by_use():
     assert FRESH_KEYS == {"classifier": ("head.", "fc_norm."), "probe": (),
-                          "dense": ("head.", "fc_norm.", "downsample32.")}
+                          "dense": ("head.", "fc_norm.", "downsample32.", "rel_pos.", "ls1.", "ls2.", "pyramid.")}
     new = ["head.weight", "fc_norm.weight", "downsample32.0.weight"]
     check_encoder_loaded(new, [], "pre.pth", FRESH_KEYS["dense"])
+    # the dense options' modules, at any depth of a key
+    check_encoder_loaded(["blocks3.0.rel_pos.relative_position_bias_table", "blocks.1.ls2.gamma",
+                          "pyramid.up2.weight"], [], "pre.pth", FRESH_KEYS["dense"])
+    with pytest.raises(ArchitectureMismatch, match="lacks 1 encoder weights of this model, e.g. blocks.0.ls1.gamma"):
+        check_encoder_loaded(["blocks.0.ls1.gamma"], [], "pre.pth", FRESH_KEYS["classifier"])
     check_encoder_loaded(new[:2], [], "pre.pth")  # a classifier's, by default
     with pytest.raises(ArchitectureMismatch, match="lacks 1 encoder weights of this model, e.g. downsample32"):
         check_encoder_loaded(new, [], "pre.pth", FRESH_KEYS["classifier"])

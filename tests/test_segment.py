@@ -143,6 +143,8 @@ def test_torchrun_two_processes_one_image_each_with_synchronised_batchnorm(seg_d
     (["--finetune", "no/such.pth"], "--finetune 'no/such.pth' is neither a checkpoint file nor an export folder"),
     (["--blr", "0"], "--blr must be > 0"),
     (["--model", "convvit_base_patch61"], "did you mean convvit_base_patch16"),
+    (["--simple_pyramid"], "--simple_pyramid is for a plain ViT; --model convvit_base_patch16 has its own"),
+    (["--layer_scale", "0"], "--layer_scale must be > 0"),
 ])
 def test_bad_flags_fail_early_naming_the_flag(flags, message):
     args = main_segment.get_args_parser().parse_args(flags)
@@ -158,6 +160,8 @@ def test_the_default_recipe_is_convmae_bs_ade20k_config():
     assert (cfg.eval_mode, cfg.eval_crop_size, cfg.eval_stride) == ("slide", 512, 341)
     assert (cfg.drop_path, cfg.aux_weight, cfg.decoder_channels, cfg.layer_decay) == (0.2, 0.4, 768, 0.75)
     assert (cfg.nb_classes, cfg.reduce_zero_label, cfg.ignore_index, cfg.betas) == (150, True, 255, [0.9, 0.999])
+    # ConvMAE's segmentation backbone: use_rel_pos_bias=True, init_values=1.; a ConViT needs no pyramid
+    assert (cfg.rel_pos_bias, cfg.layer_scale, cfg.simple_pyramid) == (True, 1.0, False)
     # the lr is a function of the iteration (the loop counts optimizer steps: no intervals in between)
     for iteration in (0, 750, 1500, 80000, 160000):
         assert cfg.lr_at(iteration) == pytest.approx(poly_lr(iteration, cfg.lr, 160000, 1.0, 0.0, 1500, 1e-6))
@@ -220,3 +224,69 @@ def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tm
                            class_token=class_token)
     save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
     assert architecture_kwargs(str(tmp_path / "seg.pth")) == ({"class_token": True} if class_token else {})
+
+
+def small_segmentation_config(*flags):
+    parse = main_segment.get_args_parser().parse_args
+    return resolve_config(parse(["--device", "cpu", "--input_size", "32", "--decoder_channels", "8",
+                                 "--aux_channels", "8", *flags]))[0]
+
+
+@pytest.mark.parametrize("model,strides", [("convvit_tiny_patch16", [4, 8, 16, 32]),
+                                           ("vit_test_patch16_gap_sincos", [4, 8, 16, 32])])
+def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, strides):
+    import models_convvit  # noqa: F401  (registers the encoders)
+    from engine_segment import build_segmenter
+    cfg = small_segmentation_config("--model", model, "--nb_classes", "3")
+    assert cfg.simple_pyramid is (model.startswith("vit"))
+    segmenter = build_segmenter(cfg).eval()
+    names = list(segmenter.state_dict())
+    assert segmenter.backbone.feature_info.reduction() == strides
+    assert any("rel_pos.relative_position_bias_table" in k for k in names) and any(".ls1.gamma" in k for k in names)
+    assert segmenter.predict(torch.randn(1, 3, 48, 32), (48, 32), mode="whole").shape[-3:] == (3, 48, 32)
+    plain = build_segmenter(small_segmentation_config("--model", model, "--nb_classes", "3", "--no-rel_pos_bias",
+                                                      "--layer_scale", "none", "--no-simple_pyramid",
+                                                      "--aux_in_index", "1"))  # the test ViT has 2 blocks
+    assert not any("rel_pos" in k or ".ls1." in k or "pyramid" in k for k in plain.state_dict())
+
+
+def test_resuming_a_checkpoint_saved_before_the_dense_flags_names_them_and_resumes_with_them_off(tmp_path):
+    from training.errors import RunError
+    from training.run import Run
+    saved = small_segmentation_config().flags()
+    for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
+        del saved[name]  # a checkpoint of a run from before these options: they were off
+    with Run(small_segmentation_config("--output_dir", str(tmp_path / "a"))) as run:
+        with pytest.raises(RunError) as stop:
+            run._check_flags("old.pth", saved)
+    for shown in ("--rel_pos_bias: saved False (saved before the flag existed), given True",
+                  "--layer_scale: saved None (saved before the flag existed), given 1.0"):
+        assert shown in str(stop.value)
+    assert "simple_pyramid" not in str(stop.value)  # a ConViT's: off, as before
+    off = small_segmentation_config("--output_dir", str(tmp_path / "b"), "--no-rel_pos_bias", "--layer_scale", "none")
+    with Run(off) as run:
+        run._check_flags("old.pth", saved)
+
+
+def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_their_former_values(tmp_path):
+    import models_convvit  # noqa: F401  (registers the encoders)
+    from engine_segment import build_segmenter
+    from training.errors import RunError
+    from training.run import Run
+    from util.checkpoint import save_checkpoint
+    old = small_segmentation_config("--model", "convvit_tiny_patch16", "--no-rel_pos_bias", "--layer_scale", "none")
+    args = old.flags()
+    for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
+        del args[name]
+    save_checkpoint({"model": build_segmenter(old).state_dict(), "args": args, "epoch": 0}, str(tmp_path / "old.pth"))
+    cfg = small_segmentation_config("--model", "convvit_tiny_patch16", "--eval", "--resume", str(tmp_path / "old.pth"),
+                                    "--output_dir", str(tmp_path / "eval"))
+    with Run(cfg) as run:
+        with pytest.raises(RunError, match=r"saved before these flags existed .* --rel_pos_bias False, --layer_scale "
+                                           r"None \(this run has True, 1.0\)"):
+            run.resume(None, build_segmenter(cfg), auto=False)
+    former = small_segmentation_config("--model", "convvit_tiny_patch16", "--eval", "--resume",
+                                       str(tmp_path / "old.pth"), "--output_dir", str(tmp_path / "eval2"),
+                                       "--no-rel_pos_bias", "--layer_scale", "none")
+    with Run(former) as run:
+        assert run.resume(None, build_segmenter(former), auto=False) == 0  # the weights load

@@ -6,7 +6,7 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from training.flags import must_match
+from training.flags import absent_values, must_match
 from util.misc import AMP_DTYPES
 from util.schedules import cosine_lr
 
@@ -58,11 +58,16 @@ class TrainConfig:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
         cfg = cls(**{name: resolved[name] if name in resolved else getattr(args, name) for name in names})
         object.__setattr__(cfg, "_must_match", tuple(sorted(must_match(parser) + cls.RESOLVED_MUST_MATCH)))
+        object.__setattr__(cfg, "_absent", absent_values(parser))
         return cfg
 
     def must_match(self) -> Tuple[str, ...]:
         """The names whose values a resumed run must share with its checkpoint (unless --allow_flag_changes)."""
         return self._must_match
+
+    def absent_values(self) -> dict:
+        """{name: the value a checkpoint saved before the flag existed ran with} (training.flags.flag's `absent`)."""
+        return getattr(self, "_absent", {})  # a config made without from_args declares none
 
     @property
     def trains(self) -> bool:

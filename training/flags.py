@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from training.errors import flag_error
 
 MUST_MATCH = "must match"  # a flag that defines what the run computes (see `flag`)
+NOT_DECLARED = object()  # `flag`'s `absent` when runs were never saved without the flag
 _RANGES = {  # check -> (the values it allows, as its error says them)
     ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
     "(0, 1)": lambda v: 0 < v < 1, "(0, 1]": lambda v: 0 < v <= 1, "[0, 1]": lambda v: 0 <= v <= 1,
@@ -17,24 +18,34 @@ _RANGES = {  # check -> (the values it allows, as its error says them)
 }
 
 
-def flag(group, name: str, *, resume: str, check: Optional[str] = None, **kwargs) -> argparse.Action:
+def flag(group, name: str, *, resume: str, check: Optional[str] = None, absent=NOT_DECLARED,
+         **kwargs) -> argparse.Action:
     """`group.add_argument(name, **kwargs)`, with what a resumed run does with the flag and the values it allows.
 
     `resume`: MUST_MATCH for a flag that defines what the run computes (model, optimisation, schedule, data order
     and augmentation, method): a resumed run must have the checkpoint's value, or name the flag in
     --allow_flag_changes. Else the reason it may change: it says where or how the run executes or reports, not what
     it computes. `check`: one of ">= 0", ">= 1", "> 0", "(0, 1)", "(0, 1]", "[0, 1]", "[0, 1)", the range of its
-    value (of each value, for a list; None passes), checked by `check_flags` before any work."""
+    value (of each value, for a list; None passes), checked by `check_flags` before any work. `absent`: for a
+    MUST_MATCH flag added after checkpoints were saved without it, what those runs computed with (an option that
+    did not exist: off); resuming such a checkpoint then needs this value (see `absent_values`)."""
     if check is not None and check not in _RANGES:
         raise ValueError(f"{name}: unknown check {check!r}; one of {', '.join(_RANGES)}")
     action = group.add_argument(name, **kwargs)
     action.resume, action.check = resume, check
+    if absent is not NOT_DECLARED:
+        action.absent = absent
     return action
 
 
 def resume_rules(parser: argparse.ArgumentParser) -> Dict[str, str]:
     """{flag: MUST_MATCH or the reason it may change on resume} of every flag `flag` declared in `parser`."""
     return {a.dest: a.resume for a in parser._actions if hasattr(a, "resume")}
+
+
+def absent_values(parser: argparse.ArgumentParser) -> Dict[str, object]:
+    """{flag: the value of a checkpoint saved before the flag existed} of the flags of `parser` that declare one."""
+    return {a.dest: a.absent for a in parser._actions if hasattr(a, "absent")}
 
 
 def must_match(parser: argparse.ArgumentParser) -> Tuple[str, ...]:
@@ -213,6 +224,26 @@ def _add_segmentation_model_flags(p: argparse.ArgumentParser) -> None:
     flag(g, "--aux_channels", default=256, type=int, help="auxiliary FCN head width", check=">= 1", resume=MUST_MATCH)
     flag(g, "--aux_weight", default=0.4, type=float, help="auxiliary loss weight (0: no auxiliary head)",
             check=">= 0", resume=MUST_MATCH)
+    _add_dense_backbone_flags(g)
+
+
+def float_or_none(text: str) -> Optional[float]:
+    """A flag's float, or `none`."""
+    return None if text.lower() == "none" else float(text)
+
+
+def _add_dense_backbone_flags(g) -> None:
+    """The encoder's build options for dense transfer (dmjd_encoders.dense), ConvMAE's segmentation backbone by
+    default. Checkpoints saved before these flags had the options off (`absent`)."""
+    flag(g, "--rel_pos_bias", action=argparse.BooleanOptionalAction, default=True,
+            help="a learned relative position bias in every transformer block (ConvMAE's segmentation backbone)",
+            resume=MUST_MATCH, absent=False)
+    flag(g, "--layer_scale", default=1.0, type=float_or_none,
+            help="layer scale's initial value on the blocks' attention and MLP branches (ConvMAE's init_values; "
+                 "none: no layer scale)", check="> 0", resume=MUST_MATCH, absent=None)
+    flag(g, "--simple_pyramid", action=argparse.BooleanOptionalAction, default=None,
+            help="ViTDet's simple feature pyramid (strides 4 to 32 from the last block) for a plain ViT (none: on for "
+                 "a ViT; a ConViT's own stages give its levels)", resume=MUST_MATCH, absent=False)
 
 
 def _add_segmentation_optimizer_flags(p: argparse.ArgumentParser) -> None:

@@ -322,7 +322,14 @@ class Run:
         try:
             load_state_dict_strict(model, ckpt["model"])
         except RuntimeError as err:  # e.g. --allow_flag_changes model: the weights are another architecture's
-            saved = (ckpt.get("args") or {}).get("model", "another model")
+            args, given = ckpt.get("args") or {}, self.cfg.flags()
+            predated = [(name, value) for name, value in self.cfg.absent_values().items()
+                        if name not in args and value != given[name]]
+            if predated:  # e.g. --eval of a checkpoint saved before a model option existed (it was off)
+                shown = ", ".join(f"--{name} {value!r}" for name, value in predated)
+                raise RunError(f"{path} was saved before these flags existed and its weights need their former "
+                               f"values: {shown} (this run has {', '.join(repr(given[n]) for n, _ in predated)})")
+            saved = args.get("model", "another model")
             raise RunError(f"{path} holds the weights of --model {saved}, which do not load into this run's --model "
                            f"{self.cfg.model} ({str(err).split(': ', 1)[-1][:300]}). Resume with --model {saved}, "
                            f"or train {self.cfg.model} in another --output_dir") from None
@@ -330,10 +337,14 @@ class Run:
     def _check_flags(self, path: str, saved: dict) -> None:
         allowed = {n.strip() for n in self.cfg.allow_flag_changes.split(",") if n.strip()}
         given = self.cfg.flags()
+        # a flag the checkpoint predates: its run had the flag's declared `absent` value (an option then off)
+        absent = {name: value for name, value in self.cfg.absent_values().items() if name not in saved}
+        saved = dict(absent, **saved)
         changed = [(name, saved[name], given[name]) for name in self.cfg.must_match()
                    if name in saved and saved[name] != given[name] and name not in allowed and "all" not in allowed]
         if changed:
-            shown = "; ".join(f"--{name}: saved {a!r}, given {b!r}" for name, a, b in changed)
+            shown = "; ".join(f"--{name}: saved {a!r}{' (saved before the flag existed)' if name in absent else ''}"
+                              f", given {b!r}" for name, a, b in changed)
             raise RunError(f"{path} was trained with other flags that define the run: {shown}. Resume with the saved "
                            f"values, or give --allow_flag_changes {','.join(n for n, _, _ in changed)} to change "
                            f"them deliberately")
