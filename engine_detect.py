@@ -48,6 +48,8 @@ class DetectConfig(TrainConfig):
     save_freq: int
     keep_last: int
     drop_path: float
+    fpn_channels: int
+    rois_per_image: int
     betas: list
     train_json: str
     train_images: str
@@ -118,8 +120,8 @@ def resolve_config(args):
 def build_detector(cfg: DetectConfig, num_classes: int, **layout) -> torch.nn.Module:
     """Mask R-CNN on --model's multi-scale features for `num_classes` classes; `layout`: build arguments a
     checkpoint's encoder needs (dmjd_encoders.pretrained.architecture_kwargs)."""
-    return create_mask_rcnn(cfg.model, num_classes, cfg.input_size, img_size=cfg.input_size, dynamic_img_size=True,
-                            drop_path_rate=cfg.drop_path, **layout)
+    return create_mask_rcnn(cfg.model, num_classes, cfg.input_size, cfg.fpn_channels, cfg.rois_per_image,
+                            img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **layout)
 
 
 def detection_optimizer(model: torch.nn.Module, cfg: DetectConfig) -> torch.optim.AdamW:

@@ -17,6 +17,7 @@ TRAINING_SCRIPTS = {
     "main_finetune": ("main_finetune", "FinetuneConfig"),
     "main_linprobe": ("main_linprobe", "LinprobeConfig"),
     "main_segment": ("engine_segment", "SegmentConfig"),
+    "main_detect": ("engine_detect", "DetectConfig"),
 }
 
 

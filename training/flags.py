@@ -360,6 +360,10 @@ def _add_detection_model_flags(p: argparse.ArgumentParser) -> None:
               "their longest side")
     flag(g, "--drop_path", default=0.1, type=float, help="stochastic depth rate of the encoder", check="[0, 1)",
          resume=MUST_MATCH)
+    flag(g, "--fpn_channels", default=256, type=int, help="FPN and RoI heads' width", check=">= 1",
+         resume=MUST_MATCH)
+    flag(g, "--rois_per_image", default=512, type=int, check=">= 1", resume=MUST_MATCH,
+         help="proposals sampled per image for the box head in training (a quarter of them positive at most)")
 
 
 def _add_detection_optimizer_flags(p: argparse.ArgumentParser) -> None:
