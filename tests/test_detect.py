@@ -1,0 +1,75 @@
+"""main_detect.py and engine_detect.py end to end on a tiny COCO-format set made from Fashion-MNIST canvases: train,
+evaluate (COCO's box and mask AP), a shorter last round, exact resume after a stop signal, --eval, and the flags."""
+import re
+import signal
+
+import pytest
+import torch
+
+from helpers import ROOT, as_script, load, read_log, run_script as run, script_env, stop_with_signal, \
+    write_fashion_idx
+
+
+@pytest.fixture(scope="module")
+def det_data(tmp_path_factory):
+    from util.demo_det_data import prepare_fashion_mnist_det
+    root = tmp_path_factory.mktemp("det")
+    write_fashion_idx(root / "idx", train=40, test=10)
+    return prepare_fashion_mnist_det(str(root / "data"), sources=[str(root / "idx")], num_train=12, num_val=4,
+                                     canvas=64)
+
+
+def detect_cmd(data, out, *extra):
+    return ["python", "main_detect.py", "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
+            "--fpn_channels", "16", "--rois_per_image", "16", "--num_workers", "0", "--device", "cpu",
+            "--print_freq", "1", "--data_path", str(data), "--output_dir", str(out), *extra]
+
+
+def test_a_run_trains_evaluates_each_interval_and_the_last_and_resumes_exactly_after_a_stop(det_data, tmp_path):
+    args = ("--iters", "5", "--eval_interval", "2")
+    straight = tmp_path / "straight"
+    proc = run(detect_cmd(det_data, straight, *args))
+    log = read_log(straight)
+    assert [r["iteration"] for r in log] == [2, 4, 5]  # the last interval is shorter
+    assert all(r["test_images"] == 4 and "test_bbox_AP" in r and "test_segm_AP" in r for r in log)
+    assert "box AP" in proc.stdout and (straight / "coco_results.json").exists()
+    assert load(straight / "checkpoint-last.pth")["classes"][0] == "t-shirt_top"  # the file's category names
+    out = tmp_path / "stopped"
+    rest = stop_with_signal(detect_cmd(det_data, out, *args), script_env(), ROOT, "Iterations 2-4 [1/2]",
+                            signal.SIGUSR1, group=False)
+    assert "exiting with status 75 (requeue)" in rest
+    proc = run(detect_cmd(det_data, out, *args))
+    assert "continuing at epoch 1, iteration" in proc.stdout
+    a, b = load(straight / "checkpoint-last.pth"), load(out / "checkpoint-last.pth")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert read_log(straight) == read_log(out)
+    evaluated = tmp_path / "eval"
+    proc = run(detect_cmd(det_data, evaluated, "--eval", "--resume", str(straight / "checkpoint-last.pth")))
+    assert read_log(evaluated)[-1]["test_bbox_AP"] == pytest.approx(log[-1]["test_bbox_AP"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scale_range", "2", "1"], "--scale_range must be LOW HIGH with LOW <= HIGH"),
+    (["--warmup_length", "2"], "--warmup_length must be in [0, 1], got 2.0"),
+    (["--eval"], "--eval needs --resume"),
+    (["--batch_size", "1"], "--batch_size 1 x 1 processes gives BatchNorm one image per step"),
+    (["--model", "convvit_base_patch61"], "did you mean convvit_base_patch16"),
+])
+def test_bad_flags_fail_early_naming_the_flag(flags, message):
+    import main_detect
+    args = main_detect.get_args_parser().parse_args(flags)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        as_script(main_detect.validate_args, args)
+
+
+def test_the_default_recipe_is_convmae_bs_25_epoch_coco_config():
+    import main_detect
+    from engine_detect import resolve_config
+    cfg, line = resolve_config(main_detect.get_args_parser().parse_args(["--device", "cpu"]))
+    assert line == "lr = blr 0.00064 x 4 images / 256 = 1e-05"  # 8e-5 at the recipe's 8 x 4 images
+    assert (cfg.iters, cfg.eval_interval, cfg.schedule.rounds, cfg.input_size) == (92187, 3688, 25, 1024)
+    assert (cfg.weight_decay, cfg.betas, cfg.drop_path, cfg.scale_range) == (0.1, [0.9, 0.999], 0.1, [0.1, 2.0])
+    assert cfg.lr_at(0) == pytest.approx(cfg.lr * 0.001) and cfg.lr_at(cfg.iters) == pytest.approx(0.0)
+    warm = 0.005 * cfg.iters  # detectron2's warmup multiplies the cosine: at its end, the cosine's value
+    assert cfg.lr_at(warm) == pytest.approx(cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.005)).item()))
