@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dmjd_encoders.pretrained import check_pretrained_flag
-from models_convvit import check_classifier_name
+from models_convvit import check_classifier_name, is_plain_vit
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
@@ -50,6 +50,11 @@ class DetectConfig(TrainConfig):
     drop_path: float
     fpn_channels: int
     rois_per_image: int
+    rel_pos_bias: bool
+    layer_scale: Optional[float]
+    simple_pyramid: bool  # resolved: on for a plain ViT unless given
+    window_size: int
+    global_blocks: list
     betas: list
     train_json: str
     train_images: str
@@ -99,6 +104,11 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
                                          f"step: use 2 or more images per step (over all processes)")
     check_classifier_name(args.model)
+    if args.simple_pyramid and not is_plain_vit(args.model):
+        raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
+                                             f"stages")
+    if args.global_blocks and not args.window_size:
+        raise flag_error("--global_blocks", "names the blocks that do not attend in windows: it needs --window_size")
     return args
 
 
@@ -111,8 +121,9 @@ def resolve_config(args):
     lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
     line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
             f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
+    pyramid = is_plain_vit(args.model) if args.simple_pyramid is None else args.simple_pyramid
     cfg = DetectConfig.from_args(args, detection_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
-                                 world_size=world_size)
+                                 world_size=world_size, simple_pyramid=pyramid)
     return cfg, line
 
 
@@ -120,8 +131,13 @@ def resolve_config(args):
 def build_detector(cfg: DetectConfig, num_classes: int, **layout) -> torch.nn.Module:
     """Mask R-CNN on --model's multi-scale features for `num_classes` classes; `layout`: build arguments a
     checkpoint's encoder needs (dmjd_encoders.pretrained.architecture_kwargs)."""
+    dense = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale, window_size=cfg.window_size,
+                 global_blocks=tuple(cfg.global_blocks))
+    if cfg.simple_pyramid:
+        dense["simple_pyramid"] = True
     return create_mask_rcnn(cfg.model, num_classes, cfg.input_size, cfg.fpn_channels, cfg.rois_per_image,
-                            img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **layout)
+                            img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **dense,
+                            **layout)
 
 
 def detection_optimizer(model: torch.nn.Module, cfg: DetectConfig) -> torch.optim.AdamW:

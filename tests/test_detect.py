@@ -21,7 +21,8 @@ def det_data(tmp_path_factory):
 
 def detect_cmd(data, out, *extra):
     return ["python", "main_detect.py", "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
-            "--fpn_channels", "16", "--rois_per_image", "16", "--num_workers", "0", "--device", "cpu",
+            "--fpn_channels", "16", "--rois_per_image", "16", "--window_size", "2", "--global_blocks", "1",
+            "--num_workers", "0", "--device", "cpu",
             "--print_freq", "1", "--data_path", str(data), "--output_dir", str(out), *extra]
 
 
@@ -70,6 +71,7 @@ def test_the_default_recipe_is_convmae_bs_25_epoch_coco_config():
     assert line == "lr = blr 0.00064 x 4 images / 256 = 1e-05"  # 8e-5 at the recipe's 8 x 4 images
     assert (cfg.iters, cfg.eval_interval, cfg.schedule.rounds, cfg.input_size) == (92187, 3688, 25, 1024)
     assert (cfg.weight_decay, cfg.betas, cfg.drop_path, cfg.scale_range) == (0.1, [0.9, 0.999], 0.1, [0.1, 2.0])
+    assert (cfg.window_size, cfg.global_blocks, cfg.rel_pos_bias, cfg.layer_scale) == (16, [0, 3, 6, 10], True, None)
     assert cfg.lr_at(0) == pytest.approx(cfg.lr * 0.001) and cfg.lr_at(cfg.iters) == pytest.approx(0.0)
     warm = 0.005 * cfg.iters  # detectron2's warmup multiplies the cosine: at its end, the cosine's value
     assert cfg.lr_at(warm) == pytest.approx(cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.005)).item()))

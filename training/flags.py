@@ -232,13 +232,14 @@ def float_or_none(text: str) -> Optional[float]:
     return None if text.lower() == "none" else float(text)
 
 
-def _add_dense_backbone_flags(g) -> None:
+def _add_dense_backbone_flags(g, layer_scale: Optional[float] = 1.0) -> None:
     """The encoder's build options for dense transfer (dmjd_encoders.dense), ConvMAE's segmentation backbone by
-    default. Checkpoints saved before these flags had the options off (`absent`)."""
+    default (its detection backbone has no layer scale: `layer_scale` None). Checkpoints saved before these flags
+    had the options off (`absent`)."""
     flag(g, "--rel_pos_bias", action=argparse.BooleanOptionalAction, default=True,
             help="a learned relative position bias in every transformer block (ConvMAE's segmentation backbone)",
             resume=MUST_MATCH, absent=False)
-    flag(g, "--layer_scale", default=1.0, type=float_or_none,
+    flag(g, "--layer_scale", default=layer_scale, type=float_or_none,
             help="layer scale's initial value on the blocks' attention and MLP branches (ConvMAE's init_values; "
                  "none: no layer scale)", check="> 0", resume=MUST_MATCH, absent=None)
     flag(g, "--simple_pyramid", action=argparse.BooleanOptionalAction, default=None,
@@ -364,6 +365,12 @@ def _add_detection_model_flags(p: argparse.ArgumentParser) -> None:
          resume=MUST_MATCH)
     flag(g, "--rois_per_image", default=512, type=int, check=">= 1", resume=MUST_MATCH,
          help="proposals sampled per image for the box head in training (a quarter of them positive at most)")
+    _add_dense_backbone_flags(g, layer_scale=None)
+    flag(g, "--window_size", default=16, type=int, check=">= 0", resume=MUST_MATCH,
+         help="the transformer blocks attend within windows of N x N tokens (ConvMAE's detection backbone; 0: "
+              "every block global)")
+    flag(g, "--global_blocks", default=[0, 3, 6, 10], type=int, nargs="*", check=">= 0", resume=MUST_MATCH,
+         help="the transformer blocks that attend globally (ConvMAE-B's detection backbone: 0, 3, 6, 10)")
 
 
 def _add_detection_optimizer_flags(p: argparse.ArgumentParser) -> None:
