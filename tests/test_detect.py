@@ -2,6 +2,7 @@
 evaluate (COCO's box and mask AP), a shorter last round, exact resume after a stop signal, --eval, and the flags."""
 import re
 import signal
+import sys
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ def det_data(tmp_path_factory):
                                      canvas=64)
 
 
-def detect_cmd(data, out, *extra):
-    return ["python", "main_detect.py", "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
+def detect_cmd(data, out, *extra, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    return launcher + [str(ROOT / "main_detect.py"), "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
             "--fpn_channels", "16", "--rois_per_image", "16", "--window_size", "2", "--global_blocks", "1",
             "--num_workers", "0", "--device", "cpu",
             "--print_freq", "1", "--data_path", str(data), "--output_dir", str(out), *extra]
@@ -75,3 +78,16 @@ def test_the_default_recipe_is_convmae_bs_25_epoch_coco_config():
     assert cfg.lr_at(0) == pytest.approx(cfg.lr * 0.001) and cfg.lr_at(cfg.iters) == pytest.approx(0.0)
     warm = 0.005 * cfg.iters  # detectron2's warmup multiplies the cosine: at its end, the cosine's value
     assert cfg.lr_at(warm) == pytest.approx(cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.005)).item()))
+
+
+def test_torchrun_two_processes_evaluate_each_image_once_with_synchronised_batchnorm(det_data, tmp_path):
+    """One image per process and step: BatchNorm of the FPN and the heads over both processes; the validation images
+    are sharded without padding and their detections gathered: each scored once."""
+    out = tmp_path / "ddp"
+    proc = run(detect_cmd(det_data, out, "--batch_size", "1", "--iters", "2", "--eval_interval", "2", torchrun=True))
+    assert "world size 2" in proc.stdout
+    record = read_log(out)[-1]
+    assert record["test_images"] == 4 and record["iteration"] == 2
+    single = tmp_path / "single"
+    run(detect_cmd(det_data, single, "--eval", "--resume", str(out / "checkpoint-last.pth")))
+    assert read_log(single)[-1]["test_bbox_AP"] == pytest.approx(record["test_bbox_AP"])  # the same on one process
