@@ -23,10 +23,10 @@ def det_data(tmp_path_factory):
 def detect_cmd(data, out, *extra, torchrun=False):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]
-    return launcher + [str(ROOT / "main_detect.py"), "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
-            "--fpn_channels", "16", "--rois_per_image", "16", "--window_size", "2", "--global_blocks", "1",
-            "--num_workers", "0", "--device", "cpu",
-            "--print_freq", "1", "--data_path", str(data), "--output_dir", str(out), *extra]
+    return launcher + [str(ROOT / "main_detect.py"), "--model", "convvit_tiny_patch16", "--input_size", "64",
+                       "--batch_size", "2", "--fpn_channels", "16", "--rois_per_image", "16", "--window_size", "2",
+                       "--global_blocks", "1", "--num_workers", "0", "--device", "cpu", "--print_freq", "1",
+                       "--data_path", str(data), "--output_dir", str(out), *extra]
 
 
 def test_a_run_trains_evaluates_each_interval_and_the_last_and_resumes_exactly_after_a_stop(det_data, tmp_path):
