@@ -45,13 +45,19 @@ def parse_args(argv=None):
                    help="autocast dtype of the timed step (auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--steps", default=3, type=int, help="timed steps (after one warm-up step); 0: memory only")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count (a forward and backward at batch 1)")
+    p.add_argument("--fpn_channels", default=256, type=int, help="FPN and heads' width (the recipe's)")
+    p.add_argument("--rois_per_image", default=512, type=int, help="proposals sampled per image (the recipe's)")
+    p.add_argument("--window_size", default=16, type=int, help="stage-3 attention windows (ConvMAE's detection)")
+    p.add_argument("--global_blocks", default=[0, 3, 6, 10], type=int, nargs="*", help="blocks attending globally")
     return p.parse_args(argv)
 
 
 def step_config(args, size: int, batch_size: int) -> DetectConfig:
     """main_detect.py's config for this benchmark: the recipe with the model, size, batch and device asked for."""
     flags = ["--model", args.model, "--input_size", str(size), "--batch_size", str(batch_size),
-             "--device", args.device, "--amp", args.amp, "--print_freq", str(10 ** 6)]
+             "--device", args.device, "--amp", args.amp, "--print_freq", str(10 ** 6),
+             "--fpn_channels", str(args.fpn_channels), "--rois_per_image", str(args.rois_per_image),
+             "--window_size", str(args.window_size), "--global_blocks", *map(str, args.global_blocks)]
     return resolve_config(detection_parser().parse_args(flags))[0]
 
 

@@ -316,3 +316,36 @@ def test_loop_step_times_this_checkouts_loop_and_gives_its_loss(vis_target):
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["vis_target"] == vis_target and row["ms_per_step"] > 0 and row["images_per_s"] > 0
     assert row["loss"] == row["loss"] and row["tree"] == str(Path(__file__).resolve().parents[1])  # a number
+
+
+def test_detection_check_fine_tunes_both_encoders_and_draws_both_detections(tmp_path):
+    """The check end to end at the tiniest size: both main_detect.py runs, their box and mask AP, the summary and
+    the picture (image, ground truth, the pre-trained and the random-init detections)."""
+    from helpers import pretrain_checkpoint, write_fashion_idx
+
+    pretrain_checkpoint(tmp_path / "pre.pth", "dmjd_convit_mini_patch8_hog", img_size=32)
+    cmd = [sys.executable, "-m", "benchmarks.detection_check", "--pretrained", str(tmp_path / "pre.pth"),
+           "--source", str(write_fashion_idx(tmp_path / "idx")), "--data", str(tmp_path / "det"),
+           "--num_train", "8", "--num_val", "3", "--iters", "2", "--batch_size", "2", "--fpn_channels", "8",
+           "--rois_per_image", "8", "--num_images", "2", "--num_workers", "0", "--device", "cpu",
+           "--output_dir", str(tmp_path / "out")]
+    proc = run_script(cmd)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for name in ("pretrained", "random_init"):
+        log = json.loads((tmp_path / "out" / name / "log.txt").read_text().splitlines()[-1])
+        assert summary[name]["bbox_AP"] == log["test_bbox_AP"] and log["test_images"] == 3
+    assert "--finetune" in proc.stdout.split("random_init")[0]  # the pre-trained run loads the checkpoint
+    assert "pre-training gives" in proc.stdout
+    picture = Image.open(tmp_path / "out" / "predictions.png")
+    assert picture.width == 4 * 192 + 5 * 4  # image, ground truth and two models' detections, 64 px shown at 192
+
+
+def test_detection_step_benchmark_counts_memory_flops_and_times_the_real_loop(capsys):
+    from benchmarks import detection_step
+    rows = detection_step.main(["--model", "convvit_tiny_patch16", "--sizes", "64", "96", "--steps", "1",
+                                "--device", "cpu", "--no_flops", "--fpn_channels", "16", "--rois_per_image", "16",
+                                "--window_size", "2", "--global_blocks", "1"])
+    for r in rows:
+        assert 0 < r["activation_bytes_per_image_bf16"] < r["activation_bytes_per_image_none"]
+        assert r["images_per_s"] > 0 and r["fixed_bytes"] == 16 * r["parameters"]
+    assert "| 96 x 96 |" in capsys.readouterr().out

@@ -532,3 +532,52 @@ def segmentation_figure(images, labels, predictions, class_names: Sequence[str],
         draw.text((gap + c * (panel_w + gap) + panel_w / 2, text_h / 2), title, fill=(0, 0, 0), font=font,
                   anchor="mm")
     return np.concatenate([np.asarray(strip), sheet, label_legend(entries, sheet_w, gap)], axis=0)
+
+
+def _instances_panel(image: np.ndarray, boxes, labels, masks, palette: np.ndarray, class_names: Sequence[str],
+                     scores=None, scale: int = 1) -> np.ndarray:
+    """`image` (uint8 [H, W, 3]) enlarged by `scale`, each instance's mask tinted in its class colour, its box and
+    `name` (or `name 0.87` with a score) drawn over it."""
+    panel = image.astype(np.float32)
+    for mask, label in zip(masks, labels):
+        on = _numpy(mask).astype(bool)
+        panel[on] = 0.45 * panel[on] + 0.55 * palette[int(label) - 1]
+    picture = Image.fromarray(upscale(panel.astype(np.uint8), scale))
+    draw = ImageDraw.Draw(picture)
+    font = text_font(max(9, min(12, picture.width // 16)))
+    for k, (box, label) in enumerate(zip(_numpy(boxes).tolist(), labels)):
+        color = tuple(int(c) for c in palette[int(label) - 1])
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=2)
+        text = class_names[int(label) - 1] + (f" {float(scores[k]):.2f}" if scores is not None else "")
+        draw.text((x0 + 2, y0 + 1), text, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=color)
+    return np.asarray(picture)
+
+
+def detection_figure(images, targets, predictions: Sequence[Sequence[dict]], class_names: Sequence[str],
+                     titles: Sequence[str], score_threshold: float = 0.5, min_panel: int = 192,
+                     gap: int = 4) -> np.ndarray:
+    """Image, ground truth and each model's detections side by side, one row per image: masks tinted in their
+    class colour, boxes, class names and (for detections) scores; detections below `score_threshold` left out.
+
+    images: uint8 [N, H, W, 3] or [N, 3, H, W] (or a list); targets: dicts with `boxes` (x1, y1, x2, y2), `labels`
+    (1..C) and `masks` [K, H, W]; predictions: per model, a list of Mask R-CNN outputs (`masks` [K, 1, H, W]
+    probabilities, thresholded at 0.5). `titles`: one per column."""
+    if len(titles) != 2 + len(predictions):
+        raise ValueError(f"{len(titles)} titles for {2 + len(predictions)} columns (image, ground truth, models)")
+    palette = label_palette(len(class_names))
+    rows = []
+    for i, (image, target) in enumerate(zip(images, targets)):
+        image = _hwc_uint8(image)
+        scale = max(1, math.ceil(min_panel / min(image.shape[:2])))
+        row = [upscale(image, scale),
+               _instances_panel(image, target["boxes"], _numpy(target["labels"]).tolist(), target["masks"], palette,
+                                class_names, scale=scale)]
+        for outputs in predictions:
+            out = outputs[i]
+            keep = _numpy(out["scores"]) >= score_threshold
+            masks = _numpy(out["masks"])[keep][:, 0] >= 0.5
+            row.append(_instances_panel(image, _numpy(out["boxes"])[keep], _numpy(out["labels"])[keep].tolist(),
+                                        masks, palette, class_names, _numpy(out["scores"])[keep], scale))
+        rows.append(row)
+    return _compose(rows, list(titles), [], gap)
