@@ -8,8 +8,8 @@ initialised one, with the same flags and seed otherwise.
 
 Without the demo's checkpoint the check says how to make it; with `--pretrain` it makes it itself (the demo's
 pre-training stage). Both fine-tunings are main_detect.py runs, started as the printed commands. The picture sets
-image, ground truth and both models' detections (masks, boxes, class names, scores of 0.5 or more) side by side for
-the first validation images.
+image, ground truth and both models' detections (masks, boxes, class names, scores of --score_threshold or more)
+side by side for the first validation images.
 """
 import argparse
 import dataclasses
@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--fpn_channels", default=64, type=int, help="FPN and heads' width (the recipe's 256)")
     p.add_argument("--rois_per_image", default=64, type=int, help="proposals sampled per image (the recipe's 512)")
     p.add_argument("--num_images", default=4, type=int, help="validation images in the picture")
+    p.add_argument("--score_threshold", default=0.2, type=float, help="the picture's detections: scores from this on")
     p.add_argument("--picture", default=None, help="where the picture goes (none: <output_dir>/predictions.png)")
     p.add_argument("--num_workers", default=1, type=int, help="data-loading workers of each run")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -103,14 +104,14 @@ def detections(checkpoint: str, images, num_classes: int):
     return model.eval()([image.float() / 255 for image in images])
 
 
-def picture(data: str, runs: dict, num_images: int, path: str) -> None:
+def picture(data: str, runs: dict, num_images: int, path: str, score_threshold: float) -> None:
     dataset = coco_split(data, "val", DetEvalTransform(64), train=False)
     samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
     images, targets = [s[0] for s in samples], [s[1] for s in samples]
     outputs = [detections(os.path.join(out, "checkpoint-last.pth"), images, len(dataset.class_names))
                for out in runs.values()]
     figure = detection_figure(images, targets, outputs, dataset.class_names,
-                              ("image", "ground truth", *[RUNS[name] for name in runs]))
+                              ("image", "ground truth", *[RUNS[name] for name in runs]), score_threshold)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(figure).save(path)
 
@@ -139,7 +140,7 @@ def main(args):
         runs[name] = out
     scores = {name: last_scores(out) for name, out in runs.items()}
     path = args.picture or os.path.join(args.output_dir, "predictions.png")
-    picture(data, runs, args.num_images, path)
+    picture(data, runs, args.num_images, path, args.score_threshold)
     keys = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
     summary = {name: {**{k: s[f"test_{k}"] for k in keys}, "minutes": seconds[name] / 60}
                for name, s in scores.items()}
