@@ -30,29 +30,28 @@ def detect_cmd(data, out, *extra, torchrun=False):
 
 
 def test_a_run_trains_evaluates_each_interval_and_the_last_and_resumes_exactly_after_a_stop(det_data, tmp_path):
-    short = tmp_path / "short"
-    proc = run(detect_cmd(det_data, short, "--iters", "5", "--eval_interval", "2"))
-    log = read_log(short)
-    assert [r["iteration"] for r in log] == [2, 4, 5]  # the last interval is shorter
-    assert all(r["test_images"] == 4 and "test_bbox_AP" in r and "test_segm_AP" in r for r in log)
-    assert "box AP" in proc.stdout and (short / "coco_results.json").exists()
-    assert load(short / "checkpoint-last.pth")["classes"][0] == "t-shirt_top"  # the file's category names
-    # rounds of 6 steps: the signal, sent once the first step of the second is printed, arrives within that round
-    args = ("--iters", "12", "--eval_interval", "6")
+    args = ("--iters", "9", "--eval_interval", "4")
     straight = tmp_path / "straight"
-    run(detect_cmd(det_data, straight, *args))
+    proc = run(detect_cmd(det_data, straight, *args))
+    log = read_log(straight)
+    assert [r["iteration"] for r in log] == [4, 8, 9]  # the last interval is shorter
+    assert all(r["test_images"] == 4 and "test_bbox_AP" in r and "test_segm_AP" in r for r in log)
+    assert "box AP" in proc.stdout and (straight / "coco_results.json").exists()
+    assert load(straight / "checkpoint-last.pth")["classes"][0] == "t-shirt_top"  # the file's category names
+    # the signal, sent once the first step of the second interval is printed, stops the run within that interval or,
+    # if the interval ends first, before the third: either way it resumes to the same weights and log
     out = tmp_path / "stopped"
-    rest = stop_with_signal(detect_cmd(det_data, out, *args), script_env(), ROOT, "Iterations 6-12 [1/6]",
+    rest = stop_with_signal(detect_cmd(det_data, out, *args), script_env(), ROOT, "Iterations 4-8 [1/4]",
                             signal.SIGUSR1, group=False)
     assert "exiting with status 75 (requeue)" in rest
     proc = run(detect_cmd(det_data, out, *args))
-    assert "continuing at epoch 1, iteration" in proc.stdout
+    assert "continuing at epoch" in proc.stdout
     a, b = load(straight / "checkpoint-last.pth"), load(out / "checkpoint-last.pth")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert read_log(straight) == read_log(out)
     evaluated = tmp_path / "eval"
-    run(detect_cmd(det_data, evaluated, "--eval", "--resume", str(short / "checkpoint-last.pth")))
+    run(detect_cmd(det_data, evaluated, "--eval", "--resume", str(straight / "checkpoint-last.pth")))
     assert read_log(evaluated)[-1]["test_bbox_AP"] == pytest.approx(log[-1]["test_bbox_AP"])
 
 

@@ -196,6 +196,34 @@ def test_a_stop_signal_ends_the_epoch_at_a_step_with_a_checkpoint_to_continue_fr
     assert "continuing at epoch 0, iteration 4" in capsys.readouterr().out
 
 
+def test_a_stop_signal_between_rounds_stops_before_the_next_round_with_the_saved_one_kept(tmp_path, capsys):
+    import signal
+
+    cfg = pretrain_config(output_dir=str(tmp_path), epochs=3)
+    s, trained = state(), []
+
+    def stopped_run():
+        with Run(cfg) as run:
+            for epoch in run.rounds(0, cfg.epochs):
+                progress = run.progress(epoch, 1)  # one step a round: no step of a round checks after the first
+                for it, _ in progress.track(range(1)):
+                    train(s, steps=1)
+                    progress.losses.add(torch.tensor([1.0]), 1)
+                trained.append(epoch)
+                run.stop_if_requested(s, epoch, progress)
+                os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the round's evaluation or saves
+                run.end_epoch(s, epoch, {"train_loss": 1.0})
+
+    with pytest.raises(SystemExit) as stop:
+        as_script(stopped_run)
+    assert stop.value.code == 75 and trained == [0]  # epoch 1 never began
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and "resume_at" not in ckpt
+    assert f"stopping before epoch 1: {tmp_path / 'checkpoint-last.pth'} holds epochs 0 to 0" in capsys.readouterr().out
+    with Run(cfg) as run:
+        assert run.resume(state()) == 1
+
+
 def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> CheckpointState:
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""

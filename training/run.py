@@ -24,7 +24,8 @@ What never goes wrong in silence (docs/RELIABILITY.md):
 - The flags that define the run's schedule or model must match the checkpoint's (or be named in
   --allow_flag_changes): a changed one stops the run naming its saved and given values.
 - SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a
-  checkpoint of that step (its position in the round's sample order included), then Preempted, which a script
+  checkpoint of that step (its position in the round's sample order included), or, when the signal came between
+  rounds (during an evaluation or a save), before the next round, whose predecessor is saved; then Preempted, which a script
   turns into exit status 75 (EX_TEMPFAIL): "requeue me". The loader workers ignore them (training.data), so a
   signal to the whole job stops it the same way.
 - No save writes non-finite weights or optimizer state; a stop after an unread non-finite loss saves nothing.
@@ -180,10 +181,27 @@ class Run:
         print(f"training {unit}s {start} to {total - 1}")
         began = datetime.datetime.now()
         for index in range(start, total):
+            self._stop_between_rounds(index, unit)
             if loader is not None:
                 loader.sampler.set_epoch(index, start=self._first_iteration(index) * self.cfg.batch_size)
             yield index
         print(f"training time {datetime.timedelta(seconds=int((datetime.datetime.now() - began).total_seconds()))}")
+
+    def _stop_between_rounds(self, index: int, unit: str) -> None:
+        """A stop signal that arrived outside a round (during the evaluation or the saves of the round before, or
+        before the first): the rounds before `index` are already in checkpoint-last.pth, so every rank raises
+        Preempted before training any of this one (a round's own steps check at each optimizer step)."""
+        if not self.stop_requested():
+            return
+        if index == self._resume_at[0] and self._resume_at[1]:
+            held = f"the checkpoint resumed holds {unit} {index} up to iteration {self._resume_at[1]}"
+        elif index:
+            held = f"{last_checkpoint_path(self.cfg.output_dir)} holds {unit}s 0 to {index - 1}"
+        else:
+            held = "nothing was trained yet"
+        print(f"stopping before {unit} {index}: {held}; exiting with status {REQUEUE_EXIT_CODE} (requeue)",
+              flush=True)
+        raise Preempted()
 
     def _first_iteration(self, index: int) -> int:
         return self._resume_at[1] if index == self._resume_at[0] else 0
