@@ -47,25 +47,26 @@ def test_every_flag_is_either_checked_on_resume_or_may_change_with_a_reason(scri
 
 
 def documented_kinds():
-    """{flag: kind} from docs/RELIABILITY.md's table of flags ('checked' or 'may change')."""
+    """{flag: (scripts, kind)} from docs/RELIABILITY.md's table of flags (kind 'checked' or 'may change')."""
     text = (ROOT / "docs" / "RELIABILITY.md").read_text()
     section = text[text.index("## Which flags are checked on resume"):]
     kinds = {}
-    for name, kind in re.findall(r"^\| `--(\w+)` \| [^|]* \| (checked|may change) \|", section, re.M):
+    for name, scripts, kind in re.findall(r"^\| `--(\w+)` \| ([^|]*?) \| (checked|may change) \|", section, re.M):
         assert name not in kinds, f"--{name} is listed twice"
-        kinds[name] = kind
+        kinds[name] = (scripts, kind)
     return kinds
 
 
-def test_the_reliability_doc_lists_every_flag_with_its_kind():
+def test_the_reliability_doc_lists_every_flag_with_its_scripts_and_kind():
     documented = documented_kinds()
-    expected = {}
+    kinds, scripts = {}, {}
     for script in TRAINING_SCRIPTS:
         flags, config, rules = flags_and_config(script)
         for name in flags:
             kind = "checked" if rules[name] == MUST_MATCH else "may change"
-            assert expected.setdefault(name, kind) == kind, f"--{name} is of two kinds in two scripts"
-    assert documented == expected
+            assert kinds.setdefault(name, kind) == kind, f"--{name} is of two kinds in two scripts"
+            scripts.setdefault(name, []).append(script[len("main_"):])
+    assert documented == {name: (", ".join(scripts[name]), kind) for name, kind in kinds.items()}
 
 
 def test_a_flag_declares_its_range_and_check_flags_names_the_first_out_of_it():

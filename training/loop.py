@@ -209,6 +209,11 @@ def evaluate_checkpoint(run: Run, task: Task, loader, label: str) -> Dict[str, o
     return scores
 
 
+def best_entry(key: Optional[str], best: Optional[float]) -> Dict[str, object]:
+    """The checkpoint's entry of the best score so far ({"best_<score>": value}; none for a task without a score)."""
+    return {key: best} if key else {}
+
+
 def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedule: Schedule,
         lr_at=None) -> Dict[str, object]:
     """Trains `task` for the schedule's rounds: wraps its model for DDP, takes its optimizer, resumes the newest good
@@ -229,7 +234,7 @@ def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedu
         progress = run.progress(r, schedule.batches_in(r), task.loss_names, header=schedule.header(r),
                                 later_iters=schedule.batches_after(r))
         stats = train_round(task, step, train_loader, progress, r, schedule, run.writer)
-        run.stop_if_requested(state, r, progress, **({best_key: best} if best_key else {}))
+        run.stop_if_requested(state, r, progress, **best_entry(best_key, best))
         if stats["images"] == 0:  # every rank agrees: the counts are summed over ranks
             raise RunError(f"no image of {schedule.span(r)} could be read ({stats['bad_images']} files failed, see "
                            f"the warnings above); check --data_path {cfg.data_path}")
@@ -248,7 +253,7 @@ def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedu
             record.update(task.scores_record(result), **{best_key: best})
         if run.is_main:
             task.end_round(r, run.writer)
-        run.end_epoch(state, r, record, best=is_best, **({best_key: best} if best_key else {}))
+        run.end_epoch(state, r, record, best=is_best, **best_entry(best_key, best))
     if best is not None:
         print(f"best {task.best} {best:.2f}")
     return result
