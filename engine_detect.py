@@ -133,8 +133,8 @@ def build_detector(cfg: DetectConfig, num_classes: int, **layout) -> torch.nn.Mo
     checkpoint's encoder needs (dmjd_encoders.pretrained.architecture_kwargs)."""
     dense = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale, window_size=cfg.window_size,
                  global_blocks=tuple(cfg.global_blocks))
-    if cfg.simple_pyramid:
-        dense["simple_pyramid"] = True
+    if is_plain_vit(cfg.model):  # said either way: a ViT's features_only build takes the pyramid by default
+        dense["simple_pyramid"] = cfg.simple_pyramid
     return create_mask_rcnn(cfg.model, num_classes, cfg.input_size, cfg.fpn_channels, cfg.rois_per_image,
                             img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **dense,
                             **layout)

@@ -166,8 +166,8 @@ def build_segmenter(cfg: SegmentConfig, **layout) -> UperNet:
     stride), as the flags say; `layout`: build arguments a checkpoint's encoder needs (architecture_kwargs). The
     encoder's dense options (dmjd_encoders.dense): --rel_pos_bias, --layer_scale, --simple_pyramid (plain ViTs)."""
     dense = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
-    if cfg.simple_pyramid:
-        dense["simple_pyramid"] = True
+    if is_plain_vit(cfg.model):  # said either way: a ViT's features_only build takes the pyramid by default
+        dense["simple_pyramid"] = cfg.simple_pyramid
     return create_upernet(cfg.model, cfg.nb_classes, out_indices=cfg.out_indices, channels=cfg.decoder_channels,
                           aux_in_index=cfg.aux_in_index if cfg.aux_weight > 0 else None,
                           aux_channels=cfg.aux_channels, pool_scales=cfg.pool_scales, dropout=cfg.head_dropout,

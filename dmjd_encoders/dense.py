@@ -183,8 +183,9 @@ def _output_convs(in_channels: int, out_channels: int) -> nn.Sequential:
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid (detectron2 SimpleFeaturePyramid with norm="LN", scale factors 4, 2, 1, 0.5)
     from a ViT's last stride-16 map [N, D, H, W]: stride 4 by a 2 x 2 transposed conv to D/2, LayerNorm, GELU and a
-    second one to D/4; stride 8 by one transposed conv to D/2; stride 16 as it is; stride 32 by 2 x 2 max pooling;
-    then each through a 1 x 1 and a 3 x 3 conv, each followed by LayerNorm, to `out_channels`."""
+    second one to D/4; stride 8 by one transposed conv to D/2; stride 16 as it is; stride 32 by 2 x 2 max pooling
+    (rounding up: ViTDet's at a multiple of 32; at an odd grid the border is kept, as in ConViT's stride-32 level, and
+    a 1 x 1 grid still gives a level); then each through a 1 x 1 and a 3 x 3 conv, each followed by LayerNorm, to `out_channels`."""
 
     SCALES = (4.0, 2.0, 1.0, 0.5)
 
@@ -194,7 +195,7 @@ class SimpleFeaturePyramid(nn.Module):
         self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
                                  nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2))
         self.up2 = nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)
-        self.down2 = nn.MaxPool2d(2, stride=2)
+        self.down2 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
         self.outputs = nn.ModuleList([_output_convs(c, out_channels) for c in (dim // 4, dim // 2, dim, dim)])
 
     def levels(self, x: torch.Tensor, take: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:

@@ -634,7 +634,8 @@ class ViT(VisionTransformer):
 
     Dense transfer (dmjd_encoders.dense): `rel_pos_bias`, `layer_scale`, `window_size` and `global_blocks` in every
     block; `simple_pyramid=True` makes the feature levels (`feature_info`, `forward_intermediates`, features_only)
-    ViTDet's four, strides 4, 8, 16 and 32 of `pyramid_channels` each, from the last block's map.
+    ViTDet's four, strides 4, 8, 16 and 32 of `pyramid_channels` each, from the last block's map; a registered ViT
+    built with `features_only=True` takes it unless given `simple_pyramid=False` (then: blocks at stride 16).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
@@ -927,7 +928,9 @@ def _create(name: str, pretrained: bool, kwargs: dict):
         if kwargs.get("features_only") and kwargs.get("feature_cls") != "fx":
             kwargs.setdefault("stride32_level", True)
         out_indices = (0, 1, 2, 3) if kwargs.get("stride32_level") else (0, 1, 2)
-    elif kwargs.get("simple_pyramid"):  # ViTDet's four levels
+    elif kwargs.setdefault("simple_pyramid", bool(kwargs.get("features_only")) and kwargs.get("feature_cls") != "fx"):
+        # ViTDet's four levels at strides 4 to 32: by default for features_only, whose users (UperNet, an FPN, smp's
+        # tu- encoders) want levels that halve; simple_pyramid=False gives the blocks at stride 16
         out_indices = (0, 1, 2, 3)
     else:  # four blocks spread over the depth, as ViT segmentation backbones take them (e.g. 2, 5, 8, 11 of 12)
         depth = kwargs.get("depth", arch["depth"])

@@ -131,6 +131,7 @@ def test_the_simple_pyramid_has_vitdets_layers():
     assert (up4[0].out_channels, up4[3].out_channels, pyramid.up2.out_channels) == (32, 16, 32)
     assert [type(m).__name__ for m in pyramid.outputs[0]] == ["Conv2d", "LayerNorm2d", "Conv2d", "LayerNorm2d"]
     assert pyramid.outputs[0][0].kernel_size == (1, 1) and pyramid.outputs[0][2].kernel_size == (3, 3)
+    assert [tuple(m.shape[-2:]) for m in pyramid.levels(torch.randn(1, 64, 1, 3))] == [(4, 12), (2, 6), (1, 3), (1, 2)]
 
 
 def test_the_pyramid_learns_at_the_rate_of_the_heads_in_a_upernet():

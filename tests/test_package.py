@@ -109,21 +109,25 @@ def test_pip_install_gives_the_encoders_alone_usable_from_another_folder(tmp_pat
     assert sorted(re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requires) == ["safetensors", "timm", "torch"]
 
 
-def test_smp_takes_the_encoders_by_their_tu_names_with_exported_weights(tmp_path):
+@pytest.mark.parametrize("name, fresh", [("convvit_tiny_patch16", "downsample32"),  # the stride-32 level
+                                         ("vit_test_patch16_gap_sincos", "pyramid")])  # ViTDet's simple pyramid
+def test_smp_takes_the_encoders_by_their_tu_names_with_exported_weights(tmp_path, name, fresh):
     """segmentation_models_pytorch (not a requirement: skipped without it) after `import dmjd_encoders`: a UNet on
-    ConViT's four levels, with an export's weights loaded through timm, as the model card's snippet does."""
+    the encoder's four levels (ConViT's, a ViT's simple pyramid: smp builds `tu-` encoders with features_only=True and
+    nothing else), with an export's weights loaded through timm, as the model card's snippet does."""
     smp = pytest.importorskip("segmentation_models_pytorch")
     import torch
 
     import dmjd_encoders
     from helpers import encoder_checkpoint
-    trained = encoder_checkpoint(tmp_path / "ft.pth", "convvit_tiny_patch16")
+    trained = encoder_checkpoint(tmp_path / "ft.pth", name)
     dmjd_encoders.export_encoder(str(tmp_path / "ft.pth"), str(tmp_path / "export"))
-    model = smp.Unet("tu-convvit_tiny_patch16", encoder_weights="export", classes=3, img_size=64,
+    model = smp.Unet(f"tu-{name}", encoder_weights="export", classes=3, img_size=64,
                      pretrained_cfg_overlay=dict(file=str(tmp_path / "export" / "model.safetensors"))).eval()
-    encoder = model.encoder.model.model  # smp's encoder -> timm's FeatureGetterNet -> ConvViT
+    encoder = model.encoder.model.model  # smp's encoder -> timm's FeatureGetterNet -> the encoder
+    assert model.encoder.model.feature_info.reduction() == [4, 8, 16, 32]
     for key, value in encoder.state_dict().items():
-        if not key.startswith("downsample32"):  # the stride-32 level starts fresh (no pre-trained weights)
+        if not key.startswith(fresh):  # the added levels start fresh (no pre-trained weights)
             torch.testing.assert_close(value, trained.state_dict()[key])
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)

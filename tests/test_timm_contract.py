@@ -155,11 +155,15 @@ def test_convvit_levels_are_convmae_segmentation_levels():
     assert [tuple(m.shape) for m in maps] == [(1, 256, 56, 80), (1, 384, 28, 40), (1, 768, 14, 20), (1, 768, 7, 10)]
 
 
-@pytest.mark.parametrize("name, size", [("convvit_tiny_patch16", (48, 80)), ("vit_test_patch16_gap_sincos", (48, 80)),
-                                        ("convvit_mini_patch8", (40, 24))])
-def test_features_only_with_out_indices(name, size):
-    model = small(name, img_size=size, features_only=True, out_indices=(0, -1)).eval()
-    levels = small(name, img_size=size, **({"stride32_level": True} if name.startswith("convvit") else {}))
+# the levels features_only builds by default: ConViT's stride-32 level, a ViT's simple pyramid; or a ViT's blocks
+@pytest.mark.parametrize("name, size, given, default", [
+    ("convvit_tiny_patch16", (48, 80), {}, {"stride32_level": True}),
+    ("vit_test_patch16_gap_sincos", (48, 80), {}, {"simple_pyramid": True}),
+    ("vit_test_patch16_gap_sincos", (48, 80), {"simple_pyramid": False}, {}),
+    ("convvit_mini_patch8", (40, 24), {}, {"stride32_level": True})])
+def test_features_only_with_out_indices(name, size, given, default):
+    model = small(name, img_size=size, features_only=True, out_indices=(0, -1), **given).eval()
+    levels = small(name, img_size=size, **given, **default)
     expected = [levels.feature_info[i] for i in (0, len(levels.feature_info) - 1)]
     assert model.feature_info.channels() == [e["num_chs"] for e in expected]
     assert model.feature_info.reduction() == [e["reduction"] for e in expected]
