@@ -15,8 +15,6 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from dmjd_encoders.pretrained import check_pretrained_flag
-from models_convvit import check_classifier_name, is_plain_vit
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
@@ -26,6 +24,7 @@ from training.flags import check_run_flags, detection_parser
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
+from training.transfer import check_transfer_flags, dense_options, scaled_lr, simple_pyramid
 from training.step import autocast_context
 from util.coco import CocoDetection, coco_split_paths, detection_collate
 from util.det_metrics import (coco_evaluate, coco_ground_truth, coco_records, gather_records, scores_for_log,
@@ -96,17 +95,7 @@ def validate_args(args) -> argparse.Namespace:
     check_run_flags(detection_parser(), args)  # each flag's range, as declared
     if not args.scale_range[0] <= args.scale_range[1]:
         raise flag_error("--scale_range", f"must be LOW HIGH with LOW <= HIGH, got {args.scale_range}")
-    check_pretrained_flag(args.finetune)
-    if args.eval and not args.resume:
-        raise flag_error("--eval", "needs --resume: the checkpoint of a detection run to evaluate")
-    world_size = launch_world_size()
-    if args.batch_size * world_size < 2:
-        raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
-                                         f"step: use 2 or more images per step (over all processes)")
-    check_classifier_name(args.model)
-    if args.simple_pyramid and not is_plain_vit(args.model):
-        raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
-                                             f"stages")
+    check_transfer_flags(args, "detection")
     if args.global_blocks and not args.window_size:
         raise flag_error("--global_blocks", "names the blocks that do not attend in windows: it needs --window_size")
     return args
@@ -117,13 +106,9 @@ def resolve_config(args):
     resolved for the launch's device and world size."""
     args = validate_args(args)
     device, world_size = resolve_device(args.device), launch_world_size()
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
-    line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
-            f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
-    pyramid = is_plain_vit(args.model) if args.simple_pyramid is None else args.simple_pyramid
+    lr, line = scaled_lr(args, world_size)
     cfg = DetectConfig.from_args(args, detection_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
-                                 world_size=world_size, simple_pyramid=pyramid)
+                                 world_size=world_size, simple_pyramid=simple_pyramid(args))
     return cfg, line
 
 
@@ -131,10 +116,7 @@ def resolve_config(args):
 def build_detector(cfg: DetectConfig, num_classes: int, **layout) -> torch.nn.Module:
     """Mask R-CNN on --model's multi-scale features for `num_classes` classes; `layout`: build arguments a
     checkpoint's encoder needs (dmjd_encoders.pretrained.architecture_kwargs)."""
-    dense = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale, window_size=cfg.window_size,
-                 global_blocks=tuple(cfg.global_blocks))
-    if is_plain_vit(cfg.model):  # said either way: a ViT's features_only build takes the pyramid by default
-        dense["simple_pyramid"] = cfg.simple_pyramid
+    dense = dict(dense_options(cfg), window_size=cfg.window_size, global_blocks=tuple(cfg.global_blocks))
     return create_mask_rcnn(cfg.model, num_classes, cfg.input_size, cfg.fpn_channels, cfg.rois_per_image,
                             img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **dense,
                             **layout)

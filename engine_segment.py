@@ -14,8 +14,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from timm.optim import param_groups_layer_decay
 
-from dmjd_encoders.pretrained import check_pretrained_flag
-from models_convvit import check_classifier_name, is_plain_vit
 from models_upernet import UperNet, create_upernet, segmentation_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
@@ -25,6 +23,7 @@ from training.flags import check_run_flags, segmentation_parser
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
+from training.transfer import check_transfer_flags, dense_options, scaled_lr, simple_pyramid
 from training.step import autocast_context
 from util.datasets import skip_bad_collate
 from util.misc import resolve_amp, resolve_device
@@ -128,18 +127,7 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--eval_stride", f"must be in [1, the window {crop}], got {args.eval_stride}")
     if min(args.aug_test_ratios) <= 0:
         raise flag_error("--aug_test_ratios", f"must be positive, got {args.aug_test_ratios}")
-    check_pretrained_flag(args.finetune)
-    if args.eval and not args.resume:
-        raise flag_error("--eval", "needs --resume: the checkpoint of a segmentation run to evaluate")
-    world_size = launch_world_size()
-    if args.batch_size * world_size < 2:
-        raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
-                                         f"step, and the PPM's 1 x 1 pooling one value per channel: use 2 or more "
-                                         f"images per step (over all processes)")
-    check_classifier_name(args.model)
-    if args.simple_pyramid and not is_plain_vit(args.model):
-        raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
-                                             f"stages")
+    check_transfer_flags(args, "segmentation", few_images=", and the PPM's 1 x 1 pooling one value per channel")
     return args
 
 
@@ -148,16 +136,12 @@ def resolve_config(args):
     evaluation window and stride resolved for the launch's device and world size."""
     args = validate_args(args)
     device, world_size = resolve_device(args.device), launch_world_size()
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
-    line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
-            f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
+    lr, line = scaled_lr(args, world_size)
     crop = args.eval_crop_size or args.input_size
     stride = args.eval_stride or max(1, crop * 2 // 3)
-    pyramid = is_plain_vit(args.model) if args.simple_pyramid is None else args.simple_pyramid
     cfg = SegmentConfig.from_args(args, segmentation_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
                                   world_size=world_size, eval_crop_size=crop, eval_stride=stride,
-                                  simple_pyramid=pyramid)
+                                  simple_pyramid=simple_pyramid(args))
     return cfg, line
 
 
@@ -165,14 +149,11 @@ def build_segmenter(cfg: SegmentConfig, **layout) -> UperNet:
     """UperNet on --model's multi-scale features (timm features_only, any input size that is a multiple of the
     stride), as the flags say; `layout`: build arguments a checkpoint's encoder needs (architecture_kwargs). The
     encoder's dense options (dmjd_encoders.dense): --rel_pos_bias, --layer_scale, --simple_pyramid (plain ViTs)."""
-    dense = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
-    if is_plain_vit(cfg.model):  # said either way: a ViT's features_only build takes the pyramid by default
-        dense["simple_pyramid"] = cfg.simple_pyramid
     return create_upernet(cfg.model, cfg.nb_classes, out_indices=cfg.out_indices, channels=cfg.decoder_channels,
                           aux_in_index=cfg.aux_in_index if cfg.aux_weight > 0 else None,
                           aux_channels=cfg.aux_channels, pool_scales=cfg.pool_scales, dropout=cfg.head_dropout,
                           img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path,
-                          **dense, **layout)
+                          **dense_options(cfg), **layout)
 
 
 def segmentation_optimizer(model: UperNet, cfg: SegmentConfig) -> torch.optim.AdamW:

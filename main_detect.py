@@ -8,7 +8,7 @@ Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep);
 """
 import os
 
-from training.errors import RunError, exits_like_a_script, flag_error
+from training.errors import exits_like_a_script, flag_error
 from training.flags import detection_parser as get_args_parser  # the script's parser, by the scripts' name
 
 
@@ -32,13 +32,13 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
     ARGS = get_args_parser().parse_args()
     exits_like_a_script(check_data)(ARGS)
 
+from functools import partial  # noqa: E402
+
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from dmjd_encoders.pretrained import FRESH_KEYS, architecture_kwargs, encoder_layout, load_encoder  # noqa: E402
 from engine_detect import (DetectConfig, DetectTask, build_detector, count_parameters, detection_loaders,  # noqa
                            encoder_of, resolve_config, run_detection, validate_args)  # noqa: E402,F401
-from models_convvit import conv_weights_channels_last  # noqa: E402
 from training.run import Run  # noqa: E402
-from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
+from training.transfer import on_run_device, transfer_model  # noqa: E402
 
 
 @exits_like_a_script
@@ -57,21 +57,11 @@ def detect(run: Run, cfg: DetectConfig):
               f"{cfg.warmup_length:g} of them; large-scale jitter {cfg.scale_range} at {cfg.input_size} px")
     train_loader, val_loader, val_set = detection_loaders(run, cfg)
 
-    # A checkpoint in MAE's / timm's ViT layout (with a class token) keeps its class token, as fine-tuning does.
-    resume = run.resume_path(auto=not cfg.eval)
-    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
-    try:
-        model = build_detector(cfg, len(val_set.class_names), **layout)
-    except ValueError as err:  # sizes or levels the encoder cannot give
-        raise RunError(f"{err} (check --model and --input_size)") from None
-    if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
+    model = transfer_model(run, cfg, partial(build_detector, cfg, len(val_set.class_names)), encoder_of,
+                           "--model and --input_size")
     print(f"Mask R-CNN on {cfg.model}: {count_parameters(model):.2f} M parameters "
           f"({count_parameters(model.backbone.body):.2f} M encoder), feature strides {model.backbone.strides}")
-    model = model.to(run.device)
-    if run.dist.distributed and not cfg.eval:  # statistics over the whole batch, as the recipe's SyncBN
-        model = convert_sync_batchnorm(model, run.device)
-    task = DetectTask(conv_weights_channels_last(model), cfg, run.device, val_set)
+    task = DetectTask(on_run_device(model, run, cfg), cfg, run.device, val_set)
     return run_detection(run, cfg, task, (train_loader, val_loader))
 
 

@@ -6,7 +6,7 @@ dataset in its layout). Launch with torchrun on GPUs, or plainly (or with torchr
 
 Defaults are ConvMAE-B's ADE20K recipe (upernet_convmae_base_512_slide_160k_ade20k); see SEGMENT.md.
 """
-from training.errors import RunError, exits_like_a_script
+from training.errors import exits_like_a_script
 from training.flags import check_data_path
 from training.flags import segmentation_parser as get_args_parser  # the script's parser, by the scripts' name
 
@@ -22,14 +22,14 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
     ARGS = get_args_parser().parse_args()
     exits_like_a_script(check_data)(ARGS)
 
+from functools import partial  # noqa: E402
+
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from dmjd_encoders.pretrained import FRESH_KEYS, architecture_kwargs, encoder_layout, load_encoder  # noqa: E402
 from engine_segment import (SegmentConfig, SegmentTask, build_segmenter, count_parameters,  # noqa: E402
                             encoder_of, resolve_config, run_segmentation, segmentation_loaders,
                             validate_args)  # noqa: F401  (validate_args: the submitit launcher's check)
-from models_convvit import conv_weights_channels_last  # noqa: E402
 from training.run import Run  # noqa: E402
-from training.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
+from training.transfer import on_run_device, transfer_model  # noqa: E402
 
 
 @exits_like_a_script
@@ -48,22 +48,12 @@ def segment(run: Run, cfg: SegmentConfig):
               f"{cfg.poly_power:g}; evaluation and checkpoint every {cfg.eval_interval} iterations")
     train_loader, val_loader, names = segmentation_loaders(run, cfg)
 
-    # A checkpoint in MAE's / timm's ViT layout (with a class token) keeps its class token, as fine-tuning does.
-    resume = run.resume_path(auto=not cfg.eval)
-    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
-    try:
-        model = build_segmenter(cfg, **layout)
-    except ValueError as err:  # sizes or levels the encoder cannot give
-        raise RunError(f"{err} (check --model, --input_size, --out_indices and --aux_in_index)") from None
-    if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
+    model = transfer_model(run, cfg, partial(build_segmenter, cfg), encoder_of,
+                           "--model, --input_size, --out_indices and --aux_in_index")
     print(f"UperNet on {cfg.model}: {count_parameters(model):.2f} M parameters "
           f"({count_parameters(model.backbone):.2f} M encoder), feature strides "
           f"{list(model.backbone.feature_info.reduction())}, channels {model.in_channels}")
-    model = model.to(run.device)
-    if run.dist.distributed and not cfg.eval:  # statistics over the whole batch, as the recipe's SyncBN
-        model = convert_sync_batchnorm(model, run.device)
-    task = SegmentTask(conv_weights_channels_last(model), cfg, run.device, names)
+    task = SegmentTask(on_run_device(model, run, cfg), cfg, run.device, names)
     return run_segmentation(run, cfg, task, (train_loader, val_loader))
 
 

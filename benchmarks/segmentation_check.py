@@ -10,12 +10,7 @@ demo's pre-training stage (the same main_pretrain.py command as demo.py). Both f
 started as the printed commands, so what is checked is the real script. The picture sets image, ground truth and
 both models' predictions side by side for the first validation images.
 """
-import argparse
-import dataclasses
-import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
@@ -26,46 +21,26 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import models_convvit  # noqa: E402,F401  (registers the encoders)
+from benchmarks.transfer_check import (RUNS, check_parser, ensure_pretrained, fine_tune_both,  # noqa: E402
+                                       prepared_data, report, saved_config, write_summary)
 from engine_segment import SegmentConfig, build_segmenter  # noqa: E402
 from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
-from training.flags import absent_values, segmentation_parser  # noqa: E402
-from util.demo_commands import (CLASSIFIER, DATA_DIR, PRETRAIN_EPOCHS, PRETRAIN_MODEL, pretrain_command,  # noqa: E402
-                                 shown)
-from util.demo_data import prepare_fashion_mnist  # noqa: E402
+from training.flags import segmentation_parser  # noqa: E402
+from util.demo_commands import CLASSIFIER, shown  # noqa: E402
 from util.demo_seg_data import SEG_CLASS_NAMES, prepare_fashion_mnist_seg  # noqa: E402
 from util.seg_datasets import SegEvalTransform, SegmentationFolder  # noqa: E402
 from util.visualization import segmentation_figure  # noqa: E402
 
-RUNS = {"pretrained": "DMJD pre-trained", "random_init": "random init"}
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("segmentation transfer check on Fashion-MNIST items",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained", default=os.path.join("output_dir", "demo", "pretrain", "checkpoint-last.pth"),
-                   help="the demo's DMJD pre-training checkpoint (made by `python demo.py`)")
-    p.add_argument("--pretrain", action="store_true",
-                   help="if --pretrained is missing, make it with the demo's pre-training stage first")
-    p.add_argument("--data", default=os.path.join("data", "fashion_mnist_seg"), help="segmentation dataset root")
-    p.add_argument("--source", default=None, help="folder of the Fashion-MNIST idx files (none: the demo's)")
-    p.add_argument("--num_train", default=2000, type=int, help="training canvases")
-    p.add_argument("--num_val", default=500, type=int, help="validation canvases")
-    p.add_argument("--output_dir", default=os.path.join("output_dir", "segmentation_check"),
-                   help="both runs, the summary and the picture")
-    p.add_argument("--iters", default=400, type=int, help="fine-tuning iterations of each run")
+    p = check_parser("segmentation transfer check on Fashion-MNIST items", os.path.join("data", "fashion_mnist_seg"),
+                     os.path.join("output_dir", "segmentation_check"))
     p.add_argument("--warmup_iters", default=40, type=int, help="linear lr warmup")
-    p.add_argument("--batch_size", default=16, type=int, help="images per iteration")
     p.add_argument("--blr", default=1.6e-2, type=float,
                    help="base lr (lr = blr x batch / 256): ten times the ADE20K recipe's, for a short run")
     p.add_argument("--decoder_channels", default=64, type=int, help="UPerHead width (the recipe's 768 is for 150 "
                                                                     "classes at 512 px)")
     p.add_argument("--aux_channels", default=32, type=int, help="auxiliary head width")
     p.add_argument("--num_images", default=6, type=int, help="validation images in the picture")
-    p.add_argument("--picture", default=None, help="where the picture goes (none: <output_dir>/predictions.png)")
-    p.add_argument("--num_workers", default=1, type=int,
-                   help="data-loading workers of each run (on 2 cores more than 1 slows the step down)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", default=0, type=int, help="seeds both runs alike (the dataset is always the same)")
     return p.parse_args(argv)
 
 
@@ -83,32 +58,11 @@ def segment_command(args, data: str, output_dir: str, finetune: str = None):
     return cmd + (["--finetune", shown(finetune)] if finetune else [])
 
 
-def run(cmd) -> float:
-    print("\n$ " + shlex.join(cmd), flush=True)
-    start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.time() - start
-
-
-def make_pretrained(args) -> None:
-    """The demo's pre-training stage, as demo.py runs it, into --pretrained's folder."""
-    out = os.path.dirname(os.path.abspath(args.pretrained))
-    data = prepare_fashion_mnist(DATA_DIR, sources=[args.source] if args.source else None, verbose=True)
-    run(pretrain_command(data, out, PRETRAIN_EPOCHS, args.num_workers, args.device))
-
-
-def last_scores(output_dir: str) -> dict:
-    with open(os.path.join(output_dir, "log.txt")) as f:
-        return json.loads(f.read().splitlines()[-1])
-
-
 def predictions(checkpoint: str, dataset: SegmentationFolder, indices) -> np.ndarray:
     """A run's predicted label maps [N, H, W] for validation images `indices`, from its checkpoint, evaluated as the
     script evaluates (its saved flags: window, stride, scales)."""
     ckpt = load_checkpoint(checkpoint)
-    # a flag the checkpoint predates: the value its run had (training.flags.flag's `absent`)
-    saved = {**absent_values(segmentation_parser()), **ckpt["args"], "device": "cpu", "amp": "none"}
-    cfg = SegmentConfig(**{f.name: saved[f.name] for f in dataclasses.fields(SegmentConfig)})
+    cfg = saved_config(ckpt, segmentation_parser(), SegmentConfig)
     model = build_segmenter(cfg)
     load_state_dict_strict(model, ckpt["model"])
     model.eval()
@@ -136,46 +90,19 @@ def picture(data: str, runs: dict, num_images: int, path: str) -> None:
 def main(args):
     start = time.time()
     torch.manual_seed(args.seed)
-    if not os.path.isfile(args.pretrained):
-        if not args.pretrain:
-            raise SystemExit(f"error: no pre-trained checkpoint at {args.pretrained}. Make it with "
-                             f"`{shown(sys.executable)} demo.py` "
-                             f"(about 10-20 minutes on 2 CPU cores), or run this check with --pretrain to run only "
-                             f"the demo's pre-training stage, or give another DMJD checkpoint of "
-                             f"{PRETRAIN_MODEL} with --pretrained")
-        make_pretrained(args)
-    try:  # the dataset's own fixed seed: --seed seeds the two runs, not the data
-        data = prepare_fashion_mnist_seg(args.data, [args.source] if args.source else None, args.num_train,
-                                         args.num_val, verbose=True)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    runs, seconds = {}, {}
-    for name in RUNS:
-        out = os.path.join(args.output_dir, name)
-        if os.path.isdir(out):  # a fresh run each time, not a resumed one
-            for entry in os.listdir(out):
-                os.remove(os.path.join(out, entry))
-        seconds[name] = run(segment_command(args, data, out, args.pretrained if name == "pretrained" else None))
-        runs[name] = out
-    scores = {name: last_scores(out) for name, out in runs.items()}
+    ensure_pretrained(args)
+    data = prepared_data(prepare_fashion_mnist_seg, args)
+    runs = fine_tune_both(args, lambda out, finetune: segment_command(args, data, out, finetune))
     path = args.picture or os.path.join(args.output_dir, "predictions.png")
-    picture(data, runs, args.num_images, path)
-
-    summary = {name: {"mIoU": s["test_mIoU"], "mAcc": s["test_mAcc"], "aAcc": s["test_aAcc"],
-                      "IoU": s["test_IoU"], "minutes": seconds[name] / 60} for name, s in scores.items()}
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({"iters": args.iters, "batch_size": args.batch_size, "pretrained": args.pretrained, **summary}, f,
-                  indent=1)
-    print("\n" + "=" * 78)
-    print(f"UperNet on {CLASSIFIER}, {args.iters} iterations of {args.batch_size} images, "
-          f"{args.num_val} validation canvases ({len(SEG_CLASS_NAMES)} classes):")
-    for name, label in RUNS.items():
-        s = summary[name]
-        print(f"  {label:<17} mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}  "
-              f"({s['minutes']:.1f} min)")
+    picture(data, {name: r["dir"] for name, r in runs.items()}, args.num_images, path)
+    summary = {name: {"mIoU": r["scores"]["test_mIoU"], "mAcc": r["scores"]["test_mAcc"],
+                      "aAcc": r["scores"]["test_aAcc"], "IoU": r["scores"]["test_IoU"], "minutes": r["seconds"] / 60}
+               for name, r in runs.items()}
+    write_summary(args, summary)
+    lines = {name: f"mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}" for name, s in summary.items()}
     gain = summary["pretrained"]["mIoU"] - summary["random_init"]["mIoU"]
-    print(f"  pre-training gives {gain:+.2f} mIoU; picture: {path}; check time {(time.time() - start) / 60:.1f} min")
-    print("=" * 78)
+    report(f"UperNet on {CLASSIFIER}, {args.iters} iterations of {args.batch_size} images, {args.num_val} validation "
+           f"canvases ({len(SEG_CLASS_NAMES)} classes):", lines, summary, f"{gain:+.2f} mIoU", path, start)
     return summary
 
 

@@ -4,34 +4,21 @@ and trained exactly as main_segment.py does (its flags, model, optimizer and tra
     python -m benchmarks.segmentation_step --device cuda --amp bf16            # a GPU: the recipe's step
     python -m benchmarks.segmentation_step --sizes 256 512 --steps 2            # this CPU
 
-For each crop size:
-- activation memory per image: the bytes autograd keeps for the backward of one training forward and its loss
-  (benchmarks.grad_checkpointing.saved_activation_bytes), from a batch of 2 to a batch of 3 (BatchNorm's 1 x 1
-  pooling branch needs two images); counting saved tensors gives the same figure on any device, in fp32 and under
-  bf16 autocast;
-- the batch-independent part: fp32 weights, gradients and AdamW's two moments (16 bytes per parameter);
-- FLOPs per image of the forward and of forward + backward (torch.utils.flop_counter);
-- images/s of the training loop's round on engine_segment.SegmentTask (TrainStep: autocast, AdamW with layer
-  decay, the poly lr) on random crops already on the device, after a warm-up step; on CUDA also the peak memory
-  allocated.
+For each crop size, the figures of benchmarks.task_step on engine_segment.SegmentTask (TrainStep: autocast, AdamW
+with layer decay, the poly lr) and random crops already on the device: activation memory per image (from a batch of 2
+to a batch of 3: BatchNorm's 1 x 1 pooling branch needs two images), weights + gradients + AdamW, FLOPs per image,
+images/s of the training loop's round and, on CUDA, the peak memory.
 """
 import argparse
-import time
+from functools import partial
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.grad_checkpointing import saved_activation_bytes
+from benchmarks import task_step
+from benchmarks.task_step import step_device
 from engine_segment import SegmentTask, build_segmenter, resolve_config
 from models_convvit import conv_weights_channels_last
-from models_upernet import segmentation_loss
-from training.distributed import synchronize
 from training.flags import segmentation_parser
-from training.loop import Schedule, train_round
-from training.meters import Progress
-from training.step import TrainStep, autocast_context
-from util.misc import AMP_DTYPES
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser("memory and speed of the segmentation training step",
@@ -64,92 +51,20 @@ def random_batch(cfg, batch_size: int, device: torch.device):
     return images, labels
 
 
-def activation_bytes_per_image(cfg, model, amp_dtype, device, batches=(2, 3)) -> float:
-    """Growth of the bytes kept for backward (training forward + loss) per image of the batch."""
-    sizes = []
-    for batch in batches:
-        images, labels = random_batch(cfg, batch, device)
-
-        def forward():
-            with autocast_context(device, amp_dtype):
-                logits, aux = model(images)
-                return segmentation_loss(logits, labels, aux, cfg.aux_weight, cfg.ignore_index)["loss"]
-
-        loss, kept = saved_activation_bytes(model, forward)
-        del loss
-        sizes.append(kept)
-    return (sizes[1] - sizes[0]) / (batches[1] - batches[0])
-
-
-def flops_per_image(cfg, model, device):
-    """(forward, forward + backward) FLOPs of one image of the training step (fp32; batch 2, halved)."""
-    images, labels = random_batch(cfg, 2, device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        logits, aux = model(images)
-        loss = segmentation_loss(logits, labels, aux, cfg.aux_weight, cfg.ignore_index)["loss"]
-    forward = counter.get_total_flops()
-    with counter:
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return forward / 2, (forward + counter.get_total_flops()) / 2
-
-
-def timed_steps(cfg, model, device, steps: int):
-    """Seconds per step of the training loop's round (training.loop.train_round on engine_segment.SegmentTask) over
-    `steps` steps of random crops, after one."""
-    task = SegmentTask(model, cfg, device, [str(k) for k in range(cfg.nb_classes)])
-    step = TrainStep.for_run(model, task.optimizer(), cfg, 0, cfg.lr_at, steps, loss_names=task.loss_names)
-    batch = (*random_batch(cfg, cfg.batch_size, device), 0)
-    quiet = dict(print_freq=10 ** 6, device=device, names=cfg.loss_names)
-    train_round(task, step, [batch], Progress("warm-up", 1, **quiet), 0, Schedule(1, 1, 1, "iteration"))
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    train_round(task, step, [batch] * steps, Progress("timed", steps, **quiet), 0, Schedule(steps, steps, 1, "iteration"))
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return seconds, peak
-
-
 def measure(args, size: int) -> dict:
     cfg = step_config(args, size, args.batch_size, args.steps)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = step_device(cfg.device)
     torch.manual_seed(0)
     model = conv_weights_channels_last(build_segmenter(cfg).to(device)).train()
-    params = sum(p.numel() for p in model.parameters())
-    result = {"size": size, "parameters": params, "fixed_bytes": 16 * params}
-    for amp in ("none", "bf16"):
-        result[f"activation_bytes_per_image_{amp}"] = activation_bytes_per_image(cfg, model, AMP_DTYPES[amp], device)
-    if not args.no_flops:
-        result["gflops_forward"], result["gflops_forward_backward"] = (f / 1e9 for f in flops_per_image(cfg, model,
-                                                                                                       device))
-    if args.steps > 0:
-        seconds, peak = timed_steps(cfg, model, device, args.steps)
-        result.update(amp=cfg.amp, batch_size=cfg.batch_size, step_s=seconds, images_per_s=cfg.batch_size / seconds,
-                      peak_bytes=peak)
-    return result
+    task = SegmentTask(model, cfg, device, [str(k) for k in range(cfg.nb_classes)])
+    batch = partial(random_batch, cfg, device=device)  # on the device: what task.prepare gives and takes
+    return task_step.measure(task, cfg, size, batch, batch, device, args.steps, not args.no_flops)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = []
-    print(f"UperNet ({args.decoder_channels} channels, {args.nb_classes} classes) on {args.model}, training step")
-    print("| crop | activations per image, fp32 | bf16 | weights + grads + AdamW | GFLOPs per image f / f+b | "
-          "images/s (amp, batch) | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for size in args.sizes:
-        r = measure(args, size)
-        rows.append(r)
-        flops = (f"{r['gflops_forward']:.0f} / {r['gflops_forward_backward']:.0f}" if "gflops_forward" in r else "-")
-        speed = f"{r['images_per_s']:.2f} ({r['amp']}, {r['batch_size']})" if "images_per_s" in r else "-"
-        peak = f"{r['peak_bytes'] / 2 ** 30:.2f}" if r.get("peak_bytes") else "-"
-        print(f"| {size} x {size} | {r['activation_bytes_per_image_none'] / 2 ** 30:.2f} GiB | "
-              f"{r['activation_bytes_per_image_bf16'] / 2 ** 30:.2f} GiB | {r['fixed_bytes'] / 2 ** 30:.2f} GiB "
-              f"({r['parameters'] / 1e6:.1f} M parameters) | {flops} | {speed} | {peak} |", flush=True)
-    return rows
+    return task_step.print_table(f"UperNet ({args.decoder_channels} channels, {args.nb_classes} classes) on "
+                                 f"{args.model}, training step", args.sizes, partial(measure, args))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ class SimpleFeaturePyramid(nn.Module):
     from a ViT's last stride-16 map [N, D, H, W]: stride 4 by a 2 x 2 transposed conv to D/2, LayerNorm, GELU and a
     second one to D/4; stride 8 by one transposed conv to D/2; stride 16 as it is; stride 32 by 2 x 2 max pooling
     (rounding up: ViTDet's at a multiple of 32; at an odd grid the border is kept, as in ConViT's stride-32 level, and
-    a 1 x 1 grid still gives a level); then each through a 1 x 1 and a 3 x 3 conv, each followed by LayerNorm, to `out_channels`."""
+    a 1 x 1 grid still gives a level); then each through a 1 x 1 and a 3 x 3 conv, each followed by LayerNorm, to
+    `out_channels`."""
 
     SCALES = (4.0, 2.0, 1.0, 0.5)
 

@@ -29,6 +29,36 @@ def run_script(cmd, check=True, timeout=300):
     return proc
 
 
+def run_two_processes(script: str, timeout=120):
+    """`python -c script` as ranks 0 and 1 of a 2-process group (torchrun's environment, a free local port); fails
+    with their errors unless both exit 0. Returns each process's last line of output."""
+    import socket
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=dict(script_env(), RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port)))
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    return [out.strip().splitlines()[-1] for out, _ in outputs]
+
+
+def folder_digest(root) -> str:
+    """A hash of every file's name and bytes under `root`, in a fixed order: equal for byte-identical folders."""
+    import hashlib
+    h = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            h.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def read_log(out):
     """The JSON lines of a run's log.txt."""
     return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]

@@ -1,6 +1,5 @@
 """The Fashion-MNIST detection set: COCO 2017's layout read by util.coco, masks equal to the visible items (the
 segmentation set's canvases), tight boxes, determinism, reuse, CLI (synthetic idx files)."""
-import hashlib
 import json
 import os
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_fashion_idx
+from helpers import folder_digest, write_fashion_idx
 from util.coco import annotation_mask, coco_split, detection_collate
 from util.det_metrics import coco_evaluate, coco_records, gather_records
 from util.det_transforms import DetEvalTransform, DetTrainTransform
@@ -26,16 +25,6 @@ def source(tmp_path_factory):
 def prepare(root, source, **kwargs):
     return prepare_fashion_mnist_det(str(root), [source], num_train=kwargs.pop("num_train", 8),
                                      num_val=kwargs.pop("num_val", 4), download_dir=None, **kwargs)
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            h.update(name.encode())
-            with open(os.path.join(folder, name), "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
 
 
 def test_the_set_is_in_coco_layout_and_the_dataset_class_reads_it(tmp_path, source):
@@ -111,8 +100,8 @@ def test_an_item_hidden_by_later_ones_is_no_instance():
 
 def test_preparation_is_deterministic_reused_and_refuses_other_options(tmp_path, source):
     a = prepare(tmp_path / "a", source, seed=3)
-    assert digest(prepare(tmp_path / "b", source, seed=3)) == digest(a)
-    assert digest(prepare(tmp_path / "c", source, seed=4)) != digest(a)
+    assert folder_digest(prepare(tmp_path / "b", source, seed=3)) == folder_digest(a)
+    assert folder_digest(prepare(tmp_path / "c", source, seed=4)) != folder_digest(a)
     stamp = os.stat(os.path.join(a, "annotations", "instances_train2017.json")).st_mtime_ns
     assert prepare(tmp_path / "a", source, seed=3) == a
     assert os.stat(os.path.join(a, "annotations", "instances_train2017.json")).st_mtime_ns == stamp

@@ -1,5 +1,4 @@
 """The Fashion-MNIST segmentation dataset: ADE20K layout and labels, determinism, reuse, CLI (synthetic idx files)."""
-import hashlib
 import json
 import os
 
@@ -7,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import folder_digest
 from util.demo_seg_data import (FOREGROUND_THRESHOLD, SEG_CLASS_NAMES, main, make_canvas,
                                 prepare_fashion_mnist_seg)
 from util.seg_datasets import SegEvalTransform, SegmentationFolder, class_names
@@ -32,16 +32,6 @@ def source(tmp_path):
         write_idx(folder / f"{stem}-images-idx3-ubyte", items(n))
         write_idx(folder / f"{stem}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
     return str(folder)
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            h.update(name.encode())
-            with open(os.path.join(folder, name), "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
 
 
 def prepare(root, source, **kwargs):
@@ -96,8 +86,8 @@ def test_a_later_item_hides_an_earlier_one():
 def test_preparation_is_deterministic_reused_and_refuses_other_options(tmp_path, source):
     a = prepare(tmp_path / "a", source, seed=3)
     b = prepare(tmp_path / "b", source, seed=3)
-    assert digest(a) == digest(b)
-    assert digest(prepare(tmp_path / "c", source, seed=4)) != digest(a)
+    assert folder_digest(a) == folder_digest(b)
+    assert folder_digest(prepare(tmp_path / "c", source, seed=4)) != folder_digest(a)
     stamp = os.stat(os.path.join(a, "images", "training", "00.jpg")).st_mtime_ns
     assert prepare(tmp_path / "a", source, seed=3) == a  # reused as it is
     assert os.stat(os.path.join(a, "images", "training", "00.jpg")).st_mtime_ns == stamp
@@ -105,7 +95,7 @@ def test_preparation_is_deterministic_reused_and_refuses_other_options(tmp_path,
         prepare(tmp_path / "a", source, seed=3, num_train=13)
     # The validation images do not depend on the number of training images.
     d = prepare(tmp_path / "d", source, seed=3, num_train=5)
-    assert digest(os.path.join(d, "images", "validation")) == digest(os.path.join(a, "images", "validation"))
+    assert folder_digest(os.path.join(d, "images", "validation")) == folder_digest(os.path.join(a, "images", "validation"))
 
 
 def test_an_interrupted_preparation_is_redone_and_a_foreign_folder_refused(tmp_path, source):

@@ -1,11 +1,6 @@
 """util.det_metrics: COCO result records from Mask R-CNN outputs, exact gathering over processes, and AP from the
 COCO API on a hand-made case whose numbers follow from COCOeval's definitions."""
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +8,10 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
+from helpers import run_two_processes
 from util.det_metrics import (COCO_METRICS, coco_evaluate, coco_ground_truth, coco_records, gather_records,
                               scores_for_log, write_results)
 
-ROOT = Path(__file__).resolve().parents[1]
 CAT, DOG = 5, 9  # category ids; labels 1 and 2
 CATEGORY_IDS = [CAT, DOG]
 # xywh boxes on 64 x 64 images: cats A and B (400 pixels: small) in image 1, dog C (1600 pixels: medium) in image 2
@@ -156,16 +151,7 @@ dist.destroy_process_group()
 
 
 def test_records_of_every_process_are_gathered_exactly_once():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK=str(rank),
-                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for rank in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    lines = run_two_processes(DDP_SCRIPT)
     expected = [list(range(1, 8)), sorted(i for i in range(1, 8) for _ in range(i))]
-    for out, _ in outputs:
-        assert json.loads(out.strip().splitlines()[-1]) == expected
+    for line in lines:
+        assert json.loads(line) == expected

@@ -1,18 +1,13 @@
 """Confusion matrix and mmseg's segmentation scores (aAcc, IoU, mIoU, mAcc), checked by hand and across 2 processes."""
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_two_processes
 from util.seg_metrics import ConfusionMatrix, per_class_table, scores_for_log, segmentation_scores
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # 5 classes. Two pixels are ignored (255) and one has a label outside the classes (9): all three are left out,
 # whatever is predicted there. Class 3 is predicted once but never in the ground truth (IoU 0, counted in mIoU,
@@ -97,15 +92,6 @@ def test_the_matrix_is_summed_exactly_over_processes():
     single = ConfusionMatrix(4)
     for pred, label in samples:
         single.update(pred, torch.where(label == 4, 255, label))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK=str(rank),
-                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for rank in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
-    for out, _ in outputs:
-        assert json.loads(out.strip().splitlines()[-1]) == single.matrix.tolist()
+    lines = run_two_processes(DDP_SCRIPT)
+    for line in lines:
+        assert json.loads(line) == single.matrix.tolist()

@@ -23,11 +23,11 @@ What never goes wrong in silence (docs/RELIABILITY.md):
   re-run of the same command never goes back to an older file.
 - The flags that define the run's schedule or model must match the checkpoint's (or be named in
   --allow_flag_changes): a changed one stops the run naming its saved and given values.
-- SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a
-  checkpoint of that step (its position in the round's sample order included), or, when the signal came between
-  rounds (during an evaluation or a save), before the next round, whose predecessor is saved; then Preempted, which a script
-  turns into exit status 75 (EX_TEMPFAIL): "requeue me". The loader workers ignore them (training.data), so a
-  signal to the whole job stops it the same way.
+- SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a checkpoint
+  of that step (its position in the round's sample order included), or, when the signal came between rounds (during an
+  evaluation or a save), before the next round, whose predecessor is saved; then Preempted, which a script turns into
+  exit status 75 (EX_TEMPFAIL): "requeue me". The loader workers ignore them (training.data), so a signal to the whole
+  job stops it the same way.
 - No save writes non-finite weights or optimizer state; a stop after an unread non-finite loss saves nothing.
 - A folder whose checkpoints are all damaged stops the run, unchanged (--start_over sets them aside); completing an
   epoch's files verifies what it copies; a torn line of log.txt is dropped, named and kept in a copy.

@@ -1,5 +1,5 @@
-"""The demo's models and its pre-training command, shared by demo.py and benchmarks/segmentation_check.py (which
-runs the demo's pre-training stage when it has no checkpoint of it). Commands run from the repository's root."""
+"""The demo's models and its pre-training command, shared by demo.py and the transfer checks (benchmarks/
+transfer_check.py runs the demo's pre-training stage when a check has no checkpoint of it). Commands run from the repository's root."""
 import os
 import sys
 from typing import List

@@ -18,7 +18,6 @@ that later items hide entirely is no instance. No annotation is a crowd.
 Everything is drawn from a generator seeded with `seed`; as util.demo_seg_data, the tree is written next to `root`
 and renamed into place with a marker file inside, and a finished preparation is reused when the options match.
 """
-import argparse
 import json
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -27,9 +26,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from util.demo_data import (CLASS_NAMES, DEBIAN_DIR, add_source_flags, finish_preparation, finished_preparation,
-                            load_split, locate_idx_files, partial_folder)
-from util.demo_seg_data import FOREGROUND_THRESHOLD, JPEG_QUALITY, Placement, canvas_options, paste_items
+from util.demo_data import CLASS_NAMES, finish_preparation
+from util.demo_seg_data import (FOREGROUND_THRESHOLD, JPEG_QUALITY, Placement, canvas_main, canvas_options,
+                                paste_items, start_canvas_set)
 
 __all__ = ["prepare_fashion_mnist_det", "instance_masks", "CATEGORIES"]
 
@@ -91,48 +90,22 @@ def prepare_fashion_mnist_det(root: str, sources: Optional[Sequence[str]] = None
     options returns at once, with others it raises rather than mixing two datasets."""
     root = os.path.abspath(root)
     options = canvas_options("fashion-mnist-det", num_train, num_val, canvas, min_items, max_items, scale_range, seed)
-    if finished_preparation(root, options, "the Fashion-MNIST detection set"):
+    started = start_canvas_set(root, options, "the Fashion-MNIST detection set", SPLITS, sources, download_dir)
+    if started is None:
         return root
-
-    if download_dir == "":
-        download_dir = root + "_download"
-    files = locate_idx_files([DEBIAN_DIR] if sources is None else list(sources), download_dir)
-    partial = partial_folder(root)
-    # One child generator per split, as demo_seg_data: the same seed gives its canvases.
-    split_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SPLITS))]
+    partial, source, splits = started
     instances = {}
-    for (split, source_split), count, rng in zip(SPLITS.items(), (num_train, num_val), split_rngs):
-        items, labels = load_split(files, source_split)
+    for split, items, labels, count, rng in splits:
         instances[split] = _write_split(partial, split, items, labels, count, rng, options)
         if verbose:
             print(f"{split}: {count} images, {instances[split]} instances", flush=True)
-    return finish_preparation(partial, root, {**options, "instances": instances,
-                                              "source": os.path.dirname(files["train-images-idx3-ubyte"])})
+    return finish_preparation(partial, root, {**options, "instances": instances, "source": source})
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fashion-MNIST items on a canvas, as an instance segmentation dataset "
-                                            "in COCO 2017's layout (annotations/, train2017/, val2017/)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--root", default="data/fashion_mnist_det", help="folder to create")
-    p.add_argument("--num_train", type=int, default=2000, help="training images")
-    p.add_argument("--num_val", type=int, default=500, help="validation images")
-    p.add_argument("--canvas", type=int, default=64, help="image side in pixels")
-    p.add_argument("--min_items", type=int, default=2, help="fewest items per image")
-    p.add_argument("--max_items", type=int, default=4, help="most items per image")
-    p.add_argument("--scale_range", type=float, nargs=2, default=(0.75, 1.5), metavar=("LOW", "HIGH"),
-                   help="item side as a multiple of 28 pixels")
-    p.add_argument("--seed", type=int, default=0, help="seeds the items, their places and sizes")
-    add_source_flags(p)
-    args = p.parse_args(argv)
-    try:
-        root = prepare_fashion_mnist_det(args.root, args.source, args.num_train, args.num_val, args.canvas,
-                                         args.min_items, args.max_items, tuple(args.scale_range), args.seed,
-                                         None if args.no_download else args.download_dir, verbose=True)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    print(f"{root}: {args.num_train} training, {args.num_val} validation images, {len(CATEGORIES)} classes "
-          f"(--nb_classes {len(CATEGORIES) + 1} with the background)")
+    canvas_main(argv, prepare_fashion_mnist_det, "Fashion-MNIST items on a canvas, as an instance segmentation "
+                "dataset in COCO 2017's layout (annotations/, train2017/, val2017/)", "data/fashion_mnist_det")
+    print(f", {len(CATEGORIES)} classes (main_detect.py reads them from annotations/instances_train2017.json)")
 
 
 if __name__ == "__main__":

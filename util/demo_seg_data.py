@@ -119,6 +119,25 @@ def canvas_options(dataset: str, num_train: int, num_val: int, canvas: int, min_
             "seed": seed, "foreground_threshold": FOREGROUND_THRESHOLD}
 
 
+def start_canvas_set(root: str, options: dict, what: str, splits: dict, sources: Optional[Sequence[str]],
+                     download_dir: Optional[str]):
+    """The start of writing a canvas set (`options` from canvas_options) to `root`: None when `root` holds it already
+    with these options (others raise); else (the partial folder to write, the Fashion-MNIST source folder, and for each
+    of `splits` {name: Fashion-MNIST split}: (name, items, labels, count, generator)). One child generator per split:
+    the validation images do not depend on how many training images there are, and one seed gives the segmentation
+    and the detection sets the same canvases."""
+    if finished_preparation(root, options, what):
+        return None
+    if download_dir == "":
+        download_dir = root + "_download"
+    files = locate_idx_files([DEBIAN_DIR] if sources is None else list(sources), download_dir)
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options["seed"]).spawn(len(splits))]
+    counts = (options["num_train"], options["num_val"])
+    return partial_folder(root), os.path.dirname(files["train-images-idx3-ubyte"]), [
+        (name, *load_split(files, source_split), count, rng)
+        for (name, source_split), count, rng in zip(splits.items(), counts, rngs)]
+
+
 def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None, num_train: int = 2000,
                               num_val: int = 500, canvas: int = 64, min_items: int = 2, max_items: int = 4,
                               scale_range: Tuple[float, float] = (0.75, 1.5), seed: int = 0,
@@ -140,30 +159,25 @@ def prepare_fashion_mnist_seg(root: str, sources: Optional[Sequence[str]] = None
     root = os.path.abspath(root)
     options = canvas_options("fashion-mnist-seg", num_train, num_val, canvas, min_items, max_items, scale_range, seed)
 
-    if finished_preparation(root, options, "the Fashion-MNIST segmentation set"):
+    started = start_canvas_set(root, options, "the Fashion-MNIST segmentation set", SPLITS, sources, download_dir)
+    if started is None:
         return root
-
-    if download_dir == "":
-        download_dir = root + "_download"
-    files = locate_idx_files([DEBIAN_DIR] if sources is None else list(sources), download_dir)
-    partial = partial_folder(root)
-    # One child generator per split: the validation images do not depend on how many training images there are.
-    split_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SPLITS))]
-    for (split, source_split), count, rng in zip(SPLITS.items(), (num_train, num_val), split_rngs):
-        items, labels = load_split(files, source_split)
+    partial, source, splits = started
+    for split, items, labels, count, rng in splits:
         _write_split(partial, items, labels, count, rng, {**options, "split": split})
         if verbose:
             print(f"{split}: {count} images", flush=True)
     with open(os.path.join(partial, "classes.txt"), "w") as f:
         f.write("\n".join(SEG_CLASS_NAMES) + "\n")
-    return finish_preparation(partial, root, {**options, "source": os.path.dirname(files["train-images-idx3-ubyte"])})
+    return finish_preparation(partial, root, {**options, "source": source})
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Fashion-MNIST items on a canvas, as a segmentation dataset in "
-                                            "ADE20K's layout (images/ and annotations/, training and validation)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--root", default="data/fashion_mnist_seg", help="folder to create")
+def canvas_main(argv, prepare, description: str, root: str) -> str:
+    """A command line for a canvas dataset: the canvases' flags and the Fashion-MNIST source's, then `prepare` (the
+    options in prepare_fashion_mnist_seg's order); a bad source or folder stops it naming the problem. Returns the
+    dataset's folder."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root", default=root, help="folder to create")
     p.add_argument("--num_train", type=int, default=2000, help="training images")
     p.add_argument("--num_val", type=int, default=500, help="validation images")
     p.add_argument("--canvas", type=int, default=64, help="image side in pixels")
@@ -175,13 +189,19 @@ def main(argv=None):
     add_source_flags(p)
     args = p.parse_args(argv)
     try:
-        root = prepare_fashion_mnist_seg(args.root, args.source, args.num_train, args.num_val, args.canvas,
-                                         args.min_items, args.max_items, tuple(args.scale_range), args.seed,
-                                         None if args.no_download else args.download_dir, verbose=True)
+        folder = prepare(args.root, args.source, args.num_train, args.num_val, args.canvas, args.min_items,
+                         args.max_items, tuple(args.scale_range), args.seed,
+                         None if args.no_download else args.download_dir, verbose=True)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"{root}: {args.num_train} training, {args.num_val} validation images, {len(SEG_CLASS_NAMES)} classes "
-          f"(--nb_classes {len(SEG_CLASS_NAMES)} with reduce_zero_label)")
+    print(f"{folder}: {args.num_train} training, {args.num_val} validation images", end="")
+    return folder
+
+
+def main(argv=None):
+    canvas_main(argv, prepare_fashion_mnist_seg, "Fashion-MNIST items on a canvas, as a segmentation dataset in "
+                "ADE20K's layout (images/ and annotations/, training and validation)", "data/fashion_mnist_seg")
+    print(f", {len(SEG_CLASS_NAMES)} classes (--nb_classes {len(SEG_CLASS_NAMES)} with reduce_zero_label)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""What the dense-transfer scripts share (main_segment.py, main_detect.py): the checks of their common flags, the lr
+from --blr, the encoder's dense options, and the model built for the run from the checkpoint it resumes or from
+--finetune's pre-trained encoder, then placed on the run's device."""
+from typing import Callable, Tuple
+
+import torch
+
+from dmjd_encoders.pretrained import (FRESH_KEYS, architecture_kwargs, check_pretrained_flag, encoder_layout,
+                                      load_encoder)
+from models_convvit import check_classifier_name, conv_weights_channels_last, is_plain_vit
+from training.distributed import launch_world_size
+from training.errors import RunError, flag_error
+from training.run import Run
+from training.sync_batchnorm import convert_sync_batchnorm
+
+
+def check_transfer_flags(args, task: str, few_images: str = "") -> None:
+    """--finetune, --eval, --batch_size, --model and --simple_pyramid of a dense-transfer script (`task`: what a run
+    of it is called in messages; `few_images`: what else a step of one image breaks)."""
+    check_pretrained_flag(args.finetune)
+    if args.eval and not args.resume:
+        raise flag_error("--eval", f"needs --resume: the checkpoint of a {task} run to evaluate")
+    world_size = launch_world_size()
+    if args.batch_size * world_size < 2:
+        raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
+                                         f"step{few_images}: use 2 or more images per step (over all processes)")
+    check_classifier_name(args.model)
+    if args.simple_pyramid and not is_plain_vit(args.model):
+        raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
+                                             f"stages")
+
+
+def scaled_lr(args, world_size: int) -> Tuple[float, str]:
+    """(lr, the line that says how): --lr as given, else blr x total batch / 256."""
+    images_per_step = args.batch_size * args.accum_iter * world_size
+    if args.lr is not None:
+        return args.lr, f"lr = {args.lr:.4g} (given)"
+    lr = args.blr * images_per_step / 256
+    return lr, f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}"
+
+
+def simple_pyramid(args) -> bool:
+    """--simple_pyramid resolved: on for a plain ViT unless given."""
+    return is_plain_vit(args.model) if args.simple_pyramid is None else args.simple_pyramid
+
+
+def dense_options(cfg) -> dict:
+    """The encoder's build options for dense transfer (dmjd_encoders.dense) that both scripts have."""
+    options = dict(rel_pos_bias=cfg.rel_pos_bias, layer_scale=cfg.layer_scale)
+    if is_plain_vit(cfg.model):  # said either way: a ViT's features_only build takes the pyramid by default
+        options["simple_pyramid"] = cfg.simple_pyramid
+    return options
+
+
+def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],
+                   encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str) -> torch.nn.Module:
+    """`build(**layout)` with the encoder layout of the checkpoint the run resumes (or evaluates), else of --finetune's
+    (a checkpoint in MAE's / timm's ViT layout keeps its class token, as fine-tuning does); a fresh run loads
+    --finetune's encoder into `encoder_of(model)`, its dense-transfer parameters new. A size or level the encoder
+    cannot give stops the run naming `flags`, the flags to check."""
+    resume = run.resume_path(auto=not cfg.eval)
+    layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
+    try:
+        model = build(**layout)
+    except ValueError as err:
+        raise RunError(f"{err} (check {flags})") from None
+    if cfg.finetune and not resume:
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
+    return model
+
+
+def on_run_device(model: torch.nn.Module, run: Run, cfg) -> torch.nn.Module:
+    """The model on the run's device, its BatchNorm statistics over the whole batch when training on several
+    processes (the recipes' SyncBN), its convolutions channels-last."""
+    model = model.to(run.device)
+    if run.dist.distributed and not cfg.eval:
+        model = convert_sync_batchnorm(model, run.device)
+    return conv_weights_channels_last(model)
