@@ -18,15 +18,15 @@ import torch.distributed as dist
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
-from training.distributed import launch_world_size
+from training.distributed import broadcast_from_main, launch_world_size, note_collective
 from training.errors import RunError, flag_error
-from training.flags import check_run_flags, detection_parser
+from training.flags import check_run_flags, detection_parser, detection_split_paths
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
 from training.transfer import check_transfer_flags, dense_options, scaled_lr, simple_pyramid
 from training.step import autocast_context
-from util.coco import CocoDetection, coco_split_paths, detection_collate
+from util.coco import CocoDetection, detection_collate
 from util.det_metrics import (coco_evaluate, coco_ground_truth, coco_records, gather_records, scores_for_log,
                               write_results)
 from util.det_transforms import DetEvalTransform, DetTrainTransform
@@ -84,9 +84,7 @@ class DetectConfig(TrainConfig):
 
     def split_paths(self, split: str):
         """(image folder, annotation file) of "train" or "val": the flags', else COCO 2017's under --data_path."""
-        images, annotations = coco_split_paths(self.data_path, split)
-        given = (self.train_images, self.train_json) if split == "train" else (self.val_images, self.val_json)
-        return given[0] or images, given[1] or annotations
+        return detection_split_paths(self, split)
 
 
 def validate_args(args) -> argparse.Namespace:
@@ -199,8 +197,12 @@ class DetectTask(Task):
                  "masks": torch.zeros(0, size, size, dtype=torch.uint8)}
         return [torch.zeros(3, size, size, dtype=torch.uint8)], [empty]
 
+    def model_input(self, images) -> list:
+        """uint8 [3, H, W] images as the model takes them: float in [0, 1] on the device."""
+        return [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
+
     def prepare(self, images, targets):
-        images = [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
+        images = self.model_input(images)
         keys = ("boxes", "labels", "masks")
         targets = [{k: t[k].to(self.device, non_blocking=True) for k in keys} for t in targets]
         return images, targets, len(images)
@@ -213,20 +215,21 @@ class DetectTask(Task):
         for it, (images, targets, _) in progress.track(loader):
             if images is not None:  # None: no readable image in the batch (each was named in a warning)
                 progress.count(len(images))
-                inputs = [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
                 with autocast_context(self.device, self.cfg.amp_dtype):
-                    outputs = self.model(inputs)
+                    outputs = self.model(self.model_input(images))
                 records += coco_records(outputs, targets, self.val_set.category_ids)
                 image_ids += [int(t["image_id"]) for t in targets]
             if progress.due(it):
                 progress.line(it)
+        note_collective("the gathering of the evaluation's detections")
         records, image_ids = gather_records(records, image_ids)
         scores = None
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_results(records, os.path.join(self.cfg.output_dir, RESULTS_FILE))
             scores = scores_for_log(coco_evaluate(self.ground_truth, records, image_ids=image_ids))
             scores.update(images=len(image_ids), detections=len(records))
-        return _shared(scores)
+        # every process takes the same best-checkpoint decision
+        return broadcast_from_main(scores, "the sending of the main process's COCO scores")
 
     def report(self, scores: Dict[str, object]) -> str:
         def shown(prefix):
@@ -235,9 +238,6 @@ class DetectTask(Task):
             return "  ".join(parts) + f"  APs/m/l {sizes}"
         return (f"box {shown('bbox')};  mask {shown('segm')} on {scores['images']} images "
                 f"({scores['detections']} detections)")
-
-    def scores_record(self, scores: Dict[str, object]) -> dict:
-        return {f"test_{k}": v for k, v in scores.items()}
 
     def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
         for name, value in scores.items():
@@ -258,22 +258,9 @@ def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _shared(scores: Optional[dict]) -> dict:
-    """The main process's scores on every process (every process takes the same best-checkpoint decision)."""
-    if dist.is_initialized():
-        box = [scores]
-        dist.broadcast_object_list(box, src=0)
-        scores = box[0]
-    return scores
-
-
 def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     """The timm encoder inside Mask R-CNN's backbone (what --finetune's weights load into)."""
     return model.backbone.body.model if hasattr(model.backbone.body, "model") else model.backbone.body
-
-
-def count_parameters(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 def run_detection(run: Run, cfg: DetectConfig, task: DetectTask, loaders) -> Dict[str, object]:

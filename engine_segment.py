@@ -366,7 +366,3 @@ def encoder_of(model: UperNet) -> torch.nn.Module:
         raise TypeError(f"the backbone is a {type(model.backbone).__name__}, not a timm features_only wrapper")
     return encoder
 
-
-def count_parameters(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
-

@@ -9,6 +9,7 @@ Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep);
 import os
 
 from training.errors import exits_like_a_script, flag_error
+from training.flags import detection_split_paths
 from training.flags import detection_parser as get_args_parser  # the script's parser, by the scripts' name
 
 
@@ -17,9 +18,7 @@ def check_data(args) -> None:
     the flags or in COCO 2017's layout under --data_path."""
     splits = ["val"] if args.eval else ["train", "val"]
     for split in splits:
-        images = getattr(args, f"{split}_images") or os.path.join(args.data_path, f"{split}2017")
-        annotations = getattr(args, f"{split}_json") or os.path.join(args.data_path, "annotations",
-                                                                     f"instances_{split}2017.json")
+        images, annotations = detection_split_paths(args, split)
         if not os.path.isfile(annotations):
             raise flag_error(f"--{split}_json" if getattr(args, f"{split}_json") else "--data_path",
                              f"{annotations!r} is not a file: expected COCO's instance annotations")
@@ -35,10 +34,10 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
 from functools import partial  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_detect import (DetectConfig, DetectTask, build_detector, count_parameters, detection_loaders,  # noqa
+from engine_detect import (DetectConfig, DetectTask, build_detector, detection_loaders,  # noqa
                            encoder_of, resolve_config, run_detection, validate_args)  # noqa: E402,F401
 from training.run import Run  # noqa: E402
-from training.transfer import on_run_device, transfer_model  # noqa: E402
+from training.transfer import count_parameters, on_run_device, transfer_model  # noqa: E402
 
 
 @exits_like_a_script

@@ -25,11 +25,11 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
 from functools import partial  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_segment import (SegmentConfig, SegmentTask, build_segmenter, count_parameters,  # noqa: E402
+from engine_segment import (SegmentConfig, SegmentTask, build_segmenter,  # noqa: E402
                             encoder_of, resolve_config, run_segmentation, segmentation_loaders,
                             validate_args)  # noqa: F401  (validate_args: the submitit launcher's check)
 from training.run import Run  # noqa: E402
-from training.transfer import on_run_device, transfer_model  # noqa: E402
+from training.transfer import count_parameters, on_run_device, transfer_model  # noqa: E402
 
 
 @exits_like_a_script

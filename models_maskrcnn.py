@@ -94,7 +94,8 @@ def create_mask_rcnn(encoder_name: str, num_classes: int, image_size: int, fpn_c
     """Mask R-CNN on the multi-scale features of `encoder_name` (a timm model of this project's encoders) for
     `num_classes` classes (background excluded), for images resized to at most `image_size` on their longest side.
     `fpn_channels` (256) and `rois_per_image` (512 sampled for the box head in training) are the recipe's; smaller
-    ones make the CPU's tests and checks affordable (the box head's 4 convs on 512 RoIs cost ~60 GFLOPs an image)."""
+    ones make the CPU's tests and checks affordable (the box head's 4 convs on 512 RoIs: ~60 G multiply-adds, ~120
+    GFLOPs, an image)."""
     encoder = timm.create_model(encoder_name, features_only=True, **encoder_kwargs)
     backbone = EncoderFPN(encoder, fpn_channels)
     if len(backbone.strides) != 4:

@@ -5,8 +5,8 @@
   resume, stop requests, the non-finite policy, best-score tracking, checkpoints and log.txt; `train_round`,
   `evaluate`, `evaluate_checkpoint`.
 - `training.flags`: the flags every script shares and their checks (--data_path's folders too), `flag`, which
-  declares with each flag what a resumed run does with it and its range, and main_segment.py's parser, importable
-  without torch, so that a script answers --help and flag errors before it imports torch.
+  declares with each flag what a resumed run does with it and its range, and main_segment.py's and main_detect.py's
+  parsers, importable without torch, so that a script answers --help and flag errors before it imports torch.
 - `training.config`: the frozen, typed config that flags are resolved into once.
 - `training.step`: `TrainStep`, the optimizer step of every loop (autocast, accumulation with `no_sync`, fp16 grad
   scaler, clipping, a post-step hook, one non-finite policy).
@@ -23,6 +23,8 @@
 - `training.run`: the run around the loop (process group, seeding, signals, DDP, the loader's position, resume).
 - `training.errors`: what ends a run (RunError, FlagError, NonFiniteLossError, Preempted), and the one place that
   turns them into a script's exit (`exits_like_a_script`).
+- `training.transfer`: what the dense-transfer scripts (segmentation, detection) share: their common flag checks, the
+  lr from --blr, the encoder's dense options, and the model built from the resumed checkpoint or --finetune.
 - `training.launch`: torchrun with the requeue status, for SLURM.
 - `training.sync_batchnorm`: BatchNorm over the batches of all processes, on CUDA (torch's SyncBatchNorm) and on
   the CPU with gloo (one differentiable all-reduce of the statistics).

@@ -149,6 +149,16 @@ def all_reduce_min(values: torch.Tensor, what: str = "a minimum over the process
     return values
 
 
+def broadcast_from_main(value, what: str = "a value sent from the main process"):
+    """The main process's `value` (any picklable object) on every process; `value` itself without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        note_collective(what)
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -352,6 +352,15 @@ def detection_parser() -> argparse.ArgumentParser:
     return p
 
 
+def detection_split_paths(flags, split: str) -> Tuple[str, str]:
+    """(image folder, annotation file) of "train" or "val" for main_detect.py's flags (or its config): --{split}_images
+    and --{split}_json where given, else COCO 2017's layout under --data_path (util.coco.coco_split_paths, which
+    cannot be imported before torch)."""
+    return (getattr(flags, f"{split}_images") or os.path.join(flags.data_path, f"{split}2017"),
+            getattr(flags, f"{split}_json") or os.path.join(flags.data_path, "annotations",
+                                                            f"instances_{split}2017.json"))
+
+
 def _add_detection_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     flag(g, "--model", default="convvit_base_patch16", type=str, help="the encoder (its multi-scale features)",

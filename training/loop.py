@@ -5,11 +5,11 @@
         fit(run, task, cfg, train_loader, val_loader, Schedule.of_epochs(cfg.epochs, len(train_loader), cfg.accum_iter))
 
 The loop counts optimizer steps. A `Schedule` cuts them into rounds: an evaluation, a checkpoint and a log.txt line
-end each round. An epoch-based script's round is an epoch of its data; an iteration-based one's (segmentation) is
---eval_interval steps. `fit` owns what is the same for every task: resume, stop requests (a checkpoint of the current
-step, then Preempted), the non-finite policy (NonFiniteLossError, raised), best-score tracking, checkpoints and
-log.txt. `train_round` trains one round's micro-batches, `evaluate` runs the task's evaluation over a loader and
-`evaluate_checkpoint` is --eval.
+end each round. An epoch-based script's round is an epoch of its data; an iteration-based one's (segmentation,
+detection) is --eval_interval steps. `fit` owns what is the same for every task: resume, stop requests (a checkpoint
+of the current step, then Preempted), the non-finite policy (NonFiniteLossError, raised), best-score tracking,
+checkpoints and log.txt. `train_round` trains one round's micro-batches, `evaluate` runs the task's evaluation over a
+loader and `evaluate_checkpoint` is --eval.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple

@@ -150,14 +150,14 @@ class OutputFolder:
               f"{' and log.txt' if os.path.isfile(os.path.join(aside, 'log.txt')) else ''} into {aside}; starting at "
               f"epoch 0")
 
-    def save_round(self, ckpt: dict, epoch: int, rounds: int, record: dict, best: bool) -> None:
+    def save_round(self, ckpt: dict, checked: tuple, epoch: int, rounds: int, record: dict, best: bool) -> None:
         """checkpoint-last.pth, the periodic and the best checkpoint as due, then the round's line in log.txt.
         checkpoint-last.pth goes first and names the others, so that a crash between the files leaves what the next
-        start needs to complete them."""
+        start needs to complete them. `checked`: the entries that must be finite (`save`)."""
         periodic = bool(self.save_freq) and ((epoch + 1) % self.save_freq == 0 or epoch + 1 == rounds)
         ckpt["epoch_files"] = {"periodic": periodic, "best": best, "record": record}
         last = last_checkpoint_path(self.path)
-        self.save(ckpt, last)
+        self.save(ckpt, last, checked)
         # the same bytes under the other names: hard links to checkpoint-last.pth, not second copies (a later save
         # of checkpoint-last.pth replaces that name only)
         if periodic:

@@ -253,10 +253,10 @@ class Run:
             note_collective("the gathering of the round's records for the stop checkpoint")
             dist.all_gather_object(records, record, group=self._control)
         if self.is_main:
-            ckpt = self.checkpoint(state, index - 1, **extra)
+            ckpt, checked = self.checkpoint(state, index - 1, **extra)
             ckpt.update(resume_at={"epoch": index, "iteration": record["iteration"]}, progress=record,
                         progress_by_rank=records)
-            self.folder.save(ckpt, last_checkpoint_path(self.cfg.output_dir), self._checked(state))
+            self.folder.save(ckpt, last_checkpoint_path(self.cfg.output_dir), checked)
             print(f"saved {last_checkpoint_path(self.cfg.output_dir)} at epoch {index}, iteration "
                   f"{record['iteration']} of {progress.total}; exiting with status {REQUEUE_EXIT_CODE} (requeue)",
                   flush=True)
@@ -266,19 +266,15 @@ class Run:
         raise Preempted()
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
-    def checkpoint(self, state: CheckpointState, epoch: int, **extra) -> dict:
-        """The checkpoint's content: plain dicts of tensors and primitives that load with weights_only=True."""
+    def checkpoint(self, state: CheckpointState, epoch: int, **extra) -> Tuple[dict, tuple]:
+        """(the checkpoint's content: plain dicts of tensors and primitives that load with weights_only=True, the
+        entries whose values must be finite for it to be saved: the model, the optimizer and the task's own)."""
         step = state.step
-        return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "scaler": step.scaler.state_dict() if step.scaler is not None else None,
-                **(state.task.extra_state() if state.task is not None else {}),
-                "epoch": epoch, "nonfinite_skipped": step.skipped, "args": self.cfg.flags(), **extra}
-
-    @staticmethod
-    def _checked(state: CheckpointState) -> tuple:
-        """The entries whose values must be finite to be saved: the model, the optimizer and the task's own."""
-        own = tuple(state.task.extra_state()) if state.task is not None else ()
-        return ("model", "optimizer") + own
+        own = state.task.extra_state() if state.task is not None else {}
+        content = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                   "scaler": step.scaler.state_dict() if step.scaler is not None else None, **own,
+                   "epoch": epoch, "nonfinite_skipped": step.skipped, "args": self.cfg.flags(), **extra}
+        return content, ("model", "optimizer") + tuple(own)
 
     def resume_path(self, auto: bool = True) -> Optional[str]:
         """The checkpoint `resume` would load (without loading it): the newest readable one of --resume and (with
@@ -371,7 +367,7 @@ class Run:
         """On the main process: the round's checkpoints and log.txt line (OutputFolder.save_round)."""
         if not self.is_main:
             return
-        self.folder.save_round(self.checkpoint(state, index, **extra), index, self.rounds_total, record, best)
+        self.folder.save_round(*self.checkpoint(state, index, **extra), index, self.rounds_total, record, best)
         self.writer.flush()
 
     def append_log(self, record: dict) -> None:

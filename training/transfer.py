@@ -7,7 +7,7 @@ import torch
 
 from dmjd_encoders.pretrained import (FRESH_KEYS, architecture_kwargs, check_pretrained_flag, encoder_layout,
                                       load_encoder)
-from models_convvit import check_classifier_name, conv_weights_channels_last, is_plain_vit
+from dmjd_encoders.models_convvit import check_classifier_name, conv_weights_channels_last, is_plain_vit
 from training.distributed import launch_world_size
 from training.errors import RunError, flag_error
 from training.run import Run
@@ -50,6 +50,11 @@ def dense_options(cfg) -> dict:
     if is_plain_vit(cfg.model):  # said either way: a ViT's features_only build takes the pyramid by default
         options["simple_pyramid"] = cfg.simple_pyramid
     return options
+
+
+def count_parameters(module: torch.nn.Module) -> float:
+    """Millions of parameters, as the scripts print them."""
+    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],

@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import math
-import os
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +23,8 @@ import torch.nn.functional as nnf
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from util.checkpoint import write_file_atomically
 
 __all__ = ["COCO_METRICS", "IOU_TYPES", "coco_records", "gather_records", "write_results", "coco_ground_truth",
            "coco_evaluate", "scores_for_log"]
@@ -91,13 +92,9 @@ def gather_records(records: List[dict], image_ids: Sequence[int]) -> Tuple[List[
 
 
 def write_results(records: List[dict], path: str) -> None:
-    """Writes the records as COCO's results JSON; the file appears whole or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        json.dump(records, f)
-    os.replace(partial, path)
+    """Writes the records as COCO's results JSON; the file appears whole or not at all (util.checkpoint
+    .write_file_atomically)."""
+    write_file_atomically(path, lambda f: f.write(json.dumps(records).encode()))
 
 
 def coco_ground_truth(coco_data: dict) -> COCO:

@@ -20,7 +20,7 @@ from torchvision.transforms import functional as F
 
 from util.seg_datasets import PIXEL_MEAN
 
-__all__ = ["DetTrainTransform", "DetEvalTransform", "masks_to_boxes", "resize", "crop_and_pad", "hflip"]
+__all__ = ["DetTrainTransform", "DetEvalTransform", "masks_to_boxes", "resize", "rescale", "crop_and_pad", "hflip"]
 
 # Padding in the mean colour becomes zero once the model normalises the image: the same value that Mask R-CNN's
 # own batching pads with, so padded regions look alike whichever step added them.
@@ -57,6 +57,12 @@ def resize(image: torch.Tensor, target: dict, size: Tuple[int, int]) -> Tuple[to
         target["masks"] = (F.resize(masks, list(size), InterpolationMode.NEAREST_EXACT) if len(masks)
                            else masks.new_zeros(0, *size))
     return image, target
+
+
+def rescale(image: torch.Tensor, target: dict, factor: float) -> Tuple[torch.Tensor, dict]:
+    """`resize` by `factor` on both sides (keeping the aspect ratio; at least one pixel)."""
+    height, width = image.shape[-2:]
+    return resize(image, target, (max(1, round(height * factor)), max(1, round(width * factor))))
 
 
 def crop_and_pad(image: torch.Tensor, target: dict, top: int, left: int, size: int,
@@ -112,7 +118,7 @@ class DetTrainTransform:
         scale = low + (high - low) * float(torch.rand(()))
         height, width = image.shape[-2:]
         factor = min(scale * self.image_size / height, scale * self.image_size / width)
-        image, target = resize(image, target, (max(1, round(height * factor)), max(1, round(width * factor))))
+        image, target = rescale(image, target, factor)
         height, width = image.shape[-2:]
         # One draw for both axes, as detectron2's FixedSizeCrop: the crop's corner lies on the line from the
         # top-left to the bottom-right placement, the distribution the published recipe trained with.
@@ -137,7 +143,6 @@ class DetEvalTransform:
     def __call__(self, image, target: dict) -> Tuple[torch.Tensor, dict]:
         image = as_tensor(image)
         height, width = image.shape[-2:]
-        factor = self.image_size / max(height, width)
-        image, target = resize(image, target, (max(1, round(height * factor)), max(1, round(width * factor))))
+        image, target = rescale(image, target, self.image_size / max(height, width))
         target["size"] = torch.tensor(image.shape[-2:], dtype=torch.int64)
         return image, target
