@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from helpers import run_two_processes
+from util.coco import CocoDetection, InvalidAnnotationWarning
 from util.det_metrics import (COCO_METRICS, coco_evaluate, coco_ground_truth, coco_records, gather_records,
                               scores_for_log, write_results)
 
@@ -118,6 +119,30 @@ def test_an_evaluated_image_without_detections_counts_its_misses():
     with_dog = coco_evaluate(ground_truth(), records, ["bbox"], image_ids=[1, 2])
     assert with_dog["bbox"]["AP"] == pytest.approx(50)  # the dog's AP is 0
     assert coco_evaluate(ground_truth(), [], ["segm"]) == {"segm": dict.fromkeys(COCO_METRICS, 0.0)}
+
+
+def test_a_datasets_ground_truth_leaves_out_the_annotations_it_skips(tmp_path):
+    # A null box, a polygon of two points (pycocotools would read it as a box) and no segmentation at all: in the file
+    # as parsed, COCOeval fails on each (bbox or segm) or counts it as a miss; against the dataset's ground truth,
+    # perfect records score 100.
+    data = ground_truth()
+    unusable = [{"id": 4, "image_id": 1, "category_id": CAT, "bbox": None, "area": 400, "iscrowd": 0,
+                 "segmentation": rle(A)},
+                {"id": 5, "image_id": 2, "category_id": DOG, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0,
+                 "segmentation": [[4, 4, 24, 24]]},
+                {"id": 6, "image_id": 2, "category_id": CAT, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}]
+    data["annotations"] += unusable
+    (tmp_path / "images").mkdir()
+    (tmp_path / "val.json").write_text(json.dumps(data))
+    with pytest.warns(InvalidAnnotationWarning):
+        dataset = CocoDetection(str(tmp_path / "images"), str(tmp_path / "val.json"), with_masks=False)
+    assert [id for id, _ in dataset.invalid_annotations] == [4, 5, 6]
+    gt = coco_ground_truth(dataset)
+    assert sorted(gt.getAnnIds()) == [1, 2, 3] and sorted(gt.getImgIds()) == [1, 2]
+    scores = coco_evaluate(gt, records_of({1: [(A, 1, 0.9), (B, 1, 0.8)], 2: [(C, 2, 0.7)]}))
+    for iou_type in ("bbox", "segm"):
+        assert [scores[iou_type][k] for k in COCO_METRICS[:5]] == pytest.approx([100.0] * 5, abs=1e-9)
+    assert coco_ground_truth(dataset.ground_truth_data()).getAnnIds() == gt.getAnnIds()  # the plain dict as well
 
 
 def test_results_file_is_coco_results_json(tmp_path):

@@ -14,7 +14,7 @@ import io
 import json
 import math
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from util.checkpoint import write_file_atomically
+from util.coco import CocoDetection
 
 __all__ = ["COCO_METRICS", "IOU_TYPES", "coco_records", "gather_records", "write_results", "coco_ground_truth",
            "coco_evaluate", "scores_for_log"]
@@ -97,9 +98,14 @@ def write_results(records: List[dict], path: str) -> None:
     write_file_atomically(path, lambda f: f.write(json.dumps(records).encode()))
 
 
-def coco_ground_truth(coco_data: dict) -> COCO:
-    """A pycocotools COCO of a parsed annotation file (util.coco.CocoDetection.coco_data), built quietly. Its
+def coco_ground_truth(coco_data: Union[dict, CocoDetection]) -> COCO:
+    """A pycocotools COCO, built quietly, of a dataset's ground truth (its `ground_truth_data()`: the file with the
+    annotations the dataset keeps) or of a parsed annotation file, taken as it is. Evaluation of a dataset should
+    pass the dataset (or its ground_truth_data()), not its `coco_data`: that still holds the annotations the dataset
+    skipped, which COCOeval would count as objects to find, or fail on (a null box, a polygon of two points). Its
     annotations are copies: COCOeval writes into them (masks as RLE, `ignore`), and the dataset reads the originals."""
+    if isinstance(coco_data, CocoDetection):
+        coco_data = coco_data.ground_truth_data()
     coco = COCO()
     coco.dataset = {**coco_data, "annotations": [dict(annotation) for annotation in coco_data["annotations"]]}
     with contextlib.redirect_stdout(io.StringIO()):
