@@ -27,10 +27,8 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torchvision.ops import Conv2dNormActivation
 
+from dmjd_encoders.models_convvit import matcher_without_tail
 from util.seg_labels import IGNORE_INDEX
-
-# The suffix with which a group_matcher puts parameters with the block before them (timm's MATCH_PREV_GROUP).
-MATCH_PREV_GROUP = (99999,)
 
 __all__ = ["PPM", "UPerHead", "FCNHead", "UperNet", "create_upernet", "segmentation_loss"]
 
@@ -179,17 +177,13 @@ class UperNet(nn.Module):
         joins both heads in a last layer of their own. For ConViT-B: stages 1-2, the patch embeddings and the
         position embedding are layer 0, stage-3 block i is layer i + 1, the rest layer 12 (13 layers)."""
         prefix = r"^" + re.escape("backbone.model.")
-        matcher = self._encoder().group_matcher(coarse)
+        matcher, after_blocks = matcher_without_tail(self._encoder().group_matcher(coarse))
 
         def scoped(pattern: str) -> str:
             return prefix + "(?:" + pattern.removeprefix("^") + ")"
 
-        blocks = matcher["blocks"]
-        blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
-        after_blocks = [scoped(p) for p, suffix in blocks if suffix == MATCH_PREV_GROUP]
-        return dict(stem=scoped(matcher["stem"]),
-                    blocks=[(scoped(p), suffix) for p, suffix in blocks if suffix != MATCH_PREV_GROUP],
-                    last="|".join(after_blocks + [r"^(?:decode_head|auxiliary_head)\."]))
+        return dict(stem=scoped(matcher["stem"]), blocks=[(scoped(p), suffix) for p, suffix in matcher["blocks"]],
+                    last="|".join([scoped(p) for p in after_blocks] + [r"^(?:decode_head|auxiliary_head)\."]))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

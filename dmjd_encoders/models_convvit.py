@@ -247,8 +247,9 @@ class ConvViT(nn.Module):
 
     `fuse_stages=True` (pre-training) adds projections of the stage-1 and stage-2 maps to the token width, gathered
     at the visible tokens and added after the transformer blocks, before the final norm (ConvMAE's multi-scale
-    decoder input). `stride32_level=True` (set by `features_only=True`) adds the fourth feature level of ConvMAE's
-    segmentation backbone: a stride-2 3x3 conv, BatchNorm and GELU on the stage-3 map.
+    decoder input). `stride32_level` adds a fourth feature level at stride 32 from the stage-3 map: True or "conv" (set
+    by `features_only=True`) ConvMAE's segmentation backbone's, a stride-2 3x3 conv, BatchNorm and GELU; "maxpool"
+    its detection backbone's, 2 x 2 max pooling (ConvViTDet's `ms_adaptor`), with no parameters.
 
     Feature levels (`feature_info`, `forward_intermediates`): the stage-1 and stage-2 maps, the stage-3 tokens as a
     map (before the final norm unless `norm=True`), and the stride-32 level when built.
@@ -258,9 +259,10 @@ class ConvViT(nn.Module):
                  embed_dim: Sequence[int] = (256, 384, 768), depth: Sequence[int] = (2, 2, 11), num_heads: int = 12,
                  mlp_ratio: Sequence[float] = (8.0, 8.0, 4.0), num_classes: int = 0, global_pool: str = "avg",
                  fc_norm: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 learnable_pos_embed: bool = False, dynamic_img_size: bool = False, stride32_level: bool = False,
-                 fuse_stages: bool = False, sparse_stages: bool = True, rel_pos_bias: bool = False,
-                 layer_scale: Optional[float] = None, window_size: int = 0, global_blocks: Sequence[int] = ()):
+                 learnable_pos_embed: bool = False, dynamic_img_size: bool = False,
+                 stride32_level: Union[bool, str] = False, fuse_stages: bool = False, sparse_stages: bool = True,
+                 rel_pos_bias: bool = False, layer_scale: Optional[float] = None, window_size: int = 0,
+                 global_blocks: Sequence[int] = (), rel_pos_layout: str = "per_block"):
         super().__init__()
         if not (len(patch_size) == len(embed_dim) == len(depth) == len(mlp_ratio) == 3):
             raise ValueError("ConvViT takes three stages: patch_size, embed_dim, depth and mlp_ratio need 3 values")
@@ -276,7 +278,7 @@ class ConvViT(nn.Module):
         self.fuse_stages = fuse_stages
         self.sparse_stages = sparse_stages
         # dense transfer's options of the transformer blocks (dmjd_encoders.dense)
-        self.dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks))
+        self.dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks), rel_pos_layout)
         self.dense.check(depth[2])
         self.dense_blocks = self.dense.per_block  # a plain bool for forward (TorchScript)
 
@@ -320,20 +322,30 @@ class ConvViT(nn.Module):
             block(embed_dim[2], num_heads, mlp_ratio=mlp_ratio[2], qkv_bias=True, norm_layer=BlockNorm,
                   init_values=self.dense.layer_scale, drop_path=dpr[depth[0] + depth[1] + i], depth=i)
             for i in range(depth[2])])
+        self.rel_pos_tables = self.dense.shared_tables(self.blocks3, self.grid_size, num_heads)
         if fuse_stages:
             self.stage1_output_decode = nn.Conv2d(embed_dim[0], embed_dim[2], s2 * s3, stride=s2 * s3)
             self.stage2_output_decode = nn.Conv2d(embed_dim[1], embed_dim[2], s3, stride=s3)
 
     def _build_outputs(self, width: int, num_classes: int, fc_norm: bool, drop_rate: float,
-                       stride32_level: bool) -> None:
+                       stride32_level: Union[bool, str]) -> None:
         """The final norm, the stride-32 level when asked for, and the classifier (pooled norm, dropout, head)."""
         # Global pooling with fc_norm replaces the final norm by a norm after pooling (MAE / ConvMAE fine-tuning).
         self.norm = nn.Identity() if fc_norm else BlockNorm(width)
-        # ConvMAE's segmentation backbone has no padding here (3x3 / 2 gives 15 x 15 from 32 x 32); padding 1 keeps
-        # the level at exactly a 32nd of an input that is a multiple of 32, and defined for any multiple of 16.
-        self.downsample32 = nn.Sequential(
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.GELU(),
-        ) if stride32_level else None
+        if stride32_level not in (False, None, True, "conv", "maxpool"):
+            raise ValueError(f"stride32_level must be False, True / 'conv' or 'maxpool', got {stride32_level!r}")
+        if stride32_level == "maxpool":
+            # ConvMAE's detection backbone: MaxPool2d(2) of the stride-16 map (rounding up here, so that any multiple
+            # of 16 gives a level, as the conv's padding below does; the same at multiples of 32)
+            self.downsample32 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        elif stride32_level:
+            # ConvMAE's segmentation backbone has no padding here (3x3 / 2 gives 15 x 15 from 32 x 32); padding 1
+            # keeps the level at exactly a 32nd of an input that is a multiple of 32, and defined for any multiple of
+            # 16.
+            self.downsample32 = nn.Sequential(
+                nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.GELU())
+        else:
+            self.downsample32 = None
         self.fc_norm = BlockNorm(width) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
@@ -645,12 +657,12 @@ class ViT(VisionTransformer):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = False,
                  rel_pos_bias: bool = False, layer_scale: Optional[float] = None, window_size: int = 0,
                  global_blocks: Sequence[int] = (), simple_pyramid: bool = False,
-                 pyramid_channels: int = VITDET_PYRAMID_CHANNELS):
+                 pyramid_channels: int = VITDET_PYRAMID_CHANNELS, rel_pos_layout: str = "per_block"):
         _check_global_pool(global_pool, class_token)
         size = to_2tuple(img_size)
         if size[0] % patch_size or size[1] % patch_size:
             raise ValueError(f"input size {size} must be divisible by the model's stride {patch_size}")
-        dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks))
+        dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks), rel_pos_layout)
         dense.check(depth)
         grid = (size[0] // patch_size, size[1] // patch_size)
         super().__init__(img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
@@ -660,6 +672,7 @@ class ViT(VisionTransformer):
                          attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, weight_init="skip",
                          init_values=layer_scale, block_fn=dense.block_fn(grid, int(class_token)))
         self.dense = dense
+        self.rel_pos_tables = dense.shared_tables(self.blocks, grid, num_heads)
         if dense.per_block:
             self.patch_embed.register_forward_hook(self._grid_to_blocks)
         with torch.no_grad():
@@ -1028,6 +1041,29 @@ def is_plain_vit(name: str) -> bool:
     (its multi-scale levels for dense transfer then come from `simple_pyramid=True`)."""
     name = timm.models.get_deprecated_models(TIMM_MODULE).get(name, name)
     return name in ENCODER_ARCHS and ENCODER_ARCHS[name][0] is ViT
+
+
+# The suffix with which a group_matcher puts parameters with the block before them (timm's MATCH_PREV_GROUP).
+MATCH_PREV_GROUP = (99999,)
+
+
+def matcher_without_tail(matcher: dict) -> Tuple[dict, List[str]]:
+    """A timm group_matcher without the entries that join the last block's group (MATCH_PREV_GROUP: a final norm,
+    ConViT's stride-32 level, a ViT's simple pyramid), and their patterns. For layer-wise lr decay in dense transfer,
+    what follows the blocks learns at the heads' rate, in a last layer of its own (ConvMAE's segmentation optimizer,
+    ViTDet's get_vit_lr_decay_rate), not at the last block's."""
+    blocks = matcher["blocks"]
+    blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
+    tail = [pattern for pattern, suffix in blocks if suffix == MATCH_PREV_GROUP]
+    return dict(matcher, blocks=[(p, suffix) for p, suffix in blocks if suffix != MATCH_PREV_GROUP]), tail
+
+
+def transformer_depth(name: str) -> int:
+    """The number of transformer blocks of the registered encoder `name` (or a former name of one): a ViT's blocks, a
+    ConViT's stage 3."""
+    name = timm.models.get_deprecated_models(TIMM_MODULE).get(name, name)
+    model_cls, arch = ENCODER_ARCHS[name]
+    return arch["depth"][2] if model_cls is ConvViT else arch["depth"]
 
 
 def check_classifier_name(name: str) -> None:

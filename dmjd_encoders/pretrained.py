@@ -24,8 +24,8 @@ _logger = logging.getLogger(__package__ + ".checkpoint")
 
 __all__ = ["PretrainedWeightsError", "ArchitectureMismatch", "PRETRAIN_ONLY_PREFIXES", "SEGMENTER_ENCODER_PREFIX",
            "FRESH_KEYS", "is_fresh", "has_class_token", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
-           "saved_model", "export_architecture", "load_pretrained", "architecture_kwargs", "check_encoder_loaded",
-           "checkpoint_filter_fn", "check_pretrained_flag", "encoder_layout", "load_encoder"]
+           "saved_args", "saved_model", "export_architecture", "load_pretrained", "architecture_kwargs", "check_encoder_loaded",
+           "checkpoint_filter_fn", "check_pretrained_flag", "encoder_layout", "load_encoder", "without_class_token"]
 
 
 class PretrainedWeightsError(ValueError):
@@ -53,7 +53,7 @@ SEGMENTER_ENCODER_PREFIX = "backbone.model."
 FRESH_KEYS = {
     "classifier": ("head.", "fc_norm."),
     "probe": (),
-    "dense": ("head.", "fc_norm.", "downsample32.", "rel_pos.", "ls1.", "ls2.", "pyramid."),
+    "dense": ("head.", "fc_norm.", "downsample32.", "rel_pos.", "rel_pos_tables.", "ls1.", "ls2.", "pyramid."),
 }
 
 
@@ -133,16 +133,22 @@ def resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module, old_grid
     return resampled
 
 
-def saved_model(checkpoint) -> Optional[str]:
-    """The model a checkpoint was trained as (its saved `args["model"]`), from a loaded dict or a path (read lazily);
-    None when it does not say or cannot be read."""
+def saved_args(checkpoint) -> Optional[dict]:
+    """The flags a checkpoint was trained with (its saved `args`), from a loaded dict or a path (read lazily); None
+    when it has none or cannot be read."""
     if isinstance(checkpoint, str):
         try:
             checkpoint = load_checkpoint(checkpoint, mmap=True)
         except Exception:  # an unreadable file has nothing to say; the caller's error says what is wrong
             return None
     args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    model = args.get("model") if isinstance(args, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def saved_model(checkpoint) -> Optional[str]:
+    """The model a checkpoint was trained as (its saved `args["model"]`), from a loaded dict or a path (read lazily);
+    None when it does not say or cannot be read."""
+    model = (saved_args(checkpoint) or {}).get("model")
     return model if isinstance(model, str) else None
 
 
@@ -153,18 +159,30 @@ def export_architecture(checkpoint: dict) -> Optional[str]:
     return config.get("architecture") if isinstance(config, dict) else None
 
 
-def load_pretrained(model: torch.nn.Module, path: str, key: str = "model"):
+def without_class_token(state: dict) -> dict:
+    """MAE's / timm's ViT weights without the class token and its row of the position embedding, for a model of the
+    patch tokens alone (ViTDet's backbone drops them from MAE's weights: `pretrain_use_cls_token`)."""
+    state = {k: v for k, v in state.items() if k != "cls_token"}
+    if "pos_embed" in state:
+        state["pos_embed"] = state["pos_embed"][:, 1:]
+    return state
+
+
+def load_pretrained(model: torch.nn.Module, path: str, key: str = "model", drop_class_token: bool = False):
     """Loads pre-trained encoder weights into a classifier (ConvViT / ViT) and returns (missing, unexpected) keys.
 
     Takes a checkpoint of ours, the authors' release, MAE's or timm's ViT layout, or an export (.pth,
     .safetensors or a hub-layout folder); loads with weights_only=True; drops pre-training-only keys and a head whose
     shape does not fit; resamples the position embedding from the grid it was trained at (its saved --input_size)
-    to the model's. Weights of another architecture raise ArchitectureMismatch (see `saved_model` for what the
-    checkpoint was trained as).
+    to the model's. `drop_class_token`: a class token the model has no place for is dropped with its position
+    (`without_class_token`) rather than refused. Weights of another architecture raise ArchitectureMismatch (see
+    `saved_model` for what the checkpoint was trained as).
     """
     checkpoint = load_checkpoint(path)
     _check_export_architecture(checkpoint, model, path)
     state = encoder_state_dict(checkpoint, key)
+    if drop_class_token and has_class_token(state) and not has_class_token(model.state_dict()):
+        state = without_class_token(state)
     old_grid = None
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     if args.get("input_size") and "pos_embed" in state:
@@ -272,9 +290,9 @@ def encoder_layout(path: str, key: str = "model") -> dict:
 
 
 def load_encoder(model: torch.nn.Module, path: str, key: str = "model",
-                 allowed_missing=FRESH_KEYS["classifier"]) -> None:
+                 allowed_missing=FRESH_KEYS["classifier"], drop_class_token: bool = False) -> None:
     """--finetune's encoder weights into `model`, every one but the `allowed_missing` (one of FRESH_KEYS) that start
-    fresh; see `_pretrained_errors` for a checkpoint that does not fit."""
+    fresh (`drop_class_token`: see load_pretrained); see `_pretrained_errors` for a checkpoint that does not fit."""
     with _pretrained_errors(path):
-        missing, unexpected = load_pretrained(model, path, key)
+        missing, unexpected = load_pretrained(model, path, key, drop_class_token)
         check_encoder_loaded(missing, unexpected, path, allowed_missing)

@@ -1,14 +1,15 @@
-"""dmjd_encoders.dense: the encoders' build options for dense transfer (relative position bias, layer scale, windowed
-attention, ViTDet's simple feature pyramid): off by default, shapes at any multiple of the stride, windows that cover
-the grid are global attention, and pre-trained weights load with only the new parameters fresh."""
+"""dmjd_encoders.dense: the encoders' build options for dense transfer (relative positions per block, shared as
+ConvMAE's DET or decomposed as ViTDet's, layer scale, windowed attention, ViTDet's simple feature pyramid, ConvMAE's
+max-pooled stride-32 level): off by default, shapes at any multiple of the stride, windows that cover the grid are
+global attention, and pre-trained weights load with only the new parameters fresh."""
 import pytest
 import timm
 import torch
 from timm.models.vision_transformer import Block
 
 import models_convvit  # noqa: F401  (registers the encoders)
-from dmjd_encoders.dense import (CONVMAE_DET_GLOBAL_BLOCKS, CONVMAE_DET_WINDOW_SIZE, DenseBlock, DenseOptions,
-                                 RelPosBias, window_partition, window_unpartition)
+from dmjd_encoders.dense import (CONVMAE_DET_GLOBAL_BLOCKS, CONVMAE_DET_WINDOW_SIZE, DecomposedRelPos, DenseBlock,
+                                 DenseOptions, RelPosBias, detection_attention, window_partition, window_unpartition)
 from dmjd_encoders.pretrained import FRESH_KEYS, is_fresh, load_encoder, load_pretrained
 from helpers import pretrain_checkpoint
 
@@ -17,6 +18,8 @@ OPTIONS = {
     "rel_pos_bias": dict(rel_pos_bias=True),
     "layer_scale": dict(layer_scale=0.1),
     "windows": dict(window_size=3, global_blocks=(1,), rel_pos_bias=True),
+    "shared": dict(window_size=3, global_blocks=(1,), rel_pos_bias=True, rel_pos_layout="shared"),
+    "decomposed": dict(window_size=3, global_blocks=(1,), rel_pos_bias=True, rel_pos_layout="decomposed"),
 }
 
 
@@ -28,7 +31,7 @@ def build(name, size=64, **kwargs):
 def randomize_tables(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("relative_position_bias_table"):
+            if name.endswith(("relative_position_bias_table", "rel_pos_h", "rel_pos_w")):
                 p.normal_()
 
 
@@ -194,3 +197,70 @@ def test_pretrained_weights_load_with_every_option_on_and_only_the_new_parameter
     block = "blocks3.1" if name == CONVVIT else "blocks.1"
     assert torch.equal(model.state_dict()[f"{block}.attn.qkv.weight"], own[f"encoder.{block}.attn.qkv.weight"])
     assert isinstance(getattr(model, "blocks3" if name == CONVVIT else "blocks")[1], DenseBlock)
+
+
+@pytest.mark.parametrize("name,blocks", [(CONVVIT, "blocks3"), (VIT, "blocks")])
+def test_the_shared_layout_has_one_table_for_the_windowed_blocks_and_one_for_the_global_ones(name, blocks):
+    model = build(name, window_size=2, global_blocks=(1,), rel_pos_bias=True, rel_pos_layout="shared")
+    tables = [k for k, _ in model.named_parameters() if "relative_position_bias_table" in k]
+    assert tables == ["rel_pos_tables.window.relative_position_bias_table",
+                      "rel_pos_tables.global.relative_position_bias_table"]
+    assert model.rel_pos_tables["window"].size == (2, 2) and model.rel_pos_tables["global"].size == (4, 4)
+    first, second = getattr(model, blocks)
+    assert first.rel_pos is None and first.shared_rel_pos[0] is model.rel_pos_tables["window"]
+    assert second.shared_rel_pos[0] is model.rel_pos_tables["global"]
+    randomize_tables(model)
+    model.forward_features(torch.randn(1, 3, 64, 64)).sum().backward()  # both tables learn, through their blocks
+    assert all(model.rel_pos_tables[k].relative_position_bias_table.grad.abs().sum() > 0 for k in ("window", "global"))
+    assert model.no_weight_decay() >= {"rel_pos_tables.window.relative_position_bias_table"}
+
+
+def test_decomposed_relative_positions_are_vitdets_query_dependent_bias():
+    """The bias of query (h, w) on key (h', w') is q . Rh[h - h'] + q . Rw[w - w'], added to the attention logits."""
+    torch.manual_seed(0)
+    block = DenseBlock(8, 2, grid_size=(2, 3), rel_pos_bias=True, rel_pos_layout="decomposed").eval()
+    with torch.no_grad():
+        block.rel_pos.rel_pos_h.normal_()
+        block.rel_pos.rel_pos_w.normal_()
+    x = torch.randn(1, 6, 8)
+    attn, (rh, rw) = block.attn, (block.rel_pos.rel_pos_h.detach(), block.rel_pos.rel_pos_w.detach())
+    q, k, v = attn.qkv(x).detach().reshape(1, 6, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    positions = [(h, w) for h in range(2) for w in range(3)]
+    bias = torch.tensor([[[float(q[0, a, i] @ rh[hi - hj + 1] + q[0, a, i] @ rw[wi - wj + 2])
+                           for j, (hj, wj) in enumerate(positions)] for i, (hi, wi) in enumerate(positions)]
+                         for a in range(2)])
+    weights = ((q[0] @ k[0].transpose(-1, -2)) * attn.scale + bias).softmax(-1)
+    expected = attn.proj((weights @ v[0]).transpose(0, 1).reshape(1, 6, 8))
+    torch.testing.assert_close(block._attend(x, (2, 3)), expected, atol=1e-5, rtol=1e-5)
+    # any grid: the embeddings interpolated to its span
+    assert DecomposedRelPos((2, 3), 4)(torch.randn(1, 2, 20, 4), (4, 5)).shape == (1, 2, 20, 20)
+
+
+def test_detection_attention_follows_each_anchor_by_the_depth():
+    assert detection_attention(False, 11) == (16, (0, 3, 6, 10))  # ConvMAE-B's DET
+    assert detection_attention(False, 23) == (16, (0, 7, 13, 22))  # the same fractions of ConViT-L's depth
+    assert detection_attention(True, 12) == (14, (2, 5, 8, 11))  # ViTDet's ViT-B
+    assert detection_attention(True, 24) == (14, (5, 11, 17, 23))  # ViT-L
+    assert detection_attention(True, 32) == (14, (7, 15, 23, 31))  # ViT-H
+
+
+def test_convmaes_detection_backbone_max_pools_the_stride_16_map_to_its_stride_32_level():
+    model = build(CONVVIT, features_only=True, stride32_level="maxpool")
+    assert not list(model.model.downsample32.parameters())
+    maps = model(torch.randn(1, 3, 96, 64))
+    torch.testing.assert_close(maps[3], torch.nn.functional.max_pool2d(maps[2], 2, ceil_mode=True))
+    with pytest.raises(ValueError, match="stride32_level"):
+        build(CONVVIT, features_only=True, stride32_level="avgpool")
+
+
+def test_maes_class_token_is_dropped_for_a_model_of_the_patch_tokens(tmp_path):
+    """ViTDet takes MAE's weights without the class token and its position: a windowed model has no place for it."""
+    from util.checkpoint import save_checkpoint
+    mae = timm.create_model(VIT, img_size=64, class_token=True)
+    save_checkpoint({"model": mae.state_dict()}, str(tmp_path / "mae.pth"))
+    model = build(VIT, window_size=2, global_blocks=(1,))
+    with pytest.raises(Exception, match="class_token"):
+        load_pretrained(model, str(tmp_path / "mae.pth"))
+    missing, unexpected = load_pretrained(model, str(tmp_path / "mae.pth"), drop_class_token=True)
+    assert not missing and not unexpected
+    assert torch.equal(model.pos_embed, mae.pos_embed[:, 1:])

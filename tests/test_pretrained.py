@@ -48,7 +48,8 @@ def test_the_layout_of_every_kind_of_checkpoint_comes_from_one_function(tmp_path
 
 def test_the_weights_that_start_fresh_are_declared_once_by_use():
     assert FRESH_KEYS == {"classifier": ("head.", "fc_norm."), "probe": (),
-                          "dense": ("head.", "fc_norm.", "downsample32.", "rel_pos.", "ls1.", "ls2.", "pyramid.")}
+                          "dense": ("head.", "fc_norm.", "downsample32.", "rel_pos.", "rel_pos_tables.", "ls1.", "ls2.",
+                                    "pyramid.")}
     new = ["head.weight", "fc_norm.weight", "downsample32.0.weight"]
     check_encoder_loaded(new, [], "pre.pth", FRESH_KEYS["dense"])
     # the dense options' modules, at any depth of a key
