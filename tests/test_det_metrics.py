@@ -41,12 +41,12 @@ def ground_truth():
 
 
 def output(detections):
-    """A Mask R-CNN output at half the original size (32 x 32) for (box xywh at 64, label, score) detections."""
+    """A Mask R-CNN output at half the original size (32 x 32) for (box xywh at 64, label, score) detections, each
+    mask filling its box (probability 0.9 in every cell)."""
     boxes = torch.tensor([[x, y, x + w, y + h] for (x, y, w, h), _, _ in detections], dtype=torch.float32) / 2
-    masks = torch.stack([torch.from_numpy(rectangle([v // 2 for v in box], 32)).float()[None] * 0.9
-                         for box, _, _ in detections])
     return {"boxes": boxes.reshape(-1, 4), "labels": torch.tensor([label for _, label, _ in detections]),
-            "scores": torch.tensor([score for _, _, score in detections]), "masks": masks}
+            "scores": torch.tensor([score for _, _, score in detections]),
+            "masks": torch.full((len(detections), 1, 28, 28), 0.9)}
 
 
 def target(image_id):

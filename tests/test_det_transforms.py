@@ -1,10 +1,13 @@
 """util.det_transforms: large-scale jitter (resize by a random scale, fixed-size crop with padding, flip, boxes from
-the cropped masks) and the evaluation resize, at small sizes."""
+the cropped masks), the evaluation resize, and detections mapped back to the image (boxes in fp32, masks pasted with
+aligned sampling), at small sizes."""
 import pytest
 import torch
 
 from training.data import SeededSamples
-from util.det_transforms import PAD_FILL, DetEvalTransform, DetTrainTransform, masks_to_boxes
+import util.det_transforms as det_transforms
+from util.det_transforms import (PAD_FILL, DetEvalTransform, DetTrainTransform, detections_in, masks_to_boxes,
+                                  paste_masks)
 
 
 def sample(height=40, width=60):
@@ -105,3 +108,45 @@ def test_the_training_transform_needs_masks():
     del target["masks"]
     with pytest.raises(ValueError, match="masks"):
         DetTrainTransform(32)(image, target)
+
+
+def test_a_mask_filling_its_box_pastes_to_exactly_the_pixels_whose_centres_lie_in_the_box():
+    boxes = torch.tensor([[2.0, 3.0, 12.0, 9.0], [0.0, 0.0, 40.0, 30.0], [5.2, 5.2, 6.2, 6.2]])
+    pasted = paste_masks(torch.ones(3, 1, 28, 28), boxes, (30, 40))
+    assert pasted.dtype == torch.bool and pasted.shape == (3, 30, 40)
+    expected = torch.zeros(30, 40, dtype=torch.bool)
+    expected[3:9, 2:12] = True
+    assert torch.equal(pasted[0], expected)
+    assert pasted[1].all()
+    assert pasted[2].sum() == 1 and pasted[2, 5, 5] and pasted[2, 6, 6] == 0  # the centre (5.5, 5.5) alone
+
+
+def test_a_pasted_mask_follows_its_cells_across_the_box_and_chunks_change_nothing(monkeypatch):
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, 0, :, :2] = 1.0  # the left half of the box
+    masks[1, 0, 2:] = 0.8  # the bottom half
+    boxes = torch.tensor([[4.0, 4.0, 12.0, 12.0], [0.0, 0.0, 16.0, 8.0]])
+    whole = paste_masks(masks, boxes, (16, 16))
+    assert whole[0, 4:12, 4:8].all() and not whole[0, :, 8:].any() and whole[0].sum() == 32
+    # a cell at the box's edge blends with zero beyond it (detectron2's zero padding): the outer pixels of a corner
+    # cell, blended on two sides, drop below 0.5
+    assert whole[1, 4:8, 1:15].all() and not whole[1, :4].any() and not whole[1, 8:].any()
+    assert not whole[1, 4, 0] and not whole[1, 7, 15] and whole[1, 5, 0]
+    monkeypatch.setattr(det_transforms, "PASTE_CHUNK_PIXELS", 16 * 16)  # one mask per chunk
+    assert torch.equal(paste_masks(masks, boxes, (16, 16)), whole)
+
+
+def test_detections_map_to_the_original_image_in_fp32_clipped_and_without_empty_boxes():
+    output = {"boxes": torch.tensor([[10.0, 5.0, 20.0, 15.0], [25.0, 0.0, 40.0, 12.0], [39.5, 2.0, 45.0, 4.0]]),
+              "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.8, 0.7]),
+              "masks": torch.ones(3, 1, 28, 28)}
+    # the model saw a 20 x 40 image (its longest side resized from 61 x 123, the original)
+    shown = detections_in(output, (20, 40), (61, 123))
+    assert shown["boxes"].dtype == torch.float32 and shown["labels"].tolist() == [1, 2, 3]
+    torch.testing.assert_close(shown["boxes"][0], torch.tensor([10 * 123 / 40, 5 * 61 / 20, 20 * 123 / 40,
+                                                               15 * 61 / 20]))
+    assert shown["boxes"][2, 2] == 123  # clipped to the original image
+    assert shown["masks"].shape == (3, 61, 123)
+    outside = {**output, "boxes": torch.tensor([[41.0, 2.0, 45.0, 4.0]]), "labels": torch.tensor([1]),
+               "scores": torch.tensor([0.5]), "masks": torch.ones(1, 1, 28, 28)}
+    assert len(detections_in(outside, (20, 40), (61, 123))["boxes"]) == 0  # empty once clipped: dropped

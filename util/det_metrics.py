@@ -2,10 +2,11 @@
 COCOEvaluator does it.
 
 The path of a result: `coco_records` turns Mask R-CNN's outputs for a batch into COCO result records (boxes in the
-original image's pixels as x, y, width, height; masks resized to the original image, thresholded at 0.5 and
-RLE-encoded; labels mapped back to the file's category ids). Each process evaluates a disjoint part of the set
-without padding (training.data.ShardSampler), and `gather_records` collects the records and evaluated image ids of
-all processes, so every image counts exactly once. `write_results` saves the records as COCO's results JSON, and
+original image's pixels as x, y, width, height, mapped in fp32; masks pasted into their boxes at the original image's
+resolution, thresholded at 0.5 and RLE-encoded, as detectron2's detector_postprocess; labels mapped back to the
+file's category ids). Each process evaluates a disjoint part of the set without padding (training.data.ShardSampler),
+and `gather_records` collects the records and evaluated image ids of all processes, so every image counts exactly
+once. `write_results` saves the records as COCO's results JSON, and
 `coco_evaluate` scores them against the annotation file: AP (IoU 0.50:0.95), AP50, AP75, APs, APm, APl for `bbox`
 and `segm`, in percent; a score COCOeval leaves undefined (no ground truth of that size) is NaN.
 """
@@ -19,30 +20,26 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as nnf
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from util.checkpoint import write_file_atomically
 from util.coco import CocoDetection
+from util.det_transforms import MASK_THRESHOLD, detections_in
 
 __all__ = ["COCO_METRICS", "IOU_TYPES", "coco_records", "gather_records", "write_results", "coco_ground_truth",
            "coco_evaluate", "scores_for_log"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six of COCOeval.stats
 IOU_TYPES = ("bbox", "segm")
-MASK_THRESHOLD = 0.5
 
 
-def _encode_masks(masks: torch.Tensor, size: Tuple[int, int], threshold: float) -> List[dict]:
-    """RLEs (counts as str, for JSON) of mask probabilities [N, 1, h, w] resized to `size` and thresholded."""
+def _encode_masks(masks: torch.Tensor) -> List[dict]:
+    """RLEs (counts as str, for JSON) of bool masks [N, H, W]."""
     if len(masks) == 0:
         return []
-    # On the masks' device: one image's masks at full size are too many pixels to resize on the host quickly.
-    probabilities = nnf.interpolate(masks.detach().float(), size=size, mode="bilinear", align_corners=False)
-    binary = (probabilities[:, 0] > threshold).to("cpu", torch.uint8).numpy()
-    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    rles = mask_utils.encode(np.asfortranarray(masks.to("cpu", torch.uint8).numpy().transpose(1, 2, 0)))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
@@ -50,25 +47,24 @@ def _encode_masks(masks: torch.Tensor, size: Tuple[int, int], threshold: float) 
 
 def coco_records(outputs: Sequence[Dict[str, torch.Tensor]], targets: Sequence[dict], category_ids: Sequence[int],
                  mask_threshold: float = MASK_THRESHOLD) -> List[dict]:
-    """COCO result records of one batch: torchvision Mask R-CNN outputs (`boxes` x1, y1, x2, y2 in the transformed
-    image, `labels` 1..C, `scores`, optionally `masks` [N, 1, H, W] probabilities) with their targets (`image_id`,
-    `orig_size` and `size`: the image's height, width before and after the transform). `category_ids[label - 1]`
-    is the file's category id (util.coco.CocoDetection.category_ids)."""
+    """COCO result records of one batch: Mask R-CNN outputs (models_maskrcnn: `boxes` x1, y1, x2, y2 in the
+    transformed image, `labels` 1..C, `scores`, optionally `masks` [N, 1, M, M] probabilities within the boxes) with
+    their targets (`image_id`, `orig_size` and `size`: the image's height, width before and after the transform).
+    Boxes are mapped to the original image in fp32 and masks pasted there (util.det_transforms.detections_in);
+    `category_ids[label - 1]` is the file's category id (util.coco.CocoDetection.category_ids)."""
     records = []
     for output, target in zip(outputs, targets):
-        orig_h, orig_w = (int(v) for v in target["orig_size"])
-        height, width = (int(v) for v in target["size"])
-        scale = torch.tensor([orig_w / width, orig_h / height] * 2, dtype=torch.float64)
-        boxes = output["boxes"].detach().cpu().to(torch.float64) * scale
+        orig_size = tuple(int(v) for v in target["orig_size"])
+        detections = detections_in(output, tuple(int(v) for v in target["size"]), orig_size, mask_threshold)
+        boxes = detections["boxes"].detach().cpu().to(torch.float64)
         boxes[:, 2:] -= boxes[:, :2]
-        rles = (_encode_masks(output["masks"], (orig_h, orig_w), mask_threshold) if "masks" in output
-                else [None] * len(boxes))
+        rles = _encode_masks(detections["masks"]) if "masks" in detections else [None] * len(boxes)
         image_id = int(target["image_id"])
-        labels = output["labels"].tolist()
+        labels = detections["labels"].tolist()
         if labels and not 1 <= min(labels) <= max(labels) <= len(category_ids):
             raise ValueError(f"labels of image {image_id} outside 1..{len(category_ids)} (0 is the background): "
                              f"{sorted(set(labels))}")
-        for box, label, score, rle in zip(boxes.tolist(), labels, output["scores"].tolist(), rles):
+        for box, label, score, rle in zip(boxes.tolist(), labels, detections["scores"].tolist(), rles):
             record = {"image_id": image_id, "category_id": category_ids[int(label) - 1], "bbox": box,
                       "score": float(score)}
             if rle is not None:

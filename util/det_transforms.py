@@ -1,7 +1,9 @@
 """Detection transforms of ConvMAE / ViTDet's recipe: large-scale jitter for training, a longest-side resize for
-evaluation. They take `(image, target)` as util.coco.CocoDetection gives them (a PIL image, or a uint8 [3, H, W]
-tensor) and return a uint8 [3, H, W] tensor with the target moved along; the target gains `size`, the (height,
-width) of the transformed image, which evaluation needs to map results back to `orig_size`.
+evaluation, and the way back: detections mapped from the transformed image to any size of it. The transforms take
+`(image, target)` as util.coco.CocoDetection gives them (a PIL image, or a uint8 [3, H, W] tensor) and return a
+uint8 [3, H, W] tensor with the target moved along; the target gains `size`, the (height, width) of the transformed
+image, which evaluation needs to map results back to `orig_size` (`detections_in`). The model pads every image to
+one square itself (models_maskrcnn.SquareTransform).
 
 Training (detectron2's `RandomFlip`, `ResizeScale`, `FixedSizeCrop`, then `recompute_boxes` and
 `filter_empty_instances`): flip horizontally with probability 0.5; resize, keeping the aspect ratio, so that the
@@ -14,13 +16,15 @@ loader seeds for each sample (training.data.SeededSamples).
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as nnf
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from util.seg_datasets import PIXEL_MEAN
 
-__all__ = ["DetTrainTransform", "DetEvalTransform", "masks_to_boxes", "resize", "rescale", "crop_and_pad", "hflip"]
+__all__ = ["DetTrainTransform", "DetEvalTransform", "masks_to_boxes", "resize", "rescale", "crop_and_pad", "hflip",
+           "paste_masks", "detections_in"]
 
 # Padding in the mean colour becomes zero once the model normalises the image: the same value that Mask R-CNN's
 # own batching pads with, so padded regions look alike whichever step added them.
@@ -146,3 +150,51 @@ class DetEvalTransform:
         image, target = rescale(image, target, self.image_size / max(height, width))
         target["size"] = torch.tensor(image.shape[-2:], dtype=torch.int64)
         return image, target
+
+
+# -- detections back in the image -------------------------------------------------------------------------------------
+MASK_THRESHOLD = 0.5
+PASTE_CHUNK_PIXELS = 2 ** 26  # pixels of pasted masks per chunk (256 MB in fp32), whatever the image size
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: Tuple[int, int],
+                threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """bool [N, H, W]: mask probabilities [N, 1, M, M], each covering its box [N, 4] (x1, y1, x2, y2 in the pixels of
+    an image of `size` (H, W)), sampled at the image's pixel centres and thresholded (>= `threshold`), as
+    detectron2's paste_masks_in_image: the mask's M x M cells span the box exactly, sampled bilinearly
+    (align_corners=False), zero outside it. In fp32 on the masks' device, in chunks of at most PASTE_CHUNK_PIXELS."""
+    height, width = size
+    out = torch.zeros(len(masks), height, width, dtype=torch.bool, device=masks.device)
+    if len(masks) == 0 or height == 0 or width == 0:
+        return out
+    masks, boxes = masks.float(), boxes.to(masks.device, torch.float32)
+    ys = torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5
+    chunk = max(1, PASTE_CHUNK_PIXELS // (height * width))
+    for start in range(0, len(masks), chunk):
+        x1, y1, x2, y2 = boxes[start:start + chunk].unbind(1)
+        # each pixel centre in the box's normalised coordinates: -1 at its left / top edge, 1 at its right / bottom
+        gx = (xs[None, :] - x1[:, None]) / (x2 - x1).clamp(min=1e-6)[:, None] * 2 - 1
+        gy = (ys[None, :] - y1[:, None]) / (y2 - y1).clamp(min=1e-6)[:, None] * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)], dim=3)
+        sampled = nnf.grid_sample(masks[start:start + chunk], grid, mode="bilinear", align_corners=False)
+        out[start:start + chunk] = sampled[:, 0] >= threshold
+    return out
+
+
+def detections_in(output: dict, size: Tuple[int, int], target_size: Tuple[int, int],
+                  threshold: float = MASK_THRESHOLD) -> dict:
+    """Mask R-CNN's detections of an image of `size` (H, W) as they are in the same image at `target_size`: boxes
+    scaled on each axis (fp32), clipped to the image and those left empty dropped (detectron2's
+    detector_postprocess), masks ([N, 1, M, M] probabilities in their boxes) pasted at `target_size` and
+    thresholded (`paste_masks`): bool [N, H', W']. The original image's size gives COCO's results."""
+    (height, width), (target_h, target_w) = size, target_size
+    boxes = output["boxes"].float() * torch.tensor([target_w / width, target_h / height] * 2,
+                                                   device=output["boxes"].device)
+    boxes = torch.stack([boxes[:, 0::2].clamp(0, target_w), boxes[:, 1::2].clamp(0, target_h)], dim=2).flatten(1)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    result = {key: value[keep] for key, value in output.items() if key != "masks"}
+    result["boxes"] = boxes[keep]
+    if "masks" in output:
+        result["masks"] = paste_masks(output["masks"][keep], boxes[keep], target_size, threshold)
+    return result

@@ -561,8 +561,9 @@ def detection_figure(images, targets, predictions: Sequence[Sequence[dict]], cla
     class colour, boxes, class names and (for detections) scores; detections below `score_threshold` left out.
 
     images: uint8 [N, H, W, 3] or [N, 3, H, W] (or a list); targets: dicts with `boxes` (x1, y1, x2, y2), `labels`
-    (1..C) and `masks` [K, H, W]; predictions: per model, a list of Mask R-CNN outputs (`masks` [K, 1, H, W]
-    probabilities, thresholded at 0.5). `titles`: one per column."""
+    (1..C) and `masks` [K, H, W]; predictions: per model, a list of detections in the image (`boxes`, `labels`,
+    `scores` and bool `masks` [K, H, W]: util.det_transforms.detections_in of Mask R-CNN's outputs). `titles`: one
+    per column."""
     if len(titles) != 2 + len(predictions):
         raise ValueError(f"{len(titles)} titles for {2 + len(predictions)} columns (image, ground truth, models)")
     palette = label_palette(len(class_names))
@@ -576,7 +577,7 @@ def detection_figure(images, targets, predictions: Sequence[Sequence[dict]], cla
         for outputs in predictions:
             out = outputs[i]
             keep = _numpy(out["scores"]) >= score_threshold
-            masks = _numpy(out["masks"])[keep][:, 0] >= 0.5
+            masks = _numpy(out["masks"])[keep]
             row.append(_instances_panel(image, _numpy(out["boxes"])[keep], _numpy(out["labels"])[keep].tolist(),
                                         masks, palette, class_names, _numpy(out["scores"])[keep], scale))
         rows.append(row)
