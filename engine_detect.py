@@ -1,59 +1,76 @@
-"""Object detection and instance segmentation on a pre-trained encoder: the config, the flags' checks, the data, and
-the task of the training loop (training.loop): Mask R-CNN's losses, and COCO's box and mask AP.
+"""Object detection and instance segmentation on a pre-trained encoder: the config, the flags' checks and the recipes
+they resolve, the data, and the task of the training loop (training.loop): Mask R-CNN's losses, and COCO's box and
+mask AP.
 
-The recipe is iteration-based (detectron2's, as ConvMAE's DET trains): `--iters` optimizer steps of large-scale
-jittered crops drawn from an endless seeded stream of the training images (training.data.stream_loader), evaluated
-and checkpointed every `--eval_interval` of them and at the last; the lr is a cosine over the iterations with
-detectron2's multiplicative linear warmup (`DetectConfig.lr_at`).
+The recipe is iteration-based (detectron2's, as ConvMAE's DET and ViTDet train): `--iters` optimizer steps of
+large-scale jittered crops drawn from an endless seeded stream of the training images (training.data.stream_loader),
+evaluated and checkpointed every `--eval_interval` of them and at the last. `--recipe` names the schedule and the
+optimizer (training.flags.DETECTION_RECIPES: ConvMAE-B's 25-epoch cosine for a ConViT, ViTDet's 100-epoch step
+schedule with layer-wise lr decay for a ViT); the backbone follows the model's family (models_maskrcnn). Every value
+a flag leaves to the recipe or the model is resolved once here and printed at the start.
 """
 import argparse
-import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from timm.models import group_parameters
 
+from dmjd_encoders.dense import detection_attention
+from dmjd_encoders.models_convvit import (check_classifier_name, is_plain_vit, matcher_without_tail,
+                                          transformer_depth)
+from dmjd_encoders.pretrained import saved_args
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
 from training.distributed import broadcast_from_main, launch_world_size, note_collective
 from training.errors import RunError, flag_error
-from training.flags import check_run_flags, detection_parser, detection_split_paths
+from training.flags import DETECTION_RECIPES, VITDET_BY_DEPTH, check_run_flags, detection_parser, detection_split_paths
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
-from training.transfer import check_transfer_flags, dense_options, scaled_lr, simple_pyramid
+from training.transfer import check_transfer_flags, scaled_lr
 from training.step import autocast_context
 from util.coco import CocoDetection, detection_collate
 from util.det_metrics import (coco_evaluate, coco_ground_truth, coco_records, gather_records, scores_for_log,
                               write_results)
 from util.det_transforms import DetEvalTransform, DetTrainTransform
 from util.misc import resolve_amp, resolve_device
+from util.schedules import detectron_lr
 
 RESULTS_FILE = "coco_results.json"
 NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
-NO_DECAY_NAMES = ("pos_embed", "relative_position_bias_table", "rel_pos")  # as the recipe's optimizer overrides
+# parameters without weight decay besides the norms', as each recipe's optimizer overrides say (biases decay)
+NO_DECAY_NAMES = {"convmae": ("pos_embed", "relative_position_bias_table"), "vitdet": ("pos_embed",)}
+# A checkpoint of main_detect.py has --rois_per_image among its flags; one of the detector before it followed ConvMAE's
+# DET and ViTDet (torchvision's losses, boxes and geometry, ConViT's conv stride-32 level, an FPN on the ViT's
+# pyramid) lacks --recipe.
+DETECTION_FLAG, DETECTOR_FLAG = "rois_per_image", "recipe"
 
 
 @dataclass(frozen=True)
 class DetectConfig(TrainConfig):
-    """main_detect.py's flags, resolved."""
+    """main_detect.py's flags, resolved (the recipe's values where a flag was not given)."""
+    recipe: str
     iters: int
+    lr_schedule: str
+    lr_steps: Optional[list]
     warmup_length: float
     warmup_factor: float
     eval_interval: int
     save_freq: int
     keep_last: int
     drop_path: float
+    layer_decay: float
     fpn_channels: int
     rois_per_image: int
-    rel_pos_bias: bool
-    layer_scale: Optional[float]
-    simple_pyramid: bool  # resolved: on for a plain ViT unless given
     window_size: int
     global_blocks: list
+    rel_pos: str
+    pos_embed: str
+    layer_scale: Optional[float]
     betas: list
     train_json: str
     train_images: str
@@ -67,15 +84,11 @@ class DetectConfig(TrainConfig):
     checkpoint_key: str
 
     def lr_at(self, iteration: float) -> float:
-        """The lr after `iteration` optimizer steps: a half-cosine from --lr to --min_lr over --iters, multiplied
-        during the first --warmup_length of them by a factor rising linearly from --warmup_factor to 1 (detectron2's
-        WarmupParamScheduler on a CosineParamScheduler)."""
-        t = min(max(iteration / self.iters, 0.0), 1.0)
-        lr = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-        if t < self.warmup_length:
-            alpha = t / self.warmup_length
-            lr *= self.warmup_factor * (1.0 - alpha) + alpha
-        return lr
+        """The lr after `iteration` optimizer steps: detectron2's cosine (to --min_lr) or step schedule over --iters,
+        multiplied during the first --warmup_length of them by a factor rising linearly from --warmup_factor to 1
+        (util.schedules.detectron_lr)."""
+        return detectron_lr(iteration / self.iters, self.lr, self.lr_schedule, self.min_lr, self.lr_steps or (),
+                            self.warmup_length, self.warmup_factor)
 
     @property
     def schedule(self) -> Schedule:
@@ -86,55 +99,139 @@ class DetectConfig(TrainConfig):
         """(image folder, annotation file) of "train" or "val": the flags', else COCO 2017's under --data_path."""
         return detection_split_paths(self, split)
 
+    def encoder_options(self) -> dict:
+        """The encoder's build options (dmjd_encoders.dense) for its detection backbone."""
+        return dict(window_size=self.window_size, global_blocks=tuple(self.global_blocks),
+                    rel_pos_bias=self.rel_pos != "none",
+                    rel_pos_layout="per_block" if self.rel_pos == "none" else self.rel_pos,
+                    layer_scale=self.layer_scale, learnable_pos_embed=self.pos_embed == "learned",
+                    drop_path_rate=self.drop_path)
+
+    def describe(self) -> str:
+        """The resolved recipe and backbone, as the run prints them."""
+        vitdet = is_plain_vit(self.model)
+        if self.lr_schedule == "step":
+            schedule = "step lr, x0.1 at " + " and ".join(str(round(s * self.iters)) for s in self.lr_steps or ())
+        else:
+            schedule = f"cosine lr to {self.min_lr:g}"
+        windows = (f"{self.window_size} x {self.window_size} windows, global blocks "
+                   f"{' '.join(map(str, self.global_blocks)) or 'none'}" if self.window_size else "global attention")
+        return (f"recipe {self.recipe}: {self.iters} iterations, {schedule}, warmup over "
+                f"{round(self.warmup_length * self.iters)} from x{self.warmup_factor:g}, layer-wise lr decay "
+                f"{self.layer_decay:g}, drop path {self.drop_path:g}"
+                f"\nbackbone ({'ViTDet' if vitdet else 'ConvMAE DET'}): {windows}; relative positions {self.rel_pos}; "
+                f"position embedding {self.pos_embed}; " +
+                ("simple pyramid without FPN, LayerNorm heads" if vitdet else
+                 "stride-32 level by max pooling, FPN and heads with BatchNorm"))
+
+
+def recipe_values(args) -> Dict[str, object]:
+    """The flags left to the recipe or to the model (None), resolved: --recipe by the model's family (convmae for a
+    ConViT, vitdet for a ViT), each flag of DETECTION_RECIPES from it (ViTDet's larger models by their depth), the
+    attention's windows and global blocks, relative positions and position embedding by the model's family and
+    depth (dmjd_encoders.dense.detection_attention)."""
+    check_classifier_name(args.model)
+    vitdet, depth = is_plain_vit(args.model), transformer_depth(args.model)
+    recipe = args.recipe or ("vitdet" if vitdet else "convmae")
+    defaults = dict(DETECTION_RECIPES[recipe])
+    if recipe == "vitdet":
+        defaults.update(next((v for d, v in sorted(VITDET_BY_DEPTH.items(), reverse=True) if depth >= d), {}))
+    window, global_blocks = detection_attention(vitdet, depth)
+    window = window if args.window_size is None else args.window_size
+    defaults.update(window_size=window, global_blocks=list(global_blocks) if window else [],
+                    rel_pos="decomposed" if vitdet else "shared", pos_embed="learned" if vitdet else "frozen")
+    resolved = {name: value if getattr(args, name) is None else getattr(args, name) for name, value in defaults.items()}
+    resolved["recipe"] = recipe
+    return resolved
+
 
 def validate_args(args) -> argparse.Namespace:
     """The checks of main_detect.py's flags (training.flags.detection_parser): fails before any work, naming the
-    flag; returns `args` unchanged."""
+    flag. Returns the flags with what they left to the recipe and the model resolved (`recipe_values`)."""
     check_run_flags(detection_parser(), args)  # each flag's range, as declared
+    args = argparse.Namespace(**{**vars(args), **recipe_values(args)})
     if not args.scale_range[0] <= args.scale_range[1]:
         raise flag_error("--scale_range", f"must be LOW HIGH with LOW <= HIGH, got {args.scale_range}")
-    check_transfer_flags(args, "detection")
+    check_transfer_flags(args, "detection", batchnorm=not is_plain_vit(args.model))  # ViTDet's: LayerNorm only
     if args.global_blocks and not args.window_size:
         raise flag_error("--global_blocks", "names the blocks that do not attend in windows: it needs --window_size")
+    depth = transformer_depth(args.model)
+    if any(b >= depth for b in args.global_blocks):
+        raise flag_error("--global_blocks", f"{args.global_blocks}: --model {args.model} has transformer blocks 0 to "
+                                            f"{depth - 1}")
+    if args.lr_schedule == "step" and not args.lr_steps:
+        raise flag_error("--lr_steps", "--lr_schedule step needs the fractions of --iters where the lr drops")
+    if args.lr_steps and sorted(args.lr_steps) != list(args.lr_steps):
+        raise flag_error("--lr_steps", f"must be increasing, got {args.lr_steps}")
     return args
 
 
 def resolve_config(args):
-    """(config, lr line): the flags checked, with the lr (blr x total batch / 256 unless --lr) and the precision
-    resolved for the launch's device and world size."""
+    """(config, lr line): the flags checked and resolved, with the lr (blr x total batch / 256 unless --lr) and the
+    precision resolved for the launch's device and world size."""
     args = validate_args(args)
     device, world_size = resolve_device(args.device), launch_world_size()
     lr, line = scaled_lr(args, world_size)
     cfg = DetectConfig.from_args(args, detection_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
-                                 world_size=world_size, simple_pyramid=simple_pyramid(args))
+                                 world_size=world_size)
     return cfg, line
 
 
 # -- model and data ---------------------------------------------------------------------------------------------------
 def build_detector(cfg: DetectConfig, num_classes: int, **layout) -> torch.nn.Module:
-    """Mask R-CNN on --model's multi-scale features for `num_classes` classes; `layout`: build arguments a
-    checkpoint's encoder needs (dmjd_encoders.pretrained.architecture_kwargs)."""
-    dense = dict(dense_options(cfg), window_size=cfg.window_size, global_blocks=tuple(cfg.global_blocks))
+    """Mask R-CNN on --model's multi-scale features for `num_classes` classes (models_maskrcnn: ConvMAE's DET for a
+    ConViT, ViTDet's for a ViT); `layout`: build arguments a checkpoint's encoder needs
+    (dmjd_encoders.pretrained.architecture_kwargs)."""
     return create_mask_rcnn(cfg.model, num_classes, cfg.input_size, cfg.fpn_channels, cfg.rois_per_image,
-                            img_size=cfg.input_size, dynamic_img_size=True, drop_path_rate=cfg.drop_path, **dense,
-                            **layout)
+                            img_size=cfg.input_size, **cfg.encoder_options(), **layout)
+
+
+def check_detection_checkpoint(path: str) -> None:
+    """A checkpoint of the detector before it followed ConvMAE's DET and ViTDet (2026-12) cannot be resumed or
+    evaluated: its weights and losses are another model's. Says so, rather than a failed load."""
+    args = saved_args(path) or {}
+    if DETECTION_FLAG in args and DETECTOR_FLAG not in args:
+        raise RunError(f"{path} was saved by an earlier main_detect.py, whose Mask R-CNN differs from this one (boxes "
+                       f"decoded in the autocast dtype, test images padded per batch, torchvision's losses, a conv "
+                       f"stride-32 level for ConViT, an FPN on ViT's pyramid): it can be neither resumed nor evaluated "
+                       f"here. Start a new run in another --output_dir, or evaluate it with the checkout that trained "
+                       f"it")
+
+
+def layer_scales(model: torch.nn.Module, layer_decay: float) -> Dict[str, float]:
+    """{parameter name: lr scale} of the encoder inside Mask R-CNN: layer-wise lr decay by its own layer groups
+    (timm's group_matcher: position embedding and patch embeddings 0, block i i + 1, what follows the blocks, e.g.
+    the simple pyramid, last), `layer_decay ** (last - layer)`, as detectron2's get_vit_lr_decay_rate for ViTDet
+    (0.7 ** 13 for ViT-B's embeddings, 0.7 for its block 11); the pyramid, FPN and heads have 1."""
+    if layer_decay == 1.0:
+        return {}
+    encoder = encoder_of(model)
+    prefix = next(name for name, module in model.named_modules() if module is encoder) + "."
+    matcher, _ = matcher_without_tail(encoder.group_matcher(coarse=False))  # the tail: matched by none, last
+    layers = group_parameters(encoder, matcher, reverse=True)
+    last = max(layers.values())
+    return {prefix + name: layer_decay ** (last - layer) for name, layer in layers.items()}
 
 
 def detection_optimizer(model: torch.nn.Module, cfg: DetectConfig) -> torch.optim.AdamW:
-    """AdamW (--lr, --betas, --weight_decay) without weight decay on norm layers, position embeddings and
-    relative-position tables (detectron2's get_default_optimizer_params with the recipe's overrides; biases decay)."""
-    decay, no_decay, seen = [], [], set()
+    """AdamW (--lr, --betas, --weight_decay) without weight decay on norm layers and the recipe's names (position
+    embeddings; ConvMAE's relative-position tables), biases decaying (detectron2's get_default_optimizer_params with
+    the recipe's overrides), and with --layer_decay's lr scales on the encoder (`layer_scales`)."""
+    scales, skip_names = layer_scales(model, cfg.layer_decay), NO_DECAY_NAMES[cfg.recipe]
+    groups, seen = {}, set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             full = f"{module_name}.{name}" if module_name else name
-            skip = isinstance(module, NORM_TYPES) or any(key in full for key in NO_DECAY_NAMES)
-            (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            skip = isinstance(module, NORM_TYPES) or any(key in full for key in skip_names)
+            key = (scales.get(full, 1.0), 0.0 if skip else cfg.weight_decay)
+            groups.setdefault(key, []).append(param)
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    return torch.optim.AdamW([{"params": params, "lr_scale": scale, "weight_decay": decay}
+                              for (scale, decay), params in groups.items()],
+                             lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 
 def detection_folder(cfg: DetectConfig, split: str, transform, train: bool) -> CocoDetection:
@@ -149,11 +246,31 @@ def detection_folder(cfg: DetectConfig, split: str, transform, train: bool) -> C
     return dataset
 
 
+def checked_validation_set(cfg: DetectConfig) -> CocoDetection:
+    """The validation set, checked before the first step: an annotation file without images, or whose images are all
+    missing or unreadable, stops the run; unreadable ones are named and counted (evaluation skips them, and COCO's
+    AP counts only the images evaluated)."""
+    val_set = detection_folder(cfg, "val", DetEvalTransform(cfg.input_size), train=False)
+    images, annotations = cfg.split_paths("val")
+    if len(val_set) == 0:
+        raise RunError(f"{annotations} lists no image: there is nothing to evaluate (check --val_json / --data_path)")
+    bad = val_set.check_images()
+    for path, reason in bad[:10]:
+        print(f"validation image {path}: {reason}")
+    if len(bad) == len(val_set):
+        raise RunError(f"none of the {len(val_set)} validation images of {annotations} can be read in {images} (e.g. "
+                       f"{bad[0][0]}: {bad[0][1]}): there is nothing to evaluate")
+    if bad:
+        print(f"{len(bad)} of {len(val_set)} validation images cannot be read and will be skipped (the first "
+              f"{min(len(bad), 10)} named above); COCO's AP counts the {len(val_set) - len(bad)} others")
+    return val_set
+
+
 def detection_loaders(run: Run, cfg: DetectConfig):
     """(training loader or None with --eval, validation loader, the validation set). Training draws --eval_interval
     x --accum_iter batches per round from an endless seeded stream; validation is sharded without padding."""
     pin = cfg.pin_mem and run.device.type == "cuda"
-    val_set = detection_folder(cfg, "val", DetEvalTransform(cfg.input_size), train=False)
+    val_set = checked_validation_set(cfg)
     val = eval_loader(val_set, cfg.eval_batch_size, run.dist, True, cfg.num_workers, pin, detection_collate)
     if cfg.eval:
         print(f"validation: {len(val_set)} images, {len(val_set.class_names)} classes")
@@ -176,17 +293,18 @@ def detection_loaders(run: Run, cfg: DetectConfig):
 # -- the task ---------------------------------------------------------------------------------------------------------
 class DetectTask(Task):
     """Detection as the loop sees it: Mask R-CNN (its BatchNorms made of the run's processes), AdamW, the RPN and
-    RoI heads' losses, and COCO's box and mask AP (the best checkpoint: the best box AP, `best_bbox_AP`). Batches are
-    `(images, targets, num_bad)` lists of uint8 images and torchvision targets (util.coco.detection_collate); a
-    batch with no readable image trains as one blank image without instances, of weight 0. After each evaluation
-    the main process writes the COCO results JSON to --output_dir. A checkpoint keeps the class names it was trained
-    on (`classes`)."""
+    RoI heads' losses, and COCO's box and mask AP (the best checkpoint: the best box AP, `best_bbox_AP`) against the
+    validation annotations the dataset keeps. Batches are `(images, targets, num_bad)` lists of uint8 images and
+    torchvision targets (util.coco.detection_collate); a batch with no readable image trains as one blank image
+    without instances, of weight 0. After each evaluation the main process writes the COCO results JSON to
+    --output_dir. An evaluation that could read no image stops the run: it is never a score. A checkpoint keeps the
+    class names it was trained on (`classes`)."""
     loss_names = LOSS_NAMES
     best = "bbox_AP"
 
     def __init__(self, model: torch.nn.Module, cfg: DetectConfig, device: torch.device, val_set: CocoDetection):
         self.model, self.trained, self.cfg, self.device, self.val_set = model, model, cfg, device, val_set
-        self.ground_truth = coco_ground_truth(val_set.coco_data)
+        self.ground_truth = coco_ground_truth(val_set.ground_truth_data())
 
     def optimizer(self) -> torch.optim.AdamW:
         return detection_optimizer(self.model, self.cfg)
@@ -217,12 +335,15 @@ class DetectTask(Task):
                 progress.count(len(images))
                 with autocast_context(self.device, self.cfg.amp_dtype):
                     outputs = self.model(self.model_input(images))
-                records += coco_records(outputs, targets, self.val_set.category_ids)
+                records += coco_records(outputs, targets, self.val_set.category_ids)  # fp32, outside autocast
                 image_ids += [int(t["image_id"]) for t in targets]
             if progress.due(it):
                 progress.line(it)
         note_collective("the gathering of the evaluation's detections")
         records, image_ids = gather_records(records, image_ids)
+        if not image_ids:  # every process gathered the same ids: all stop alike
+            raise RunError(f"no validation image of {self.cfg.split_paths('val')[1]} could be read in this "
+                           f"evaluation (see the warnings above): there is no score to report")
         scores = None
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_results(records, os.path.join(self.cfg.output_dir, RESULTS_FILE))

@@ -23,7 +23,8 @@ from training.flags import check_run_flags, segmentation_parser
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
-from training.transfer import check_transfer_flags, dense_options, scaled_lr, simple_pyramid
+from training.transfer import (check_simple_pyramid, check_transfer_flags, dense_options, scaled_lr,
+                               simple_pyramid)
 from training.step import autocast_context
 from util.datasets import skip_bad_collate
 from util.misc import resolve_amp, resolve_device
@@ -128,6 +129,7 @@ def validate_args(args) -> argparse.Namespace:
     if min(args.aug_test_ratios) <= 0:
         raise flag_error("--aug_test_ratios", f"must be positive, got {args.aug_test_ratios}")
     check_transfer_flags(args, "segmentation", few_images=", and the PPM's 1 x 1 pooling one value per channel")
+    check_simple_pyramid(args)
     return args
 
 

@@ -4,7 +4,8 @@ evaluated on COCO (or any COCO-format dataset). Launch with torchrun on GPUs, or
     torchrun --nproc_per_node=8 main_detect.py --finetune out/dmjd_convit_b/checkpoint-399.pth \
         --data_path /path/to/coco --output_dir out/det_convit_b
 
-Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep); see DETECT.md.
+Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep) for a ConViT and ViTDet's 100-epoch one
+(mask_rcnn_vitdet_b_100ep) for a ViT (--recipe); see DETECT.md.
 """
 import os
 
@@ -34,8 +35,8 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
 from functools import partial  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_detect import (DetectConfig, DetectTask, build_detector, detection_loaders,  # noqa
-                           encoder_of, resolve_config, run_detection, validate_args)  # noqa: E402,F401
+from engine_detect import (DetectConfig, DetectTask, build_detector, check_detection_checkpoint,  # noqa
+                           detection_loaders, encoder_of, resolve_config, run_detection, validate_args)  # noqa: E402,F401
 from training.run import Run  # noqa: E402
 from training.transfer import count_parameters, on_run_device, transfer_model  # noqa: E402
 
@@ -46,18 +47,20 @@ def main(args):
     check_data(args)  # before the run's header and output folder
     with Run(cfg, save_freq=cfg.save_freq or None, keep_last=cfg.keep_last) as run:
         print(lr_line)
+        print(cfg.describe())
         return detect(run, cfg)
 
 
 def detect(run: Run, cfg: DetectConfig):
     if not cfg.eval:
         print(f"{cfg.iters} iterations of {cfg.images_per_step} images ({cfg.batch_size} per process x "
-              f"{cfg.world_size} processes x accum {cfg.accum_iter}), cosine lr with a warmup over "
-              f"{cfg.warmup_length:g} of them; large-scale jitter {cfg.scale_range} at {cfg.input_size} px")
+              f"{cfg.world_size} processes x accum {cfg.accum_iter}); large-scale jitter {cfg.scale_range} at "
+              f"{cfg.input_size} px")
     train_loader, val_loader, val_set = detection_loaders(run, cfg)
 
     model = transfer_model(run, cfg, partial(build_detector, cfg, len(val_set.class_names)), encoder_of,
-                           "--model and --input_size")
+                           "--model and --input_size", patch_tokens_only=True,
+                           check_resumed=check_detection_checkpoint)
     print(f"Mask R-CNN on {cfg.model}: {count_parameters(model):.2f} M parameters "
           f"({count_parameters(model.backbone.body):.2f} M encoder), feature strides {model.backbone.strides}")
     task = DetectTask(on_run_device(model, run, cfg), cfg, run.device, val_set)

@@ -1,6 +1,7 @@
 """Memory per image, FLOPs per image and images/s of the detection training step: Mask R-CNN with FPN on ConViT-B
-(ConvMAE's detection backbone: windows of 16, four global blocks) at 1024 x 1024 by default, built and trained as
-main_detect.py does (its flags, model, optimizer and training loop).
+(ConvMAE's detection backbone: windows of 16, four global blocks) at 1024 x 1024 by default, or on any other encoder
+with its own detection backbone (a ViT: ViTDet's), built and trained as main_detect.py does (its flags, recipe,
+model, optimizer and training loop).
 
     python -m benchmarks.detection_step --device cuda --amp bf16                 # a GPU: the recipe's step
     python -m benchmarks.detection_step --sizes 256 384 --steps 1                # this CPU, to extrapolate
@@ -16,6 +17,7 @@ from functools import partial
 import torch
 
 from benchmarks import task_step
+from benchmarks.doc_block import provenance, rewrite_block
 from benchmarks.task_step import step_device
 from engine_detect import DetectConfig, DetectTask, build_detector, resolve_config
 from models_convvit import conv_weights_channels_last
@@ -37,8 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count (a forward and backward at batch 1)")
     p.add_argument("--fpn_channels", default=256, type=int, help="FPN and heads' width (the recipe's)")
     p.add_argument("--rois_per_image", default=512, type=int, help="proposals sampled per image (the recipe's)")
-    p.add_argument("--window_size", default=16, type=int, help="stage-3 attention windows (ConvMAE's detection)")
-    p.add_argument("--global_blocks", default=[0, 3, 6, 10], type=int, nargs="*", help="blocks attending globally")
+    p.add_argument("--window_size", default=None, type=int,
+                   help="attention windows (none: the model's detection backbone's, 16 for a ConViT)")
+    p.add_argument("--global_blocks", default=None, type=int, nargs="*",
+                   help="blocks attending globally (none: the model's, ConvMAE's 0 3 6 10 for ConViT-B)")
+    p.add_argument("--doc", default=None,
+                   help="a markdown file whose detection_step block gets the table, with a row extrapolated to "
+                        "--extrapolate px from the first two sizes (DETECT.md)")
+    p.add_argument("--extrapolate", default=1024, type=int, help="the crop size of the extrapolated row")
     return p.parse_args(argv)
 
 
@@ -46,8 +54,11 @@ def step_config(args, size: int, batch_size: int) -> DetectConfig:
     """main_detect.py's config for this benchmark: the recipe with the model, size, batch and device asked for."""
     flags = ["--model", args.model, "--input_size", str(size), "--batch_size", str(batch_size),
              "--device", args.device, "--amp", args.amp, "--print_freq", str(10 ** 6),
-             "--fpn_channels", str(args.fpn_channels), "--rois_per_image", str(args.rois_per_image),
-             "--window_size", str(args.window_size), "--global_blocks", *map(str, args.global_blocks)]
+             "--fpn_channels", str(args.fpn_channels), "--rois_per_image", str(args.rois_per_image)]
+    if args.window_size is not None:
+        flags += ["--window_size", str(args.window_size)]
+    if args.global_blocks is not None:
+        flags += ["--global_blocks", *map(str, args.global_blocks)]
     return resolve_config(detection_parser().parse_args(flags))[0]
 
 
@@ -71,7 +82,10 @@ def random_batch(size: int, batch_size: int, device: torch.device, instances: in
 class _Classes:  # what DetectTask reads of a validation set, for a step that is never evaluated
     class_names = [str(k) for k in range(COCO_CLASSES)]
     category_ids = list(range(1, COCO_CLASSES + 1))
-    coco_data = {"images": [], "annotations": [], "categories": [{"id": k} for k in range(1, COCO_CLASSES + 1)]}
+
+    @staticmethod
+    def ground_truth_data():
+        return {"images": [], "annotations": [], "categories": [{"id": k} for k in range(1, COCO_CLASSES + 1)]}
 
 
 def measure(args, size: int) -> dict:
@@ -88,10 +102,24 @@ def measure(args, size: int) -> dict:
                              not args.no_flops)
 
 
+def doc_block(args, rows) -> str:
+    """The table of `rows` for the docs, with an extrapolated row when two sizes were measured, and the provenance."""
+    lines = [task_step.TABLE_HEADER] + [task_step.table_row(r, speed_digits=3) for r in rows]
+    if len(rows) >= 2 and args.extrapolate not in args.sizes:
+        row = task_step.table_row(task_step.extrapolated(rows, args.extrapolate))
+        lines.append(row.replace(" |", ", extrapolated |", 1))
+    device = step_device(args.device)
+    return (f"{args.model}, {COCO_CLASSES} classes, `--amp {args.amp}`, batch {args.batch_size} "
+            f"({provenance(device)}):\n\n" + "\n".join(lines))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    return task_step.print_table(f"Mask R-CNN with FPN on {args.model}, training step ({COCO_CLASSES} classes)",
+    rows = task_step.print_table(f"Mask R-CNN with FPN on {args.model}, training step ({COCO_CLASSES} classes)",
                                  args.sizes, partial(measure, args), speed_digits=3)
+    if args.doc:
+        rewrite_block(args.doc, "detection_step", doc_block(args, rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -97,6 +97,29 @@ def measure(task: Task, cfg, size: int, raw: Callable, prepared: Callable, devic
     return result
 
 
+def table_row(r: dict, speed_digits: int = 2) -> str:
+    """A measured row (`measure`) as a line of the markdown table (TABLE_HEADER)."""
+    flops = f"{r['gflops_forward']:.0f} / {r['gflops_forward_backward']:.0f}" if "gflops_forward" in r else "-"
+    speed = (f"{r['images_per_s']:.{speed_digits}f} ({r['amp']}, {r['batch_size']})" if "images_per_s" in r
+             else "-")
+    peak = f"{r['peak_bytes'] / 2 ** 30:.2f}" if r.get("peak_bytes") else "-"
+    return (f"| {r['size']} x {r['size']} | {r['activation_bytes_per_image_none'] / 2 ** 30:.2f} GiB | "
+            f"{r['activation_bytes_per_image_bf16'] / 2 ** 30:.2f} GiB | {r['fixed_bytes'] / 2 ** 30:.2f} GiB "
+            f"({r['parameters'] / 1e6:.1f} M parameters) | {flops} | {speed} | {peak} |")
+
+
+def extrapolated(rows: List[dict], size: int) -> dict:
+    """A row at crop `size` on the straight line through the first two measured rows, in the number of pixels: what
+    grows with the pixels (activations, FLOPs) and what does not (weights); no speed. A lower bound wherever a part
+    grows faster than the pixels (global attention)."""
+    a, b = rows[0], rows[1]
+    t = (size ** 2 - a["size"] ** 2) / (b["size"] ** 2 - a["size"] ** 2)
+    keys = ("activation_bytes_per_image_none", "activation_bytes_per_image_bf16", "gflops_forward",
+            "gflops_forward_backward")
+    row = {k: a[k] + t * (b[k] - a[k]) for k in keys if k in a and k in b}
+    return dict(row, size=size, parameters=b["parameters"], fixed_bytes=b["fixed_bytes"])
+
+
 def print_table(title: str, sizes: Iterable[int], measure_size: Callable[[int], dict],
                 speed_digits: int = 2) -> List[dict]:
     """Measures each size and prints its row of the markdown table as it comes; returns the rows."""
@@ -104,13 +127,6 @@ def print_table(title: str, sizes: Iterable[int], measure_size: Callable[[int], 
     print(TABLE_HEADER)
     rows = []
     for size in sizes:
-        r = measure_size(size)
-        rows.append(r)
-        flops = f"{r['gflops_forward']:.0f} / {r['gflops_forward_backward']:.0f}" if "gflops_forward" in r else "-"
-        speed = (f"{r['images_per_s']:.{speed_digits}f} ({r['amp']}, {r['batch_size']})" if "images_per_s" in r
-                 else "-")
-        peak = f"{r['peak_bytes'] / 2 ** 30:.2f}" if r.get("peak_bytes") else "-"
-        print(f"| {size} x {size} | {r['activation_bytes_per_image_none'] / 2 ** 30:.2f} GiB | "
-              f"{r['activation_bytes_per_image_bf16'] / 2 ** 30:.2f} GiB | {r['fixed_bytes'] / 2 ** 30:.2f} GiB "
-              f"({r['parameters'] / 1e6:.1f} M parameters) | {flops} | {speed} | {peak} |", flush=True)
+        rows.append(measure_size(size))
+        print(table_row(rows[-1], speed_digits), flush=True)
     return rows

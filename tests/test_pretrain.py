@@ -299,9 +299,11 @@ def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_the_rank_and_the
             if found:
                 break
         assert time.time() - start < 60  # 6 s of --dist_timeout, not the 30 minutes of before
-        # the collective the survivor waits in: where SIGSTOP froze the other rank decides which of a step's two it is
+        # the collective the survivor waits in: where SIGSTOP froze the other rank decides which of a step's it is (the
+        # gradient all-reduce, the stop agreement, or at a step that prints its line the non-finite check)
         assert found and found.group(1).startswith(("DDP's gradient all-reduce of step",
-                                                    "the agreement on stopping (once per optimizer step)")), found
+                                                    "the agreement on stopping (once per optimizer step)",
+                                                    "the non-finite check")), found
         reporting = int(re.search(r"error: rank (\d)", found.group(0)).group(1))
         assert f"rank {1 - reporting} did not arrive" in line, line  # the other one: the rank that stopped
     finally:

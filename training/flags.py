@@ -232,14 +232,13 @@ def float_or_none(text: str) -> Optional[float]:
     return None if text.lower() == "none" else float(text)
 
 
-def _add_dense_backbone_flags(g, layer_scale: Optional[float] = 1.0) -> None:
-    """The encoder's build options for dense transfer (dmjd_encoders.dense), ConvMAE's segmentation backbone by
-    default (its detection backbone has no layer scale: `layer_scale` None). Checkpoints saved before these flags
-    had the options off (`absent`)."""
+def _add_dense_backbone_flags(g) -> None:
+    """The encoder's build options for segmentation (dmjd_encoders.dense), ConvMAE's segmentation backbone by default.
+    Checkpoints saved before these flags had the options off (`absent`)."""
     flag(g, "--rel_pos_bias", action=argparse.BooleanOptionalAction, default=True,
             help="a learned relative position bias in every transformer block (ConvMAE's segmentation backbone)",
             resume=MUST_MATCH, absent=False)
-    flag(g, "--layer_scale", default=layer_scale, type=float_or_none,
+    flag(g, "--layer_scale", default=1.0, type=float_or_none,
             help="layer scale's initial value on the blocks' attention and MLP branches (ConvMAE's init_values; "
                  "none: no layer scale)", check="> 0", resume=MUST_MATCH, absent=None)
     flag(g, "--simple_pyramid", action=argparse.BooleanOptionalAction, default=None,
@@ -313,25 +312,58 @@ def _add_segmentation_initialisation_flags(p: argparse.ArgumentParser) -> None:
             help="take the student encoder, or the EMA teacher's", resume="only the first start reads --finetune")
 
 
+# The detection recipes (main_detect.py --recipe) and the flags they set where the flag is not given. ConvMAE-B's
+# 25-epoch COCO config (DET/configs/convmae/convmae_base_mask_rcnn_FPN_25ep.py: 368,750 / 4 iterations of 32 images,
+# evaluated every 3,688; lr 8e-5, cosine) for a ConViT; ViTDet's 100-epoch config (detectron2 projects/ViTDet/configs/
+# COCO/mask_rcnn_vitdet_b_100ep.py: 184,375 iterations of 64 images, lr 1e-4 x0.1 at 163,889 and 177,546, 250 warmup
+# iterations, layer-wise lr decay 0.7; eval_period 5,000 of detectron2's common train config) for a ViT.
+# "per GPU" batch sizes are for one 8-GPU node.
+DETECTION_RECIPES = {
+    "convmae": dict(iters=92187, eval_interval=3688, batch_size=4, accum_iter=1, blr=6.4e-4, lr_schedule="cosine",
+                    lr_steps=None, warmup_length=0.005, layer_decay=1.0, drop_path=0.1),
+    # 64 images per step as 1 image x 8 GPUs x 8 accumulated micro-batches (ViTDet: 1 image on each of 64 GPUs; about
+    # 11 GB each for ViT-B at 1024 px, 21 GB for ViT-L; LayerNorm throughout, so accumulating changes nothing)
+    "vitdet": dict(iters=184375, eval_interval=5000, batch_size=1, accum_iter=8, blr=4e-4, lr_schedule="step",
+                   lr_steps=[163889 / 184375, 177546 / 184375], warmup_length=250 / 184375, layer_decay=0.7,
+                   drop_path=0.1),
+}
+# ViTDet's larger ViTs (mask_rcnn_vitdet_l_100ep.py, _h_75ep.py): by the transformer's depth
+VITDET_BY_DEPTH = {24: dict(layer_decay=0.8, drop_path=0.4), 32: dict(layer_decay=0.9, drop_path=0.5)}
+REL_POS_CHOICES = ("none", "per_block", "shared", "decomposed")
+
+
 def detection_parser() -> argparse.ArgumentParser:
-    """main_detect.py's flags: ConvMAE-B's 25-epoch COCO recipe by default (DET/configs/convmae/
-    convmae_base_mask_rcnn_FPN_25ep.py: 368,750 / 4 iterations of 32 images, evaluated every 3,688)."""
+    """main_detect.py's flags: a named recipe (--recipe) gives the schedule's and optimizer's defaults, ConvMAE-B's
+    25-epoch COCO recipe for a ConViT and ViTDet's 100-epoch one for a ViT (DETECTION_RECIPES); the backbone follows
+    the model (its family's anchor), each of its options a flag."""
     p = argparse.ArgumentParser("object detection and instance segmentation with Mask R-CNN",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag(p, "--batch_size", default=4, type=int, help="images per GPU (the recipe: 4 x 8 GPUs = 32)",
-         check=">= 1", resume=MUST_MATCH)
-    flag(p, "--accum_iter", default=1, type=int, help="micro-batches per optimizer step (iteration)",
-         check=">= 1", resume=MUST_MATCH)
+    flag(p, "--recipe", default=None, choices=sorted(DETECTION_RECIPES), resume=MUST_MATCH,
+         help="the schedule and optimizer: convmae (ConvMAE-B's 25 epochs, cosine) or vitdet (ViTDet's 100 epochs, "
+              "step decay, layer-wise lr decay); none: convmae for a ConViT, vitdet for a ViT. Flags given win")
+    flag(p, "--batch_size", default=None, type=int, check=">= 1", resume=MUST_MATCH,
+         help="images per GPU and micro-batch (none: the recipe's, for 8 GPUs: convmae 4, 32 images per step; "
+              "vitdet 1 with --accum_iter 8, 64 per step)")
+    flag(p, "--accum_iter", default=None, type=int, check=">= 1", resume=MUST_MATCH,
+         help="micro-batches per optimizer step (iteration) (none: the recipe's, convmae 1, vitdet 8)")
     g = p.add_argument_group("schedule (in iterations, i.e. optimizer steps)")
-    flag(g, "--iters", default=92187, type=int, help="training iterations (368,750 / 4: 25 epochs of COCO)",
-         check=">= 1", resume=MUST_MATCH)
-    flag(g, "--warmup_length", default=0.005, type=float,
-         help="linear warmup, as a fraction of --iters (the 100-epoch config's 0.125%% x 4)", check="[0, 1]",
-         resume=MUST_MATCH)
+    flag(g, "--iters", default=None, type=int, check=">= 1", resume=MUST_MATCH,
+         help="training iterations (none: the recipe's, convmae 92187 = 368,750 / 4: 25 epochs of COCO at 32 images; "
+              "vitdet 184375: 100 epochs at 64)")
+    flag(g, "--lr_schedule", default=None, choices=["cosine", "step"], resume=MUST_MATCH,
+         help="cosine from --lr to --min_lr, or step: x0.1 at each of --lr_steps (none: the recipe's, convmae cosine, "
+              "vitdet step)")
+    flag(g, "--lr_steps", default=None, type=float, nargs="+", check="(0, 1)", resume=MUST_MATCH,
+         help="with --lr_schedule step: where the lr is divided by 10, as fractions of --iters (none: vitdet's "
+              "163889 and 177546 of 184375)")
+    flag(g, "--warmup_length", default=None, type=float, check="[0, 1]", resume=MUST_MATCH,
+         help="linear warmup, as a fraction of --iters (none: the recipe's, convmae 0.005 = the 100-epoch config's "
+              "0.125%% x 4, vitdet 250 iterations of 184375)")
     flag(g, "--warmup_factor", default=0.001, type=float, help="the warmup starts at this fraction of the lr",
          check="[0, 1]", resume=MUST_MATCH)
-    flag(g, "--eval_interval", default=3688, type=int,
-         help="evaluate and checkpoint every N iterations (and at the last)", check=">= 1", resume=MUST_MATCH)
+    flag(g, "--eval_interval", default=None, type=int, check=">= 1", resume=MUST_MATCH,
+         help="evaluate and checkpoint every N iterations and at the last (none: the recipe's, convmae 3688, "
+              "vitdet 5000)")
     flag(g, "--save_freq", default=0, type=int, check=">= 0",
          help="also keep checkpoint-<k>.pth every N evaluation intervals (0: only last and best)",
          resume="which periodic checkpoints are kept")
@@ -343,8 +375,9 @@ def detection_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     flag(g, "--eval", action="store_true", help="only evaluate --resume on the validation set",
          resume="an evaluation loads the weights only, and may change anything")
-    flag(g, "--eval_batch_size", default=2, type=int, help="validation images per batch", check=">= 1",
-         resume="the same scores in batches of any size")
+    flag(g, "--eval_batch_size", default=2, type=int, check=">= 1",
+         help="validation images per batch (each is padded to the --input_size square alone: the same detections "
+              "in batches of any size)", resume="the same scores in batches of any size")
     _add_segmentation_initialisation_flags(p)
     add_run_flags(p, data_help="dataset root in COCO 2017's layout: annotations/instances_{train,val}2017.json, "
                                "train2017/, val2017/")
@@ -362,38 +395,52 @@ def detection_split_paths(flags, split: str) -> Tuple[str, str]:
 
 
 def _add_detection_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("model (a ConViT: ConvMAE's DET backbone and heads; a ViT: ViTDet's)")
     flag(g, "--model", default="convvit_base_patch16", type=str, help="the encoder (its multi-scale features)",
          resume=MUST_MATCH)
     flag(g, "--input_size", default=1024, type=int, check=">= 1", resume=MUST_MATCH,
          help="training crops are --input_size squared (large-scale jitter); test images are resized to it on "
-              "their longest side")
-    flag(g, "--drop_path", default=0.1, type=float, help="stochastic depth rate of the encoder", check="[0, 1)",
-         resume=MUST_MATCH)
-    flag(g, "--fpn_channels", default=256, type=int, help="FPN and RoI heads' width", check=">= 1",
-         resume=MUST_MATCH)
+              "their longest side; both are padded to the --input_size square")
+    flag(g, "--drop_path", default=None, type=float, check="[0, 1)", resume=MUST_MATCH,
+         help="stochastic depth rate of the encoder (none: the recipe's, 0.1; vitdet 0.4 for ViT-L, 0.5 for ViT-H)")
+    flag(g, "--fpn_channels", default=256, type=int, help="FPN (a ViT: simple pyramid) and RoI heads' width",
+         check=">= 1", resume=MUST_MATCH)
     flag(g, "--rois_per_image", default=512, type=int, check=">= 1", resume=MUST_MATCH,
          help="proposals sampled per image for the box head in training (a quarter of them positive at most)")
-    _add_dense_backbone_flags(g, layer_scale=None)
-    flag(g, "--window_size", default=16, type=int, check=">= 0", resume=MUST_MATCH,
-         help="the transformer blocks attend within windows of N x N tokens (ConvMAE's detection backbone; 0: "
-              "every block global)")
-    flag(g, "--global_blocks", default=[0, 3, 6, 10], type=int, nargs="*", check=">= 0", resume=MUST_MATCH,
-         help="the transformer blocks that attend globally (ConvMAE-B's detection backbone: 0, 3, 6, 10)")
+    flag(g, "--window_size", default=None, type=int, check=">= 0", resume=MUST_MATCH,
+         help="the transformer blocks attend within windows of N x N tokens, but --global_blocks (0: every block "
+              "global; none: 16 for a ConViT as ConvMAE, 14 for a ViT as ViTDet)")
+    flag(g, "--global_blocks", default=None, type=int, nargs="*", check=">= 0", resume=MUST_MATCH,
+         help="the transformer blocks that attend globally (none: ConvMAE's 0 3 6 10 of ConViT-B's 11 blocks, at the "
+              "same fractions of another depth; ViTDet's last block of each quarter, 2 5 8 11 of ViT-B's 12)")
+    flag(g, "--rel_pos", default=None, choices=REL_POS_CHOICES, resume=MUST_MATCH,
+         help="relative positions in the attention: shared (ConvMAE's DET: one table for the windowed blocks, one for "
+              "the global ones), decomposed (ViTDet's, per block), per_block (a table per block, ConvMAE's "
+              "segmentation), none (none: shared for a ConViT, decomposed for a ViT)")
+    flag(g, "--pos_embed", default=None, choices=["frozen", "learned"], resume=MUST_MATCH,
+         help="the pre-trained absolute position embedding (resampled to the grid) stays frozen (ConvMAE's DET) or "
+              "learns (ViTDet) (none: frozen for a ConViT, learned for a ViT)")
+    flag(g, "--layer_scale", default=None, type=float_or_none, check="> 0", resume=MUST_MATCH,
+         help="layer scale's initial value on the blocks' attention and MLP branches (none: no layer scale, as both "
+              "anchors' detection backbones)")
 
 
 def _add_detection_optimizer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer (AdamW)")
     flag(g, "--lr", default=None, type=float, help="absolute lr (none: blr x total batch / 256)", check="> 0",
          resume=MUST_MATCH)
-    flag(g, "--blr", default=6.4e-4, type=float, check="> 0", resume=MUST_MATCH,
-         help="base lr: lr = blr x total batch / 256 (the recipe: 8e-5 at 32 images per step)")
+    flag(g, "--blr", default=None, type=float, check="> 0", resume=MUST_MATCH,
+         help="base lr: lr = blr x total batch / 256 (none: the recipe's, convmae 6.4e-4: 8e-5 at 32 images per "
+              "step; vitdet 4e-4: 1e-4 at 64)")
     flag(g, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0",
          resume=MUST_MATCH)
     flag(g, "--betas", default=[0.9, 0.999], type=float, nargs=2, help="AdamW betas", check="[0, 1)",
          resume=MUST_MATCH)
     flag(g, "--weight_decay", default=0.1, type=float, check=">= 0", resume=MUST_MATCH,
-         help="none on norms, position embeddings and relative-position tables")
+         help="none on norms and position embeddings (and ConvMAE's relative-position tables with --recipe convmae)")
+    flag(g, "--layer_decay", default=None, type=float, check="(0, 1]", resume=MUST_MATCH,
+         help="layer-wise lr decay of the encoder (1: none; none: the recipe's, convmae 1, vitdet 0.7 for ViT-B, 0.8 "
+              "for ViT-L)")
     flag(g, "--clip_grad", default=None, type=float, help="max gradient norm (none: no clipping)", check="> 0",
          resume=MUST_MATCH)
 

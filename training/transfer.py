@@ -1,7 +1,7 @@
 """What the dense-transfer scripts share (main_segment.py, main_detect.py): the checks of their common flags, the lr
 from --blr, the encoder's dense options, and the model built for the run from the checkpoint it resumes or from
 --finetune's pre-trained encoder, then placed on the run's device."""
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -14,17 +14,22 @@ from training.run import Run
 from training.sync_batchnorm import convert_sync_batchnorm
 
 
-def check_transfer_flags(args, task: str, few_images: str = "") -> None:
-    """--finetune, --eval, --batch_size, --model and --simple_pyramid of a dense-transfer script (`task`: what a run
-    of it is called in messages; `few_images`: what else a step of one image breaks)."""
+def check_transfer_flags(args, task: str, few_images: str = "", batchnorm: bool = True) -> None:
+    """--finetune, --eval, --batch_size and --model of a dense-transfer script (`task`: what a run of it is called in
+    messages; `few_images`: what else a step of one image breaks; `batchnorm`: the model has BatchNorm, which a
+    step of one image breaks)."""
     check_pretrained_flag(args.finetune)
     if args.eval and not args.resume:
         raise flag_error("--eval", f"needs --resume: the checkpoint of a {task} run to evaluate")
     world_size = launch_world_size()
-    if args.batch_size * world_size < 2:
+    if batchnorm and args.batch_size * world_size < 2:
         raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
                                          f"step{few_images}: use 2 or more images per step (over all processes)")
     check_classifier_name(args.model)
+
+
+def check_simple_pyramid(args) -> None:
+    """--simple_pyramid (segmentation) is for a plain ViT."""
     if args.simple_pyramid and not is_plain_vit(args.model):
         raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
                                              f"stages")
@@ -58,19 +63,28 @@ def count_parameters(module: torch.nn.Module) -> float:
 
 
 def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],
-                   encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str) -> torch.nn.Module:
+                   encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str,
+                   patch_tokens_only: bool = False,
+                   check_resumed: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
     """`build(**layout)` with the encoder layout of the checkpoint the run resumes (or evaluates), else of --finetune's
-    (a checkpoint in MAE's / timm's ViT layout keeps its class token, as fine-tuning does); a fresh run loads
-    --finetune's encoder into `encoder_of(model)`, its dense-transfer parameters new. A size or level the encoder
-    cannot give stops the run naming `flags`, the flags to check."""
+    (a checkpoint in MAE's / timm's ViT layout keeps its class token, as fine-tuning does, unless
+    `patch_tokens_only`: the class token and its position are then dropped, as ViTDet drops MAE's); a fresh run loads
+    --finetune's encoder into `encoder_of(model)`, its dense-transfer parameters new. `check_resumed(path)` may refuse
+    the checkpoint resumed before anything is built. A size or level the encoder cannot give stops the run naming
+    `flags`, the flags to check."""
     resume = run.resume_path(auto=not cfg.eval)
+    if resume and check_resumed is not None:
+        check_resumed(resume)
     layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
+    if patch_tokens_only:
+        layout.pop("class_token", None)
     try:
         model = build(**layout)
     except ValueError as err:
         raise RunError(f"{err} (check {flags})") from None
     if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"])
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"],
+                     drop_class_token=patch_tokens_only)
     return model
 
 

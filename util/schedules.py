@@ -26,6 +26,26 @@ def poly_lr(iteration: float, base_lr: float, total_iters: float, power: float =
     return lr
 
 
+def detectron_lr(fraction: float, base_lr: float, schedule: str = "cosine", min_lr: float = 0.0,
+                 steps=(), warmup_length: float = 0.0, warmup_factor: float = 0.001) -> float:
+    """detectron2's iteration-based schedules, at `fraction` of the run's iterations (LazyConfig's lr_multiplier of
+    WarmupParamScheduler over CosineParamScheduler or MultiStepParamScheduler): "cosine", a half-cosine from
+    `base_lr` to `min_lr`; "step", `base_lr` divided by 10 at each of `steps` (fractions of the run, ViTDet's values
+    1, 0.1, 0.01); over the first `warmup_length` of the run that lr times a factor rising linearly from
+    `warmup_factor` to 1 (the warmup multiplies the schedule, it does not replace it)."""
+    t = min(max(fraction, 0.0), 1.0)
+    if schedule == "cosine":
+        lr = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    elif schedule == "step":
+        lr = base_lr * 0.1 ** sum(t >= step for step in steps)
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
+    if t < warmup_length:
+        alpha = t / warmup_length
+        lr *= warmup_factor * (1.0 - alpha) + alpha
+    return lr
+
+
 def cosine_momentum(progress: float, start: float, epochs: float, end: float = 1.0) -> float:
     """EMA momentum rising from `start` to `end` along a half-cosine over the run (BYOL / DINO)."""
     t = min(max(progress / max(epochs, 1e-12), 0.0), 1.0)
