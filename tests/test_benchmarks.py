@@ -350,3 +350,252 @@ def test_detection_step_benchmark_counts_memory_flops_and_times_the_real_loop(ca
         assert r["images_per_s"] > 0 and r["fixed_bytes"] == 16 * r["parameters"]
         assert r["gflops_forward_backward"] > r["gflops_forward"] > 0
     assert "| 64 x 64 |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmarks/convergence.py: tiny budgets on tiny Fashion-MNIST-like files.
+
+@pytest.fixture
+def convergence_args(tmp_path):
+    """parse_args of the convergence benchmark at test size (two configurations, one seed, two evaluations of a
+    fifth of a compute second each), extra flags appended; torch's thread count is restored afterwards."""
+    from benchmarks import convergence
+    from helpers import write_fashion_idx
+    data = write_fashion_idx(tmp_path / "fashion", train=60, test=30)
+    threads = torch.get_num_threads()
+
+    def make(*extra):
+        return convergence.parse_args(
+            ["--budget", "0.4", "--evals", "2", "--seeds", "0", "--configs", "convmae_pixel", "dmjd_hog",
+             "--batch_size", "8", "--probe_train", "60", "--probe_test", "30", "--device", "cpu",
+             "--data_dir", str(data), "--out", str(tmp_path / "out"), *extra])
+    yield make
+    torch.set_num_threads(threads)
+
+
+def _hand_made_rows(curves, times=(0.0, 300.0, 600.0)):
+    """Convergence rows from {config: {seed: [probe accuracy at each time]}} (20-NN the probe's minus 1)."""
+    return [dict(setting="s", config=config, seed=seed, budget=times[-1], eval=i, compute_s=t, wall_s=t, steps=10 * i,
+                 images=80 * i, probe_acc=acc, knn_acc=acc - 1)
+            for config, by_seed in curves.items() for seed, accs in by_seed.items()
+            for i, (t, acc) in enumerate(zip(times, accs))]
+
+
+def test_convergence_appends_a_row_per_evaluation_and_a_rerun_appends_nothing(convergence_args, tmp_path, capsys):
+    from benchmarks import convergence
+    args = convergence_args()
+    convergence.main(args)
+    csv_path = tmp_path / "out" / "convergence.csv"
+    rows = convergence.read_rows(str(csv_path))
+    key = convergence.Setting.from_args(args, torch.device("cpu")).key
+    assert [(r["config"], r["eval"]) for r in rows] == [(c, i) for c in ("convmae_pixel", "dmjd_hog") for i in range(3)]
+    for config in ("convmae_pixel", "dmjd_hog"):
+        run = [r for r in rows if r["config"] == config]
+        assert all(r["setting"] == key and r["seed"] == 0 and r["budget"] == 0.4 for r in run)
+        assert run[0]["compute_s"] == run[0]["steps"] == 0
+        assert 0.2 <= run[1]["compute_s"] <= run[2]["compute_s"] and run[2]["compute_s"] >= 0.4  # the budget is spent
+        assert 0 < run[1]["steps"] <= run[2]["steps"] and run[2]["images"] == 8 * run[2]["steps"]
+        assert all(0 <= r["probe_acc"] <= 100 and 0 <= r["knn_acc"] <= 100 and r["wall_s"] >= 0 for r in run)
+    written = csv_path.read_bytes()
+    capsys.readouterr()
+    convergence.main(args)
+    assert csv_path.read_bytes() == written
+    out = capsys.readouterr().out
+    assert "convmae_pixel seed 0: finished before, skipped" in out and "dmjd_hog seed 0: finished before" in out
+    assert "| convmae_pixel | 1 |" in (tmp_path / "out" / "convergence.md").read_text()
+    assert Image.open(tmp_path / "out" / "convergence.png").size[0] > 0
+
+
+def test_convergence_runs_again_under_a_changed_flag_and_reports_each_setting_apart(convergence_args, tmp_path):
+    from benchmarks import convergence
+    first, changed = convergence_args("--configs", "maskfeat"), convergence_args("--configs", "maskfeat",
+                                                                               "--mask_ratio", "0.5")
+    convergence.main(first)
+    md = convergence.main(changed)
+    rows = convergence.read_rows(str(tmp_path / "out" / "convergence.csv"))
+    keys = [convergence.Setting.from_args(a, torch.device("cpu")).key for a in (first, changed)]
+    assert keys[0] != keys[1] and [r["setting"] for r in rows] == [keys[0]] * 3 + [keys[1]] * 3
+    assert "masking 0.5" in md and "| maskfeat | 1 |" in md  # one seed: the first setting's run is not in it
+
+
+def test_two_jobs_run_every_missing_run_once_in_their_own_processes(convergence_args, tmp_path):
+    from benchmarks import convergence
+    convergence.main(convergence_args("--jobs", "2", "--configs", "convmae_pixel", "dm", "--evals", "1"))
+    rows = convergence.read_rows(str(tmp_path / "out" / "convergence.csv"))
+    assert sorted((r["config"], r["eval"]) for r in rows) == [("convmae_pixel", 0), ("convmae_pixel", 1), ("dm", 0),
+                                                             ("dm", 1)]
+
+
+def test_the_setting_key_holds_every_flag_that_changes_a_result_and_no_other(convergence_args):
+    from benchmarks import convergence
+    cpu = torch.device("cpu")
+    key = convergence.Setting.from_args(convergence_args(), cpu).key
+    for flags in (["--jobs", "2"], ["--seeds", "1", "2"], ["--configs", "dm"], ["--baselines", "maskfeat"],
+                  ["--out", "elsewhere"]):
+        assert convergence.Setting.from_args(convergence_args(*flags), cpu).key == key, flags
+    for flags in (["--budget", "1"], ["--evals", "3"], ["--threads", "2"], ["--blr", "1e-3"], ["--mask_type", "block"],
+                  ["--batch_size", "4"], ["--probe_test", "20"], ["--scale", "gpu"], ["--warmup_fraction", "0.1"]):
+        assert convergence.Setting.from_args(convergence_args(*flags), cpu).key != key, flags
+    assert "machine=" in key and "device=cpu" in key and "threads=1" in key
+
+
+def test_a_run_without_its_final_evaluation_counts_as_not_finished(convergence_args):
+    from benchmarks import convergence
+    setting = convergence.Setting.from_args(convergence_args(), torch.device("cpu"))
+    rows = [dict(r, setting=setting.key) for r in _hand_made_rows({"maskfeat": {0: [70, 75, 80], 1: [70, 75]}})]
+    assert convergence.finished_runs(rows, setting) == {("maskfeat", 0)}
+    assert convergence.finished_runs([dict(r, setting="other") for r in rows], setting) == set()
+
+
+def test_a_csv_with_other_columns_is_named_and_never_appended_to(tmp_path):
+    from benchmarks import convergence
+    old = tmp_path / "convergence.csv"
+    old.write_text("config,seed,seconds,steps,images,probe_acc,knn_acc\nmaskfeat,0,0.0,0,0,72.3,71.7\n")
+    with pytest.raises(ValueError, match="convergence.csv has the columns"):
+        convergence.read_rows(str(old))
+
+
+def test_time_to_accuracy_interpolates_between_evaluations_and_is_none_when_never_reached():
+    from benchmarks.convergence import time_to_accuracy
+    times, accuracies = [0, 100, 200, 300], [70, 80, 84, 86]
+    assert time_to_accuracy(times, accuracies, 82) == pytest.approx(150)
+    assert time_to_accuracy(times, accuracies, 86) == 300
+    assert time_to_accuracy(times, accuracies, 60) == 0
+    assert time_to_accuracy(times, accuracies, 86.5) is None
+    assert time_to_accuracy(times, [70, 85, 80, 86], 84) == pytest.approx(100 * 14 / 15)  # the first crossing
+
+
+def test_speedups_divide_the_baselines_time_to_its_final_accuracy_by_each_configurations():
+    from benchmarks.convergence import speedups
+    rows = _hand_made_rows({"convmae_pixel": {0: [70, 78, 82], 1: [70, 80, 84]},  # final mean 83, reached at 600
+                            "dmjd_hog": {0: [70, 84, 86], 1: [70, 82, 84]},       # mean 83 at 300
+                            "dm": {0: [70, 75, 80], 1: [70, 76, 81]}})             # never
+    probe = speedups(rows, "convmae_pixel", "probe_acc")
+    assert probe["convmae_pixel"]["target"] == 83 and probe["convmae_pixel"]["time"] == 600
+    assert probe["convmae_pixel"]["speedup"] == 1
+    assert probe["dmjd_hog"]["time"] == pytest.approx(300) and probe["dmjd_hog"]["speedup"] == pytest.approx(2)
+    assert probe["dmjd_hog"]["per_seed"] == pytest.approx([300 * 13 / 14, 450])
+    assert probe["dm"]["time"] is None and probe["dm"]["speedup"] is None and probe["dm"]["per_seed"] == [None, None]
+    assert speedups(rows, "convmae_pixel", "knn_acc")["convmae_pixel"]["target"] == 82
+
+
+def test_the_report_gives_final_accuracies_and_times_to_each_baseline_and_rewrites_the_docs_blocks(
+        convergence_args, tmp_path, capsys):
+    from benchmarks import convergence
+    doc, readme = tmp_path / "CONVERGENCE.md", tmp_path / "README.md"
+    doc.write_text("intro\n<!-- convergence -->\nold table\n<!-- /convergence -->\nprose\n")
+    readme.write_text("<!-- convergence_summary -->\nold claim\n<!-- /convergence_summary -->\n")
+    args = convergence_args("--doc", str(doc), str(readme), "--baselines", "convmae_pixel", "maskfeat")
+    setting = convergence.Setting.from_args(args, torch.device("cpu"))
+    rows = _hand_made_rows({"convmae_pixel": {0: [70, 78, 82], 1: [70, 80, 84]},
+                            "dmjd_hog": {0: [70, 84, 86], 1: [70, 82, 84]}})
+    (tmp_path / "out").mkdir()
+    convergence.append_rows(str(tmp_path / "out" / "convergence.csv"),
+                            [dict(r, setting=setting.key, budget=0.4, eval=r["eval"] * 2 // 2) for r in rows])
+    args.evals = 2
+    md = convergence.write_report(args, setting, str(tmp_path / "out" / "convergence.csv"))
+    assert "| convmae_pixel | 2 | 20 ± 0 | 0.0 ± 0.0 | 600 ± 0 |" in md and "| 83.00 ± 1.41 |" in md
+    assert "| dmjd_hog | 300 [279, 450] | 2.00x |" in md
+    assert "maskfeat" not in md.split("Effective epochs")[1]  # a baseline without runs has no table
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- convergence -->\n") and text.endswith("<!-- /convergence -->\nprose\n")
+    assert "old table" not in text and "![accuracy against compute time](out/convergence.png)" in text
+    claim = readme.read_text()
+    assert "dmjd_hog reaches it in 300 s (2.00x faster than convmae_pixel)" in claim
+    assert "+2.00 points against convmae_pixel (seeds' ranges overlap)" in claim
+    assert Image.open(tmp_path / "out" / "convergence.png").size == (2 * 520 + 170, 560)
+
+
+def test_a_doc_without_a_convergence_block_is_named(convergence_args, tmp_path):
+    from benchmarks import convergence
+    doc = tmp_path / "NOTES.md"
+    doc.write_text("no markers here\n")
+    args = convergence_args("--doc", str(doc))
+    setting = convergence.Setting.from_args(args, torch.device("cpu"))
+    (tmp_path / "out").mkdir()
+    rows = _hand_made_rows({"convmae_pixel": {0: [70, 80, 82]}})
+    convergence.append_rows(str(tmp_path / "out" / "convergence.csv"), [dict(r, setting=setting.key) for r in rows])
+    with pytest.raises(ValueError, match="NOTES.md has neither a convergence nor a convergence_summary block"):
+        convergence.write_report(args, setting, str(tmp_path / "out" / "convergence.csv"))
+
+
+def test_the_convmae_baseline_predicts_normalised_pixels_from_one_view_without_a_visible_branch(convergence_args):
+    from benchmarks import convergence
+    setting = convergence.Setting.from_args(convergence_args(), torch.device("cpu"))
+    model, task, _ = convergence.build_run(setting, "convmae_pixel", torch.device("cpu"))
+    assert model.num_views == 1 and model.pred_type == "pixel" and model.theta == 0
+    assert model.visible_branch is None and task.teacher is None
+    assert model.mask_ratio == 0.6 and model.pred_ratio == 0.6  # one view predicts what it hides
+    assert model.decoder_pred.out_features == 8 * 8 * 3  # a patch's pixels, not its 108 HOG numbers
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    loss, parts = task.loss(images, None)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(parts["loss_mask"].item())
+
+
+def test_every_configuration_starts_from_the_same_encoder_for_a_seed(convergence_args):
+    from benchmarks import convergence
+    setting = convergence.Setting.from_args(convergence_args(), torch.device("cpu"))
+    encoders = []
+    for name in convergence.CONFIGS:
+        torch.manual_seed(3)
+        encoders.append(convergence.build_run(setting, name, torch.device("cpu"))[0].encoder.state_dict())
+    for other in encoders[1:]:
+        assert other.keys() == encoders[0].keys()
+        assert all(torch.equal(other[k], encoders[0][k]) for k in other)
+
+
+def test_the_gpu_scale_pretrains_convit_b_at_96_pixels_through_the_same_code_on_the_cpu(convergence_args):
+    from benchmarks import convergence
+    cpu = torch.device("cpu")
+    assert convergence.scale_name("auto", torch.device("cuda")) == "gpu"
+    assert convergence.scale_name("auto", cpu) == "laptop"
+    flags = ("--scale", "gpu", "--batch_size", "1", "--budget", "0.001", "--evals", "1", "--probe_train", "2",
+             "--probe_test", "1")
+    args = convergence_args(*flags)
+    setting = convergence.Setting.from_args(args, cpu)
+    assert (setting.model, setting.input_size, setting.blr) == ("dmjd_convit_base_patch16_dec8_hog", 96, 6e-4)
+    assert setting.block == "convergence_gpu"  # its report has blocks of its own in the docs
+    data = convergence.load_fashion_mnist(args.data_dir, cpu)
+    model, task, _ = convergence.build_run(setting, "dmjd_hog", cpu)
+    images = convergence.model_input(convergence.augment(data[0][:1], torch.Generator().manual_seed(0)), 96)
+    assert images.shape == (1, 3, 96, 96) and images.dtype == torch.float32
+    with torch.no_grad():  # ConViT-B's backward on a CPU takes longer than a test should
+        loss, parts = task.loss(images, None)
+    assert torch.isfinite(loss) and parts["loss_vis"] > 0
+    # the whole run at that scale, steps included, with a small encoder for the test's CPU time
+    small = convergence.Setting.from_args(convergence_args(*flags, "--model", "dmjd_convit_tiny_patch16_dec1_hog"),
+                                          cpu)
+    rows = convergence.pretrain_run(small, "dmjd_ema", 0, data, cpu)
+    assert [r["eval"] for r in rows] == [0, 1] and rows[1]["steps"] >= 1 and rows[1]["images"] == rows[1]["steps"]
+
+
+def test_jobs_above_one_are_refused_off_the_cpu(convergence_args):
+    from benchmarks import convergence
+    with pytest.raises(ValueError, match="--jobs 2 runs several processes on the CPU"):
+        convergence.Setting.from_args(convergence_args("--jobs", "2"), torch.device("meta"))
+
+
+def test_the_probe_leaves_the_training_runs_random_stream_where_it_was():
+    from benchmarks.convergence import linear_probe
+    x, y = torch.randn(40, 6), torch.arange(40) % 4
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    accuracy = linear_probe(x, y, x, y, epochs=3, seed=5)
+    assert torch.equal(torch.rand(3), expected) and accuracy == linear_probe(x, y, x, y, epochs=3, seed=5)
+
+
+def test_the_compute_clock_counts_the_processs_cpu_time_not_time_spent_waiting():
+    import time
+    from benchmarks.convergence import ComputeClock
+    clock = ComputeClock(torch.device("cpu"))
+    clock.start()
+    time.sleep(0.3)  # a process waiting for a core, as on a shared machine, spends no CPU time either
+    clock.stop()
+    assert clock.wall >= 0.3 and clock.compute < clock.wall / 3
+    clock.start()
+    busy = time.process_time() + 0.05
+    while time.process_time() < busy:
+        pass
+    clock.stop()
+    assert clock.compute >= 0.05
