@@ -476,20 +476,23 @@ def report(rows: Sequence[dict], setting: Setting, baselines: Sequence[str], png
              f"{setting.mask_ratio} ({setting.mask_type}); {setting.budget:.0f} compute seconds per run "
              f"({setting.device}, {setting.threads} thread(s), amp {setting.amp}), {setting.evals} evaluations; "
              f"seeds {', '.join(map(str, seeds))}; {provenance_of(setting)}. Mean ± standard deviation over seeds.",
-             "", "| configuration | seeds | steps | effective epochs | compute s | wall s (steps) | linear probe (%) "
-             "| 20-NN (%) |", "|---|---|---|---|---|---|---|---|"]
+             "", "| configuration | seeds | steps | steps per compute s | effective epochs | compute s | wall s (steps) "
+             "| linear probe (%) | 20-NN (%) |", "|---|---|---|---|---|---|---|---|---|"]
     # a seed's configurations start from the same encoder: one start per seed
     starts = list({seed: runs[0] for by_seed in by_config.values() for seed, runs in by_seed.items()}.values())
-    lines.append(f"| random init | {len(starts)} | 0 | 0 | 0 | 0 | {spread([r['probe_acc'] for r in starts])} | "
+    lines.append(f"| random init | {len(starts)} | 0 | - | 0 | 0 | 0 | {spread([r['probe_acc'] for r in starts])} | "
                  f"{spread([r['knn_acc'] for r in starts])} |")
     for name, by_seed in by_config.items():
         last = [runs[-1] for runs in by_seed.values()]
         views = CONFIGS[name]["num_views"]
         lines.append(f"| {name} | {len(last)} | {spread([r['steps'] for r in last], 0)} | "
+                     f"{spread([r['steps'] / r['compute_s'] for r in last])} | "
                      f"{spread([r['images'] * views / TRAIN_IMAGES for r in last], 1)} | "
                      f"{spread([r['compute_s'] for r in last], 0)} | {spread([r['wall_s'] for r in last], 0)} | "
                      f"{spread([r['probe_acc'] for r in last])} | {spread([r['knn_acc'] for r in last])} |")
-    lines += ["", "Effective epochs: images x views / 60,000, the paper's ETE."]
+    lines += ["", "Effective epochs: images x views / 60,000, the paper's ETE. Steps per compute second: how steady "
+                  "the unit was (other work on the machine still slows a step through shared caches and memory); "
+                  "wall / compute seconds: how busy the machine was."]
     for baseline in [b for b in baselines if b in by_config]:
         lines += ["", f"Compute seconds to reach {baseline}'s final mean accuracy (on the mean curve over seeds, "
                       f"linear between evaluations; per seed in brackets, - where a seed never reaches it) and the "

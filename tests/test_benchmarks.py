@@ -494,7 +494,7 @@ def test_the_report_gives_final_accuracies_and_times_to_each_baseline_and_rewrit
                             [dict(r, setting=setting.key, budget=0.4, eval=r["eval"] * 2 // 2) for r in rows])
     args.evals = 2
     md = convergence.write_report(args, setting, str(tmp_path / "out" / "convergence.csv"))
-    assert "| convmae_pixel | 2 | 20 ± 0 | 0.0 ± 0.0 | 600 ± 0 |" in md and "| 83.00 ± 1.41 |" in md
+    assert "| convmae_pixel | 2 | 20 ± 0 | 0.03 ± 0.00 | 0.0 ± 0.0 | 600 ± 0 |" in md and "| 83.00 ± 1.41 |" in md
     assert "| dmjd_hog | 300 [279, 450] | 2.00x |" in md
     assert "maskfeat" not in md.split("Effective epochs")[1]  # a baseline without runs has no table
     text = doc.read_text()
