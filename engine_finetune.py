@@ -1,7 +1,8 @@
 """Supervised training on a pre-trained encoder (fine-tuning or linear probing): the config both scripts share, their
 task for the training loop (training.loop), and top-1 / top-5 evaluation."""
+import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
 from training.step import autocast_context
-from util.datasets import classification_folders, skip_bad_collate
+from util.checkpoint import CheckpointError, load_checkpoint
+from util.datasets import classes_without_images, classification_folders, skip_bad_collate
 from util.misc import resolve_amp, resolve_device
 
 
@@ -52,35 +54,70 @@ def resolve_classification(config_cls, parser, args, **resolved):
                                 **resolved), line
 
 
+def evaluated_classes(cfg: ClassificationConfig) -> Tuple[Optional[List[str]], str]:
+    """--eval's labels for val/: (the class names that the evaluated checkpoint, --resume or else --finetune, was
+    trained on, "the checkpoint <path>"), or (None, why there are none) when it stores none (saved before
+    checkpoints kept them, or not a classifier's): val/'s own sorted folders then stand for them."""
+    path = cfg.resume or cfg.finetune
+    if not path:
+        return None, "no checkpoint is given"
+    try:
+        classes = load_checkpoint(path, mmap=True).get("classes")
+    except (CheckpointError, FileNotFoundError) as err:
+        raise RunError(str(err)) from None
+    if classes is None:
+        return None, f"{path} does not store the classes it was trained on"
+    return list(classes), f"the checkpoint {path}"
+
+
 def classification_loaders(run: Run, cfg: ClassificationConfig, train_transform, val_transform):
-    """(train loader or None with --eval, val loader) over `<data_path>/train` and `<data_path>/val`."""
+    """(train loader or None with --eval, val loader, class names) over `<data_path>/train` and `<data_path>/val`,
+    both labelled by the training classes (util.datasets.classification_folders): train/'s class folders, or with
+    --eval those the checkpoint stores. Checked before the first step: a val/ class that training lacks, or a val/
+    without images, stops the run naming the folder; a training class without images in val/ is named once here."""
+    classes, classes_of = evaluated_classes(cfg) if cfg.eval else (None, "")
     try:
         train_set, val_set = classification_folders(cfg.data_path, train_transform, val_transform, cfg.nb_classes,
-                                                    with_train=not cfg.eval)
+                                                    with_train=not cfg.eval, classes=classes, classes_of=classes_of)
     except (FileNotFoundError, ValueError) as err:
         raise RunError(str(err)) from None
+    val_root = os.path.join(cfg.data_path, "val")
+    if cfg.eval and classes is None:
+        print(f"{classes_of}: the labels 0..{len(val_set.classes) - 1} of its outputs are taken to be {val_root}'s "
+              f"own class folders, sorted; they must be the classes it was trained on, in that order")
+    elif cfg.eval:
+        print(f"labels: the {len(classes)} classes that {classes_of} was trained on")
+    missing = classes_without_images(val_set)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        print(f"{val_root} has no images of {len(missing)} of the {len(val_set.classes)} training classes: {shown}; "
+              f"its accuracy covers the other {len(val_set.classes) - len(missing)}")
     pin = cfg.pin_mem and run.device.type == "cuda"
     val = eval_loader(val_set, cfg.batch_size, run.dist, cfg.dist_eval, cfg.num_workers, pin, skip_bad_collate)
     if cfg.eval:
-        return None, val
+        return None, val, val_set.classes
     if len(train_set) < cfg.batch_size * run.world_size:
         raise RunError(f"--batch_size {cfg.batch_size} x {run.world_size} processes needs at least "
                        f"that many images; {cfg.data_path}/train has {len(train_set)}")
     print(f"train: {len(train_set)} images, val: {len(val_set)} images, {len(train_set.classes)} classes")
-    return train_loader(train_set, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers, pin, skip_bad_collate), val
+    train = train_loader(train_set, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers, pin, skip_bad_collate)
+    return train, val, train_set.classes
 
 
 class ClassificationTask(Task):
     """Fine-tuning or probing as the loop sees it: a classifier, its criterion and optimizer, optional mixup /
     cutmix (drawn inside the step, so that the step's seeding covers it), and top-1 / top-5 evaluation; the best
     checkpoint has the best top-1 (`best_acc1`). Batches are `(images, targets, num_bad)` from
-    util.datasets.skip_bad_collate; a batch with no readable image trains as two blank images of weight 0."""
+    util.datasets.skip_bad_collate; a batch with no readable image trains as two blank images of weight 0. An
+    evaluation that could read no image stops the run: it is never a score. A checkpoint keeps the class names it
+    was trained on (`classes`, the meaning of the head's outputs), which --eval reads back."""
     best = "acc1"
 
     def __init__(self, model: torch.nn.Module, cfg: EpochConfig, device: torch.device, criterion=None,
-                 make_optimizer=None, mixup_fn=None):
+                 make_optimizer=None, mixup_fn=None, classes: Sequence[str] = ()):
         self.model, self.trained, self.cfg, self.device = model, model, cfg, device
         self.criterion, self.make_optimizer, self.mixup_fn = criterion, make_optimizer, mixup_fn
+        self.classes: List[str] = list(classes)
 
     def optimizer(self) -> torch.optim.Optimizer:
         return self.make_optimizer(self.model)
@@ -104,7 +141,8 @@ class ClassificationTask(Task):
         return {"loss": stats["loss"], "lr": stats["lr"]}
 
     def evaluate_batches(self, loader, progress: Progress) -> Dict[str, float]:
-        return classification_scores(self.model, loader, progress, self.device, self.cfg.amp_dtype)
+        return classification_scores(self.model, loader, progress, self.device, self.cfg.amp_dtype,
+                                     os.path.join(self.cfg.data_path, "val"))
 
     def report(self, scores: Dict[str, float]) -> str:
         return report(scores)
@@ -113,13 +151,27 @@ class ClassificationTask(Task):
         for k in ("acc1", "acc5", "loss"):
             writer.add_scalar(f"test/{k}", scores[k], x)
 
+    def extra_state(self) -> dict:
+        return {"classes": list(self.classes)}
+
+    def load_extra_state(self, checkpoint: dict, path: str) -> None:
+        saved = checkpoint.get("classes")  # None: saved before checkpoints kept them
+        if saved is not None and list(saved) != self.classes:
+            def named(classes):
+                return f"{len(classes)}: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}"
+            raise RunError(f"{path} was trained on other classes ({named(saved)}) than {self.cfg.data_path}/train has "
+                           f"({named(self.classes)}): its outputs would stand for other classes")
+
 
 def classification_scores(model: torch.nn.Module, loader, progress: Progress, device: torch.device,
-                          amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+                          amp_dtype: Optional[torch.dtype] = None,
+                          folder: str = "the evaluation set") -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over every sample the loader gives this process, summed over
-    processes (each sample counted once when the loader shards the set without padding)."""
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count
-    for it, (images, targets, _) in progress.track(loader):
+    processes (each sample counted once when the loader shards the set without padding). No image read in all
+    (`folder`'s files all unreadable) raises RunError on every process alike: there is no score to report."""
+    totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count, unreadable
+    for it, (images, targets, num_bad) in progress.track(loader):
+        totals[4] += num_bad
         if images is not None:  # None: every file of the batch was unreadable (each was named in a warning)
             progress.count(len(images))
             images = images.to(device, non_blocking=True)
@@ -129,15 +181,16 @@ def classification_scores(model: torch.nn.Module, loader, progress: Progress, de
             outputs = outputs.float()
             top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
             correct = top5 == targets.unsqueeze(1)
-            totals += torch.stack([F.cross_entropy(outputs, targets, reduction="sum").double(),
-                                   correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
-                                   torch.tensor(float(targets.numel()), device=device, dtype=torch.float64)])
+            totals[:4] += torch.stack([F.cross_entropy(outputs, targets, reduction="sum").double(),
+                                       correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
+                                       torch.tensor(float(targets.numel()), device=device, dtype=torch.float64)])
         if progress.due(it):
-            loss, top1, _, count = totals.tolist()  # this process's running figures
+            loss, top1, _, count, _ = totals.tolist()  # this process's running figures
             progress.line(it, {"loss": loss / max(count, 1), "acc1": 100 * top1 / max(count, 1)})
-    loss, top1, top5, count = all_reduce_sum(totals, what="the evaluation's totals").tolist()
-    if count == 0:
-        raise RunError("the evaluation set is empty")
+    loss, top1, top5, count, bad = all_reduce_sum(totals, what="the evaluation's totals").tolist()
+    if count == 0:  # every process has the same sums: all stop alike
+        raise RunError(f"no image of {folder} could be read in this evaluation ({int(bad)} unreadable files skipped, "
+                       f"see the warnings above): there is no score to report")
     return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "count": int(count)}
 
 
@@ -148,8 +201,8 @@ def report(stats: Dict[str, float]) -> str:
 
 def run_classification(run: Run, cfg: ClassificationConfig, task: ClassificationTask, loaders) -> Dict[str, float]:
     """--eval of a checkpoint, or the epochs of fine-tuning or probing (training.loop.fit): train, evaluate on val/,
-    keep checkpoint-last.pth and checkpoint-best.pth (best top-1), log.txt and TensorBoard. Returns the last
-    evaluation."""
+    keep checkpoint-last.pth and checkpoint-best.pth (best top-1), log.txt and TensorBoard. `loaders`: (train, val).
+    Returns the last evaluation."""
     train_loader, val_loader = loaders
     if cfg.eval:
         scores = evaluate_checkpoint(run, task, val_loader, cfg.resume or cfg.finetune or "the model")

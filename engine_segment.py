@@ -29,7 +29,8 @@ from training.step import autocast_context
 from util.datasets import skip_bad_collate
 from util.misc import resolve_amp, resolve_device
 from util.schedules import poly_lr
-from util.seg_datasets import SegEvalTransform, SegmentationFolder, SegTrainTransform, class_names
+from util.seg_datasets import (FULL_LABEL_CHECK_LIMIT, LABEL_CHECK_SAMPLE, TRAINING_LABEL_CHECK_SAMPLE, LabelCheck,
+                               SegEvalTransform, SegmentationFolder, SegTrainTransform, check_labels, class_names)
 from util.seg_metrics import ConfusionMatrix, per_class_table, scores_for_log, segmentation_scores
 
 PER_CLASS_TABLE = "per_class_iou.md"
@@ -196,12 +197,47 @@ class EvalCollate:
         return skip_bad_collate(batch)
 
 
+def checked_labels(dataset: SegmentationFolder, full_up_to: int, sample_size: int) -> LabelCheck:
+    """util.seg_datasets.check_labels of `dataset`, its errors (a label outside the classes, a colour annotation)
+    as RunErrors naming the file."""
+    try:
+        return check_labels(dataset, full_up_to, sample_size)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+
+
+def checked_validation_set(cfg: SegmentConfig) -> SegmentationFolder:
+    """The validation set, checked before the first step (every process reads the same files and stops alike): every
+    annotation's labels in [0, --nb_classes) after --reduce_zero_label, or --ignore_index, and not every pixel
+    ignored, in full up to FULL_LABEL_CHECK_LIMIT annotations, else on a fixed random sample; which of the two is
+    printed. A wrong label stops the run naming the file, the value and the flags; annotations that are all
+    ignored, or none of which can be read, stop it naming the folder: an evaluation of them would be no score."""
+    val_set = segmentation_folder(cfg, "validation", SegEvalTransform(tuple(cfg.img_scale)))
+    check = checked_labels(val_set, FULL_LABEL_CHECK_LIMIT, LABEL_CHECK_SAMPLE)
+    folder, read = val_set.annotation_folder, check.checked - check.unreadable
+    if read == 0:
+        raise RunError(f"{folder}: none of the annotations of {check.describe()} can be read (see the warnings "
+                       f"above): there is nothing to evaluate")
+    if check.labelled_pixels == 0:
+        ignored = f"{cfg.ignore_index}, or 0 by --reduce_zero_label" if cfg.reduce_zero_label else cfg.ignore_index
+        raise RunError(f"{folder}: every pixel of the annotations of {check.describe()} is ignored (label {ignored}): "
+                       f"there is no pixel to score; check --reduce_zero_label and --ignore_index {cfg.ignore_index}")
+    line = f"checked the labels of {check.describe()}"
+    if check.checked < check.total:
+        line += f" (a fixed random sample: all are read up to {FULL_LABEL_CHECK_LIMIT})"
+    if check.unreadable:
+        line += f"; {check.unreadable} annotations cannot be read (named above): evaluation skips their pairs"
+    print(line)
+    return val_set
+
+
 def segmentation_loaders(run: Run, cfg: SegmentConfig):
-    """(training loader or None with --eval, validation loader, class names). Training draws --eval_interval x
+    """(training loader or None with --eval, validation loader, class names). The validation set is checked before
+    the first step (checked_validation_set), and a sample of the training labels. Training draws --eval_interval x
     --accum_iter batches per epoch of the run from an endless seeded stream; validation is sharded over the
     processes without padding."""
     pin = cfg.pin_mem and run.device.type == "cuda"
-    val_set = segmentation_folder(cfg, "validation", SegEvalTransform(tuple(cfg.img_scale)))
+    val_set = checked_validation_set(cfg)
     try:
         names = class_names(cfg.data_path, cfg.nb_classes)
     except ValueError as err:
@@ -215,6 +251,8 @@ def segmentation_loaders(run: Run, cfg: SegmentConfig):
     if len(train_set) < run.world_size:
         raise RunError(f"{run.world_size} processes need at least one training image each; "
                        f"{cfg.data_path}/images/training has {len(train_set)}")
+    check = checked_labels(train_set, TRAINING_LABEL_CHECK_SAMPLE, TRAINING_LABEL_CHECK_SAMPLE)
+    print(f"checked the label range of {check.describe()} (the loader checks each one as it reads it)")
     print(f"training: {len(train_set)} images, validation: {len(val_set)} images, {cfg.nb_classes} classes")
     print(f"training crops: {train_set.transform}")
     train = stream_loader(train_set, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers, pin,
@@ -240,7 +278,8 @@ class SegmentTask(Task):
     """Segmentation as the loop sees it: UperNet (its SyncBN made of the run's processes), layer-decayed AdamW,
     the decode and auxiliary losses, and mIoU evaluation (the best checkpoint: the best mIoU, `best_mIoU`). After
     each evaluation the main process rewrites the per-class table. Batches are `(images, labels, num_bad)`; a batch
-    with no readable pair trains as blank crops of weight 0."""
+    with no readable pair trains as blank crops of weight 0. An evaluation that read no image, or no labelled pixel,
+    stops the run: it is never a score."""
     best = "mIoU"
     samples = "pairs"
 
@@ -293,7 +332,8 @@ def segmentation_scores_of(model: UperNet, loader, progress: Progress, device: t
                            cfg: SegmentConfig) -> Dict[str, object]:
     """Scores of every validation image the loader gives this process, summed over the processes (each image once:
     the loader shards without padding): segmentation_scores' aAcc, mIoU, mAcc, per-class IoU / Acc, and the counts
-    of images evaluated and of unreadable pairs skipped."""
+    of images evaluated and of unreadable pairs skipped. No image read, or no labelled pixel among them (an empty
+    confusion matrix), raises RunError naming the folder on every process alike."""
     matrix = ConfusionMatrix(cfg.nb_classes, device, cfg.ignore_index)
     counts = torch.zeros(2, dtype=torch.float64)  # images evaluated, pairs skipped
     for it, (images, labels, num_bad) in progress.track(loader):
@@ -314,6 +354,10 @@ def segmentation_scores_of(model: UperNet, loader, progress: Progress, device: t
     if images == 0:
         raise RunError(f"no validation image could be read ({int(bad)} pairs failed, see the warnings above); check "
                        f"--data_path {cfg.data_path}")
+    if int(matrix.matrix.sum()) == 0:  # summed over the processes: all stop alike
+        raise RunError(f"the confusion matrix is empty: every pixel of the {int(images)} validation images evaluated "
+                       f"is ignored ({os.path.join(cfg.data_path, 'annotations', 'validation')}, --ignore_index "
+                       f"{cfg.ignore_index}): there is no score to report")
     scores = segmentation_scores(matrix.matrix)
     scores.update(images=int(images), bad_images=int(bad))
     return scores

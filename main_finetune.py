@@ -126,7 +126,7 @@ def main(args):
 
 def finetune(run: Run, cfg: FinetuneConfig):
     train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
-    loaders = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
+    train_loader, val_loader, classes = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
 
     # A checkpoint in MAE's / timm's ViT layout (with a class token) is fine-tuned with its class token, as MAE does.
     resume = run.resume_path(auto=not cfg.eval)
@@ -148,8 +148,8 @@ def finetune(run: Run, cfg: FinetuneConfig):
         groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=run.device.type == "cuda")
 
-    task = ClassificationTask(model, cfg, run.device, criterion, optimizer, mixup_fn)
-    return run_classification(run, cfg, task, loaders)
+    task = ClassificationTask(model, cfg, run.device, criterion, optimizer, mixup_fn, classes=classes)
+    return run_classification(run, cfg, task, (train_loader, val_loader))
 
 
 def mixup_of(cfg: FinetuneConfig) -> Optional[Mixup]:

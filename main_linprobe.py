@@ -114,8 +114,8 @@ def main(args):
 
 
 def probe(run: Run, cfg: LinprobeConfig):
-    loaders = classification_loaders(run, cfg, linprobe_transform(cfg.input_size, cfg.min_crop_scale),
-                                      eval_transform(cfg.input_size))
+    train_loader, val_loader, classes = classification_loaders(
+        run, cfg, linprobe_transform(cfg.input_size, cfg.min_crop_scale), eval_transform(cfg.input_size))
     # A checkpoint in MAE's / timm's ViT layout (with a class token) is probed with its class token, as MAE does.
     resume = run.resume_path(auto=not cfg.eval)
     layout = architecture_kwargs(resume) if resume else encoder_layout(cfg.finetune, cfg.checkpoint_key)
@@ -131,8 +131,8 @@ def probe(run: Run, cfg: LinprobeConfig):
     def optimizer(model):
         return Lars(lars_param_groups(model.head, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
 
-    task = ClassificationTask(model, cfg, run.device, torch.nn.CrossEntropyLoss(), optimizer)
-    return run_classification(run, cfg, task, loaders)
+    task = ClassificationTask(model, cfg, run.device, torch.nn.CrossEntropyLoss(), optimizer, classes=classes)
+    return run_classification(run, cfg, task, (train_loader, val_loader))
 
 
 if __name__ == "__main__":

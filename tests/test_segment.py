@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main_segment
 from dmjd_encoders.pretrained import architecture_kwargs
@@ -290,3 +292,101 @@ def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_
                                        "--no-rel_pos_bias", "--layer_scale", "none")
     with Run(former) as run:
         assert run.resume(None, build_segmenter(former), auto=False) == 0  # the weights load
+
+
+# -- the evaluation set, checked before the first step ----------------------------------------------------------------
+@pytest.fixture
+def small_seg_data(tmp_path):
+    """2 training and 3 validation images of 32 x 32, 4 classes (annotations 0..4, 0 the ignored "other")."""
+    return write_segmentation_folder(tmp_path / "ade", {"training": [(32, 32)] * 2, "validation": [(32, 32)] * 3})
+
+
+def write_label(path, value):
+    """Overwrites the annotation at `path` (32 x 32) with a label map of class 1 and one pixel of `value`."""
+    label = np.ones((32, 32), np.uint8)
+    label[5, 5] = value
+    Image.fromarray(label, "L").save(path)
+
+
+def seg_loaders(data, *flags):
+    """engine_segment.segmentation_loaders of a one-process CPU run on `data`, 4 classes."""
+    from engine_segment import segmentation_loaders
+    from training.distributed import DistInfo
+    cfg = small_segmentation_config("--data_path", str(data), "--nb_classes", "4", "--img_scale", "32", "32",
+                                    "--num_workers", "0", *flags)
+    return segmentation_loaders(SimpleNamespace(device=torch.device("cpu"), dist=DistInfo(), world_size=1), cfg)
+
+
+def test_a_validation_label_out_of_range_stops_the_run_before_the_first_step(small_seg_data):
+    from training.errors import RunError
+    bad = small_seg_data / "annotations" / "validation" / "2.png"
+    write_label(bad, 9)
+    with pytest.raises(RunError) as stop:
+        seg_loaders(small_seg_data)
+    assert str(stop.value) == (f"{bad}: label 8 is outside the 4 classes (the file's 9, less one by "
+                               f"--reduce_zero_label) and is not the ignore index 255; check --nb_classes 4, "
+                               f"--reduce_zero_label and --ignore_index 255")
+
+
+def test_a_training_label_out_of_range_stops_the_run_at_start(small_seg_data):
+    from training.errors import RunError
+    bad = small_seg_data / "annotations" / "training" / "1.png"
+    write_label(bad, 7)
+    with pytest.raises(RunError, match=re.escape(f"{bad}: label 6 is outside the 4 classes")):
+        seg_loaders(small_seg_data)
+    (small_seg_data / "seg.pth").write_bytes(b"")  # --eval needs a --resume file; the loaders do not read it
+    seg_loaders(small_seg_data, "--eval", "--resume", str(small_seg_data / "seg.pth"))  # reads no training label
+
+
+def test_a_validation_set_whose_pixels_are_all_ignored_stops_the_run_naming_the_folder(small_seg_data):
+    from training.errors import RunError
+    folder = small_seg_data / "annotations" / "validation"
+    for path in folder.iterdir():
+        Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(path)  # 0: "other", ignored once reduced
+    with pytest.raises(RunError) as stop:
+        seg_loaders(small_seg_data)
+    assert str(stop.value) == (f"{folder}: every pixel of the annotations of all 3 validation images is ignored (label "
+                               f"255, or 0 by --reduce_zero_label): there is no pixel to score; check "
+                               f"--reduce_zero_label and --ignore_index 255")
+
+
+def test_validation_annotations_none_of_which_can_be_read_stop_the_run_naming_the_folder(small_seg_data):
+    from training.errors import RunError
+    folder = small_seg_data / "annotations" / "validation"
+    for path in folder.iterdir():
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning, match="unreadable annotation"), pytest.raises(RunError, match=re.escape(
+            f"{folder}: none of the annotations of all 3 validation images can be read")):
+        seg_loaders(small_seg_data)
+
+
+def test_the_label_check_says_whether_it_read_every_annotation_or_a_sample(small_seg_data, capsys, monkeypatch):
+    seg_loaders(small_seg_data)
+    out = capsys.readouterr().out
+    assert "checked the labels of all 3 validation images\n" in out
+    assert "checked the label range of all 2 training images (the loader checks each one as it reads it)" in out
+    monkeypatch.setattr("engine_segment.FULL_LABEL_CHECK_LIMIT", 2)
+    monkeypatch.setattr("engine_segment.LABEL_CHECK_SAMPLE", 2)
+    seg_loaders(small_seg_data)
+    assert ("checked the labels of a sample of 2 of 3 validation images (a fixed random sample: all are read up to 2)"
+            in capsys.readouterr().out)
+
+
+def test_an_evaluation_with_an_empty_confusion_matrix_is_a_run_error_naming_the_folder():
+    from engine_segment import segmentation_scores_of
+    from training.errors import RunError
+    from training.meters import Progress
+
+    class Constant(torch.nn.Module):
+        def predict(self, images, size, *how):
+            return torch.ones(len(images), 4, *size)
+
+    cfg = SimpleNamespace(nb_classes=4, ignore_index=255, amp_dtype=None, eval_mode="whole", eval_crop_size=8,
+                          eval_stride=8, test_ratios=[1.0], aug_test=False, data_path="data")
+    batches = [(torch.zeros(2, 3, 8, 8), torch.full((2, 8, 8), 255), 0)]  # every pixel ignored
+    with pytest.raises(RunError) as stop:
+        segmentation_scores_of(Constant(), batches, Progress("Test", 1, 10, torch.device("cpu")), torch.device("cpu"),
+                               cfg)
+    assert str(stop.value) == ("the confusion matrix is empty: every pixel of the 2 validation images evaluated is "
+                               "ignored (data/annotations/validation, --ignore_index 255): there is no score to "
+                               "report")
