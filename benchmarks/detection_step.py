@@ -12,6 +12,7 @@ image (the RoI heads' share depends on the 512 proposals sampled per image, not 
 training loop's round and, on CUDA, the peak memory.
 """
 import argparse
+import multiprocessing
 from functools import partial
 
 import torch
@@ -102,6 +103,13 @@ def measure(args, size: int) -> dict:
                              not args.no_flops)
 
 
+def measure_alone(args, size: int) -> dict:
+    """`measure` in a process of its own: the allocator keeps what one size freed (8 GB after 256 px on the CPU), so
+    a larger size measured after it in the same process would need that much more memory than it uses."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, (args, size))
+
+
 def doc_block(args, rows) -> str:
     """The table of `rows` for the docs, with an extrapolated row when two sizes were measured, and the provenance."""
     lines = [task_step.TABLE_HEADER] + [task_step.table_row(r, speed_digits=3) for r in rows]
@@ -116,7 +124,7 @@ def doc_block(args, rows) -> str:
 def main(argv=None):
     args = parse_args(argv)
     rows = task_step.print_table(f"Mask R-CNN with FPN on {args.model}, training step ({COCO_CLASSES} classes)",
-                                 args.sizes, partial(measure, args), speed_digits=3)
+                                 args.sizes, partial(measure_alone, args), speed_digits=3)
     if args.doc:
         rewrite_block(args.doc, "detection_step", doc_block(args, rows))
     return rows

@@ -350,3 +350,24 @@ def test_detection_step_benchmark_counts_memory_flops_and_times_the_real_loop(ca
         assert r["images_per_s"] > 0 and r["fixed_bytes"] == 16 * r["parameters"]
         assert r["gflops_forward_backward"] > r["gflops_forward"] > 0
     assert "| 64 x 64 |" in capsys.readouterr().out
+
+
+def test_a_benchmark_rewrites_its_block_of_a_doc_and_nothing_else(tmp_path):
+    from benchmarks.doc_block import rewrite_block
+    doc = tmp_path / "DOC.md"
+    doc.write_text("before\n<!-- figures -->\nold table\n<!-- /figures -->\nafter\n")
+    rewrite_block(str(doc), "figures", "| a | b |\n")
+    assert doc.read_text() == "before\n<!-- figures -->\n| a | b |\n<!-- /figures -->\nafter\n"
+    with pytest.raises(ValueError, match="no block to rewrite: it needs the lines <!-- other -->"):
+        rewrite_block(str(doc), "other", "x")
+
+
+def test_the_extrapolated_row_is_the_line_through_two_sizes_in_pixels():
+    from benchmarks.task_step import extrapolated
+    rows = [{"size": 100, "parameters": 5, "fixed_bytes": 80, "activation_bytes_per_image_none": 1.0,
+             "activation_bytes_per_image_bf16": 0.5, "gflops_forward": 10.0, "gflops_forward_backward": 30.0},
+            {"size": 200, "parameters": 5, "fixed_bytes": 80, "activation_bytes_per_image_none": 4.0,
+             "activation_bytes_per_image_bf16": 2.0, "gflops_forward": 40.0, "gflops_forward_backward": 120.0}]
+    row = extrapolated(rows, 300)  # 9 units of pixels: 1 + (9 - 1) / (4 - 1) x 3
+    assert row["activation_bytes_per_image_none"] == pytest.approx(9.0) and row["gflops_forward"] == pytest.approx(90)
+    assert row["fixed_bytes"] == 80 and "images_per_s" not in row
