@@ -7,11 +7,16 @@ evaluated on COCO (or any COCO-format dataset). Launch with torchrun on GPUs, or
 Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep) for a ConViT and ViTDet's 100-epoch one
 (mask_rcnn_vitdet_b_100ep) for a ViT (--recipe); see DETECT.md.
 """
-import os
+if __name__ == "__main__":  # first: a stop signal while the script starts is a requeue, nothing written
+    from training.signals import handle_from_start
+    handle_from_start()
 
-from training.errors import exits_like_a_script, flag_error
-from training.flags import detection_split_paths
-from training.flags import detection_parser as get_args_parser  # the script's parser, by the scripts' name
+import os  # noqa: E402
+
+from training.errors import exits_like_a_script, flag_error  # noqa: E402
+from training.flags import detection_split_paths  # noqa: E402
+# the script's parser, by the scripts' name
+from training.flags import detection_parser as get_args_parser  # noqa: E402
 
 
 def check_data(args) -> None:
@@ -35,8 +40,8 @@ if __name__ == "__main__":  # the flags first: --help and a wrong --data_path an
 from functools import partial  # noqa: E402
 
 import models_convvit  # noqa: E402,F401  (registers the encoders with timm)
-from engine_detect import (DetectConfig, DetectTask, build_detector, check_detection_checkpoint,  # noqa
-                           detection_loaders, encoder_of, resolve_config, run_detection, validate_args)  # noqa: E402,F401
+from engine_detect import (DetectConfig, DetectTask, build_detector, check_detection_checkpoint,  # noqa: E402,F401
+                           detection_loaders, encoder_of, resolve_config, run_detection, validate_args)
 from training.run import Run  # noqa: E402
 from training.transfer import count_parameters, on_run_device, transfer_model  # noqa: E402
 

@@ -5,10 +5,15 @@
 
 Defaults are the released ConViT-B recipe; see FINETUNE.md.
 """
-import argparse
+if __name__ == "__main__":  # first: a stop signal while the script starts is a requeue, nothing written
+    from training.signals import handle_from_start
+    handle_from_start()
 
-from training.errors import exits_like_a_script, flag_error
-from training.flags import MUST_MATCH, add_classification_flags, add_run_flags, check_classification_data, flag
+import argparse  # noqa: E402
+
+from training.errors import exits_like_a_script, flag_error  # noqa: E402
+from training.flags import (MUST_MATCH, add_classification_flags, add_run_flags,  # noqa: E402
+                            check_classification_data, flag)
 
 
 def get_args_parser():

@@ -4,11 +4,15 @@
 
 Defaults are the released ConViT-B recipe; see PRETRAIN.md.
 """
-import argparse
+if __name__ == "__main__":  # first: a stop signal while the script starts is a requeue, nothing written
+    from training.signals import handle_from_start
+    handle_from_start()
 
-from training.errors import RunError, exits_like_a_script, flag_error
-from training.flags import (DEFAULT_PRETRAIN_MODEL, MUST_MATCH, add_run_flags, check_data_path, check_epoch_flags,
-                            check_run_flags, flag)
+import argparse  # noqa: E402
+
+from training.errors import RunError, exits_like_a_script, flag_error  # noqa: E402
+from training.flags import (DEFAULT_PRETRAIN_MODEL, MUST_MATCH, add_run_flags, check_data_path,  # noqa: E402
+                            check_epoch_flags, check_run_flags, flag)
 
 
 def get_args_parser():

@@ -6,9 +6,14 @@ dataset in its layout). Launch with torchrun on GPUs, or plainly (or with torchr
 
 Defaults are ConvMAE-B's ADE20K recipe (upernet_convmae_base_512_slide_160k_ade20k); see SEGMENT.md.
 """
-from training.errors import exits_like_a_script
-from training.flags import check_data_path
-from training.flags import segmentation_parser as get_args_parser  # the script's parser, by the scripts' name
+if __name__ == "__main__":  # first: a stop signal while the script starts is a requeue, nothing written
+    from training.signals import handle_from_start
+    handle_from_start()
+
+from training.errors import exits_like_a_script  # noqa: E402
+from training.flags import check_data_path  # noqa: E402
+# the script's parser, by the scripts' name
+from training.flags import segmentation_parser as get_args_parser  # noqa: E402
 
 
 def check_data(args) -> None:

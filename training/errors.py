@@ -3,7 +3,7 @@ scripts exit (`exits_like_a_script`)."""
 import functools
 import sys
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, to be continued
+from training.signals import REQUEUE_EXIT_CODE  # noqa: F401 (EX_TEMPFAIL: stopped on request, to be continued)
 
 
 class RunError(Exception):

@@ -43,6 +43,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from training import signals
 from training.config import TrainConfig
 from training.distributed import (cleanup_distributed, init_distributed, last_collective, note_collective,
                                   ranks_not_arrived)
@@ -84,6 +85,9 @@ class Run:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def __enter__(self) -> "Run":
+        # from here the run takes the stop signals: a stop before the first step exits 75 before it (training.signals)
+        self._previous_handlers = signals.run_started(self._on_stop_signal,
+                                                      signals.parse_signals(self.cfg.stop_signals))
         self.dist = init_distributed(self.cfg.device, self.cfg.dist_timeout)
         if self.dist.world_size != self.cfg.world_size:
             raise RuntimeError(f"the config was resolved for {self.cfg.world_size} processes, the run has "
@@ -100,9 +104,6 @@ class Run:
         if self.is_main:
             self.folder.open()
             self.writer = NamedWriter(self.cfg.log_dir or self.cfg.output_dir)
-        for name in self.cfg.stop_signals.split(","):
-            sig = getattr(signal, "SIG" + name.strip())
-            self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         return self
 
     def _take_folder(self) -> None:
@@ -125,8 +126,8 @@ class Run:
             raise RunError(refused)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
+        # what the run ended as stands: a stop signal from now on is ignored (training.signals)
+        signals.run_ended(self._previous_handlers)
         if self.writer is not None:
             self.writer.close()
         self.folder.close()
