@@ -10,7 +10,7 @@ Defaults are ConvMAE-B's 25-epoch COCO recipe (convmae_base_mask_rcnn_FPN_25ep) 
 import os
 
 from training.errors import exits_like_a_script, flag_error
-from training.flags import detection_split_paths
+from training.flags import check_run_flags, detection_split_paths
 from training.flags import detection_parser as get_args_parser  # the script's parser, by the scripts' name
 
 
@@ -28,8 +28,9 @@ def check_data(args) -> None:
                              f"{images!r} is not a folder: expected the images of {annotations}")
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_data)(ARGS)
 
 from functools import partial  # noqa: E402

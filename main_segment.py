@@ -7,7 +7,7 @@ dataset in its layout). Launch with torchrun on GPUs, or plainly (or with torchr
 Defaults are ConvMAE-B's ADE20K recipe (upernet_convmae_base_512_slide_160k_ade20k); see SEGMENT.md.
 """
 from training.errors import exits_like_a_script
-from training.flags import check_data_path
+from training.flags import check_data_path, check_run_flags
 from training.flags import segmentation_parser as get_args_parser  # the script's parser, by the scripts' name
 
 
@@ -18,8 +18,9 @@ def check_data(args) -> None:
                     "a dataset root in ADE20K's layout: images/ and annotations/, each with training/ and validation/")
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_data)(ARGS)
 
 from functools import partial  # noqa: E402
