@@ -12,7 +12,7 @@ a flag leaves to the recipe or the model is resolved once here and printed at th
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist

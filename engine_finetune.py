@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from dmjd_encoders.pretrained import check_pretrained_flag
-from models_convvit import check_classifier_name
+from models_convvit import check_classifier_name, encoder_stride
 from training.config import EpochConfig
 from training.data import eval_loader, train_loader
 from training.distributed import all_reduce_sum, launch_world_size
 from training.errors import RunError
-from training.flags import check_epoch_flags, check_run_flags
+from training.flags import check_epoch_flags, check_input_size, check_run_flags
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
@@ -39,6 +39,7 @@ def check_classification_flags(parser, args) -> None:
     check_epoch_flags(args)
     check_pretrained_flag(args.finetune)
     check_classifier_name(args.model)
+    check_input_size(args.input_size, args.model, encoder_stride(args.model))
 
 
 def resolve_classification(config_cls, parser, args, **resolved):

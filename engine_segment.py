@@ -120,8 +120,6 @@ def validate_args(args) -> argparse.Namespace:
     if args.ignore_index < args.nb_classes:
         raise flag_error("--ignore_index", f"{args.ignore_index} is one of the {args.nb_classes} classes "
                                            f"(--nb_classes); it must be >= {args.nb_classes}")
-    if min(args.img_scale) < 1:
-        raise flag_error("--img_scale", f"must be positive, got {args.img_scale}")
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         raise flag_error("--ratio_range", f"must be LOW HIGH with 0 < LOW <= HIGH, got {args.ratio_range}")
     crop = args.eval_crop_size or args.input_size

@@ -14,7 +14,7 @@ if __name__ == "__main__":  # first: a stop signal while the script starts is a 
 import os  # noqa: E402
 
 from training.errors import exits_like_a_script, flag_error  # noqa: E402
-from training.flags import detection_split_paths  # noqa: E402
+from training.flags import check_run_flags, detection_split_paths  # noqa: E402
 # the script's parser, by the scripts' name
 from training.flags import detection_parser as get_args_parser  # noqa: E402
 
@@ -33,8 +33,9 @@ def check_data(args) -> None:
                              f"{images!r} is not a folder: expected the images of {annotations}")
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_data)(ARGS)
 
 from functools import partial  # noqa: E402

@@ -13,7 +13,7 @@ import argparse  # noqa: E402
 
 from training.errors import exits_like_a_script, flag_error  # noqa: E402
 from training.flags import (MUST_MATCH, add_classification_flags, add_run_flags,  # noqa: E402
-                            check_classification_data, flag)
+                            check_classification_data, check_run_flags, flag)
 
 
 def get_args_parser():
@@ -29,7 +29,7 @@ def get_args_parser():
     flag(g, "--model", default="convvit_base_patch16", type=str,
             help="the classifier built on the pre-trained encoder", resume=MUST_MATCH)
     flag(g, "--input_size", default=224, type=int, help="crop size in pixels", check=">= 1", resume=MUST_MATCH)
-    flag(g, "--drop_path", default=0.1, type=float, help="stochastic depth rate", resume=MUST_MATCH)
+    flag(g, "--drop_path", default=0.1, type=float, help="stochastic depth rate", check="[0, 1)", resume=MUST_MATCH)
     flag(g, "--global_pool", action=argparse.BooleanOptionalAction, default=True,
             help="mean of the tokens then a fresh norm (fc_norm, default), or the pre-trained final norm then "
                  "the mean", resume=MUST_MATCH)
@@ -42,25 +42,33 @@ def get_args_parser():
             check="> 0", resume=MUST_MATCH)
     flag(g, "--blr", default=5e-4, type=float, help="base lr: lr = blr x total batch / 256",
             check="> 0", resume=MUST_MATCH)
-    flag(g, "--layer_decay", default=0.65, type=float, help="layer-wise lr decay (0.75 for ConViT-L)",
-            resume=MUST_MATCH)
+    flag(g, "--layer_decay", default=0.65, type=float, help="layer-wise lr decay (0.75 for ConViT-L; 1: none)",
+            check="(0, 1]", resume=MUST_MATCH)
     flag(g, "--min_lr", default=1e-6, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
-    flag(g, "--warmup_epochs", default=5, type=float, help="linear lr warmup, at most --epochs", resume=MUST_MATCH)
+    flag(g, "--warmup_epochs", default=5, type=float, help="linear lr warmup, at most --epochs", check=">= 0",
+            resume=MUST_MATCH)
 
     g = p.add_argument_group("augmentation")
-    flag(g, "--color_jitter", default=None, type=float, help="only used without --aa", resume=MUST_MATCH)
-    flag(g, "--aa", default="rand-m9-mstd0.5-inc1", type=str, help="timm auto-augment policy", resume=MUST_MATCH)
-    flag(g, "--smoothing", default=0.1, type=float, help="label smoothing", resume=MUST_MATCH)
-    flag(g, "--reprob", default=0.25, type=float, help="random erasing probability", resume=MUST_MATCH)
-    flag(g, "--remode", default="pixel", type=str, help="random erasing fill: pixel, rand or const", resume=MUST_MATCH)
-    flag(g, "--recount", default=1, type=int, help="random erasing regions per image", resume=MUST_MATCH)
-    flag(g, "--mixup", default=0.8, type=float, help="mixup alpha (0 = off)", resume=MUST_MATCH)
-    flag(g, "--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)", resume=MUST_MATCH)
-    flag(g, "--cutmix_minmax", default=None, type=float, nargs="+",
-            help="cutmix box size bounds as fractions (overrides --cutmix)", resume=MUST_MATCH)
-    flag(g, "--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch", resume=MUST_MATCH)
-    flag(g, "--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix instead of mixup",
+    flag(g, "--color_jitter", default=None, type=float, help="only used without --aa", check=">= 0",
             resume=MUST_MATCH)
+    flag(g, "--aa", default="rand-m9-mstd0.5-inc1", type=str, help="timm auto-augment policy ('': none)",
+            resume=MUST_MATCH)
+    flag(g, "--smoothing", default=0.1, type=float, help="label smoothing", check="[0, 1)", resume=MUST_MATCH)
+    flag(g, "--reprob", default=0.25, type=float, help="random erasing probability", check="[0, 1]",
+            resume=MUST_MATCH)
+    flag(g, "--remode", default="pixel", choices=["pixel", "rand", "const"], help="random erasing fill",
+            resume=MUST_MATCH)
+    flag(g, "--recount", default=1, type=int, help="random erasing regions per image", check=">= 1",
+            resume=MUST_MATCH)
+    flag(g, "--mixup", default=0.8, type=float, help="mixup alpha (0 = off)", check=">= 0", resume=MUST_MATCH)
+    flag(g, "--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)", check=">= 0", resume=MUST_MATCH)
+    flag(g, "--cutmix_minmax", default=None, type=float, nargs=2, metavar=("MIN", "MAX"),
+            help="cutmix box size bounds as fractions of the image's sides (overrides --cutmix)", check="[0, 1]",
+            resume=MUST_MATCH)
+    flag(g, "--mixup_prob", default=1.0, type=float, help="probability of mixup or cutmix per batch",
+            check="[0, 1]", resume=MUST_MATCH)
+    flag(g, "--mixup_switch_prob", default=0.5, type=float, help="probability of cutmix instead of mixup",
+            check="[0, 1]", resume=MUST_MATCH)
     flag(g, "--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
             help="one mixing per batch, pair of images or image", resume=MUST_MATCH)
 
@@ -73,8 +81,9 @@ def get_args_parser():
     return p
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_classification_data)(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
@@ -117,6 +126,13 @@ class FinetuneConfig(ClassificationConfig):
 def validate_args(args) -> argparse.Namespace:
     """Fails before any work, naming the flag; returns `args` unchanged."""
     check_classification_flags(get_args_parser(), args)
+    if args.cutmix_minmax is not None and args.cutmix_minmax[0] > args.cutmix_minmax[1]:
+        raise flag_error("--cutmix_minmax", f"must be MIN MAX with MIN <= MAX, got {args.cutmix_minmax}")
+    try:  # timm parses the policy only when it builds the transform, inside the run
+        finetune_transform(args.input_size, args.aa)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise flag_error("--aa", f"{args.aa!r} is not an auto-augment policy of timm ({err}); e.g. "
+                                 f"rand-m9-mstd0.5-inc1, or '' for none") from None
     return args
 
 

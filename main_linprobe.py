@@ -14,7 +14,7 @@ import argparse  # noqa: E402
 
 from training.errors import exits_like_a_script, flag_error  # noqa: E402
 from training.flags import (MUST_MATCH, PROBE_FEATURES, add_classification_flags, add_run_flags,  # noqa: E402
-                            check_classification_data, flag)
+                            check_classification_data, check_run_flags, flag)
 
 
 def get_args_parser():
@@ -35,7 +35,8 @@ def get_args_parser():
     flag(p, "--blr", default=0.1, type=float, help="0.1 for ConViT-B, 0.05 for ConViT-L",
             check="> 0", resume=MUST_MATCH)
     flag(p, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
-    flag(p, "--warmup_epochs", default=10, type=float, help="linear lr warmup, at most --epochs", resume=MUST_MATCH)
+    flag(p, "--warmup_epochs", default=10, type=float, help="linear lr warmup, at most --epochs", check=">= 0",
+            resume=MUST_MATCH)
     flag(p, "--finetune", default="", help="pre-trained checkpoint (ours, released, or encoder-only)",
             resume="only the first start loads it: a resumed run's weights come from its checkpoint")
     flag(p, "--checkpoint_key", default="model", choices=["model", "teacher"],
@@ -52,8 +53,9 @@ def get_args_parser():
     return p
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_classification_data)(ARGS)
 
 from dataclasses import dataclass  # noqa: E402
@@ -67,7 +69,7 @@ from dmjd_encoders.pretrained import FRESH_KEYS, architecture_kwargs, encoder_la
 from engine_finetune import (ClassificationConfig, ClassificationTask, check_classification_flags,  # noqa: E402
                              classification_loaders, resolve_classification, run_classification)
 from models_convvit import LinearProbe, conv_weights_channels_last  # noqa: E402
-from training.output import newest_checkpoint  # noqa: E402
+from training.output import check_checkpoint_script, newest_checkpoint  # noqa: E402
 from training.run import Run  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
 from util.transforms import eval_transform, linprobe_transform  # noqa: E402
@@ -89,10 +91,12 @@ def lars_param_groups(head: torch.nn.Module, weight_decay: float):
 
 def resumed_probe_features(args, resume) -> str:
     """--probe_features, or the features a resumed probe was trained on (final_norm_then_pool for probes saved
-    before the flag existed); a conflict between the two stops the run."""
+    before the flag existed); a conflict between the two stops the run, as does another script's checkpoint (whose
+    saved flags say nothing of a probe's features)."""
     saved = None
     if resume:
         saved_args = load_checkpoint(resume, mmap=True).get("args") or {}
+        check_checkpoint_script(resume, saved_args, vars(args), evaluating=args.eval)
         saved = saved_args.get("probe_features") or "final_norm_then_pool"
     if args.probe_features and saved and args.probe_features != saved:
         raise flag_error("--probe_features", f"{args.probe_features}, but {resume} was trained on {saved}")

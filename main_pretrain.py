@@ -12,7 +12,7 @@ import argparse  # noqa: E402
 
 from training.errors import RunError, exits_like_a_script, flag_error  # noqa: E402
 from training.flags import (DEFAULT_PRETRAIN_MODEL, MUST_MATCH, add_run_flags, check_data_path,  # noqa: E402
-                            check_epoch_flags, check_run_flags, flag)
+                            check_epoch_flags, check_input_size, check_run_flags, flag)
 
 
 def get_args_parser():
@@ -31,8 +31,8 @@ def get_args_parser():
     flag(g, "--mask_ratio", default=0.6, type=float, help="corruption rate: fraction masked in one view",
             check="(0, 1)", resume=MUST_MATCH)
     flag(g, "--pred_ratio", default=None, type=float,
-            help="prediction rate: fraction masked in at least one view (none: min(1, views x mask_ratio))",
-            resume=MUST_MATCH)
+            help="prediction rate: fraction masked in at least one view, at least --mask_ratio (none: min(1, views x "
+                 "mask_ratio))", check="(0, 1]", resume=MUST_MATCH)
     flag(g, "--mask_type", default="block", choices=["block", "rand"],
             help="block: units of --block_size x --block_size patches (SimMIM); rand: single patches",
             resume=MUST_MATCH)
@@ -56,7 +56,8 @@ def get_args_parser():
     flag(g, "--blr", default=6e-4, type=float, help="base lr: lr = blr x images / 256 x pred / mask ratio",
             check="> 0", resume=MUST_MATCH)
     flag(g, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
-    flag(g, "--warmup_epochs", default=20, type=float, help="linear lr warmup, per iteration", resume=MUST_MATCH)
+    flag(g, "--warmup_epochs", default=20, type=float, help="linear lr warmup, per iteration, at most --epochs",
+            check=">= 0", resume=MUST_MATCH)
     flag(g, "--clip_grad", default=None, type=float, help="max gradient norm (3.0 for ConViT-L)",
             check="> 0", resume=MUST_MATCH)
 
@@ -81,8 +82,9 @@ def check_data(args) -> None:
     check_data_path(args.data_path, ["train"], "an ImageFolder root: train/ with one folder of images per class")
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_data)(ARGS)
 
 from typing import Tuple  # noqa: E402
@@ -91,7 +93,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models_dmjd  # noqa: E402,F401  (registers the DMJD models with timm)
-from dmjd_encoders.models_convvit import check_model_name  # noqa: E402
+from dmjd_encoders.models_convvit import check_model_name, encoder_stride  # noqa: E402
 from engine_pretrain import PretrainConfig, PretrainTask  # noqa: E402
 from models_dmjd import adaptive_lr, create_from_flags, reachable_pred_ratio  # noqa: E402
 from training.data import train_loader  # noqa: E402
@@ -115,6 +117,7 @@ def validate_args(args) -> argparse.Namespace:
         raise flag_error("--pred_ratio", f"{pred_ratio} cannot be reached by {args.num_views} view(s) of mask_ratio "
                                          f"{args.mask_ratio} (at most {reachable:.3g}); add views or lower it")
     check_model_name(args.model, timm.list_models("dmjd_*"), "a DMJD model")
+    check_input_size(args.input_size, args.model, encoder_stride(args.model))
     return argparse.Namespace(**{**vars(args), "pred_ratio": pred_ratio})
 
 

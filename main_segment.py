@@ -11,7 +11,7 @@ if __name__ == "__main__":  # first: a stop signal while the script starts is a 
     handle_from_start()
 
 from training.errors import exits_like_a_script  # noqa: E402
-from training.flags import check_data_path  # noqa: E402
+from training.flags import check_data_path, check_run_flags  # noqa: E402
 # the script's parser, by the scripts' name
 from training.flags import segmentation_parser as get_args_parser  # noqa: E402
 
@@ -23,8 +23,9 @@ def check_data(args) -> None:
                     "a dataset root in ADE20K's layout: images/ and annotations/, each with training/ and validation/")
 
 
-if __name__ == "__main__":  # the flags first: --help and a wrong --data_path answer before torch is imported
+if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data_path answer before torch is imported
     ARGS = get_args_parser().parse_args()
+    exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_data)(ARGS)
 
 from functools import partial  # noqa: E402

@@ -531,3 +531,52 @@ def test_an_evaluation_that_fails_stops_the_run_before_any_checkpoint(tmp_path):
     out = tmp_path / "out"
     assert not list(out.glob("checkpoint*")) and not list(out.glob(".*.tmp*"))
     assert not (out / "log.txt").exists() or not (out / "log.txt").read_text()
+
+def other_scripts_checkpoint(path, parser):
+    """A tiny checkpoint with the flags that `parser`'s script saves (no weights: it is refused before any load)."""
+    save_checkpoint({"model": {}, "args": vars(parser.parse_args([])), "epoch": 0}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name, task", [("main_finetune.py", "fine-tuning"), ("main_linprobe.py", "linear-probing")])
+def test_a_segmentation_or_detection_checkpoint_given_to_the_script_is_named_as_such(cls_data, tmp_path, name, task):
+    from training.flags import detection_parser, segmentation_parser
+    module = importlib.import_module(name.removesuffix(".py"))
+    seg = other_scripts_checkpoint(tmp_path / "seg.pth", segmentation_parser())
+    det = other_scripts_checkpoint(tmp_path / "det.pth", detection_parser())
+    for start, argv, message in (
+            ("resume", ["--resume", seg, "--allow_flag_changes", "all"],
+             f"error: {seg} is a segmentation checkpoint, from main_segment.py, not a {task} one: resume it with "
+             f"main_segment.py"),
+            ("eval", ["--eval", "--resume", det],
+             f"error: {det} is a detection checkpoint, from main_detect.py, not a {task} one: evaluate it with "
+             f"main_detect.py --eval --resume {det}"),
+            ("finetune", ["--finetune", seg],
+             f"error: --finetune {seg} is a segmentation checkpoint, from main_segment.py: its encoder was trained "
+             f"inside the segmentation model")):
+        args = module.get_args_parser().parse_args(script_cmd(name, cls_data, tmp_path / start, *argv)[2:])
+        with pytest.raises(SystemExit) as stop:
+            module.main(args)
+        assert str(stop.value).startswith(message), str(stop.value)
+    assert not (tmp_path / "finetune").exists()  # --finetune is refused before the run's output folder is made
+
+
+def test_a_probe_resumed_from_a_fine_tuning_checkpoint_names_it_rather_than_its_features(tmp_path):
+    from main_finetune import get_args_parser as finetune_args_parser
+    path = other_scripts_checkpoint(tmp_path / "ft.pth", finetune_args_parser())
+    args = linprobe_args_parser().parse_args(["--probe_features", "pool_then_fresh_norm", "--resume", path])
+    with pytest.raises(SystemExit) as stop:  # before: "--probe_features ..., but ft.pth was trained on ..."
+        as_script(resumed_probe_features, args, path)
+    assert str(stop.value) == (f"error: {path} is a fine-tuning checkpoint, from main_finetune.py, not a "
+                               f"linear-probing one: resume it with main_finetune.py")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--aa", "bogus"], "--aa 'bogus' is not an auto-augment policy of timm (Unknown AA policy bogus)"),
+    (["--cutmix_minmax", "0.8", "0.2"], "--cutmix_minmax must be MIN MAX with MIN <= MAX, got [0.8, 0.2]"),
+])
+def test_augmentation_flags_that_timm_would_refuse_inside_the_run_are_named_before_it(flags, message):
+    import main_finetune
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        as_script(main_finetune.validate_args, main_finetune.get_args_parser().parse_args(flags))
+    main_finetune.validate_args(main_finetune.get_args_parser().parse_args(["--aa", ""]))  # '': no auto-augment

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import as_script, pretrain_config
+from training.errors import RunError
 from training.run import Run, CheckpointState
 from training.step import TrainStep
 from util.checkpoint import load_checkpoint
@@ -571,3 +572,61 @@ def test_a_full_disk_while_writing_the_log_or_tensorboard_names_the_file_or_fold
                                       r"file is not written"):
         writer.add_scalar("train/loss", 1.0, 0)
     writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Another script's checkpoint: named as such, before any flag is compared or weight loaded.
+
+SCRIPT_TASKS = {"main_pretrain": "pre-training", "main_finetune": "fine-tuning", "main_linprobe": "linear-probing",
+                "main_segment": "segmentation", "main_detect": "detection"}
+
+
+def script_config(script: str, out, *argv: str):
+    """The resolved run config of `script` (a key of SCRIPT_TASKS) for one process on the CPU, writing to `out`."""
+    import importlib
+    flags = ["--input_size", "64", "--device", "cpu", "--output_dir", str(out), *argv]
+    if script == "main_pretrain":
+        return pretrain_config(output_dir=str(out), **{name[2:]: value for name, value in zip(argv[::2], argv[1::2])})
+    module = importlib.import_module(script)
+    args = module.get_args_parser().parse_args(["--model", "convvit_tiny_patch16", *flags])
+    if script in ("main_segment", "main_detect"):
+        return importlib.import_module(script.replace("main_", "engine_")).resolve_config(args)[0]
+    from engine_finetune import resolve_classification
+    config = module.FinetuneConfig if script == "main_finetune" else module.LinprobeConfig
+    resolved = {} if script == "main_finetune" else {"probe_features": "pool_then_fresh_norm"}
+    return resolve_classification(config, module.get_args_parser(), args, **resolved)[0]
+
+
+@pytest.mark.parametrize("saved_by, started_by", [(a, b) for a in SCRIPT_TASKS for b in SCRIPT_TASKS if a != b])
+def test_another_scripts_checkpoint_is_named_with_its_script_on_resume_evaluation_and_any_allowed_change(
+        tmp_path, saved_by, started_by):
+    from util.checkpoint import save_checkpoint
+    path = str(tmp_path / "other.pth")
+    save_checkpoint({"model": {}, "args": script_config(saved_by, tmp_path / "saved").flags(), "epoch": 0}, path)
+    named = (f"{path} is a {SCRIPT_TASKS[saved_by]} checkpoint, from {saved_by}.py, not a {SCRIPT_TASKS[started_by]} "
+             f"one: ")
+    resume_it = f"resume it with {saved_by}.py" + (f", or start from its encoder with --finetune {path}"
+                                                  if saved_by == "main_pretrain" else "")
+    for allowed in ("", "all"):  # the flags it would have blamed, allowed to change, or not
+        with Run(script_config(started_by, tmp_path / f"resume{allowed}", "--allow_flag_changes", allowed,
+                               "--resume", path)) as run:
+            for where in (run.resume_path, lambda: run.resume(state())):  # before the model is built, and at load
+                with pytest.raises(RunError) as stop:
+                    where()
+                assert str(stop.value) == named + resume_it
+    folder = tmp_path / "folder"  # the output folder holds the other script's run
+    folder.mkdir()
+    (folder / "checkpoint-last.pth").write_bytes(Path(path).read_bytes())
+    with Run(script_config(started_by, folder)) as run:
+        with pytest.raises(RunError) as stop:
+            run.resume(state())
+    assert str(stop.value) == (named.replace(path, str(folder / "checkpoint-last.pth")) +
+                               resume_it.replace(path, str(folder / "checkpoint-last.pth")) +
+                               f" (--output_dir {folder} holds that run: give this one another --output_dir)")
+    if started_by == "main_pretrain":
+        return  # pre-training evaluates nothing
+    with Run(script_config(started_by, tmp_path / "eval", "--eval", "--resume", path)) as run:
+        with pytest.raises(RunError) as stop:
+            run.resume(None, torch.nn.Linear(3, 2), auto=False)
+    assert str(stop.value) == named + (f"start from its encoder with --finetune {path}" if saved_by == "main_pretrain"
+                                       else f"evaluate it with {saved_by}.py --eval --resume {path}")

@@ -6,7 +6,7 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from training.flags import absent_values, must_match
+from training.flags import RESOLVED_MUST_MATCH, absent_values, must_match
 from util.misc import AMP_DTYPES
 from util.schedules import cosine_lr
 
@@ -46,7 +46,7 @@ class TrainConfig:
     start_over: bool
     world_size: int  # processes in the run
 
-    RESOLVED_MUST_MATCH: ClassVar[Tuple[str, ...]] = ("world_size",)  # fields that are no flag but define the run
+    RESOLVED_MUST_MATCH: ClassVar[Tuple[str, ...]] = RESOLVED_MUST_MATCH  # fields that are no flag but define the run
 
     @classmethod
     def from_args(cls, args, parser, **resolved):

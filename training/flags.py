@@ -1,8 +1,10 @@
 """The flags every training script shares and their checks, importable without torch: a script parses its command
-line and checks --data_path before it imports torch, so that --help, a malformed flag and a missing data folder answer
-at once; every check here runs before the run prints its config or makes its output folder. main_segment.py's whole
+line and checks its flags (`check_run_flags`: each one's declared range, --allow_flag_changes's names) and --data_path
+before it imports torch, so that --help, a malformed flag, a value out of range and a missing data folder answer at
+once; every check here runs before the run prints its config or makes its output folder. main_segment.py's whole
 parser is here too (`segmentation_parser`), as the segmentation benchmark builds its configs from the same recipe."""
 import argparse
+import difflib
 import os
 import signal
 from typing import Dict, Optional, Sequence, Tuple
@@ -10,6 +12,8 @@ from typing import Dict, Optional, Sequence, Tuple
 from training.errors import flag_error
 
 MUST_MATCH = "must match"  # a flag that defines what the run computes (see `flag`)
+# what defines a run without being a flag (training.config.TrainConfig resolves it): --allow_flag_changes may name it
+RESOLVED_MUST_MATCH = ("world_size",)
 NOT_DECLARED = object()  # `flag`'s `absent` when runs were never saved without the flag
 _RANGES = {  # check -> (the values it allows, as its error says them)
     ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
@@ -105,7 +109,7 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> argparse._
             help="signals after which the run saves a checkpoint of its current step and exits with status 75 "
                  "(requeue)", resume="how the scheduler stops the run")
     flag(g, "--dist_timeout", default=10.0, type=float,
-            help="minutes a collective waits for the other processes before the run fails naming it",
+            help="minutes a collective waits for the other processes before the run fails naming it", check="> 0",
             resume="how long a collective waits before the run fails")
     flag(g, "--start_over", action="store_true",
             help="start at epoch 0 when every checkpoint in --output_dir is damaged (they and log.txt are moved "
@@ -131,18 +135,39 @@ def check_classification_data(args) -> None:
 
 
 def check_run_flags(parser: argparse.ArgumentParser, args) -> None:
-    """The checks every training script makes before any work: the declared range of each of its flags
-    (`check_flags`), then those of the run flags (add_run_flags); each failure names its flag. Reads, never writes."""
+    """The checks every training script makes before any work, and before it imports torch: the declared range of
+    each of its flags (`check_flags`), then those of the run flags (add_run_flags); each failure names its flag.
+    Reads, never writes."""
     check_flags(parser, args)
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         raise flag_error("--device", f"must be auto, cpu, cuda or cuda:<index>, got {args.device!r}")
     if args.resume and not os.path.isfile(args.resume):
         raise flag_error("--resume", f"{args.resume!r} is not a file")
-    if not args.dist_timeout > 0:
-        raise flag_error("--dist_timeout", f"must be > 0 minutes, got {args.dist_timeout}")
+    check_allowed_changes(parser, args.allow_flag_changes)
     for name in (n.strip() for n in args.stop_signals.split(",")):
         if name in ("KILL", "STOP") or not isinstance(getattr(signal, "SIG" + name, None), signal.Signals):
             raise flag_error("--stop_signals", f"{name!r} is not a signal that can be caught (e.g. TERM,USR1)")
+
+
+def check_allowed_changes(parser: argparse.ArgumentParser, allowed: str) -> None:
+    """--allow_flag_changes names flags of `parser` (without `--`; or `all`, or a resolved name of RESOLVED_MUST_MATCH):
+    a misspelt one would otherwise allow nothing, and the run would stop at resume naming the change it meant."""
+    known = [a.dest for a in parser._actions if hasattr(a, "resume")] + list(RESOLVED_MUST_MATCH) + ["all"]
+    for name in (n.strip() for n in allowed.split(",")):
+        if name and name not in known:
+            close = difflib.get_close_matches(name.lstrip("-"), known, n=3, cutoff=0.6)
+            raise flag_error("--allow_flag_changes", f"{name!r} is not a flag of this script" + (
+                f"; did you mean {', '.join(close)}?" if close else
+                "; give the names of flags without '--', comma-separated (e.g. epochs,lr), or all"))
+
+
+def check_input_size(input_size: int, model: str, stride: int) -> None:
+    """--input_size must be a multiple of --model's `stride` (the pixels of one token's side): the token grid has
+    no fraction of a token."""
+    if input_size % stride:
+        below, above = input_size // stride * stride, (input_size // stride + 1) * stride
+        raise flag_error("--input_size", f"{input_size} must be divisible by the model's stride, {stride} for --model "
+                                          f"{model} (e.g. {f'{below} or ' if below else ''}{above})")
 
 
 def check_epoch_flags(args) -> None:
@@ -188,7 +213,8 @@ def segmentation_parser() -> argparse.ArgumentParser:
 def _add_segmentation_schedule_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule (in iterations, i.e. optimizer steps)")
     flag(g, "--iters", default=160000, type=int, help="training iterations", check=">= 1", resume=MUST_MATCH)
-    flag(g, "--warmup_iters", default=1500, type=int, help="linear lr warmup", resume=MUST_MATCH)
+    flag(g, "--warmup_iters", default=1500, type=int, help="linear lr warmup, at most --iters", check=">= 0",
+            resume=MUST_MATCH)
     flag(g, "--warmup_ratio", default=1e-6, type=float, help="the warmup starts at this fraction of the lr",
             check="[0, 1]", resume=MUST_MATCH)
     flag(g, "--poly_power", default=1.0, type=float,
@@ -212,7 +238,7 @@ def _add_segmentation_model_flags(p: argparse.ArgumentParser) -> None:
             check="[0, 1)", resume=MUST_MATCH)
     flag(g, "--out_indices", default=None, type=int, nargs="+",
             help="encoder feature levels the decoder takes (none: all four of ConViT, strides 4 to 32)",
-            resume=MUST_MATCH)
+            check=">= 0", resume=MUST_MATCH)
     flag(g, "--decoder_channels", default=768, type=int,
             help="UPerHead width (ConvMAE-B's config; mmseg's UperNet default is 512)", check=">= 1", resume=MUST_MATCH)
     flag(g, "--pool_scales", default=[1, 2, 3, 6], type=int, nargs="+", help="PPM pooling bins",
@@ -220,7 +246,7 @@ def _add_segmentation_model_flags(p: argparse.ArgumentParser) -> None:
     flag(g, "--head_dropout", default=0.1, type=float, help="dropout before both heads' classifiers",
             check="[0, 1)", resume=MUST_MATCH)
     flag(g, "--aux_in_index", default=2, type=int,
-            help="feature level of the auxiliary FCN head (2: the stride-16 map)", resume=MUST_MATCH)
+            help="feature level of the auxiliary FCN head (2: the stride-16 map)", check=">= 0", resume=MUST_MATCH)
     flag(g, "--aux_channels", default=256, type=int, help="auxiliary FCN head width", check=">= 1", resume=MUST_MATCH)
     flag(g, "--aux_weight", default=0.4, type=float, help="auxiliary loss weight (0: no auxiliary head)",
             check=">= 0", resume=MUST_MATCH)
@@ -270,12 +296,12 @@ def _add_segmentation_data_flags(p: argparse.ArgumentParser) -> None:
     flag(g, "--reduce_zero_label", action=argparse.BooleanOptionalAction, default=True,
             help="annotation 0 is 'unlabelled' (ignored) and k is class k - 1 (ADE20K)", resume=MUST_MATCH)
     flag(g, "--ignore_index", default=255, type=int, help="label of pixels left out of loss and scores",
-            resume=MUST_MATCH)
+            check=">= 0", resume=MUST_MATCH)
     flag(g, "--img_scale", default=[2048, 512], type=int, nargs=2, metavar=("LONG", "SHORT"),
             help="images are resized to fit these long / short sides (keeping the aspect ratio), times a "
-                 "random ratio in training", resume=MUST_MATCH)
+                 "random ratio in training", check=">= 1", resume=MUST_MATCH)
     flag(g, "--ratio_range", default=[0.5, 2.0], type=float, nargs=2, metavar=("LOW", "HIGH"),
-            help="random rescale ratio of --img_scale in training", resume=MUST_MATCH)
+            help="random rescale ratio of --img_scale in training", check="> 0", resume=MUST_MATCH)
     flag(g, "--cat_max_ratio", default=0.75, type=float,
             help="redraw a crop (up to 10 times) while one class covers this share of it (1: never)",
             check="(0, 1]", resume=MUST_MATCH)
@@ -294,7 +320,8 @@ def _add_segmentation_evaluation_flags(p: argparse.ArgumentParser) -> None:
     flag(g, "--eval_crop_size", default=None, type=int, help="sliding window (none: --input_size)",
             check=">= 1", resume=MUST_MATCH)
     flag(g, "--eval_stride", default=None, type=int,
-            help="sliding-window stride (none: two thirds of the window, 341 at 512)", resume=MUST_MATCH)
+            help="sliding-window stride (none: two thirds of the window, 341 at 512)", check=">= 1",
+            resume=MUST_MATCH)
     flag(g, "--aug_test", action="store_true", help="multi-scale (--aug_test_ratios) and flip evaluation",
             resume=MUST_MATCH)
     flag(g, "--aug_test_ratios", default=AUG_TEST_RATIOS, type=float, nargs="+",

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from dmjd_encoders.pretrained import checkpoint_origin
 from training.errors import RunError
 from util.checkpoint import (CheckpointError, last_checkpoint_path, link_checkpoint, load_checkpoint, no_space_error,
                              periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files, save_checkpoint,
@@ -38,6 +39,24 @@ def newest_checkpoint(resume: str, output_dir: Optional[str]) -> Optional[str]:
     does."""
     found = resume_candidates(resume, output_dir, report=lambda path, why: None)
     return found[0][1] if found else None
+
+
+def check_checkpoint_script(path: str, saved: Optional[dict], flags: dict, evaluating: bool) -> None:
+    """A run resumes (or, `evaluating`, evaluates) checkpoints of its own script only: `path`, whose saved flags
+    `saved` are another script's than the run's `flags`, stops it naming that script, before any flag is compared or
+    weight loaded (whose errors would blame a flag or the model), with or without --allow_flag_changes."""
+    theirs, ours = checkpoint_origin(saved), checkpoint_origin(flags)
+    if theirs is None or ours is None or theirs == ours:
+        return
+    from_encoder = f"start from its encoder with --finetune {path}"  # what the other scripts do with pre-training's
+    if evaluating:
+        todo = (from_encoder if theirs.task == "pre-training" else  # pre-training has no evaluation of its own
+                f"evaluate it with {theirs.script} --eval --resume {path}")
+    else:
+        todo = f"resume it with {theirs.script}" + (f", or {from_encoder}" if theirs.task == "pre-training" else "")
+        if not (flags["resume"] and os.path.abspath(path) == os.path.abspath(flags["resume"])):
+            todo += f" (--output_dir {os.path.dirname(path)} holds that run: give this one another --output_dir)"
+    raise RunError(f"{path} is {theirs}, not a {ours.task} one: {todo}")
 
 
 class OutputFolder:

@@ -22,7 +22,9 @@ What never goes wrong in silence (docs/RELIABILITY.md):
   own (checkpoint-last.pth and the periodic ones), and says which it took and every file it skipped and why: a
   re-run of the same command never goes back to an older file.
 - The flags that define the run's schedule or model must match the checkpoint's (or be named in
-  --allow_flag_changes): a changed one stops the run naming its saved and given values.
+  --allow_flag_changes): a changed one stops the run naming its saved and given values. Before them, a checkpoint of
+  another script (e.g. a segmentation run's resumed by fine-tuning) stops it naming that script, under
+  --allow_flag_changes all and --eval too (training.output.check_checkpoint_script).
 - SIGTERM and SIGUSR1 (and --stop_signals) end the run after the current optimizer step on every rank, with a checkpoint
   of that step (its position in the round's sample order included), or, when the signal came between rounds (during an
   evaluation or a save), before the next round, whose predecessor is saved; then Preempted, which a script turns into
@@ -43,14 +45,15 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from dmjd_encoders.pretrained import saved_args
 from training import signals
 from training.config import TrainConfig
 from training.distributed import (cleanup_distributed, init_distributed, last_collective, note_collective,
                                   ranks_not_arrived)
 from training.errors import REQUEUE_EXIT_CODE, NonFiniteLossError, Preempted, RunError  # noqa: F401 (re-exported)
 from training.meters import Progress
-from training.output import (OutputFolder, NamedWriter, append_line, checkpoint_position, first_loadable,
-                             newest_checkpoint, resume_candidates, _drop_log_lines, _print_skip)
+from training.output import (OutputFolder, NamedWriter, append_line, check_checkpoint_script, checkpoint_position,
+                             first_loadable, newest_checkpoint, resume_candidates, _drop_log_lines, _print_skip)
 from training.step import TrainStep
 from util.checkpoint import last_checkpoint_path, load_state_dict_strict
 from util.misc import seed_everything
@@ -278,9 +281,16 @@ class Run:
         return content, ("model", "optimizer") + tuple(own)
 
     def resume_path(self, auto: bool = True) -> Optional[str]:
-        """The checkpoint `resume` would load (without loading it): the newest readable one of --resume and (with
-        `auto`) the output folder's."""
-        return newest_checkpoint(self.cfg.resume, self.cfg.output_dir if auto else None)
+        """The checkpoint `resume` would load (without loading its weights): the newest readable one of --resume and
+        (with `auto`) the output folder's. Another script's checkpoint stops the run here, before a model is built
+        for it (`_check_script`)."""
+        path = newest_checkpoint(self.cfg.resume, self.cfg.output_dir if auto else None)
+        if path:
+            self._check_script(path, saved_args(path))
+        return path
+
+    def _check_script(self, path: str, saved: Optional[dict]) -> None:
+        check_checkpoint_script(path, saved, self.cfg.flags(), evaluating=not self.cfg.trains)
 
     def _load_newest(self, auto: bool) -> Optional[Tuple[str, dict]]:
         if auto and not self.cfg.resume and self.is_main and self.cfg.trains:
@@ -309,6 +319,7 @@ class Run:
         if self.cfg.resume and os.path.abspath(path) != os.path.abspath(self.cfg.resume):
             print(f"--resume {self.cfg.resume} is older than {path}: resuming from the newer one, so that running "
                   f"the same command again never goes back (to go back, give another --output_dir)")
+        self._check_script(path, ckpt.get("args"))  # before the flags and weights, whose errors would mislead
         if state is not None:  # evaluating a checkpoint may change anything
             self._check_flags(path, ckpt.get("args") or {})
         self._load_weights(path, ckpt, state.model if state is not None else model)

@@ -7,17 +7,19 @@ import torch
 
 from dmjd_encoders.pretrained import (FRESH_KEYS, architecture_kwargs, check_pretrained_flag, encoder_layout,
                                       load_encoder)
-from dmjd_encoders.models_convvit import check_classifier_name, conv_weights_channels_last, is_plain_vit
+from dmjd_encoders.models_convvit import (check_classifier_name, conv_weights_channels_last, encoder_stride,
+                                          is_plain_vit)
 from training.distributed import launch_world_size
 from training.errors import RunError, flag_error
+from training.flags import check_input_size
 from training.run import Run
 from training.sync_batchnorm import convert_sync_batchnorm
 
 
 def check_transfer_flags(args, task: str, few_images: str = "", batchnorm: bool = True) -> None:
-    """--finetune, --eval, --batch_size and --model of a dense-transfer script (`task`: what a run of it is called in
-    messages; `few_images`: what else a step of one image breaks; `batchnorm`: the model has BatchNorm, which a
-    step of one image breaks)."""
+    """--finetune, --eval, --batch_size, --model and --input_size of a dense-transfer script (`task`: what a run of it
+    is called in messages; `few_images`: what else a step of one image breaks; `batchnorm`: the model has BatchNorm,
+    which a step of one image breaks)."""
     check_pretrained_flag(args.finetune)
     if args.eval and not args.resume:
         raise flag_error("--eval", f"needs --resume: the checkpoint of a {task} run to evaluate")
@@ -26,6 +28,7 @@ def check_transfer_flags(args, task: str, few_images: str = "", batchnorm: bool 
         raise flag_error("--batch_size", f"{args.batch_size} x {world_size} processes gives BatchNorm one image per "
                                          f"step{few_images}: use 2 or more images per step (over all processes)")
     check_classifier_name(args.model)
+    check_input_size(args.input_size, args.model, encoder_stride(args.model))
 
 
 def check_simple_pyramid(args) -> None:
