@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -527,6 +528,37 @@ def test_a_torn_log_line_is_named_kept_in_a_copy_and_the_run_continues(tmp_path,
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs == [0, 1, 2] if where == "last" else epochs == [0, 2]  # the last epoch's line completed from its
     # checkpoint (checkpoint-last.pth says which line its epoch has); a middle line is gone, its copy kept
+
+
+@pytest.mark.parametrize("line", ['{"epoch": "three", "train_loss": 1.0}', '[1, 2]', '{"epoch": 1, "iteration": 2.5}',
+                                  '{"epoch": true}'])
+def test_a_log_line_of_another_shape_is_set_aside_as_a_torn_one_is(tmp_path, capsys, line):
+    """A hand-edited line (a string where the round is, a list): before, every later start failed comparing rounds
+    (`'<' not supported between instances of 'str' and 'int'`)."""
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    finished_epochs(cfg, 2)
+    log = out / "log.txt"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + line + "\n" + lines[1])
+    with Run(cfg) as run:
+        assert run.resume(state()) == 2
+    printed = capsys.readouterr().out
+    assert f"{log}: line 2 is not a record of the run (an object whose epoch and iteration are integers" in printed
+    assert [json.loads(kept)["epoch"] for kept in log.read_text().splitlines()] == [0, 1]
+    assert len(list(out.glob("log.txt.*.orig"))) == 1
+
+
+@pytest.mark.parametrize("name", ["log.txt", ".lock", "checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-3.pth"])
+def test_a_folder_where_the_run_writes_a_file_stops_it_at_start_naming_it(tmp_path, name):
+    """Before: a log.txt or .lock folder gave an IsADirectoryError traceback, and a checkpoint-last.pth folder was
+    skipped without a word, the run training a whole round before its save failed on the rename."""
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    with pytest.raises(RunError, match=re.escape(f"{out / name} is a folder: the run writes a file of that name in "
+                                                 f"--output_dir {out}; move it away")):
+        enter_and_leave(pretrain_config(output_dir=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written
 
 
 def test_allowing_a_model_change_on_resume_is_a_clear_error(tmp_path):

@@ -26,6 +26,8 @@
 - `training.transfer`: what the dense-transfer scripts (segmentation, detection) share: their common flag checks, the
   lr from --blr, the encoder's dense options, and the model built from the resumed checkpoint or --finetune.
 - `training.launch`: torchrun with the requeue status, for SLURM.
+- `training.signals`: the stop signals over a process's whole life, from a script's first line: a requeue (75) while
+  it starts, the run's stop while it runs, ignored once the run ended.
 - `training.sync_batchnorm`: BatchNorm over the batches of all processes, on CUDA (torch's SyncBatchNorm) and on
   the CPU with gloo (one differentiable all-reduce of the statistics).
 

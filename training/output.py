@@ -83,6 +83,18 @@ class OutputFolder:
             self._lock.close()  # releases the lock
             self._lock = None
 
+    def check_files(self) -> None:
+        """The run writes its lock, log.txt and checkpoints under these names: something else there (a folder, a
+        device) stops the run at start, naming it, rather than after a round of training, when the save fails."""
+        names = [LOCK_FILE, "log.txt", os.path.basename(last_checkpoint_path(self.path)), BEST_CHECKPOINT]
+        names += [n for n in os.listdir(self.path) if re.fullmatch(r"checkpoint-\d+\.pth", n)]
+        for name in names:
+            path = os.path.join(self.path, name)
+            if os.path.lexists(path) and not os.path.isfile(path):
+                kind = "a folder" if os.path.isdir(path) else "not a regular file"
+                raise RunError(f"{path} is {kind}: the run writes a file of that name in --output_dir {self.path}; "
+                               f"move it away, or give another --output_dir")
+
     def take_lock(self) -> None:
         # A POSIX record lock: held by this process alone (not by the data loader's forked workers, which outlive a
         # killed run for a while), released by the system when the process ends however it ends, and kept over NFS.
@@ -281,32 +293,47 @@ def _logged_epochs(log: str) -> set:
     return {record["epoch"] for record in _log_records(log) if "epoch" in record}
 
 
+def _is_record(value) -> bool:
+    """A line of log.txt as the run writes them: a JSON object whose round (`epoch`) and step (`iteration`), when
+    there, are integers (a hand-edited `{"epoch": "three"}` would fail every later comparison of rounds)."""
+    return isinstance(value, dict) and all(isinstance(value.get(key, 0), int) and not isinstance(value.get(key), bool)
+                                           for key in ("epoch", "iteration"))
+
+
 def repair_log(log: str) -> List[int]:
-    """Drops the lines of log.txt that are not JSON records (a line torn by a crash or a full disk while appending),
-    keeping a copy of the original beside it, and says so; returns their line numbers. Resume and the completion of
-    an epoch's files then rewrite what the checkpoints hold."""
+    """Drops the lines of log.txt that are not the run's records (a line torn by a crash or a full disk while
+    appending, or one edited into another shape: `_is_record`), keeping a copy of the original beside it, and says
+    so; returns their line numbers. Resume and the completion of an epoch's files then rewrite what the checkpoints
+    hold."""
     if not os.path.isfile(log):
         return []
     with open(log, "rb") as f:
         original = f.read()
-    kept, bad = [], []
+    kept, torn, misshapen = [], [], []
     for number, line in enumerate(original.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            if not isinstance(json.loads(line), dict):
-                raise ValueError("not a record")
-            kept.append(line + "\n")
+            record = json.loads(line)
         except ValueError:
-            bad.append(number)
-    if not bad:
+            torn.append(number)
+            continue
+        if _is_record(record):
+            kept.append(line + "\n")
+        else:
+            misshapen.append(number)
+    if not (torn or misshapen):
         return []
     copy = f"{log}.{datetime.datetime.now():%Y%m%d-%H%M%S}.orig"
     write_file_atomically(copy, lambda f: f.write(original))
     write_file_atomically(log, lambda f: f.write("".join(kept).encode()))
-    print(f"{log}: line {', '.join(map(str, bad))} is not a JSON record (torn by a crash or a full disk?); dropped it, "
-          f"the original is kept as {copy}; the run continues from its checkpoint")
-    return bad
+    for numbers, what in ((torn, "is not a JSON record (torn by a crash or a full disk?)"),
+                          (misshapen, "is not a record of the run (an object whose epoch and iteration are integers: "
+                                      "edited?)")):
+        if numbers:
+            print(f"{log}: line {', '.join(map(str, numbers))} {what}; dropped it, the original is kept as {copy}; "
+                  f"the run continues from its checkpoint")
+    return sorted(torn + misshapen)
 
 
 def append_line(log: str, record: dict) -> None:

@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import signal
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -91,6 +92,14 @@ class Run:
         # from here the run takes the stop signals: a stop before the first step exits 75 before it (training.signals)
         self._previous_handlers = signals.run_started(self._on_stop_signal,
                                                       signals.parse_signals(self.cfg.stop_signals))
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # what was started is ended, and the handlers given back
+            raise
+        return self
+
+    def _start(self) -> None:
         self.dist = init_distributed(self.cfg.device, self.cfg.dist_timeout)
         if self.dist.world_size != self.cfg.world_size:
             raise RuntimeError(f"the config was resolved for {self.cfg.world_size} processes, the run has "
@@ -107,15 +116,15 @@ class Run:
         if self.is_main:
             self.folder.open()
             self.writer = NamedWriter(self.cfg.log_dir or self.cfg.output_dir)
-        return self
 
     def _take_folder(self) -> None:
         """The main process locks the output folder and checks its checkpoints before anything in it changes; every
         process stops if the main one may not use the folder."""
         refused = None
         if self.is_main:
-            os.makedirs(self.cfg.output_dir, exist_ok=True)
             try:
+                os.makedirs(self.cfg.output_dir, exist_ok=True)
+                self.folder.check_files()
                 self.folder.take_lock()
                 if self.cfg.trains and not self.cfg.resume:
                     self.folder.check_checkpoints(self.cfg.start_over)
@@ -131,16 +140,27 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         # what the run ended as stands: a stop signal from now on is ignored (training.signals)
         signals.run_ended(self._previous_handlers)
-        if self.writer is not None:
-            self.writer.close()
-        self.folder.close()
+        # Every step of the teardown runs, whatever the others do (a full disk can fail TensorBoard's close after the
+        # save that the run failed on): a step skipped would leave a lock, or a process group, behind.
+        failed = []
+        for what, close in (("TensorBoard's writer", self.writer.close if self.writer is not None else None),
+                            ("the output folder's lock", self.folder.close)):
+            try:
+                if close is not None:
+                    close()
+            except Exception as err:  # noqa: BLE001 (each is named below)
+                failed.append(f"closing {what}: {err}")
         # DDP wrappers go before the process group (see training.distributed.cleanup_distributed): ours, and those
         # that the frames of a propagating exception still hold.
         if tb is not None:
             traceback.clear_frames(tb)
         self._wrapped.clear()
-        cleanup_distributed()
-        if exc is not None and self.dist.distributed and _is_timeout(exc):
+        try:
+            cleanup_distributed()
+        except Exception as err:  # noqa: BLE001
+            failed.append(f"ending the process group: {err}")
+        processes = getattr(self, "dist", None)  # None when the process group did not start
+        if exc is not None and processes is not None and processes.distributed and _is_timeout(exc):
             what = last_collective()
             # The processes that time out in the same collective say so; the others did not arrive.
             wait = min(30.0, max(2.0, 6 * self.cfg.dist_timeout))  # seconds: 10% of the timeout, within bounds
@@ -150,6 +170,10 @@ class Run:
             detail = str(exc).strip().splitlines()[0]
             raise RunError(f"rank {self.rank} of {self.world_size}: {what} timed out after --dist_timeout "
                            f"{self.cfg.dist_timeout:g} minutes: {who}. ({detail})") from None
+        if failed and exc is None:
+            raise RunError("the run ended, but " + "; ".join(failed))
+        if failed:  # the run's own error goes on: it is the one to report
+            print("while ending after an error, " + "; ".join(failed), flush=True)
 
     @property
     def device(self) -> torch.device:
