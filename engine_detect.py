@@ -5,14 +5,15 @@ mask AP.
 The recipe is iteration-based (detectron2's, as ConvMAE's DET and ViTDet train): `--iters` optimizer steps of
 large-scale jittered crops drawn from an endless seeded stream of the training images (training.data.stream_loader),
 evaluated and checkpointed every `--eval_interval` of them and at the last. `--recipe` names the schedule and the
-optimizer (training.flags.DETECTION_RECIPES: ConvMAE-B's 25-epoch cosine for a ConViT, ViTDet's 100-epoch step
+optimizer (DETECTION_RECIPES: ConvMAE-B's 25-epoch cosine for a ConViT, ViTDet's 100-epoch step
 schedule with layer-wise lr decay for a ViT); the backbone follows the model's family (models_maskrcnn). Every value
 a flag leaves to the recipe or the model is resolved once here and printed at the start.
 """
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from functools import partial
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,21 +26,39 @@ from dmjd_encoders.pretrained import saved_args
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
-from training.distributed import broadcast_from_main, launch_world_size, note_collective
+from training.distributed import broadcast_from_main, gather_shards, launch_world_size
 from training.errors import RunError, flag_error
-from training.flags import DETECTION_RECIPES, VITDET_BY_DEPTH, check_run_flags, detection_parser, detection_split_paths
+from training.flags import check_run_flags
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
-from training.transfer import check_transfer_flags, scaled_lr
+from training.transfer import (check_transfer_flags, count_parameters, model_from_checkpoints, on_run_device,
+                               scaled_lr)
 from training.step import autocast_context
 from util.coco import CocoDetection, detection_collate
-from util.det_metrics import (coco_evaluate, coco_ground_truth, coco_records, gather_records, scores_for_log,
-                              write_results)
+from util.det_metrics import coco_evaluate, coco_ground_truth, coco_records, scores_for_log, write_results
 from util.det_transforms import DetEvalTransform, DetTrainTransform
+from util.layouts import detection_split_paths
 from util.misc import resolve_amp, resolve_device
 from util.schedules import detectron_lr
 
+# The detection recipes (main_detect.py --recipe) and the flags they set where the flag is not given. ConvMAE-B's
+# 25-epoch COCO config (DET/configs/convmae/convmae_base_mask_rcnn_FPN_25ep.py: 368,750 / 4 iterations of 32 images,
+# evaluated every 3,688; lr 8e-5, cosine) for a ConViT; ViTDet's 100-epoch config (detectron2 projects/ViTDet/configs/
+# COCO/mask_rcnn_vitdet_b_100ep.py: 184,375 iterations of 64 images, lr 1e-4 x0.1 at 163,889 and 177,546, 250 warmup
+# iterations, layer-wise lr decay 0.7; eval_period 5,000 of detectron2's common train config) for a ViT.
+# "per GPU" batch sizes are for one 8-GPU node.
+DETECTION_RECIPES = {
+    "convmae": dict(iters=92187, eval_interval=3688, batch_size=4, accum_iter=1, blr=6.4e-4, lr_schedule="cosine",
+                    lr_steps=None, warmup_length=0.005, layer_decay=1.0, drop_path=0.1),
+    # 64 images per step as 1 image x 8 GPUs x 8 accumulated micro-batches (ViTDet: 1 image on each of 64 GPUs; about
+    # 11 GB each for ViT-B at 1024 px, 21 GB for ViT-L; LayerNorm throughout, so accumulating changes nothing)
+    "vitdet": dict(iters=184375, eval_interval=5000, batch_size=1, accum_iter=8, blr=4e-4, lr_schedule="step",
+                   lr_steps=[163889 / 184375, 177546 / 184375], warmup_length=250 / 184375, layer_decay=0.7,
+                   drop_path=0.1),
+}
+# ViTDet's larger ViTs (mask_rcnn_vitdet_l_100ep.py, _h_75ep.py): by the transformer's depth
+VITDET_BY_DEPTH = {24: dict(layer_decay=0.8, drop_path=0.4), 32: dict(layer_decay=0.9, drop_path=0.5)}
 RESULTS_FILE = "coco_results.json"
 NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
 # parameters without weight decay besides the norms', as each recipe's optimizer overrides say (biases decay)
@@ -145,10 +164,10 @@ def recipe_values(args) -> Dict[str, object]:
     return resolved
 
 
-def validate_args(args) -> argparse.Namespace:
-    """The checks of main_detect.py's flags (training.flags.detection_parser): fails before any work, naming the
-    flag. Returns the flags with what they left to the recipe and the model resolved (`recipe_values`)."""
-    check_run_flags(detection_parser(), args)  # each flag's range, as declared
+def validate_args(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The checks of main_detect.py's flags (`parser`, the script's): fails before any work, naming the flag.
+    Returns the flags with what they left to the recipe and the model resolved (`recipe_values`)."""
+    check_run_flags(parser, args)  # each flag's range, as declared
     args = argparse.Namespace(**{**vars(args), **recipe_values(args)})
     if not args.scale_range[0] <= args.scale_range[1]:
         raise flag_error("--scale_range", f"must be LOW HIGH with LOW <= HIGH, got {args.scale_range}")
@@ -166,13 +185,13 @@ def validate_args(args) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args):
+def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple["DetectConfig", str]:
     """(config, lr line): the flags checked and resolved, with the lr (blr x total batch / 256 unless --lr) and the
     precision resolved for the launch's device and world size."""
-    args = validate_args(args)
+    args = validate_args(args, parser)
     device, world_size = resolve_device(args.device), launch_world_size()
     lr, line = scaled_lr(args, world_size)
-    cfg = DetectConfig.from_args(args, detection_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
+    cfg = DetectConfig.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0],
                                  world_size=world_size)
     return cfg, line
 
@@ -339,8 +358,7 @@ class DetectTask(Task):
                 image_ids += [int(t["image_id"]) for t in targets]
             if progress.due(it):
                 progress.line(it)
-        note_collective("the gathering of the evaluation's detections")
-        records, image_ids = gather_records(records, image_ids)
+        records, image_ids = gather_shards(records, image_ids, "the gathering of the evaluation's detections")
         if not image_ids:  # every process gathered the same ids: all stop alike
             raise RunError(f"no validation image of {self.cfg.split_paths('val')[1]} could be read in this "
                            f"evaluation (see the warnings above): there is no score to report")
@@ -384,7 +402,24 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.backbone.body.model if hasattr(model.backbone.body, "model") else model.backbone.body
 
 
-def run_detection(run: Run, cfg: DetectConfig, task: DetectTask, loaders) -> Dict[str, object]:
+def run_detection(run: Run, cfg: DetectConfig) -> Dict[str, object]:
+    """The loaders (the validation set checked), Mask R-CNN on --finetune's encoder (or the checkpoint resumed) and
+    its task; then --eval of --resume, or the run's intervals (`train_or_evaluate`)."""
+    if not cfg.eval:
+        print(f"{cfg.iters} iterations of {cfg.images_per_step} images ({cfg.batch_size} per process x "
+              f"{cfg.world_size} processes x accum {cfg.accum_iter}); large-scale jitter {cfg.scale_range} at "
+              f"{cfg.input_size} px")
+    train_loader, val_loader, val_set = detection_loaders(run, cfg)
+    model = model_from_checkpoints(run, cfg, partial(build_detector, cfg, len(val_set.class_names)), encoder_of,
+                                   "--model and --input_size", patch_tokens_only=True,
+                                   check_resumed=check_detection_checkpoint)
+    print(f"Mask R-CNN on {cfg.model}: {count_parameters(model):.2f} M parameters "
+          f"({count_parameters(model.backbone.body):.2f} M encoder), feature strides {model.backbone.strides}")
+    task = DetectTask(on_run_device(model, run, cfg), cfg, run.device, val_set)
+    return train_or_evaluate(run, cfg, task, (train_loader, val_loader))
+
+
+def train_or_evaluate(run: Run, cfg: DetectConfig, task: DetectTask, loaders) -> Dict[str, object]:
     """--eval of --resume, or the run's intervals (training.loop.fit). Returns the last evaluation."""
     train_loader, val_loader = loaders
     if cfg.eval:

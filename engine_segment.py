@@ -9,7 +9,8 @@ seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`).
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.optim import param_groups_layer_decay
@@ -19,12 +20,12 @@ from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
 from training.distributed import all_reduce_sum, launch_world_size
 from training.errors import RunError, flag_error
-from training.flags import check_run_flags, segmentation_parser
+from training.flags import check_run_flags
 from training.loop import Schedule, Task, evaluate_checkpoint, fit
 from training.meters import Progress
 from training.run import Run
-from training.transfer import (check_simple_pyramid, check_transfer_flags, dense_options, scaled_lr,
-                               simple_pyramid)
+from training.transfer import (check_simple_pyramid, check_transfer_flags, count_parameters, dense_options,
+                               model_from_checkpoints, on_run_device, scaled_lr, simple_pyramid)
 from training.step import autocast_context
 from util.datasets import skip_bad_collate
 from util.misc import resolve_amp, resolve_device
@@ -108,10 +109,10 @@ class SegmentConfig(TrainConfig):
 
 
 # -- model and data ---------------------------------------------------------------------------------------------------
-def validate_args(args) -> argparse.Namespace:
-    """The checks of main_segment.py's flags (training.flags.segmentation_parser): fails before any work, naming the
-    flag; returns `args` unchanged."""
-    check_run_flags(segmentation_parser(), args)  # each flag's range, as declared
+def validate_args(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The checks of main_segment.py's flags (`parser`, the script's): fails before any work, naming the flag;
+    returns `args` unchanged."""
+    check_run_flags(parser, args)  # each flag's range, as declared
     if args.iters % args.eval_interval:
         raise flag_error("--iters", f"{args.iters} must be a multiple of --eval_interval {args.eval_interval} (the "
                                     f"run evaluates and checkpoints at the end of each interval)")
@@ -132,15 +133,15 @@ def validate_args(args) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args):
+def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple["SegmentConfig", str]:
     """(config, lr line): the flags checked, with the lr (blr x total batch / 256 unless --lr), the precision, the
     evaluation window and stride resolved for the launch's device and world size."""
-    args = validate_args(args)
+    args = validate_args(args, parser)
     device, world_size = resolve_device(args.device), launch_world_size()
     lr, line = scaled_lr(args, world_size)
     crop = args.eval_crop_size or args.input_size
     stride = args.eval_stride or max(1, crop * 2 // 3)
-    cfg = SegmentConfig.from_args(args, segmentation_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
+    cfg = SegmentConfig.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0],
                                   world_size=world_size, eval_crop_size=crop, eval_stride=stride,
                                   simple_pyramid=simple_pyramid(args))
     return cfg, line
@@ -385,7 +386,24 @@ def write_per_class_table(cfg: SegmentConfig, scores: Dict[str, object], names: 
     return path
 
 
-def run_segmentation(run: Run, cfg: SegmentConfig, task: SegmentTask, loaders) -> Dict[str, object]:
+def run_segmentation(run: Run, cfg: SegmentConfig) -> Dict[str, object]:
+    """The loaders, UperNet on --finetune's encoder (or the checkpoint resumed) and its task; then --eval of --resume,
+    or the run's intervals (`train_or_evaluate`)."""
+    if not cfg.eval:
+        print(f"{cfg.iters} iterations of {cfg.images_per_step} images ({cfg.batch_size} per process x "
+              f"{cfg.world_size} processes x accum {cfg.accum_iter}), warmup {cfg.warmup_iters}, poly power "
+              f"{cfg.poly_power:g}; evaluation and checkpoint every {cfg.eval_interval} iterations")
+    train_loader, val_loader, names = segmentation_loaders(run, cfg)
+    model = model_from_checkpoints(run, cfg, partial(build_segmenter, cfg), encoder_of,
+                                   "--model, --input_size, --out_indices and --aux_in_index")
+    print(f"UperNet on {cfg.model}: {count_parameters(model):.2f} M parameters "
+          f"({count_parameters(model.backbone):.2f} M encoder), feature strides "
+          f"{list(model.backbone.feature_info.reduction())}, channels {model.in_channels}")
+    task = SegmentTask(on_run_device(model, run, cfg), cfg, run.device, names)
+    return train_or_evaluate(run, cfg, task, (train_loader, val_loader))
+
+
+def train_or_evaluate(run: Run, cfg: SegmentConfig, task: SegmentTask, loaders) -> Dict[str, object]:
     """--eval of --resume, or the run's intervals (training.loop.fit): train --eval_interval iterations, evaluate,
     keep checkpoint-last.pth and checkpoint-best.pth (best mIoU), log.txt, TensorBoard (x: the iteration) and the
     per-class table. Returns the last evaluation."""

@@ -25,7 +25,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 
 from dmjd_encoders.pos_embed import sincos_pos_embed_2d
-from models_convvit import (ENCODER_ARCHS, ENCODER_OF, BlockNorm, ConvViT, gather_tokens,
+from dmjd_encoders.models_convvit import (ENCODER_ARCHS, ENCODER_OF, BlockNorm, ConvViT, gather_tokens,
                             init_linear_and_norm, visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
@@ -303,7 +303,7 @@ def _per_row(target: torch.Tensor, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Models from main_pretrain.py's flags.
 
-from training.flags import DEFAULT_PRETRAIN_MODEL as DEFAULT_MODEL  # noqa: E402  (the released recipe; beside --model)
+DEFAULT_MODEL = "dmjd_convit_base_patch16_dec8_hog"  # the released recipe's (main_pretrain.py's --model default)
 MODEL_FLAGS = ("num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta")
 
 

@@ -134,7 +134,7 @@ def pretrain_checkpoint(path, model_name="dmjd_convit_tiny_patch16_dec1_hog", im
     import timm
 
     import models_dmjd  # noqa: F401  (registers the DMJD models)
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     model = timm.create_model(model_name, img_size=img_size, **kwargs)
@@ -208,7 +208,7 @@ def encoder_checkpoint(path, name, input_size=64, **args):
     """A checkpoint of the registered encoder `name` at `input_size`, as fine-tuning saves one ({"model", "args"}),
     its weights away from a fresh initialisation; `args`: more saved flags. Returns the encoder (eval mode)."""
     import timm
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     torch.manual_seed(1)
     model = timm.create_model(name, img_size=input_size)
     with torch.no_grad():

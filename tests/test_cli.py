@@ -69,7 +69,7 @@ def test_help_describes_every_option_and_shows_its_default(module_name, monkeypa
 
 
 def test_submitit_launcher_help_shows_defaults():
-    from util.submitit_launch import launcher_parser
+    from training.submitit_launch import launcher_parser
     parser = launcher_parser("test")
     assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     assert all(a.help for a in parser._actions)

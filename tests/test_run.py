@@ -12,7 +12,7 @@ from helpers import as_script, pretrain_config
 from training.errors import RunError
 from training.run import Run, CheckpointState
 from training.step import TrainStep
-from util.checkpoint import load_checkpoint
+from dmjd_encoders.checkpoint import load_checkpoint
 
 
 def enter_and_leave(cfg):
@@ -230,7 +230,7 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> Checkp
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""
     import training.output as output_module
-    from util.checkpoint import link_checkpoint as real_link
+    from dmjd_encoders.checkpoint import link_checkpoint as real_link
     s = state()
     with Run(cfg, save_freq=save_freq) as run:
         train(s)
@@ -355,7 +355,7 @@ def test_a_live_run_holds_the_output_folder_and_a_dead_ones_lock_does_not_count(
 def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monkeypatch):
     import errno
 
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
 
     def full(*args, **kwargs):
@@ -373,7 +373,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monk
 def test_saves_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
     import os
 
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
@@ -622,9 +622,11 @@ def script_config(script: str, out, *argv: str):
     module = importlib.import_module(script)
     args = module.get_args_parser().parse_args(["--model", "convvit_tiny_patch16", *flags])
     if script in ("main_segment", "main_detect"):
-        return importlib.import_module(script.replace("main_", "engine_")).resolve_config(args)[0]
-    from engine_finetune import resolve_classification
-    config = module.FinetuneConfig if script == "main_finetune" else module.LinprobeConfig
+        return importlib.import_module(script.replace("main_", "engine_")).resolve_config(args,
+                                                                                           module.get_args_parser())[0]
+    from training.classification import resolve_classification
+    engine = importlib.import_module(script.replace("main_", "engine_"))
+    config = engine.FinetuneConfig if script == "main_finetune" else engine.LinprobeConfig
     resolved = {} if script == "main_finetune" else {"probe_features": "pool_then_fresh_norm"}
     return resolve_classification(config, module.get_args_parser(), args, **resolved)[0]
 
@@ -632,7 +634,7 @@ def script_config(script: str, out, *argv: str):
 @pytest.mark.parametrize("saved_by, started_by", [(a, b) for a in SCRIPT_TASKS for b in SCRIPT_TASKS if a != b])
 def test_another_scripts_checkpoint_is_named_with_its_script_on_resume_evaluation_and_any_allowed_change(
         tmp_path, saved_by, started_by):
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     path = str(tmp_path / "other.pth")
     save_checkpoint({"model": {}, "args": script_config(saved_by, tmp_path / "saved").flags(), "epoch": 0}, path)
     named = (f"{path} is a {SCRIPT_TASKS[saved_by]} checkpoint, from {saved_by}.py, not a {SCRIPT_TASKS[started_by]} "

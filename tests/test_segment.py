@@ -14,7 +14,14 @@ from PIL import Image
 
 import main_segment
 from dmjd_encoders.pretrained import architecture_kwargs
-from engine_segment import EvalCollate, SegmentTask, full_batch, resolve_config, validate_args
+from engine_segment import EvalCollate, SegmentTask, full_batch
+from main_segment import validate_args
+
+
+def resolve_config(args):
+    """engine_segment's config of main_segment.py's flags, as the script resolves them."""
+    import engine_segment
+    return engine_segment.resolve_config(args, main_segment.get_args_parser())
 from helpers import (as_script, load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
                      write_segmentation_folder)
 from util.schedules import poly_lr
@@ -219,9 +226,9 @@ def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
 
 @pytest.mark.parametrize("class_token", [False, True])
 def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tmp_path, class_token):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from models_upernet import create_upernet
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     model = create_upernet("vit_test_patch16_gap_sincos", 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
                            class_token=class_token)
     save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
@@ -237,7 +244,7 @@ def small_segmentation_config(*flags):
 @pytest.mark.parametrize("model,strides", [("convvit_tiny_patch16", [4, 8, 16, 32]),
                                            ("vit_test_patch16_gap_sincos", [4, 8, 16, 32])])
 def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, strides):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from engine_segment import build_segmenter
     cfg = small_segmentation_config("--model", model, "--nb_classes", "3")
     assert cfg.simple_pyramid is (model.startswith("vit"))
@@ -271,11 +278,11 @@ def test_resuming_a_checkpoint_saved_before_the_dense_flags_names_them_and_resum
 
 
 def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_their_former_values(tmp_path):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from engine_segment import build_segmenter
     from training.errors import RunError
     from training.run import Run
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     old = small_segmentation_config("--model", "convvit_tiny_patch16", "--no-rel_pos_bias", "--layer_scale", "none")
     args = old.flags()
     for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):

@@ -10,8 +10,9 @@ import signal
 import sys
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,23 @@ def broadcast_from_main(value, what: str = "a value sent from the main process")
         dist.broadcast_object_list(box, src=0)
         value = box[0]
     return value
+
+
+def gather_shards(values: List, ids: Sequence[int], what: str = "the gathering of an evaluation's shards"):
+    """(values, ids) of every process, in rank order: a sharded evaluation's parts (`values`, e.g. COCO result
+    records, and the `ids` of the samples it evaluated); this process's alone without a process group. Raises if a
+    sample was evaluated by two processes or twice: its results would count double."""
+    ids = [int(i) for i in ids]
+    if dist.is_available() and dist.is_initialized():
+        note_collective(what)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (values, ids))
+        values = [value for part_values, _ in parts for value in part_values]
+        ids = [i for _, part_ids in parts for i in part_ids]
+    repeated = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise ValueError(f"samples evaluated more than once (a padded or overlapping sampler?): {repeated[:10]}")
+    return values, ids
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,6 +8,7 @@ log.txt line: checkpoint-last.pth names the others, so that the next start can c
 import datetime
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -17,14 +18,46 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from dmjd_encoders.checkpoint import (TEMP_FILE_PATTERN, CheckpointError, link_checkpoint, load_checkpoint,
+                                      no_space_error, save_checkpoint, write_file_atomically)
 from dmjd_encoders.pretrained import checkpoint_origin
 from training.errors import RunError
-from util.checkpoint import (CheckpointError, last_checkpoint_path, link_checkpoint, load_checkpoint, no_space_error,
-                             periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files, save_checkpoint,
-                             write_file_atomically)
 
 BEST_CHECKPOINT = "checkpoint-best.pth"
 LOCK_FILE = ".lock"
+
+
+# -- the folder's files -----------------------------------------------------------------------------------------------
+def periodic_checkpoint_path(output_dir: str, epoch: int) -> str:
+    """The periodic checkpoint of round `epoch` (--save_freq)."""
+    return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+
+
+def last_checkpoint_path(output_dir: str) -> str:
+    """The checkpoint a run resumes from by default: its last round's, or the step it stopped at."""
+    return os.path.join(output_dir, "checkpoint-last.pth")
+
+
+def prune_periodic_checkpoints(output_dir: str, keep_last: int) -> None:
+    """Keeps the `keep_last` newest `checkpoint-<epoch>.pth` files (0 keeps them all)."""
+    if keep_last <= 0:
+        return
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found)[:-keep_last]:
+        os.remove(path)
+
+
+def remove_temp_files(folder: str) -> list:
+    """Removes the temporary files that interrupted saves left in `folder` (call it while no other process writes
+    there); returns their names."""
+    found = sorted(n for n in os.listdir(folder) if TEMP_FILE_PATTERN.fullmatch(n)) if os.path.isdir(folder) else []
+    for name in found:
+        os.remove(os.path.join(folder, name))
+    return found
 
 
 def checkpoint_position(checkpoint: dict) -> Tuple[int, int]:

@@ -54,9 +54,10 @@ from training.distributed import (cleanup_distributed, init_distributed, last_co
 from training.errors import REQUEUE_EXIT_CODE, NonFiniteLossError, Preempted, RunError  # noqa: F401 (re-exported)
 from training.meters import Progress
 from training.output import (OutputFolder, NamedWriter, append_line, check_checkpoint_script, checkpoint_position,
-                             first_loadable, newest_checkpoint, resume_candidates, _drop_log_lines, _print_skip)
+                             first_loadable, last_checkpoint_path, newest_checkpoint, resume_candidates,
+                             _drop_log_lines, _print_skip)
 from training.step import TrainStep
-from util.checkpoint import last_checkpoint_path, load_state_dict_strict
+from dmjd_encoders.checkpoint import load_state_dict_strict
 from util.misc import seed_everything
 
 

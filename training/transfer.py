@@ -1,6 +1,6 @@
-"""What the dense-transfer scripts share (main_segment.py, main_detect.py): the checks of their common flags, the lr
-from --blr, the encoder's dense options, and the model built for the run from the checkpoint it resumes or from
---finetune's pre-trained encoder, then placed on the run's device."""
+"""What the transfer scripts share: the model built for the run from the checkpoint it resumes or from --finetune's
+pre-trained encoder (every transfer script); and for the dense ones (main_segment.py, main_detect.py) the checks of
+their common flags, the lr from --blr, the encoder's dense options, and the model placed on the run's device."""
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -65,16 +65,17 @@ def count_parameters(module: torch.nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],
-                   encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str,
-                   patch_tokens_only: bool = False,
-                   check_resumed: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
-    """`build(**layout)` with the encoder layout of the checkpoint the run resumes (or evaluates), else of --finetune's
-    (a checkpoint in MAE's / timm's ViT layout keeps its class token, as fine-tuning does, unless
-    `patch_tokens_only`: the class token and its position are then dropped, as ViTDet drops MAE's); a fresh run loads
-    --finetune's encoder into `encoder_of(model)`, its dense-transfer parameters new. `check_resumed(path)` may refuse
-    the checkpoint resumed before anything is built. A size or level the encoder cannot give stops the run naming
-    `flags`, the flags to check."""
+def model_from_checkpoints(run: Run, cfg, build: Callable[..., torch.nn.Module],
+                           encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str,
+                           fresh=FRESH_KEYS["dense"], patch_tokens_only: bool = False,
+                           check_resumed: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
+    """The model of every transfer script (fine-tuning, probing, segmentation, detection): `build(**layout)` with the
+    encoder layout of the checkpoint the run resumes (or evaluates), else of --finetune's (a checkpoint in MAE's /
+    timm's ViT layout keeps its class token, as fine-tuning does, unless `patch_tokens_only`: the class token and its
+    position are then dropped, as ViTDet drops MAE's); a fresh run loads --finetune's encoder into `encoder_of(model)`,
+    the weights `fresh` names (one of FRESH_KEYS: a classifier's head, dense transfer's new parameters) new.
+    `check_resumed(path)` may refuse the checkpoint resumed before anything is built. A size or level the encoder
+    cannot give stops the run naming `flags`, the flags to check."""
     resume = run.resume_path(auto=not cfg.eval)
     if resume and check_resumed is not None:
         check_resumed(resume)
@@ -86,7 +87,7 @@ def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],
     except ValueError as err:
         raise RunError(f"{err} (check {flags})") from None
     if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"],
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=fresh,
                      drop_class_token=patch_tokens_only)
     return model
 
