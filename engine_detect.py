@@ -13,10 +13,9 @@ import argparse
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from timm.models import group_parameters
 
 from dmjd_encoders.dense import detection_attention
@@ -26,21 +25,19 @@ from dmjd_encoders.pretrained import saved_args
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
-from training.distributed import broadcast_from_main, gather_shards, launch_world_size
+from training.distributed import broadcast_from_main, gather_shards, launch_world_size, on_main_process
 from training.errors import RunError, flag_error
 from training.flags import check_run_flags
-from training.loop import Schedule, Task, evaluate_checkpoint, fit
-from training.meters import Progress
+from training.loop import Schedule, evaluate_checkpoint, fit
 from training.run import Run
-from training.transfer import (check_transfer_flags, count_parameters, model_from_checkpoints, on_run_device,
-                               scaled_lr)
-from training.step import autocast_context
+from training.task import Evaluator, Task
+from training.transfer import check_transfer_flags, count_parameters, model_from_checkpoints, on_run_device
 from util.coco import CocoDetection, detection_collate
 from util.det_metrics import coco_evaluate, coco_ground_truth, coco_records, scores_for_log, write_results
 from util.det_transforms import DetEvalTransform, DetTrainTransform
 from util.layouts import detection_split_paths
 from util.misc import resolve_amp, resolve_device
-from util.schedules import detectron_lr
+from util.schedules import detectron_lr, scaled_lr
 
 # The detection recipes (main_detect.py --recipe) and the flags they set where the flag is not given. ConvMAE-B's
 # 25-epoch COCO config (DET/configs/convmae/convmae_base_mask_rcnn_FPN_25ep.py: 368,750 / 4 iterations of 32 images,
@@ -108,6 +105,9 @@ class DetectConfig(TrainConfig):
         (util.schedules.detectron_lr)."""
         return detectron_lr(iteration / self.iters, self.lr, self.lr_schedule, self.min_lr, self.lr_steps or (),
                             self.warmup_length, self.warmup_factor)
+
+    def schedules(self, round_steps: int) -> Dict[str, Callable[[float], float]]:
+        return {"lr": self.lr_at}
 
     @property
     def schedule(self) -> Schedule:
@@ -190,7 +190,7 @@ def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple["DetectConfig
     precision resolved for the launch's device and world size."""
     args = validate_args(args, parser)
     device, world_size = resolve_device(args.device), launch_world_size()
-    lr, line = scaled_lr(args, world_size)
+    lr, line = scaled_lr(args.blr, args.batch_size * args.accum_iter * world_size, args.lr)
     cfg = DetectConfig.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0],
                                  world_size=world_size)
     return cfg, line
@@ -316,14 +316,18 @@ class DetectTask(Task):
     validation annotations the dataset keeps. Batches are `(images, targets, num_bad)` lists of uint8 images and
     torchvision targets (util.coco.detection_collate); a batch with no readable image trains as one blank image
     without instances, of weight 0. After each evaluation the main process writes the COCO results JSON to
-    --output_dir. An evaluation that could read no image stops the run: it is never a score. A checkpoint keeps the
-    class names it was trained on (`classes`)."""
+    --output_dir. A checkpoint keeps the class names it was trained on (`classes`)."""
     loss_names = LOSS_NAMES
     best = "bbox_AP"
 
     def __init__(self, model: torch.nn.Module, cfg: DetectConfig, device: torch.device, val_set: CocoDetection):
-        self.model, self.trained, self.cfg, self.device, self.val_set = model, model, cfg, device, val_set
+        self.model, self.cfg, self.device, self.val_set = model, cfg, device, val_set
         self.ground_truth = coco_ground_truth(val_set.ground_truth_data())
+        self.last: Optional[CocoScores] = None  # the last evaluation, whose detections the results file keeps
+
+    @property
+    def evaluation_set(self) -> str:
+        return self.cfg.split_paths("val")[1]
 
     def optimizer(self) -> torch.optim.AdamW:
         return detection_optimizer(self.model, self.cfg)
@@ -347,28 +351,12 @@ class DetectTask(Task):
     def loss(self, images, targets):
         return detection_loss(self.trained(images, targets))
 
-    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, object]:
-        records, image_ids = [], []
-        for it, (images, targets, _) in progress.track(loader):
-            if images is not None:  # None: no readable image in the batch (each was named in a warning)
-                progress.count(len(images))
-                with autocast_context(self.device, self.cfg.amp_dtype):
-                    outputs = self.model(self.model_input(images))
-                records += coco_records(outputs, targets, self.val_set.category_ids)  # fp32, outside autocast
-                image_ids += [int(t["image_id"]) for t in targets]
-            if progress.due(it):
-                progress.line(it)
-        records, image_ids = gather_shards(records, image_ids, "the gathering of the evaluation's detections")
-        if not image_ids:  # every process gathered the same ids: all stop alike
-            raise RunError(f"no validation image of {self.cfg.split_paths('val')[1]} could be read in this "
-                           f"evaluation (see the warnings above): there is no score to report")
-        scores = None
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            write_results(records, os.path.join(self.cfg.output_dir, RESULTS_FILE))
-            scores = scores_for_log(coco_evaluate(self.ground_truth, records, image_ids=image_ids))
-            scores.update(images=len(image_ids), detections=len(records))
-        # every process takes the same best-checkpoint decision
-        return broadcast_from_main(scores, "the sending of the main process's COCO scores")
+    def predict(self, images, targets):
+        return self.model(self.model_input(images))
+
+    def evaluator(self) -> "CocoScores":
+        self.last = CocoScores(self.ground_truth, self.val_set.category_ids)
+        return self.last
 
     def report(self, scores: Dict[str, object]) -> str:
         def shown(prefix):
@@ -378,10 +366,8 @@ class DetectTask(Task):
         return (f"box {shown('bbox')};  mask {shown('segm')} on {scores['images']} images "
                 f"({scores['detections']} detections)")
 
-    def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
-        for name, value in scores.items():
-            if value is not None and name not in ("images", "detections"):
-                writer.add_scalar(f"test/{name}", value, x)
+    def evaluated(self, scores: Dict[str, object], label: str) -> None:
+        write_results(self.last.records, os.path.join(self.cfg.output_dir, RESULTS_FILE))
 
     def extra_state(self) -> dict:
         return {"classes": list(self.val_set.class_names)}
@@ -391,6 +377,30 @@ class DetectTask(Task):
         if saved is not None and list(saved) != list(self.val_set.class_names):
             raise RunError(f"{path} was trained on other classes ({len(saved)}: {saved[:5]}...) than the annotation "
                            f"files name ({len(self.val_set.class_names)}: {self.val_set.class_names[:5]}...)")
+
+
+class CocoScores(Evaluator):
+    """COCO's box and mask AP of the detections (boxes and masks in fp32, in the images' own coordinates) against
+    the ground truth: each process's detections are gathered on the main process (`records`, COCO results), which
+    runs COCOeval and sends the scores to every process, so that all take the same best-checkpoint decision."""
+
+    def __init__(self, ground_truth, category_ids: Sequence[int]):
+        self.ground_truth, self.category_ids = ground_truth, category_ids
+        self.records: List[dict] = []
+        self.image_ids: List[int] = []
+
+    def update(self, outputs, targets) -> None:
+        self.records += coco_records(outputs, targets, self.category_ids)  # fp32, outside autocast
+        self.image_ids += [int(t["image_id"]) for t in targets]
+
+    def scores(self) -> Dict[str, object]:
+        self.records, self.image_ids = gather_shards(self.records, self.image_ids,
+                                                     "the gathering of the evaluation's detections")
+        scores = None
+        if on_main_process():
+            scores = scores_for_log(coco_evaluate(self.ground_truth, self.records, image_ids=self.image_ids))
+            scores.update(detections=len(self.records))
+        return broadcast_from_main(scores, "the sending of the main process's COCO scores")
 
 
 def _percent(value: Optional[float]) -> str:
@@ -423,9 +433,7 @@ def train_or_evaluate(run: Run, cfg: DetectConfig, task: DetectTask, loaders) ->
     """--eval of --resume, or the run's intervals (training.loop.fit). Returns the last evaluation."""
     train_loader, val_loader = loaders
     if cfg.eval:
-        scores = evaluate_checkpoint(run, task, val_loader, cfg.resume)
-        print(task.report(scores))
-        return scores
+        return evaluate_checkpoint(run, task, val_loader, cfg.resume)
     print(f"evaluation every {cfg.eval_interval} iterations and at the last, COCO's box and mask AP; results in "
           f"{os.path.join(cfg.output_dir, RESULTS_FILE)}")
-    return fit(run, task, cfg, train_loader, val_loader, cfg.schedule, lr_at=cfg.lr_at)
+    return fit(run, task, cfg, train_loader, val_loader, cfg.schedule)

@@ -3,7 +3,7 @@ from the checkpoint, its criterion, mixup / cutmix and layer-wise lr decay, and 
 trains and evaluates it)."""
 import argparse
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -88,6 +88,22 @@ def build_classifier(cfg: FinetuneConfig, **layout) -> torch.nn.Module:
                              drop_path_rate=cfg.drop_path, fc_norm=cfg.global_pool, **layout)
 
 
+class FinetuneTask(ClassificationTask):
+    """Fine-tuning as the loop sees it (training.classification.ClassificationTask): the whole classifier under
+    layer-wise lr decay (--layer_decay; no weight decay on norms, biases, position embeddings and tokens), with
+    mixup / cutmix and its soft-target criterion, or label smoothing."""
+
+    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device, classes: Sequence[str]):
+        mixup = None if cfg.eval else mixup_of(cfg)
+        super().__init__(model, cfg, device, classes, criterion_of(cfg, mixup), mixup)
+
+    def optimizer(self) -> torch.optim.AdamW:
+        cfg = self.cfg
+        groups = param_groups_layer_decay(self.model, cfg.weight_decay, self.model.no_weight_decay(),
+                                          layer_decay=cfg.layer_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=self.device.type == "cuda")
+
+
 def run_finetuning(run: Run, cfg: FinetuneConfig):
     """The loaders, the classifier from --finetune's encoder (or the checkpoint resumed), its task; then --eval of
     --resume, or the epochs of fine-tuning."""
@@ -95,12 +111,5 @@ def run_finetuning(run: Run, cfg: FinetuneConfig):
     train_loader, val_loader, classes = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
     model = model_from_checkpoints(run, cfg, lambda **layout: build_classifier(cfg, **layout), lambda m: m,
                                    "--model and --input_size", fresh=FRESH_KEYS["classifier"])
-    model = conv_weights_channels_last(model.to(run.device))
-    mixup = None if cfg.eval else mixup_of(cfg)
-
-    def optimizer(model):
-        groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=run.device.type == "cuda")
-
-    task = ClassificationTask(model, cfg, run.device, criterion_of(cfg, mixup), optimizer, mixup, classes=classes)
+    task = FinetuneTask(conv_weights_channels_last(model.to(run.device)), cfg, run.device, classes)
     return run_classification(run, cfg, task, (train_loader, val_loader))

@@ -71,6 +71,14 @@ def build_probe(cfg: LinprobeConfig, **layout) -> LinearProbe:
     return LinearProbe(encoder, cfg.nb_classes, cfg.probe_features)
 
 
+class ProbeTask(ClassificationTask):
+    """Linear probing as the loop sees it (training.classification.ClassificationTask): the frozen encoder under
+    BatchNorm and a linear head, the head trained with LARS (momentum 0.9) and cross-entropy, as MAE."""
+
+    def optimizer(self) -> Lars:
+        return Lars(lars_param_groups(self.model.head, self.cfg.weight_decay), lr=self.cfg.lr, momentum=0.9)
+
+
 def run_probing(run: Run, cfg: LinprobeConfig):
     """The loaders, the probe on --finetune's encoder (or the checkpoint resumed), its task; then --eval of
     --resume, or the epochs of probing."""
@@ -83,9 +91,4 @@ def run_probing(run: Run, cfg: LinprobeConfig):
     model = conv_weights_channels_last(model.to(run.device))
     if not cfg.eval:
         print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
-
-    def optimizer(model):
-        return Lars(lars_param_groups(model.head, cfg.weight_decay), lr=cfg.lr, momentum=0.9)
-
-    task = ClassificationTask(model, cfg, run.device, torch.nn.CrossEntropyLoss(), optimizer, classes=classes)
-    return run_classification(run, cfg, task, (train_loader, val_loader))
+    return run_classification(run, cfg, ProbeTask(model, cfg, run.device, classes), (train_loader, val_loader))

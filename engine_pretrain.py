@@ -1,6 +1,7 @@
 """DMJD pre-training: the config its flags resolve into, their checks, the data and the model, and the task of the
 training loop (training.loop)."""
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -9,18 +10,19 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from dmjd_encoders.models_convvit import check_model_name, encoder_stride
-from models_dmjd import EMATeacher, adaptive_lr, create_from_flags, reachable_pred_ratio
+from models_dmjd import EMATeacher, create_from_flags, reachable_pred_ratio
 from training.config import EpochConfig
 from training.data import train_loader
 from training.distributed import launch_world_size
 from training.errors import RunError, flag_error
 from training.flags import check_epoch_flags, check_input_size, check_run_flags
-from training.loop import Schedule, Task, fit
+from training.loop import Schedule, fit
 from training.run import Run
+from training.task import Task
 from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate
 from util.misc import resolve_amp, resolve_device
 from dmjd_encoders.checkpoint import load_state_dict_strict
-from util.schedules import cosine_momentum
+from util.schedules import cosine_momentum, scaled_lr
 from util.visualization import make_figure
 
 LOSS_NAMES = ("loss", "loss_mask", "loss_vis")
@@ -45,26 +47,32 @@ class PretrainConfig(EpochConfig):
     keep_last: int
     vis_freq: int
 
-    def momentum_at(self, progress: float) -> float:
-        """The EMA teacher's momentum: cosine from --ema_momentum to 1 over the run."""
-        return cosine_momentum(progress, self.ema_momentum, self.epochs)
+    def schedules(self, round_steps: int) -> Dict[str, Callable[[float], float]]:
+        """MAE's lr (EpochConfig), and with an EMA teacher its momentum: cosine from --ema_momentum to 1 over the
+        run."""
+        schedules = super().schedules(round_steps)
+        if self.theta > 0 and self.vis_target == "ema":  # the model's uses_teacher
+            schedules["momentum"] = functools.partial(cosine_momentum, start=self.ema_momentum,
+                                                      total=self.epochs * round_steps)
+        return schedules
 
 
 class PretrainTask(Task):
-    """DMJD pre-training as the loop sees it: the student (the DMJD model), its EMA teacher (when the visible
-    branch distils one) and the teacher's momentum schedule, updated after each optimizer step; the loss and its
-    parts of both branches; no evaluation. A checkpoint keeps the teacher as its "teacher" entry (None without one).
+    """DMJD pre-training as the loop sees it: the student (the DMJD model) and its EMA teacher (when the visible
+    branch distils one), updated after each optimizer step with the config's "momentum" schedule as the loop reads
+    it; the loss and its parts of both branches; no evaluation. A checkpoint keeps the teacher as its "teacher" entry
+    (None without one).
 
     Batches are `(uint8 images, labels, num_bad)` from util.datasets.skip_bad_collate; a batch with no readable
     image trains as one black crop of weight 0 (out of the gradient and the losses).
 
-    `momentum_at(steps)`: the teacher's momentum after that many optimizer steps. The benchmarks, which time the
-    step alone, build the task without a config (`cfg` None) for its teacher and post-step hook."""
+    The benchmarks, which time the step alone, build the task without a config (`cfg` None) for its teacher and
+    post-step hook."""
     loss_names = LOSS_NAMES
 
     def __init__(self, model: torch.nn.Module, cfg: Optional[PretrainConfig], device: torch.device,
-                 momentum_at: Callable[[float], float], vis_images: Optional[torch.Tensor] = None):
-        self.model, self.trained, self.cfg, self.device, self.momentum_at = model, model, cfg, device, momentum_at
+                 vis_images: Optional[torch.Tensor] = None):
+        self.model, self.cfg, self.device = model, cfg, device
         self.teacher = EMATeacher(model.encoder).to(device) if model.uses_teacher else None
         self.momentum = float("nan")
         self.vis_images = vis_images  # a picture of masks and predictions every --vis_freq epochs
@@ -85,15 +93,14 @@ class PretrainTask(Task):
         return images, None, len(images)
 
     def loss(self, images, _):
-        return self.trained(images, teacher=self.teacher)
+        loss, parts = self.trained(images, teacher=self.teacher)
+        return {"loss": loss, **parts}
 
-    def after_step(self, steps: float) -> None:
+    def after_step(self, scheduled: Dict[str, float]) -> None:
+        """The teacher follows the student: t <- m t + (1 - m) s, m the "momentum" schedule at this step."""
         if self.teacher is not None:
-            self.momentum = self.momentum_at(steps)
+            self.momentum = scheduled["momentum"]
             self.teacher.update(self.model.encoder, self.momentum)
-
-    def scalars(self) -> Dict[str, float]:
-        return {"momentum": self.momentum} if self.teacher is not None else {}
 
     def end_round(self, epoch: int, writer) -> None:
         cfg = self.cfg
@@ -136,10 +143,7 @@ def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple[PretrainConfi
     device, world_size = resolve_device(args.device), launch_world_size()
     pred_ratio = args.pred_ratio
     images_per_step = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        lr, lr_line = adaptive_lr(args.blr, images_per_step, pred_ratio, args.mask_ratio)
-    else:
-        lr, lr_line = args.lr, f"lr = {args.lr:.4g} (given; the adaptive rule is not applied)"
+    lr, lr_line = scaled_lr(args.blr, images_per_step, args.lr, pred_ratio, args.mask_ratio)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     cfg = PretrainConfig.from_args(args, parser, pred_ratio=pred_ratio, lr=lr,
                                    amp=resolve_amp(args.amp, device)[0], channels_last=channels_last,
@@ -186,7 +190,7 @@ def run_pretraining(run: Run, cfg: PretrainConfig) -> None:
     vis_images = None
     if run.is_main and cfg.vis_freq > 0:
         vis_images = sample_images(cfg.data_path, "train", cfg.input_size, 4).to(run.device)
-    task = PretrainTask(model, cfg, run.device, lambda steps: cfg.momentum_at(schedule.epochs(steps)), vis_images)
+    task = PretrainTask(model, cfg, run.device, vis_images)
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder)")
     if cfg.compile:

@@ -29,6 +29,7 @@ from dmjd_encoders.models_convvit import (ENCODER_ARCHS, ENCODER_OF, BlockNorm, 
                             init_linear_and_norm, visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
+from util.schedules import scaled_lr
 
 PRED_TYPES = ("hog", "pixel")
 VIS_TARGETS = ("hog", "ema")
@@ -40,14 +41,9 @@ def reachable_pred_ratio(num_views: int, mask_ratio: float) -> float:
 
 
 def adaptive_lr(blr: float, images_per_step: int, pred_ratio: float, mask_ratio: float):
-    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate).
-
-    Each image counts once however many views it has. Returns the lr and a line that shows every factor.
-    """
-    lr = blr * images_per_step / 256 * (pred_ratio / mask_ratio)
-    line = (f"lr = blr {blr:.3g} x {images_per_step} images / 256 x (pred_ratio {pred_ratio:.3g} / mask_ratio "
-            f"{mask_ratio:.3g}) = {lr:.4g}")
-    return lr, line
+    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate)
+    (util.schedules.scaled_lr). Returns the lr and a line that shows every factor."""
+    return scaled_lr(blr, images_per_step, pred_ratio=pred_ratio, mask_ratio=mask_ratio)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

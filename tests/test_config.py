@@ -98,7 +98,7 @@ def test_a_flag_added_after_checkpoints_were_saved_declares_the_value_they_ran_w
     flag(parser, "--new_option", action="store_true", resume=MUST_MATCH, absent=False)
     flag(parser, "--old", type=int, default=1, resume=MUST_MATCH)
     assert absent_values(parser) == {"new_option": False}
-    # segmentation's dense options were off before they were flags (Run._check_flags compares them so)
+    # segmentation's dense options were off before they were flags (training.checkpointing.check_saved_flags compares them so)
     assert absent_values(segmentation_parser()) == {"rel_pos_bias": False, "layer_scale": None,
                                                     "simple_pyramid": False}
 

@@ -270,7 +270,7 @@ def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
     stdout = script(name, cls_data, out, "--finetune", str(cls_data / "pre.pth"))
     assert f"loaded {cls_data / 'pre.pth'}: new (not in the checkpoint)" in stdout  # the package's log note, printed
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_count"] == 9 for r in log)
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_images"] == 9 for r in log)
     from util.curves import plot_runs
     assert plot_runs([str(out)], str(tmp_path / "curves.png")) == ["loss", "learning rate",
                                                                    "top-1 / top-5 accuracy (%)"]
@@ -505,13 +505,14 @@ def test_a_checkpoint_stores_its_training_classes_and_a_resume_on_other_classes_
 
 
 def test_an_evaluation_that_read_no_image_is_a_run_error_naming_the_folder_not_a_score():
-    from training.classification import classification_scores
+    from types import SimpleNamespace
+    from training.classification import ClassificationTask
     from training.errors import RunError
-    from training.meters import Progress
+    from training.loop import evaluate
     batches = [(None, None, 2), (None, None, 1)]  # every file of every batch unreadable
+    task = ClassificationTask(torch.nn.Identity(), SimpleNamespace(data_path="data", input_size=8), torch.device("cpu"))
     with pytest.raises(RunError) as stop:
-        classification_scores(torch.nn.Identity(), batches, Progress("Test", 2, 10, torch.device("cpu")),
-                              torch.device("cpu"), folder="data/val")
+        evaluate(task, batches, torch.device("cpu"), 10)
     assert str(stop.value) == ("no image of data/val could be read in this evaluation (3 unreadable files skipped, see "
                                "the warnings above): there is no score to report")
 

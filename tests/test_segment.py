@@ -260,21 +260,19 @@ def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, str
 
 
 def test_resuming_a_checkpoint_saved_before_the_dense_flags_names_them_and_resumes_with_them_off(tmp_path):
+    from training.checkpointing import check_saved_flags
     from training.errors import RunError
-    from training.run import Run
     saved = small_segmentation_config().flags()
     for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
         del saved[name]  # a checkpoint of a run from before these options: they were off
-    with Run(small_segmentation_config("--output_dir", str(tmp_path / "a"))) as run:
-        with pytest.raises(RunError) as stop:
-            run._check_flags("old.pth", saved)
+    with pytest.raises(RunError) as stop:
+        check_saved_flags("old.pth", saved, small_segmentation_config("--output_dir", str(tmp_path / "a")))
     for shown in ("--rel_pos_bias: saved False (saved before the flag existed), given True",
                   "--layer_scale: saved None (saved before the flag existed), given 1.0"):
         assert shown in str(stop.value)
     assert "simple_pyramid" not in str(stop.value)  # a ConViT's: off, as before
     off = small_segmentation_config("--output_dir", str(tmp_path / "b"), "--no-rel_pos_bias", "--layer_scale", "none")
-    with Run(off) as run:
-        run._check_flags("old.pth", saved)
+    check_saved_flags("old.pth", saved, off)
 
 
 def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_their_former_values(tmp_path):
@@ -380,20 +378,20 @@ def test_the_label_check_says_whether_it_read_every_annotation_or_a_sample(small
 
 
 def test_an_evaluation_with_an_empty_confusion_matrix_is_a_run_error_naming_the_folder():
-    from engine_segment import segmentation_scores_of
+    from engine_segment import SegmentTask
     from training.errors import RunError
-    from training.meters import Progress
+    from training.loop import evaluate
 
     class Constant(torch.nn.Module):
         def predict(self, images, size, *how):
             return torch.ones(len(images), 4, *size)
 
     cfg = SimpleNamespace(nb_classes=4, ignore_index=255, amp_dtype=None, eval_mode="whole", eval_crop_size=8,
-                          eval_stride=8, test_ratios=[1.0], aug_test=False, data_path="data")
+                          eval_stride=8, test_ratios=[1.0], aug_test=False, data_path="data", loss_names=("loss",))
     batches = [(torch.zeros(2, 3, 8, 8), torch.full((2, 8, 8), 255), 0)]  # every pixel ignored
     with pytest.raises(RunError) as stop:
-        segmentation_scores_of(Constant(), batches, Progress("Test", 1, 10, torch.device("cpu")), torch.device("cpu"),
-                               cfg)
+        evaluate(SegmentTask(Constant(), cfg, torch.device("cpu"), ["a", "b", "c", "d"]), batches,
+                 torch.device("cpu"), 10)
     assert str(stop.value) == ("the confusion matrix is empty: every pixel of the 2 validation images evaluated is "
                                "ignored (data/annotations/validation, --ignore_index 255): there is no score to "
                                "report")

@@ -15,13 +15,13 @@ from training.data import eval_loader, train_loader
 from training.distributed import all_reduce_sum, launch_world_size
 from training.errors import RunError
 from training.flags import check_epoch_flags, check_input_size, check_run_flags
-from training.loop import Schedule, Task, evaluate_checkpoint, fit
-from training.meters import Progress
+from training.loop import Schedule, evaluate_checkpoint, fit
 from training.run import Run
-from training.step import autocast_context
+from training.task import Evaluator, Task
 from dmjd_encoders.checkpoint import CheckpointError, load_checkpoint
 from util.datasets import classes_without_images, classification_folders, skip_bad_collate
 from util.misc import resolve_amp, resolve_device
+from util.schedules import scaled_lr
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,7 @@ def resolve_classification(config_cls, parser, args, **resolved):
     batch / 256 (unless --lr is given), the precision resolved for the launch's device and world size, and any other
     `resolved` fields as given."""
     device, world_size = resolve_device(args.device), launch_world_size()
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
-    line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
-            f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
+    lr, line = scaled_lr(args.blr, args.batch_size * args.accum_iter * world_size, args.lr)
     return config_cls.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
                                 **resolved), line
 
@@ -107,22 +104,24 @@ def classification_loaders(run: Run, cfg: ClassificationConfig, train_transform,
 
 
 class ClassificationTask(Task):
-    """Fine-tuning or probing as the loop sees it: a classifier, its criterion and optimizer, optional mixup /
-    cutmix (drawn inside the step, so that the step's seeding covers it), and top-1 / top-5 evaluation; the best
-    checkpoint has the best top-1 (`best_acc1`). Batches are `(images, targets, num_bad)` from
-    util.datasets.skip_bad_collate; a batch with no readable image trains as two blank images of weight 0. An
-    evaluation that could read no image stops the run: it is never a score. A checkpoint keeps the class names it
-    was trained on (`classes`, the meaning of the head's outputs), which --eval reads back."""
+    """What fine-tuning's and probing's tasks share (engine_finetune.FinetuneTask, engine_linprobe.ProbeTask write
+    their optimizer): a classifier, its criterion (cross-entropy unless given), optional mixup / cutmix (drawn
+    inside the step, so that the step's seeding covers it), and top-1 / top-5 evaluation; the best checkpoint has
+    the best top-1 (`best_acc1`). Batches are `(images, targets, num_bad)` from util.datasets.skip_bad_collate; a
+    batch with no readable image trains as two blank images of weight 0. A checkpoint keeps the class names it was
+    trained on (`classes`, the meaning of the head's outputs), which --eval reads back."""
     best = "acc1"
 
-    def __init__(self, model: torch.nn.Module, cfg: EpochConfig, device: torch.device, criterion=None,
-                 make_optimizer=None, mixup_fn=None, classes: Sequence[str] = ()):
-        self.model, self.trained, self.cfg, self.device = model, model, cfg, device
-        self.criterion, self.make_optimizer, self.mixup_fn = criterion, make_optimizer, mixup_fn
+    def __init__(self, model: torch.nn.Module, cfg: EpochConfig, device: torch.device, classes: Sequence[str] = (),
+                 criterion: Optional[torch.nn.Module] = None, mixup_fn=None):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
+        self.mixup_fn = mixup_fn
         self.classes: List[str] = list(classes)
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.model)
+    @property
+    def evaluation_set(self) -> str:
+        return os.path.join(self.cfg.data_path, "val")
 
     def placeholder(self):
         size = self.cfg.input_size
@@ -142,16 +141,14 @@ class ClassificationTask(Task):
     def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
         return {"loss": stats["loss"], "lr": stats["lr"]}
 
-    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, float]:
-        return classification_scores(self.model, loader, progress, self.device, self.cfg.amp_dtype,
-                                     os.path.join(self.cfg.data_path, "val"))
+    def predict(self, images, targets):
+        return self.model(images.to(self.device, non_blocking=True))
+
+    def evaluator(self) -> "TopKAccuracy":
+        return TopKAccuracy(self.device)
 
     def report(self, scores: Dict[str, float]) -> str:
         return report(scores)
-
-    def log_scores(self, writer, scores: Dict[str, float], x: int) -> None:
-        for k in ("acc1", "acc5", "loss"):
-            writer.add_scalar(f"test/{k}", scores[k], x)
 
     def extra_state(self) -> dict:
         return {"classes": list(self.classes)}
@@ -165,40 +162,36 @@ class ClassificationTask(Task):
                            f"({named(self.classes)}): its outputs would stand for other classes")
 
 
-def classification_scores(model: torch.nn.Module, loader, progress: Progress, device: torch.device,
-                          amp_dtype: Optional[torch.dtype] = None,
-                          folder: str = "the evaluation set") -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over every sample the loader gives this process, summed over
-    processes (each sample counted once when the loader shards the set without padding). No image read in all
-    (`folder`'s files all unreadable) raises RunError on every process alike: there is no score to report."""
-    totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count, unreadable
-    for it, (images, targets, num_bad) in progress.track(loader):
-        totals[4] += num_bad
-        if images is not None:  # None: every file of the batch was unreadable (each was named in a warning)
-            progress.count(len(images))
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with autocast_context(device, amp_dtype):
-                outputs = model(images)
-            outputs = outputs.float()
-            top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
-            correct = top5 == targets.unsqueeze(1)
-            totals[:4] += torch.stack([F.cross_entropy(outputs, targets, reduction="sum").double(),
-                                       correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
-                                       torch.tensor(float(targets.numel()), device=device, dtype=torch.float64)])
-        if progress.due(it):
-            loss, top1, _, count, _ = totals.tolist()  # this process's running figures
-            progress.line(it, {"loss": loss / max(count, 1), "acc1": 100 * top1 / max(count, 1)})
-    loss, top1, top5, count, bad = all_reduce_sum(totals, what="the evaluation's totals").tolist()
-    if count == 0:  # every process has the same sums: all stop alike
-        raise RunError(f"no image of {folder} could be read in this evaluation ({int(bad)} unreadable files skipped, "
-                       f"see the warnings above): there is no score to report")
-    return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "count": int(count)}
+class TopKAccuracy(Evaluator):
+    """Top-1 / top-5 accuracy (%) and the mean cross-entropy, summed on the device and over the processes (each
+    sample counted once when the loader shards the set without padding)."""
+
+    def __init__(self, device: torch.device):
+        self.totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count
+
+    def update(self, outputs, targets) -> None:
+        outputs = outputs.float()
+        targets = targets.to(outputs.device, non_blocking=True)
+        top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+        correct = top5 == targets.unsqueeze(1)
+        self.totals += torch.stack([F.cross_entropy(outputs, targets, reduction="sum").double(),
+                                    correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
+                                    torch.tensor(float(targets.numel()), device=outputs.device,
+                                                 dtype=torch.float64)])
+
+    def running(self) -> Dict[str, float]:
+        loss, top1, _, count = self.totals.tolist()  # this process's running figures
+        return {"loss": loss / max(count, 1), "acc1": 100 * top1 / max(count, 1)}
+
+    def scores(self) -> Dict[str, float]:
+        loss, top1, top5, count = all_reduce_sum(self.totals, what="the evaluation's totals").tolist()
+        count = max(count, 1)  # the loop stops an evaluation that read no image before it asks for scores
+        return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}
 
 
-def report(stats: Dict[str, float]) -> str:
-    return (f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f} on {stats['count']} "
-            f"images")
+def report(scores: Dict[str, float]) -> str:
+    return (f"top-1 {scores['acc1']:.2f}%  top-5 {scores['acc5']:.2f}%  loss {scores['loss']:.4f} on "
+            f"{scores['images']} images")
 
 
 def run_classification(run: Run, cfg: ClassificationConfig, task: ClassificationTask, loaders) -> Dict[str, float]:
@@ -208,8 +201,7 @@ def run_classification(run: Run, cfg: ClassificationConfig, task: Classification
     train_loader, val_loader = loaders
     if cfg.eval:
         scores = evaluate_checkpoint(run, task, val_loader, cfg.resume or cfg.finetune or "the model")
-        print(f"accuracy of the network on {scores['count']} test images: top-1 {scores['acc1']:.2f}%  "
-              f"top-5 {scores['acc5']:.2f}%  loss {scores['loss']:.4f}")
+        print(f"accuracy of the network on {scores['images']} test images: {scores['acc1']:.1f}%")  # MAE's line
         return scores
     return fit(run, task, cfg, train_loader, val_loader, Schedule.of_epochs(cfg.epochs, len(train_loader),
                                                                             cfg.accum_iter))

@@ -180,6 +180,9 @@ def check_run_flags(parser: argparse.ArgumentParser, args) -> None:
         raise flag_error("--device", f"must be auto, cpu, cuda or cuda:<index>, got {args.device!r}")
     if args.resume and not os.path.isfile(args.resume):
         raise flag_error("--resume", f"{args.resume!r} is not a file")
+    finetune = getattr(args, "finetune", "")  # add_initialisation_flags'
+    if finetune and not os.path.exists(finetune):
+        raise flag_error("--finetune", f"{finetune!r} is neither a checkpoint file nor an export folder")
     check_allowed_changes(parser, args.allow_flag_changes)
     for name in (n.strip() for n in args.stop_signals.split(",")):
         if name in ("KILL", "STOP") or not isinstance(getattr(signal, "SIG" + name, None), signal.Signals):

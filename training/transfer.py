@@ -1,7 +1,7 @@
 """What the transfer scripts share: the model built for the run from the checkpoint it resumes or from --finetune's
 pre-trained encoder (every transfer script); and for the dense ones (main_segment.py, main_detect.py) the checks of
 their common flags, the lr from --blr, the encoder's dense options, and the model placed on the run's device."""
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -36,15 +36,6 @@ def check_simple_pyramid(args) -> None:
     if args.simple_pyramid and not is_plain_vit(args.model):
         raise flag_error("--simple_pyramid", f"is for a plain ViT; --model {args.model} has its own multi-scale "
                                              f"stages")
-
-
-def scaled_lr(args, world_size: int) -> Tuple[float, str]:
-    """(lr, the line that says how): --lr as given, else blr x total batch / 256."""
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    if args.lr is not None:
-        return args.lr, f"lr = {args.lr:.4g} (given)"
-    lr = args.blr * images_per_step / 256
-    return lr, f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}"
 
 
 def simple_pyramid(args) -> bool:
