@@ -170,18 +170,23 @@ def build_model(cfg: PretrainConfig):
         raise RunError(f"{err} (check --input_size, --block_size, --mask_ratio)") from None
 
 
-def run_pretraining(run: Run, cfg: PretrainConfig) -> None:
-    """The data, the model and its task, then the run's epochs (training.loop.fit)."""
-    print(f"{cfg.batch_size} images x {cfg.num_views} views per process, accum {cfg.accum_iter}, "
-          f"{cfg.images_per_step} unique images per optimizer step")
+def pretrain_loader(run: Run, cfg: PretrainConfig):
+    """The training images (`<data_path>/train`, labels unused), each process's shard, seeded per sample."""
     try:
         dataset = build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.min_crop_scale)
     except FileNotFoundError as err:
         raise RunError(str(err)) from None
     check_dataset_size(len(dataset), cfg.batch_size, cfg.accum_iter, cfg.world_size, f"{cfg.data_path}/train")
     print(f"dataset: {len(dataset)} images in {cfg.data_path}/train")
-    loader = train_loader(dataset, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers,
-                          cfg.pin_mem and run.device.type == "cuda", skip_bad_collate)
+    return train_loader(dataset, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers,
+                        cfg.pin_mem and run.device.type == "cuda", skip_bad_collate)
+
+
+def run_pretraining(run: Run, cfg: PretrainConfig) -> None:
+    """The data, the model and its task, then the run's epochs (training.loop.fit)."""
+    print(f"{cfg.batch_size} images x {cfg.num_views} views per process, accum {cfg.accum_iter}, "
+          f"{cfg.images_per_step} unique images per optimizer step")
+    loader = pretrain_loader(run, cfg)
     schedule = Schedule.of_epochs(cfg.epochs, len(loader), cfg.accum_iter)
 
     model = build_model(cfg).to(run.device)
