@@ -444,3 +444,23 @@ def test_segmentation_step_writes_its_table_with_the_extrapolated_row_into_its_b
     assert "on convvit_base_patch16, `--amp auto`, batch 2 (" in block and "torch " in block
     assert "| 128 x 128 | 0.16 GiB |" in block and "| 192 x 192 |" in block
     assert "| 512 x 512, extrapolated | 2.48 GiB | 1.44 GiB |" in block  # 16 times the pixels of 128 px
+
+
+def test_a_transfer_check_rerun_starts_each_run_afresh_even_with_subfolders(tmp_path):
+    """A previous run's folder (with its bf16 evaluation's subfolder) is cleared, not resumed, and does not crash."""
+    from argparse import Namespace
+    from benchmarks.transfer_check import RUNS, fine_tune_both
+    for name in RUNS:
+        (tmp_path / name / "eval_bf16").mkdir(parents=True)
+        (tmp_path / name / "eval_bf16" / "log.txt").write_text("{}\n")
+        (tmp_path / name / "checkpoint-last.pth").write_text("old")
+
+    def command(out, finetune):
+        record = json.dumps({"finetune": finetune})
+        return [sys.executable, "-c", f"import os; os.makedirs({out!r}, exist_ok=True); "
+                                      f"open(os.path.join({out!r}, 'log.txt'), 'w').write({record!r} + '\\n')"]
+
+    runs = fine_tune_both(Namespace(output_dir=str(tmp_path), pretrained="p.pth"), command)
+    assert runs["pretrained"]["scores"] == {"finetune": "p.pth"} and runs["random_init"]["scores"] == {"finetune": None}
+    for name in RUNS:
+        assert sorted(os.listdir(tmp_path / name)) == ["log.txt"]
