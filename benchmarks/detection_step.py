@@ -28,7 +28,7 @@ COCO_CLASSES = 80
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("memory and speed of the detection training step",
+    p = argparse.ArgumentParser(description="memory and speed of the detection training step",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convvit_base_patch16", help="the encoder")
     p.add_argument("--sizes", default=[1024], type=int, nargs="+", help="crop sizes in pixels")
@@ -113,13 +113,10 @@ def measure_alone(args, size: int) -> dict:
 
 def doc_block(args, rows) -> str:
     """The table of `rows` for the docs, with an extrapolated row when two sizes were measured, and the provenance."""
-    lines = [task_step.TABLE_HEADER] + [task_step.table_row(r, speed_digits=3) for r in rows]
-    if len(rows) >= 2 and args.extrapolate not in args.sizes:
-        row = task_step.table_row(task_step.extrapolated(rows, args.extrapolate))
-        lines.append(row.replace(" |", ", extrapolated |", 1))
+    table = task_step.doc_table(rows, args.sizes, args.extrapolate, speed_digits=3)
     device = step_device(args.device)
     return (f"{args.model}, {COCO_CLASSES} classes, `--amp {args.amp}`, batch {args.batch_size} "
-            f"({provenance(device)}):\n\n" + "\n".join(lines))
+            f"({provenance(device)}):\n\n" + table)
 
 
 def main(argv=None):

@@ -122,6 +122,15 @@ def extrapolated(rows: List[dict], size: int) -> dict:
     return dict(row, size=size, parameters=b["parameters"], fixed_bytes=b["fixed_bytes"])
 
 
+def doc_table(rows: List[dict], sizes: List[int], extrapolate: int, speed_digits: int = 2) -> str:
+    """The markdown table of the measured `rows` for the docs, with a row extrapolated to `extrapolate` px when two
+    sizes were measured and it was not one of them."""
+    lines = [TABLE_HEADER] + [table_row(r, speed_digits=speed_digits) for r in rows]
+    if len(rows) >= 2 and extrapolate not in sizes:
+        lines.append(table_row(extrapolated(rows, extrapolate)).replace(" |", ", extrapolated |", 1))
+    return "\n".join(lines)
+
+
 def print_table(title: str, sizes: Iterable[int], measure_size: Callable[[int], dict],
                 speed_digits: int = 2) -> List[dict]:
     """Measures each size and prints its row of the markdown table as it comes; returns the rows."""

@@ -18,6 +18,7 @@ ENTRY_POINTS = {
     "main_segment": "get_args_parser",
     "main_detect": "get_args_parser",
     "visualize": "get_args_parser",
+    "plot_logs": "parse_args",
     "demo": "parse_args",
     "util.demo_data": "main",
     "util.demo_seg_data": "main",
