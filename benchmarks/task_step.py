@@ -42,7 +42,7 @@ def activation_bytes_per_image(task: Task, prepared: Callable, amp_dtype, device
 
         def forward():
             with autocast_context(device, amp_dtype):
-                return task.loss(inputs, targets)[0]
+                return loss_and_parts(task.loss(inputs, targets))[0]
 
         loss, kept = saved_activation_bytes(task.model, forward)
         del loss

@@ -80,13 +80,27 @@ def test_pretrain_mds_batch_script_requeues_a_job_stopped_while_it_starts(tmp_pa
     env = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
     job = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    signum = getattr(signal, "SIG" + signal_name)
+
+    def catches(pid: int) -> bool:
+        """The process has installed its handler of the signal (a script's first line: training.signals); before
+        that, the interpreter itself is still starting, which no script can cover."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return False
+        return bool(int(mask, 16) >> (signum - 1) & 1)
+
     deadline, step = time.time() + 60, []
     while time.time() < deadline and len(step) < 3:  # until the launcher has started its two training processes
         step = [(launcher, child_pids(launcher)) for launcher in child_pids(job.pid)]
         step = [pid for launcher, workers in step if len(workers) == 2 for pid in [launcher, *workers]]
+        step = step if all(catches(pid) for pid in step) else []
         time.sleep(0.05)
+    assert len(step) == 3, "the launcher and its two training processes did not start within 60 s"
     for pid in step:  # SLURM's --signal without B: every process of the job's steps, not the batch shell
-        os.kill(pid, getattr(signal, "SIG" + signal_name))
+        os.kill(pid, signum)
     output, _ = job.communicate(timeout=120)
     assert job.returncode == 75, output
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
@@ -156,7 +170,7 @@ def parse_as_the_script_does(module_name: str, argv):
     module = importlib.import_module(module_name)
     if module_name == "submitit_pretrain":  # the launcher's flags, then main_pretrain's
         import main_pretrain
-        from util.submitit_launch import parse_args
+        from training.submitit_launch import parse_args
         parse_args(main_pretrain, module_name, argv)
     elif hasattr(module, "get_args_parser"):
         module.get_args_parser().parse_args(argv)
