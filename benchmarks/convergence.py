@@ -38,6 +38,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -84,7 +85,7 @@ FIELDS = ("setting", "config", "seed", "budget", "eval", "compute_s", "wall_s", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD convergence at small scale",
+    p = argparse.ArgumentParser(description="DMJD convergence at small scale",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="runs to compare")
     p.add_argument("--baselines", nargs="+", default=["convmae_pixel", "maskfeat"], choices=list(CONFIGS),
@@ -321,11 +322,13 @@ def build_run(setting: Setting, name: str, device: torch.device):
     pred_ratio = reachable_pred_ratio(cfg["num_views"], setting.mask_ratio)
     model = timm.create_model(setting.model, img_size=setting.input_size, mask_ratio=setting.mask_ratio,
                               pred_ratio=pred_ratio, mask_type=setting.mask_type, **cfg).to(device)
-    task = PretrainTask(model, None, device, momentum_at=lambda progress: cosine_momentum(progress, 0.996, 1.0))
+    task = PretrainTask(model, None, device)
     lr, _ = adaptive_lr(setting.blr, setting.batch_size, pred_ratio, setting.mask_ratio)
     groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    step = TrainStep(model, optimizer, lambda progress: cosine_lr(progress, lr, 0.0, setting.warmup_fraction, 1.0),
+    schedules = {"lr": functools.partial(cosine_lr, base_lr=lr, min_lr=0.0, warmup=setting.warmup_fraction, total=1.0),
+                 "momentum": functools.partial(cosine_momentum, start=0.996, total=1.0)}  # the EMA teacher's
+    step = TrainStep(model, optimizer, schedules,
                      amp_dtype=resolve_amp(setting.amp, device)[1], loss_names=LOSS_NAMES,
                      after_step=task.after_step)
     return model, task, step

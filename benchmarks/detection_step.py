@@ -12,6 +12,7 @@ image (the RoI heads' share depends on the 512 proposals sampled per image, not 
 training loop's round and, on CUDA, the peak memory.
 """
 import argparse
+import multiprocessing
 from functools import partial
 
 import torch
@@ -20,14 +21,14 @@ from benchmarks import task_step
 from benchmarks.doc_block import provenance, rewrite_block
 from benchmarks.task_step import step_device
 from engine_detect import DetectConfig, DetectTask, build_detector, resolve_config
-from models_convvit import conv_weights_channels_last
-from training.flags import detection_parser
+from dmjd_encoders.models_convvit import conv_weights_channels_last
+from main_detect import get_args_parser as detection_parser
 
 COCO_CLASSES = 80
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("memory and speed of the detection training step",
+    p = argparse.ArgumentParser(description="memory and speed of the detection training step",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convvit_base_patch16", help="the encoder")
     p.add_argument("--sizes", default=[1024], type=int, nargs="+", help="crop sizes in pixels")
@@ -59,7 +60,8 @@ def step_config(args, size: int, batch_size: int) -> DetectConfig:
         flags += ["--window_size", str(args.window_size)]
     if args.global_blocks is not None:
         flags += ["--global_blocks", *map(str, args.global_blocks)]
-    return resolve_config(detection_parser().parse_args(flags))[0]
+    parser = detection_parser()
+    return resolve_config(parser.parse_args(flags), parser)[0]
 
 
 def random_batch(size: int, batch_size: int, device: torch.device, instances: int = 8):
@@ -102,21 +104,25 @@ def measure(args, size: int) -> dict:
                              not args.no_flops)
 
 
+def measure_alone(args, size: int) -> dict:
+    """`measure` in a process of its own: the allocator keeps what one size freed (8 GB after 256 px on the CPU), so
+    a larger size measured after it in the same process would need that much more memory than it uses."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, (args, size))
+
+
 def doc_block(args, rows) -> str:
     """The table of `rows` for the docs, with an extrapolated row when two sizes were measured, and the provenance."""
-    lines = [task_step.TABLE_HEADER] + [task_step.table_row(r, speed_digits=3) for r in rows]
-    if len(rows) >= 2 and args.extrapolate not in args.sizes:
-        row = task_step.table_row(task_step.extrapolated(rows, args.extrapolate))
-        lines.append(row.replace(" |", ", extrapolated |", 1))
+    table = task_step.doc_table(rows, args.sizes, args.extrapolate, speed_digits=3)
     device = step_device(args.device)
     return (f"{args.model}, {COCO_CLASSES} classes, `--amp {args.amp}`, batch {args.batch_size} "
-            f"({provenance(device)}):\n\n" + "\n".join(lines))
+            f"({provenance(device)}):\n\n" + table)
 
 
 def main(argv=None):
     args = parse_args(argv)
     rows = task_step.print_table(f"Mask R-CNN with FPN on {args.model}, training step ({COCO_CLASSES} classes)",
-                                 args.sizes, partial(measure, args), speed_digits=3)
+                                 args.sizes, partial(measure_alone, args), speed_digits=3)
     if args.doc:
         rewrite_block(args.doc, "detection_step", doc_block(args, rows))
     return rows

@@ -3,6 +3,8 @@
 in the docs is the one its command printed (`--doc FILE` of the benchmarks that have one)."""
 import datetime
 import os
+import re
+from typing import List
 
 import torch
 
@@ -27,3 +29,11 @@ def rewrite_block(path: str, name: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(content)
     print(f"rewrote the {name} block of {path}")
+
+
+def block_names(path: str) -> List[str]:
+    """The names of the blocks that `path` holds, in order: a command that writes several checks them before it
+    runs, rather than failing at the end."""
+    with open(path) as f:
+        content = f.read()
+    return [name for name in re.findall(r"^<!-- (\w+) -->$", content, re.M) if f"<!-- /{name} -->" in content]

@@ -9,7 +9,14 @@ Without the demo's checkpoint the check says how to make it; with `--pretrain` i
 demo's pre-training stage (the same main_pretrain.py command as demo.py). Both fine-tunings are main_segment.py runs,
 started as the printed commands, so what is checked is the real script. The picture sets image, ground truth and
 both models' predictions side by side for the first validation images.
+
+    python -m benchmarks.segmentation_check --seeds 0 1 2 --picture docs/segmentation_check.png --doc SEGMENT.md
+
+runs the check once per seed (each seed's runs in <output_dir>/seed<N>) and writes the figures of every seed, their
+mean and range, and the first seed's per-class IoU into SEGMENT.md's segmentation_check block, with the machine and
+torch they were made with.
 """
+import argparse
 import os
 import sys
 import time
@@ -20,14 +27,16 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import models_convvit  # noqa: E402,F401  (registers the encoders)
+import dmjd_encoders  # noqa: E402,F401  (registers the encoders)
+from benchmarks.doc_block import block_names, provenance, rewrite_block  # noqa: E402
 from benchmarks.transfer_check import (RUNS, check_parser, ensure_pretrained, fine_tune_both,  # noqa: E402
                                        prepared_data, report, saved_config, write_summary)
 from engine_segment import SegmentConfig, build_segmenter  # noqa: E402
-from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
-from training.flags import segmentation_parser  # noqa: E402
+from dmjd_encoders.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
+from main_segment import get_args_parser as segmentation_parser  # noqa: E402
 from util.demo_commands import CLASSIFIER, shown  # noqa: E402
 from util.demo_seg_data import SEG_CLASS_NAMES, prepare_fashion_mnist_seg  # noqa: E402
+from util.misc import resolve_device  # noqa: E402
 from util.seg_datasets import SegEvalTransform, SegmentationFolder  # noqa: E402
 from util.visualization import segmentation_figure  # noqa: E402
 
@@ -41,7 +50,16 @@ def parse_args(argv=None):
                                                                     "classes at 512 px)")
     p.add_argument("--aux_channels", default=32, type=int, help="auxiliary head width")
     p.add_argument("--num_images", default=6, type=int, help="validation images in the picture")
-    return p.parse_args(argv)
+    p.add_argument("--seeds", default=None, type=int, nargs="+",
+                   help="run the check once per seed, each seed's runs in <output_dir>/seed<N> (none: --seed alone, "
+                        "in <output_dir>); the picture is the first seed's")
+    p.add_argument("--doc", default=None, help="a markdown file whose segmentation_check block gets the figures of "
+                                               "every seed (SEGMENT.md)")
+    args = p.parse_args(argv)
+    if args.doc and "segmentation_check" not in (block_names(args.doc) if os.path.isfile(args.doc) else []):
+        p.error(f"--doc {args.doc}: no segmentation_check block in it (the lines <!-- segmentation_check --> and "
+                f"<!-- /segmentation_check -->)")  # said now, not after the runs
+    return args
 
 
 def segment_command(args, data: str, output_dir: str, finetune: str = None):
@@ -87,14 +105,13 @@ def picture(data: str, runs: dict, num_images: int, path: str) -> None:
     Image.fromarray(figure).save(path)
 
 
-def main(args):
+def check_seed(args, data: str, picture_path: str) -> dict:
+    """Both fine-tunings at `args.seed` into `args.output_dir`, their picture, summary and report; the summary."""
     start = time.time()
     torch.manual_seed(args.seed)
-    ensure_pretrained(args)
-    data = prepared_data(prepare_fashion_mnist_seg, args)
     runs = fine_tune_both(args, lambda out, finetune: segment_command(args, data, out, finetune))
-    path = args.picture or os.path.join(args.output_dir, "predictions.png")
-    picture(data, {name: r["dir"] for name, r in runs.items()}, args.num_images, path)
+    if picture_path:
+        picture(data, {name: r["dir"] for name, r in runs.items()}, args.num_images, picture_path)
     summary = {name: {"mIoU": r["scores"]["test_mIoU"], "mAcc": r["scores"]["test_mAcc"],
                       "aAcc": r["scores"]["test_aAcc"], "IoU": r["scores"]["test_IoU"], "minutes": r["seconds"] / 60}
                for name, r in runs.items()}
@@ -102,8 +119,63 @@ def main(args):
     lines = {name: f"mIoU {s['mIoU']:.2f}  mAcc {s['mAcc']:.2f}  aAcc {s['aAcc']:.2f}" for name, s in summary.items()}
     gain = summary["pretrained"]["mIoU"] - summary["random_init"]["mIoU"]
     report(f"UperNet on {CLASSIFIER}, {args.iters} iterations of {args.batch_size} images, {args.num_val} validation "
-           f"canvases ({len(SEG_CLASS_NAMES)} classes):", lines, summary, f"{gain:+.2f} mIoU", path, start)
+           f"canvases ({len(SEG_CLASS_NAMES)} classes), seed {args.seed}:", lines, summary, f"{gain:+.2f} mIoU",
+           picture_path or "none", start)
     return summary
+
+
+def doc_block(args, summaries: dict, minutes: float) -> str:
+    """The figures of every seed as SEGMENT.md shows them: mIoU per seed with mean and range, mAcc, aAcc and minutes
+    per seed, and the first seed's per-class IoU."""
+    seeds = list(summaries)
+
+    def row(label, values, digits=2, sign=""):
+        spread = f"{min(values):{sign}.1f} - {max(values):{sign}.1f}"
+        return (f"| {label} | " + " | ".join(f"{v:{sign}.{digits}f}" for v in values) +
+                f" | **{sum(values) / len(values):{sign}.1f}** | {spread} |")
+
+    def pair(key, seed, digits=2):
+        return f"{summaries[seed]['pretrained'][key]:.{digits}f} / {summaries[seed]['random_init'][key]:.{digits}f}"
+
+    mious = {name: [summaries[seed][name]["mIoU"] for seed in seeds] for name in RUNS}
+    gains = [a - b for a, b in zip(mious["pretrained"], mious["random_init"])]
+    head = " | ".join(f"seed {seed}" for seed in seeds)
+    lines = [f"| | {head} | mean | range |", "|---" * (len(seeds) + 3) + "|",
+             row("mIoU, DMJD pre-trained (the demo's checkpoint)", mious["pretrained"]),
+             row("mIoU, randomly initialised", mious["random_init"]),
+             row("pre-trained minus random", gains, digits=1, sign="+")]
+    for key in ("mAcc", "aAcc"):
+        lines.append(f"| {key}, pre-trained / random | " + " | ".join(pair(key, seed) for seed in seeds) + " | | |")
+    lines.append("| minutes per run, pre-trained / random | " +
+                 " | ".join(pair("minutes", seed, 1) for seed in seeds) + " | | |")
+    first = summaries[seeds[0]]
+    per_class = [f"| IoU at seed {seeds[0]} | " + " | ".join(RUNS.values()) + " |", "|---|---|---|"]
+    for name in SEG_CLASS_NAMES:
+        cells = [first[run]["IoU"].get(name) for run in RUNS]
+        per_class.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    wins = sum(g > 0 for g in gains)
+    return (f"{args.iters} iterations of {args.batch_size} images, {args.num_val} validation canvases, seeds "
+            f"{', '.join(map(str, seeds))} ({provenance(resolve_device(args.device))}; the whole check "
+            f"{minutes:.0f} minutes):\n\n" +
+            "\n".join(lines) + f"\n\nThe pre-trained encoder wins at {wins} of {len(seeds)} seeds, by "
+            f"{sum(gains) / len(gains):+.1f} mIoU on average. Per class:\n\n" + "\n".join(per_class))
+
+
+def main(args):
+    """Returns the summary of each seed's runs ({seed: summary})."""
+    start = time.time()
+    ensure_pretrained(args)
+    data = prepared_data(prepare_fashion_mnist_seg, args)
+    seeds = args.seeds or [args.seed]
+    summaries = {}
+    for index, seed in enumerate(seeds):
+        output_dir = args.output_dir if args.seeds is None else os.path.join(args.output_dir, f"seed{seed}")
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed, "output_dir": output_dir})
+        path = os.path.join(output_dir, "predictions.png") if index or not args.picture else args.picture
+        summaries[seed] = check_seed(seed_args, data, path)
+    if args.doc:
+        rewrite_block(args.doc, "segmentation_check", doc_block(args, summaries, (time.time() - start) / 60))
+    return summaries
 
 
 if __name__ == "__main__":

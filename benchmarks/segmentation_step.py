@@ -3,11 +3,13 @@ and trained exactly as main_segment.py does (its flags, model, optimizer and tra
 
     python -m benchmarks.segmentation_step --device cuda --amp bf16            # a GPU: the recipe's step
     python -m benchmarks.segmentation_step --sizes 256 512 --steps 2            # this CPU
+    python -m benchmarks.segmentation_step --sizes 128 192 256 --steps 3 --device cpu --doc SEGMENT.md
 
 For each crop size, the figures of benchmarks.task_step on engine_segment.SegmentTask (TrainStep: autocast, AdamW
 with layer decay, the poly lr) and random crops already on the device: activation memory per image (from a batch of 2
 to a batch of 3: BatchNorm's 1 x 1 pooling branch needs two images), weights + gradients + AdamW, FLOPs per image,
-images/s of the training loop's round and, on CUDA, the peak memory.
+images/s of the training loop's round and, on CUDA, the peak memory. `--doc FILE` writes the table, with a row
+extrapolated to --extrapolate px from the measured sizes, into the file's segmentation_step block.
 """
 import argparse
 from functools import partial
@@ -15,13 +17,14 @@ from functools import partial
 import torch
 
 from benchmarks import task_step
+from benchmarks.doc_block import provenance, rewrite_block
 from benchmarks.task_step import step_device
 from engine_segment import SegmentTask, build_segmenter, resolve_config
-from models_convvit import conv_weights_channels_last
-from training.flags import segmentation_parser
+from dmjd_encoders.models_convvit import conv_weights_channels_last
+from main_segment import get_args_parser as segmentation_parser
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("memory and speed of the segmentation training step",
+    p = argparse.ArgumentParser(description="memory and speed of the segmentation training step",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convvit_base_patch16", help="the encoder")
     p.add_argument("--sizes", default=[512], type=int, nargs="+", help="crop sizes in pixels")
@@ -33,6 +36,10 @@ def parse_args(argv=None):
                    help="autocast dtype of the timed step (auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--steps", default=5, type=int, help="timed steps (after one warm-up step); 0: memory only")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count (a forward and backward at batch 1)")
+    p.add_argument("--doc", default=None,
+                   help="a markdown file whose segmentation_step block gets the table, with a row extrapolated to "
+                        "--extrapolate px from the first two sizes (SEGMENT.md)")
+    p.add_argument("--extrapolate", default=512, type=int, help="the crop size of the extrapolated row")
     return p.parse_args(argv)
 
 
@@ -42,7 +49,8 @@ def step_config(args, size: int, batch_size: int, steps: int):
              "--decoder_channels", str(args.decoder_channels), "--nb_classes", str(args.nb_classes),
              "--device", args.device, "--amp", args.amp, "--iters", str(max(steps, 1)),
              "--eval_interval", str(max(steps, 1)), "--warmup_iters", "0", "--print_freq", str(10 ** 6)]
-    return resolve_config(segmentation_parser().parse_args(flags))[0]
+    parser = segmentation_parser()
+    return resolve_config(parser.parse_args(flags), parser)[0]
 
 
 def random_batch(cfg, batch_size: int, device: torch.device):
@@ -61,10 +69,20 @@ def measure(args, size: int) -> dict:
     return task_step.measure(task, cfg, size, batch, batch, device, args.steps, not args.no_flops)
 
 
+def doc_block(args, rows) -> str:
+    """The table of `rows` for the docs, with the provenance."""
+    return (f"UperNet ({args.decoder_channels} channels, {args.nb_classes} classes) on {args.model}, `--amp "
+            f"{args.amp}`, batch {args.batch_size} ({provenance(step_device(args.device))}):\n\n" +
+            task_step.doc_table(rows, args.sizes, args.extrapolate))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    return task_step.print_table(f"UperNet ({args.decoder_channels} channels, {args.nb_classes} classes) on "
+    rows = task_step.print_table(f"UperNet ({args.decoder_channels} channels, {args.nb_classes} classes) on "
                                  f"{args.model}, training step", args.sizes, partial(measure, args))
+    if args.doc:
+        rewrite_block(args.doc, "segmentation_step", doc_block(args, rows))
+    return rows
 
 
 if __name__ == "__main__":

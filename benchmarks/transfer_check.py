@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -21,7 +22,7 @@ RUNS = {"pretrained": "DMJD pre-trained", "random_init": "random init"}
 
 def check_parser(description: str, data: str, output_dir: str) -> argparse.ArgumentParser:
     """The flags every check has; a check adds its model's own."""
-    p = argparse.ArgumentParser(description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained", default=os.path.join("output_dir", "demo", "pretrain", "checkpoint-last.pth"),
                    help="the demo's DMJD pre-training checkpoint (made by `python demo.py`)")
     p.add_argument("--pretrain", action="store_true",
@@ -89,9 +90,8 @@ def fine_tune_both(args, command: Callable[[str, Optional[str]], List[str]]) -> 
     runs = {}
     for name in RUNS:
         out = os.path.join(args.output_dir, name)
-        if os.path.isdir(out):
-            for entry in os.listdir(out):
-                os.remove(os.path.join(out, entry))
+        if os.path.isdir(out):  # the benchmark's own folder, subfolders too (a bf16 evaluation's)
+            shutil.rmtree(out)
         seconds = run(command(out, args.pretrained if name == "pretrained" else None))
         runs[name] = {"dir": out, "seconds": seconds, "scores": last_scores(out)}
     return runs

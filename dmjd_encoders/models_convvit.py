@@ -1066,6 +1066,14 @@ def transformer_depth(name: str) -> int:
     return arch["depth"][2] if model_cls is ConvViT else arch["depth"]
 
 
+def encoder_stride(name: str) -> int:
+    """The pixels of one token's side of the registered encoder `name` (a former name, or a pre-training model of
+    ENCODER_OF: its encoder's): the multiple that its input sizes must be."""
+    name = ENCODER_OF.get(name, name)
+    name = timm.models.get_deprecated_models(TIMM_MODULE).get(name, name)
+    return _stride(*ENCODER_ARCHS[name])
+
+
 def check_classifier_name(name: str) -> None:
     """Raises UnknownModelError unless --model names an encoder of this module; a former name works, with a note of
     the new one."""

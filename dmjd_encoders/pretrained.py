@@ -9,7 +9,7 @@ cannot be used raises, and the scripts turn PretrainedWeightsError into their `e
 import contextlib
 import logging
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import timm
 import torch
@@ -24,8 +24,9 @@ _logger = logging.getLogger(__package__ + ".checkpoint")
 
 __all__ = ["PretrainedWeightsError", "ArchitectureMismatch", "PRETRAIN_ONLY_PREFIXES", "SEGMENTER_ENCODER_PREFIX",
            "FRESH_KEYS", "is_fresh", "has_class_token", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
-           "saved_args", "saved_model", "export_architecture", "load_pretrained", "architecture_kwargs", "check_encoder_loaded",
-           "checkpoint_filter_fn", "check_pretrained_flag", "encoder_layout", "load_encoder", "without_class_token"]
+           "saved_args", "saved_model", "CheckpointOrigin", "checkpoint_origin", "export_architecture",
+           "load_pretrained", "architecture_kwargs", "check_encoder_loaded", "checkpoint_filter_fn",
+           "check_pretrained_flag", "encoder_layout", "load_encoder", "without_class_token"]
 
 
 class PretrainedWeightsError(ValueError):
@@ -152,6 +153,38 @@ def saved_model(checkpoint) -> Optional[str]:
     return model if isinstance(model, str) else None
 
 
+class CheckpointOrigin(NamedTuple):
+    """The training script that wrote a checkpoint, what its runs are called, and whether its weights hold an encoder
+    that --finetune takes (pre-training, fine-tuning, probing: `encoder.*` or the classifier's own keys) or one built
+    into a dense model with its own options (segmentation's UperNet, detection's Mask R-CNN)."""
+    script: str
+    task: str
+    holds_encoder: bool
+
+    def __str__(self) -> str:
+        return f"a {self.task} checkpoint, from {self.script}"
+
+
+# Every training script saves its resolved flags in its checkpoints (`args`); a flag that only one script has tells
+# which wrote them. In this order: pre-training's --min_crop_scale is also the probe's (probes saved before
+# --probe_features have only that), so pre-training is told apart first.
+CHECKPOINT_ORIGINS = (
+    (("rois_per_image", "recipe"), CheckpointOrigin("main_detect.py", "detection", False)),
+    (("decoder_channels",), CheckpointOrigin("main_segment.py", "segmentation", False)),
+    (("mask_ratio", "num_views"), CheckpointOrigin("main_pretrain.py", "pre-training", True)),
+    (("smoothing", "mixup"), CheckpointOrigin("main_finetune.py", "fine-tuning", True)),
+    (("probe_features", "min_crop_scale"), CheckpointOrigin("main_linprobe.py", "linear-probing", True)),
+)
+
+
+def checkpoint_origin(args) -> Optional[CheckpointOrigin]:
+    """Which training script wrote a checkpoint whose saved flags are `args` (a dict, or None); None for flags of no
+    script (a checkpoint without them: the authors' release, MAE's, an export)."""
+    if not isinstance(args, dict):
+        return None
+    return next((origin for flags, origin in CHECKPOINT_ORIGINS if any(name in args for name in flags)), None)
+
+
 def export_architecture(checkpoint: dict) -> Optional[str]:
     """The registered encoder an export holds, as its config.json names it (load_checkpoint's "config"); None for
     any other checkpoint."""
@@ -263,23 +296,52 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 # The scripts' --finetune: the same loading, its failures as PretrainedWeightsError naming the flag.
 
 def check_pretrained_flag(path: str) -> None:
-    """--finetune, when given, must name something to load (a checkpoint file or an export folder)."""
+    """--finetune, when given, must name something to load (a checkpoint file or an export folder), and not a
+    segmentation or detection checkpoint: their encoders were trained inside the dense model with its options
+    (relative positions, layer scales, windows), which a classifier or a fresh dense model would leave out; such a
+    run is continued with its own script's --resume."""
     if path and not os.path.exists(path):
         raise PretrainedWeightsError(f"--finetune {path!r} is neither a checkpoint file nor an export folder")
+    args = saved_args(path) if path and os.path.isfile(path) else None
+    origin = checkpoint_origin(args)
+    if origin is not None and not origin.holds_encoder:
+        started_from = args.get("finetune")
+        raise PretrainedWeightsError(
+            f"--finetune {path} is {origin}: its encoder was trained inside the {origin.task} model, and --finetune "
+            f"takes a pre-trained encoder (a pre-training, fine-tuning or linear-probing checkpoint, or an export). "
+            f"Continue that run with {origin.script} --resume {path}" +
+            (f", or start from the checkpoint it started from, --finetune {started_from}" if started_from else ""))
+
+
+def _origin_hint(path: str, model: Optional[torch.nn.Module]) -> str:
+    """What a --finetune checkpoint that does not fit says about itself: the script that wrote it, and which --model
+    takes its encoder when that is not `model`'s (or, for a classifier fine-tuned with --global_pool, that its final
+    norm is gone)."""
+    from .models_convvit import ENCODER_OF  # here, not at the top: models_convvit imports this module
+    args = saved_args(path) or {}
+    origin, trained_as = checkpoint_origin(args), args.get("model")
+    trained_as = trained_as if isinstance(trained_as, str) else None
+    encoder = ENCODER_OF.get(trained_as, trained_as)
+    said = [f"it is {origin}"] if origin else []
+    if trained_as and encoder != (getattr(model, "pretrained_cfg", None) or {}).get("architecture"):
+        said.append(f"it holds the encoder of {trained_as!r}: fine-tune or probe it with --model {encoder}")
+    elif origin is not None and origin.task == "fine-tuning" and args.get("global_pool"):
+        # such a classifier pools its tokens, then applies fc_norm: the pre-trained final norm is not in it
+        said.append("fine-tuned with --global_pool, its final norm gave way to fc_norm" +
+                    (f": start from the checkpoint it was fine-tuned from, --finetune {args['finetune']}"
+                     if args.get("finetune") else ""))
+    text = "; ".join(said)
+    return f" {text[:1].upper()}{text[1:]}." if text else ""
 
 
 @contextlib.contextmanager
-def _pretrained_errors(path: str):
-    """A --finetune checkpoint that cannot be read, or does not fit, raises PretrainedWeightsError saying why, and
-    which --model fits it when the checkpoint says what it was trained as."""
+def _pretrained_errors(path: str, model: Optional[torch.nn.Module] = None):
+    """A --finetune checkpoint that cannot be read, or does not fit `model`, raises PretrainedWeightsError saying why,
+    which script wrote it, and which --model fits it when the checkpoint says what it was trained as."""
     try:
         yield
     except (ArchitectureMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
-        from .models_convvit import ENCODER_OF  # here, not at the top: models_convvit imports this module
-        trained_as = saved_model(path)
-        hint = (f" It holds the encoder of {trained_as!r}: fine-tune or probe it with --model "
-                f"{ENCODER_OF.get(trained_as, trained_as)}." if trained_as else "")
-        raise PretrainedWeightsError(f"--finetune {err}{hint}") from None
+        raise PretrainedWeightsError(f"--finetune {err}{_origin_hint(path, model)}") from None
 
 
 def encoder_layout(path: str, key: str = "model") -> dict:
@@ -293,6 +355,6 @@ def load_encoder(model: torch.nn.Module, path: str, key: str = "model",
                  allowed_missing=FRESH_KEYS["classifier"], drop_class_token: bool = False) -> None:
     """--finetune's encoder weights into `model`, every one but the `allowed_missing` (one of FRESH_KEYS) that start
     fresh (`drop_class_token`: see load_pretrained); see `_pretrained_errors` for a checkpoint that does not fit."""
-    with _pretrained_errors(path):
+    with _pretrained_errors(path, model):
         missing, unexpected = load_pretrained(model, path, key, drop_class_token)
         check_encoder_loaded(missing, unexpected, path, allowed_missing)

@@ -599,3 +599,117 @@ def test_the_compute_clock_counts_the_processs_cpu_time_not_time_spent_waiting()
         pass
     clock.stop()
     assert clock.compute >= 0.05
+
+
+def test_a_benchmark_rewrites_its_block_of_a_doc_and_nothing_else(tmp_path):
+    from benchmarks.doc_block import rewrite_block
+    doc = tmp_path / "DOC.md"
+    doc.write_text("before\n<!-- figures -->\nold table\n<!-- /figures -->\nafter\n")
+    rewrite_block(str(doc), "figures", "| a | b |\n")
+    assert doc.read_text() == "before\n<!-- figures -->\n| a | b |\n<!-- /figures -->\nafter\n"
+    with pytest.raises(ValueError, match="no block to rewrite: it needs the lines <!-- other -->"):
+        rewrite_block(str(doc), "other", "x")
+
+
+def test_the_extrapolated_row_is_the_line_through_two_sizes_in_pixels():
+    from benchmarks.task_step import extrapolated
+    rows = [{"size": 100, "parameters": 5, "fixed_bytes": 80, "activation_bytes_per_image_none": 1.0,
+             "activation_bytes_per_image_bf16": 0.5, "gflops_forward": 10.0, "gflops_forward_backward": 30.0},
+            {"size": 200, "parameters": 5, "fixed_bytes": 80, "activation_bytes_per_image_none": 4.0,
+             "activation_bytes_per_image_bf16": 2.0, "gflops_forward": 40.0, "gflops_forward_backward": 120.0}]
+    row = extrapolated(rows, 300)  # 9 units of pixels: 1 + (9 - 1) / (4 - 1) x 3
+    assert row["activation_bytes_per_image_none"] == pytest.approx(9.0) and row["gflops_forward"] == pytest.approx(90)
+    assert row["fixed_bytes"] == 80 and "images_per_s" not in row
+
+
+def segmentation_summary(gain: float) -> dict:
+    from util.demo_seg_data import SEG_CLASS_NAMES
+    iou = {name: 10.0 + i for i, name in enumerate(SEG_CLASS_NAMES)}
+    return {"pretrained": {"mIoU": 15.0 + gain, "mAcc": 30.33, "aAcc": 78.24, "IoU": {**iou, "dress": None},
+                           "minutes": 1.94},
+            "random_init": {"mIoU": 15.0, "mAcc": 23.97, "aAcc": 76.87, "IoU": iou, "minutes": 1.81}}
+
+
+def test_segmentation_check_writes_every_seed_into_its_block_of_a_doc(tmp_path, monkeypatch):
+    """`--seeds 0 1 2 --doc` on a copy of SEGMENT.md, the fine-tunings stood in for by made-up summaries: each seed's
+    runs go into a folder of their own, and the block gets every seed's figures, their mean and range and the
+    first seed's per-class IoU, with the machine and torch; the rest of the doc stays."""
+    from benchmarks import segmentation_check as check
+    doc = tmp_path / "SEGMENT.md"
+    doc.write_text((ROOT / "SEGMENT.md").read_text())
+    seen = []
+
+    def check_seed(args, data, picture):
+        seen.append((args.seed, args.output_dir, picture))
+        return segmentation_summary({0: 2.5, 1: 1.3, 2: -0.4}[args.seed])
+
+    monkeypatch.setattr(check, "ensure_pretrained", lambda args: None)
+    monkeypatch.setattr(check, "prepared_data", lambda prepare, args: str(tmp_path / "data"))
+    monkeypatch.setattr(check, "check_seed", check_seed)
+    out = tmp_path / "out"
+    check.main(check.parse_args(["--seeds", "0", "1", "2", "--doc", str(doc), "--output_dir", str(out),
+                                 "--picture", str(tmp_path / "seg.png"), "--device", "cpu"]))
+    assert seen == [(0, str(out / "seed0"), str(tmp_path / "seg.png")),
+                    (1, str(out / "seed1"), str(out / "seed1" / "predictions.png")),
+                    (2, str(out / "seed2"), str(out / "seed2" / "predictions.png"))]
+    text = doc.read_text()
+    block = text.split("<!-- segmentation_check -->\n", 1)[1].split("<!-- /segmentation_check -->", 1)[0]
+    assert "seeds 0, 1, 2 (" in block and f"torch {torch.__version__.split('+')[0]}" in block
+    assert ("| mIoU, DMJD pre-trained (the demo's checkpoint) | 17.50 | 16.30 | 14.60 | **16.1** | 14.6 - 17.5 |"
+            in block)
+    assert "| pre-trained minus random | +2.5 | +1.3 | -0.4 | **+1.1** | -0.4 - +2.5 |" in block
+    assert "| minutes per run, pre-trained / random | 1.9 / 1.8 | 1.9 / 1.8 | 1.9 / 1.8 | | |" in block
+    assert "wins at 2 of 3 seeds" in block and "| dress | - | 14.0 |" in block
+    original = (ROOT / "SEGMENT.md").read_text()
+    assert text.replace(block, "") == original.replace(
+        original.split("<!-- segmentation_check -->\n", 1)[1].split("<!-- /segmentation_check -->", 1)[0], "")
+
+
+def test_a_doc_without_the_block_is_refused_before_the_check_runs(tmp_path):
+    from benchmarks import segmentation_check
+    (tmp_path / "NOTES.md").write_text("no block\n")
+    with pytest.raises(SystemExit):
+        segmentation_check.parse_args(["--doc", str(tmp_path / "NOTES.md")])
+
+
+def test_segmentation_step_writes_its_table_with_the_extrapolated_row_into_its_block(tmp_path, monkeypatch):
+    """`--doc` on a copy of SEGMENT.md, the measurement stood in for by rows that grow with the pixels: the block
+    gets the measured rows and the row at 512 px on the line through them, with the machine and torch."""
+    from benchmarks import segmentation_step
+    doc = tmp_path / "SEGMENT.md"
+    doc.write_text((ROOT / "SEGMENT.md").read_text())
+
+    def measure(args, size):
+        pixels = (size / 128) ** 2
+        return {"size": size, "parameters": 163e6, "fixed_bytes": 16 * 163e6,
+                "activation_bytes_per_image_none": 159 * 2 ** 20 * pixels,
+                "activation_bytes_per_image_bf16": 92 * 2 ** 20 * pixels, "gflops_forward": 78.0 * pixels,
+                "gflops_forward_backward": 240.0 * pixels, "amp": "none", "batch_size": 2,
+                "images_per_s": 0.58 / pixels}
+
+    monkeypatch.setattr(segmentation_step, "measure", measure)
+    segmentation_step.main(["--sizes", "128", "192", "--device", "cpu", "--doc", str(doc)])
+    block = doc.read_text().split("<!-- segmentation_step -->\n", 1)[1].split("<!-- /segmentation_step -->", 1)[0]
+    assert "on convvit_base_patch16, `--amp auto`, batch 2 (" in block and "torch " in block
+    assert "| 128 x 128 | 0.16 GiB |" in block and "| 192 x 192 |" in block
+    assert "| 512 x 512, extrapolated | 2.48 GiB | 1.44 GiB |" in block  # 16 times the pixels of 128 px
+
+
+def test_a_transfer_check_rerun_starts_each_run_afresh_even_with_subfolders(tmp_path):
+    """A previous run's folder (with its bf16 evaluation's subfolder) is cleared, not resumed, and does not crash."""
+    from argparse import Namespace
+    from benchmarks.transfer_check import RUNS, fine_tune_both
+    for name in RUNS:
+        (tmp_path / name / "eval_bf16").mkdir(parents=True)
+        (tmp_path / name / "eval_bf16" / "log.txt").write_text("{}\n")
+        (tmp_path / name / "checkpoint-last.pth").write_text("old")
+
+    def command(out, finetune):
+        record = json.dumps({"finetune": finetune})
+        return [sys.executable, "-c", f"import os; os.makedirs({out!r}, exist_ok=True); "
+                                      f"open(os.path.join({out!r}, 'log.txt'), 'w').write({record!r} + '\\n')"]
+
+    runs = fine_tune_both(Namespace(output_dir=str(tmp_path), pretrained="p.pth"), command)
+    assert runs["pretrained"]["scores"] == {"finetune": "p.pth"} and runs["random_init"]["scores"] == {"finetune": None}
+    for name in RUNS:
+        assert sorted(os.listdir(tmp_path / name)) == ["log.txt"]

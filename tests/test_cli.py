@@ -16,7 +16,9 @@ ENTRY_POINTS = {
     "main_finetune": "get_args_parser",
     "main_linprobe": "get_args_parser",
     "main_segment": "get_args_parser",
+    "main_detect": "get_args_parser",
     "visualize": "get_args_parser",
+    "plot_logs": "parse_args",
     "demo": "parse_args",
     "util.demo_data": "main",
     "util.demo_seg_data": "main",
@@ -69,7 +71,7 @@ def test_help_describes_every_option_and_shows_its_default(module_name, monkeypa
 
 
 def test_submitit_launcher_help_shows_defaults():
-    from util.submitit_launch import launcher_parser
+    from training.submitit_launch import launcher_parser
     parser = launcher_parser("test")
     assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     assert all(a.help for a in parser._actions)
@@ -96,13 +98,84 @@ def test_help_answers_before_torch_is_imported(script):
 @pytest.mark.parametrize("script, layout", [("main_pretrain.py", "no 'train/' folder"),
                                             ("main_finetune.py", "no 'train/' folder"),
                                             ("main_linprobe.py", "no 'train/' folder"),
-                                            ("main_segment.py", "no 'images/training/' folder")])
+                                            ("main_segment.py", "no 'images/training/' folder"),
+                                            ("main_detect.py", "is not a file: expected COCO's instance annotations")])
 def test_a_wrong_data_path_is_named_before_torch_and_before_any_output(script, layout, tmp_path):
     (tmp_path / "data").mkdir()
     out = tmp_path / "out"
-    for data, message in ((tmp_path / "missing", "is not a folder"), (tmp_path / "data", layout)):
+    missing = "is not a file" if script == "main_detect.py" else "is not a folder"
+    for data, message in ((tmp_path / "missing", missing), (tmp_path / "data", layout)):
         proc = run_without_torch(script, "--data_path", str(data), "--output_dir", str(out))
+        # detection names the file under --data_path that it reads first
+        named = data / "annotations" / "instances_train2017.json" if script == "main_detect.py" else data
         assert proc.returncode == 1
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line: no config dump, no traceback
-        assert proc.stderr.startswith(f"error: --data_path {str(data)!r} ") and message in proc.stderr
+        assert proc.stderr.startswith(f"error: --data_path {str(named)!r} ") and message in proc.stderr
         assert not out.exists()
+
+
+ALL_TRAINING_SCRIPTS = TRAINING_SCRIPTS + ["main_detect.py"]
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("main_pretrain.py", ["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1.0"),
+    ("main_finetune.py", ["--smoothing", "1.5"], "--smoothing must be in [0, 1), got 1.5"),
+    ("main_finetune.py", ["--drop_path", "1.5"], "--drop_path must be in [0, 1), got 1.5"),
+    ("main_linprobe.py", ["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1.0"),
+    ("main_segment.py", ["--drop_path", "1"], "--drop_path must be in [0, 1), got 1.0"),
+    ("main_detect.py", ["--layer_decay", "0"], "--layer_decay must be in (0, 1], got 0.0"),
+    *[(script, ["--allow_flag_changes", "lr,bogus"], "--allow_flag_changes 'bogus' is not a flag of this script")
+      for script in ALL_TRAINING_SCRIPTS],
+])
+def test_a_flag_out_of_its_range_or_an_unknown_allowed_change_is_named_before_torch_and_before_the_data(
+        script, flags, message, tmp_path):
+    out = tmp_path / "out"
+    proc = run_without_torch(script, *flags, "--data_path", str(tmp_path / "missing"), "--output_dir", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line: no traceback
+    assert proc.stderr.startswith(f"error: {message}")  # the flag, not the missing --data_path checked after it
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ALL_TRAINING_SCRIPTS)
+@pytest.mark.parametrize("name, message", [("--resume", "is not a file"),
+                                           ("--finetune", "is neither a checkpoint file nor an export folder")])
+def test_a_missing_checkpoint_is_named_before_torch_and_before_the_data(script, name, message, tmp_path):
+    if name == "--finetune" and script == "main_pretrain.py":
+        pytest.skip("pre-training starts from scratch: it has no --finetune")
+    out, gone = tmp_path / "out", str(tmp_path / "gone.pth")
+    proc = run_without_torch(script, name, gone, "--data_path", str(tmp_path / "missing"), "--output_dir", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {name} {gone!r} {message}"  # one line, before the missing --data_path
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script, model, stride, sizes", [
+    ("main_pretrain", "dmjd_convit_mini_patch8_hog", 8, "56 or 64"),
+    ("main_finetune", "convvit_tiny_patch16", 16, "48 or 64"),
+    ("main_linprobe", "vit_test_patch16_gap_sincos", 16, "48 or 64"),
+    ("main_segment", "convvit_tiny_patch16", 16, "48 or 64"),
+    ("main_detect", "vit_test_patch16_gap_sincos", 16, "48 or 64"),
+])
+def test_an_input_size_off_the_models_stride_is_an_error_line_before_any_output(script, model, stride, sizes,
+                                                                               tmp_path):
+    module = importlib.import_module(script)
+    out = tmp_path / "out"
+    args = module.get_args_parser().parse_args(["--model", model, "--input_size", "60", "--device", "cpu",
+                                                "--output_dir", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        module.main(args)
+    assert str(stop.value) == (f"error: --input_size 60 must be divisible by the model's stride, {stride} for --model "
+                               f"{model} (e.g. {sizes})")
+    assert not out.exists()
+
+
+def test_fine_tuning_at_an_input_size_off_the_stride_prints_one_error_line_not_a_traceback(image_folder, tmp_path):
+    data = image_folder("cli_input_size", {"train": 1, "val": 1})
+    proc = subprocess.run([sys.executable, "main_finetune.py", "--model", "convvit_tiny_patch16", "--input_size", "60",
+                           "--device", "cpu", "--data_path", str(data), "--output_dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: --input_size 60 must be divisible by the model's stride, 16 for --model "
+                                   "convvit_tiny_patch16 (e.g. 48 or 64)")
+    assert not (tmp_path / "out").exists()

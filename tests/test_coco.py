@@ -34,6 +34,21 @@ def annotation(id, image_id, category_id, bbox, segmentation=None, iscrowd=0):
             "area": float(bbox[2] * bbox[3])}
 
 
+MISSING = object()  # `a_cat`'s value for a field left out
+
+
+def a_cat(id, **fields):
+    """Annotation `id`: a cat in image 1 (the polygon SQUARE in the box [2, 2, 8, 8]), with `fields` set, or left out
+    where MISSING."""
+    entry = annotation(id, 1, 3, [2, 2, 8, 8])
+    for field, value in fields.items():
+        if value is MISSING:
+            del entry[field]
+        else:
+            entry[field] = value
+    return entry
+
+
 def write_coco(root, split="val", annotations=None, sizes=((16, 20), (16, 20), (16, 20)), edit=None):
     """COCO 2017's layout under `root` with images 1.. of `sizes` (height, width) and categories 3 ("cat") and 7
     ("dog"); by default image 1 holds a polygon cat and an RLE dog, image 2 only a crowd, image 3 nothing. `edit`
@@ -220,15 +235,9 @@ def assert_skipped(tmp_path, bad, reasons):
 
 
 def test_annotations_with_a_missing_or_non_numeric_box_are_skipped_named_and_counted(tmp_path):
-    def with_box(id, box):
-        entry = annotation(id, 1, 3, [2, 2, 8, 8])
-        entry["bbox"] = box
-        return entry
-    no_box = annotation(21, 1, 3, [2, 2, 8, 8])
-    del no_box["bbox"]
-    bad = [no_box, with_box(22, None), with_box(23, [2, 2, 8]), with_box(24, {"x": 2}), with_box(25, [2, "2", 8, 8]),
-           with_box(26, [2, 2, None, 8]), with_box(27, [2, 2, True, 8]), with_box(28, [2, 2, math.nan, 8]),
-           with_box(29, [2, 2, 8, math.inf])]
+    boxes = [MISSING, None, [2, 2, 8], {"x": 2}, [2, "2", 8, 8], [2, 2, None, 8], [2, 2, True, 8], [2, 2, math.nan, 8],
+             [2, 2, 8, math.inf]]
+    bad = [a_cat(21 + i, bbox=box) for i, box in enumerate(boxes)]
     reasons = ["no bbox", "no bbox", "a bbox that is not a list of 4 numbers: [2, 2, 8]",
                "a bbox that is not a list of 4 numbers: {'x': 2}",
                "a bbox with a value that is not a finite number: [2, '2', 8, 8]",
@@ -240,19 +249,11 @@ def test_annotations_with_a_missing_or_non_numeric_box_are_skipped_named_and_cou
 
 
 def test_annotations_with_a_missing_or_malformed_segmentation_are_skipped_named_and_counted(tmp_path):
-    def with_segmentation(id, segmentation):
-        entry = annotation(id, 1, 3, [2, 2, 8, 8])
-        entry["segmentation"] = segmentation
-        return entry
-    no_segmentation = annotation(21, 1, 3, [2, 2, 8, 8])
-    del no_segmentation["segmentation"]
     rle = rle_of(blob())
-    bad = [no_segmentation, with_segmentation(22, None),
-           with_segmentation(23, [SQUARE[:7] + ["10"]]), with_segmentation(24, [SQUARE, SQUARE[:3] + [math.nan]]),
-           with_segmentation(25, [[2, 2, 10, None, 10, 10]]),
-           with_segmentation(26, {**rle, "size": "16x20"}), with_segmentation(27, {**rle, "size": [16.0, 20]}),
-           with_segmentation(28, {**rle, "counts": 5}), with_segmentation(29, {**rle, "counts": [3, "a", 4]}),
-           with_segmentation(30, {**rle, "counts": [3, -2]})]
+    segmentations = [MISSING, None, [SQUARE[:7] + ["10"]], [SQUARE, SQUARE[:3] + [math.nan]],
+                     [[2, 2, 10, None, 10, 10]], {**rle, "size": "16x20"}, {**rle, "size": [16.0, 20]},
+                     {**rle, "counts": 5}, {**rle, "counts": [3, "a", 4]}, {**rle, "counts": [3, -2]}]
+    bad = [a_cat(21 + i, segmentation=segmentation) for i, segmentation in enumerate(segmentations)]
     reasons = ["no segmentation", "no segmentation",
                "a polygon with a coordinate that is not a finite number: '10' (a str)",
                "a polygon with a coordinate that is not a finite number: nan (a float)",
@@ -265,12 +266,8 @@ def test_annotations_with_a_missing_or_malformed_segmentation_are_skipped_named_
 
 
 def test_annotations_with_a_non_finite_area_or_an_iscrowd_other_than_0_or_1_are_skipped_named_and_counted(tmp_path):
-    def with_field(id, field, value):
-        entry = annotation(id, 1, 3, [2, 2, 8, 8])
-        entry[field] = value
-        return entry
-    bad = [with_field(21, "area", "64"), with_field(22, "area", None), with_field(23, "area", math.nan),
-           with_field(24, "iscrowd", 2), with_field(25, "iscrowd", "1"), with_field(26, "iscrowd", 1.0)]
+    bad = [a_cat(21, area="64"), a_cat(22, area=None), a_cat(23, area=math.nan), a_cat(24, iscrowd=2),
+           a_cat(25, iscrowd="1"), a_cat(26, iscrowd=1.0)]
     reasons = ["an area that is not a finite number: '64' (a str)", "an area that is not a finite number: null",
                "an area that is not a finite number: nan (a float)", "an iscrowd that is not 0 or 1: 2 (an int)",
                "an iscrowd that is not 0 or 1: '1' (a str)", "an iscrowd that is not 0 or 1: 1.0 (a float)"]
@@ -278,8 +275,7 @@ def test_annotations_with_a_non_finite_area_or_an_iscrowd_other_than_0_or_1_are_
 
 
 def test_ground_truth_data_is_the_file_with_the_annotations_the_dataset_keeps_crowds_included(tmp_path):
-    null_box = annotation(14, 1, 3, [2, 2, 8, 8])
-    null_box["bbox"] = None
+    null_box = a_cat(14, bbox=None)
     default = [annotation(11, 1, 3, [2, 2, 8, 8]), annotation(12, 1, 7, [12, 4, 6, 5], rle_of(blob())),
                annotation(13, 2, 7, [0, 0, 5, 5], rle_of(blob()), iscrowd=1)]
     write_coco(tmp_path, "train", annotations=default + [null_box, annotation(15, 3, 3, [2, 2, 8, 8], [[1, 1, 4, 4]])])

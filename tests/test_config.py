@@ -11,26 +11,27 @@ from training.flags import MUST_MATCH, absent_values, check_flags, flag, resume_
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# script -> (module of its config, config class)
-TRAINING_SCRIPTS = {
-    "main_pretrain": ("engine_pretrain", "PretrainConfig"),
-    "main_finetune": ("main_finetune", "FinetuneConfig"),
-    "main_linprobe": ("main_linprobe", "LinprobeConfig"),
-    "main_segment": ("engine_segment", "SegmentConfig"),
-    "main_detect": ("engine_detect", "DetectConfig"),
-}
+# Every task's script, main_<task>.py: its parser there, its config <Task>Config in engine_<task>.py
+# (docs/ARCHITECTURE.md, "Each task in one shape"). The order is the scripts' order in docs/RELIABILITY.md's table.
+TRAINING_SCRIPTS = ["main_pretrain", "main_finetune", "main_linprobe", "main_segment", "main_detect"]
+
+
+def config_of(script: str):
+    """The config class of main_<task>.py: engine_<task>.<Task>Config, found by the shape every task has."""
+    task = script[len("main_"):]
+    return getattr(importlib.import_module(f"engine_{task}"), f"{task.capitalize()}Config")
 
 
 def flags_and_config(script):
     parser = importlib.import_module(script).get_args_parser()
-    module, name = TRAINING_SCRIPTS[script]
-    config = getattr(importlib.import_module(module), name)
-    return [a.dest for a in parser._actions if a.dest != "help"], config, resume_rules(parser)
+    return [a.dest for a in parser._actions if a.dest != "help"], config_of(script), resume_rules(parser)
 
 
 def test_every_main_script_that_trains_is_listed():
     scripts = {p.stem for p in ROOT.glob("main_*.py")}
     assert scripts == set(TRAINING_SCRIPTS), "a new training script: classify its flags (training/config.py)"
+    for script in TRAINING_SCRIPTS:  # each in the shape of a task: main_<task>.py and engine_<task>.py's config
+        assert dataclasses.is_dataclass(config_of(script)), script
 
 
 @pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
@@ -92,11 +93,70 @@ def test_a_flag_declares_its_range_and_check_flags_names_the_first_out_of_it():
 def test_a_flag_added_after_checkpoints_were_saved_declares_the_value_they_ran_with():
     import argparse
 
-    from training.flags import segmentation_parser
+    from main_segment import get_args_parser as segmentation_parser
     parser = argparse.ArgumentParser()
     flag(parser, "--new_option", action="store_true", resume=MUST_MATCH, absent=False)
     flag(parser, "--old", type=int, default=1, resume=MUST_MATCH)
     assert absent_values(parser) == {"new_option": False}
-    # segmentation's dense options were off before they were flags (Run._check_flags compares them so)
+    # segmentation's dense options were off before they were flags (training.checkpointing.check_saved_flags compares them so)
     assert absent_values(segmentation_parser()) == {"rel_pos_bias": False, "layer_scale": None,
                                                     "simple_pyramid": False}
+
+
+# Flags of no range: any integer seeds a run; --aug_test_ratios's own check (engine_segment) says "must be positive".
+UNRANGED = {"seed", "aug_test_ratios"}
+
+
+@pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
+def test_every_numeric_flag_declares_its_range(script):
+    parser = importlib.import_module(script).get_args_parser()
+    unranged = [a.dest for a in parser._actions if a.type in (int, float) and getattr(a, "check", None) is None]
+    assert set(unranged) <= UNRANGED, f"{script}: declare the range of {sorted(set(unranged) - UNRANGED)}"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("main_finetune", ["--smoothing", "1.5"], "--smoothing must be in [0, 1), got 1.5"),
+    ("main_finetune", ["--mixup", "-1"], "--mixup must be >= 0, got -1.0"),
+    ("main_finetune", ["--cutmix", "-0.5"], "--cutmix must be >= 0, got -0.5"),
+    ("main_finetune", ["--layer_decay", "0"], "--layer_decay must be in (0, 1], got 0.0"),
+    ("main_finetune", ["--drop_path", "1.5"], "--drop_path must be in [0, 1), got 1.5"),
+    ("main_finetune", ["--reprob", "1.5"], "--reprob must be in [0, 1], got 1.5"),
+    ("main_finetune", ["--recount", "0"], "--recount must be >= 1, got 0"),
+    ("main_finetune", ["--mixup_prob", "2"], "--mixup_prob must be in [0, 1], got 2.0"),
+    ("main_finetune", ["--mixup_switch_prob", "-0.1"], "--mixup_switch_prob must be in [0, 1], got -0.1"),
+    ("main_finetune", ["--cutmix_minmax", "0.5", "1.5"], "--cutmix_minmax must be in [0, 1], got [0.5, 1.5]"),
+    ("main_finetune", ["--color_jitter", "-0.4"], "--color_jitter must be >= 0, got -0.4"),
+    ("main_finetune", ["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1.0"),
+    ("main_finetune", ["--dist_timeout", "0"], "--dist_timeout must be > 0, got 0.0"),
+    ("main_linprobe", ["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1.0"),
+    ("main_linprobe", ["--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1], got 0.0"),
+    ("main_linprobe", ["--nb_classes", "0"], "--nb_classes must be >= 1, got 0"),
+    ("main_pretrain", ["--pred_ratio", "1.5"], "--pred_ratio must be in (0, 1], got 1.5"),
+    ("main_pretrain", ["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1.0"),
+    ("main_segment", ["--warmup_iters", "-1"], "--warmup_iters must be >= 0, got -1"),
+    ("main_segment", ["--img_scale", "0", "512"], "--img_scale must be >= 1, got [0, 512]"),
+    ("main_segment", ["--out_indices", "-1", "2"], "--out_indices must be >= 0, got [-1, 2]"),
+    ("main_detect", ["--drop_path", "1.5"], "--drop_path must be in [0, 1), got 1.5"),
+])
+def test_a_flag_out_of_its_declared_range_is_named_by_the_checks_every_script_makes_before_torch(script, argv,
+                                                                                                   message):
+    from training.flags import check_run_flags
+    parser = importlib.import_module(script).get_args_parser()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_run_flags(parser, parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
+def test_allow_flag_changes_takes_only_the_names_of_the_scripts_flags(script):
+    from training.flags import check_run_flags
+    parser = importlib.import_module(script).get_args_parser()
+    for allowed in ("batch_size,seed", " lr , model ", "all", "world_size", ""):
+        check_run_flags(parser, parser.parse_args(["--allow_flag_changes", allowed]))
+    other = "theta" if script != "main_pretrain" else "smoothing"  # another script's flag
+    for allowed, message in (("bogus", "'bogus' is not a flag of this script; give the names of flags without '--'"),
+                             ("batch_size,bach_size", "'bach_size' is not a flag of this script; did you mean "
+                                                      "batch_size"),
+                             ("--lr", "'--lr' is not a flag of this script; did you mean lr"),
+                             (other, f"{other!r} is not a flag of this script")):
+        with pytest.raises(ValueError, match=re.escape(f"--allow_flag_changes {message}")):
+            check_run_flags(parser, parser.parse_args([f"--allow_flag_changes={allowed}"]))

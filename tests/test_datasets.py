@@ -1,6 +1,8 @@
-"""Bad and unusual image files: converted to RGB, or skipped with a warning naming them and counted."""
+"""Bad and unusual image files: converted to RGB, or skipped with a warning naming them and counted; the class
+mapping that labels a classification val/ as its train/ is labelled."""
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,9 +12,9 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from helpers import run_script
-from util.datasets import (RobustImageFolder, UnreadableImageWarning, build_pretrain_dataset, image_folder, load_rgb,
-                           skip_bad_collate, to_rgb)
+from helpers import run_script, write_image_folder
+from util.datasets import (RobustImageFolder, UnreadableImageWarning, build_pretrain_dataset, classes_without_images,
+                           classification_folders, image_folder, load_rgb, skip_bad_collate, to_rgb)
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_FILES = ("empty.jpg", "truncated.png", "truncated.jpg", "notes.JPEG")
@@ -139,3 +141,50 @@ def test_pretraining_skips_and_counts_bad_files(mixed_root, tmp_path, workers):
     (record,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert record["train_bad_images"] == 4 and record["train_images"] == 12
     assert record["train_steps"] == 4 and np.isfinite(record["train_loss"])
+
+
+# -- classification: val/ labelled by train/'s classes ----------------------------------------------------------------
+def classification_root(root, train_classes, val_classes):
+    """train/ with one image of each of `train_classes`, val/ with one of each of `val_classes`."""
+    write_image_folder(root, {"train": 1}, classes=train_classes)
+    return write_image_folder(root, {"val": 1}, classes=val_classes, seed=1)
+
+
+def test_a_val_folder_with_fewer_classes_is_labelled_by_the_training_classes(tmp_path):
+    root = classification_root(tmp_path, ("bbb", "cat", "coffee"), ("cat", "coffee"))
+    train_set, val_set = classification_folders(str(root), None, None, nb_classes=3)
+    assert train_set.class_to_idx == {"bbb": 0, "cat": 1, "coffee": 2}
+    assert val_set.classes == train_set.classes and val_set.class_to_idx == train_set.class_to_idx
+    # val/'s own sorted folders would make cat 0 and coffee 1: scored against bbb's and cat's labels
+    assert [(Path(path).parent.name, target) for path, target in val_set.samples] == [("cat", 1), ("coffee", 2)]
+    assert val_set[0][1] == 1 and val_set.targets == [1, 2]
+    assert classes_without_images(val_set) == ["bbb"] and classes_without_images(train_set) == []
+
+
+def test_a_val_class_that_training_lacks_fails_naming_both_folders_and_the_class(tmp_path):
+    root = classification_root(tmp_path, ("cat", "coffee"), ("cat", "dog"))
+    with pytest.raises(ValueError) as failure:
+        classification_folders(str(root), None, None, nb_classes=3)
+    assert str(failure.value) == (f"{root / 'val'} has a class 'dog' that {root / 'train'} has not: its images would "
+                                  f"be scored against another class's label")
+
+
+def test_val_labelled_by_given_classes_without_training_folder_refuses_an_unknown_one(tmp_path):
+    root = write_image_folder(tmp_path, {"val": 1}, classes=("cat", "dog", "emu"))
+    with pytest.raises(ValueError, match=r"has classes 'dog', 'emu' that the checkpoint c\.pth has not: their images"):
+        classification_folders(str(root), None, None, 3, with_train=False, classes=["bbb", "cat"],
+                               classes_of="the checkpoint c.pth")
+    _, val_set = classification_folders(str(root), None, None, 4, with_train=False,
+                                        classes=["cat", "dog", "emu", "fox"])
+    assert val_set.targets == [0, 1, 2] and classes_without_images(val_set) == ["fox"]
+
+
+def test_a_val_folder_without_images_fails_naming_it(tmp_path):
+    root = write_image_folder(tmp_path, {"train": 1}, classes=("cat", "coffee"))
+    (root / "val" / "cat").mkdir(parents=True)  # a class folder, but no image in it
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{root / 'val'} holds no image of any of the 2 classes of "
+                                                          f"{root / 'train'}")):
+        classification_folders(str(root), None, None, nb_classes=2)
+    (root / "val" / "cat").rmdir()  # no class folder at all
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{root / 'val'} holds no image")):
+        classification_folders(str(root), None, None, nb_classes=2)

@@ -9,7 +9,7 @@ import pytest
 
 import demo
 import main_pretrain
-from models_convvit import check_classifier_name
+from dmjd_encoders.models_convvit import check_classifier_name
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,66 @@ def test_the_curves_command_pastes_back_and_draws_the_pretraining_log(tmp_path):
     (tmp_path / "demo" / "pretrain" / "log.txt").write_text('{"train_loss": 1.0, "train_lr": 0.001, "epoch": 0}\n')
     plot_logs.main(parsed)
     assert (tmp_path / "demo" / "pretrain_curves.png").is_file()
+
+
+def test_a_new_run_replaces_the_runs_the_demo_made_and_keeps_the_others(tmp_path):
+    """The fine-tuning that the demo's third next step writes into its folder, and anything else there, survive
+    the next demo; the runs the demo made are replaced by fresh ones."""
+    out = tmp_path / "demo"
+    demo.clear_runs(str(out), ["pretrain", "probe_pretrained"])  # a first demo
+    for name in ("pretrain", "probe_pretrained", "finetune", "mine"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / "log.txt").write_text("{}\n")
+    demo.clear_runs(str(out), ["pretrain", "probe_pretrained"])
+    assert not (out / "pretrain").exists() and not (out / "probe_pretrained").exists()
+    assert (out / "finetune" / "log.txt").is_file() and (out / "mine" / "log.txt").is_file()
+    assert demo.made_by_demo(str(out)) == ["pretrain", "probe_pretrained"]
+
+
+def test_a_run_folder_the_demo_did_not_make_stops_it_before_anything_is_removed(tmp_path):
+    out = tmp_path / "demo"
+    demo.clear_runs(str(out), ["pretrain"])
+    (out / "pretrain").mkdir()
+    (out / "finetune").mkdir()  # written by the third next step, not by the demo
+    with pytest.raises(SystemExit, match=r"finetune is not a run that the demo made .*Move it away"):
+        demo.clear_runs(str(out), ["pretrain", "finetune"])  # a demo with --finetune
+    assert (out / "pretrain").is_dir() and (out / "finetune").is_dir()
+
+
+FIGURES = {"command": "bash demo.sh --doc README.md FINETUNE.md", "provenance": "2031-01-02, 3 CPU cores (3 threads), "
+           "torch 9.9.9", "pretrain_epochs": 2, "pretrain_images": 60000, "probe_epochs": 2, "probe_train": 20000,
+           "probe_pretrained": 71.234, "probe_random": 55.5, "finetune": [70.1, 76.2, 79.87],
+           "minutes": {"environment": 0.25, "pretrain": 6.83, "probe_pretrained": 1.2, "probe_random": 1.1,
+                       "demo": 10.47, "finetune": 3.52}}
+
+
+def test_the_docs_blocks_get_the_runs_figures_and_nothing_else(tmp_path):
+    """`--doc README.md FINETUNE.md` on copies of the two docs, with the figures of a tiny made-up run: each
+    block holds them, with the command and the machine and torch they came from; the rest of each doc is as it was."""
+    import re
+    docs = [tmp_path / "README.md", tmp_path / "FINETUNE.md"]
+    for doc in docs:
+        doc.write_text(open(os.path.join(demo.ROOT, doc.name)).read())
+    demo.write_docs([str(doc) for doc in docs], FIGURES)
+    readme, finetune = (doc.read_text() for doc in docs)
+    table = readme.split("<!-- demo_results -->", 1)[1].split("<!-- /demo_results -->", 1)[0]
+    assert "`bash demo.sh --doc README.md FINETUNE.md` (2031-01-02, 3 CPU cores (3 threads), torch 9.9.9)" in table
+    assert "| linear probe of the pre-trained encoder (2 epochs, 20,000 images) | 71.23% top-1 | 1.2 |" in table
+    assert "| linear probe of the same encoder, randomly initialised | 55.50% top-1 | 1.1 |" in table
+    assert "| the demo in all (with its data, curves and picture) | +15.73 points from pre-training | 10.5 |" in table
+    assert "| fine-tuning, the third next step (3 epochs; FINETUNE.md) | 79.87% top-1 | 3.5 |" in table
+    text = finetune.split("<!-- demo_finetune -->", 1)[1].split("<!-- /demo_finetune -->", 1)[0]
+    assert "**79.87%** top-1 on the 10,000 test images (70.10, 76.20 and 79.87% after epochs 1 to 3)" in text
+    assert "torch 9.9.9" in text and "71.23% against 55.50%" in text
+    for doc in docs:  # outside the blocks, nothing changed
+        original = open(os.path.join(demo.ROOT, doc.name)).read()
+        assert re.sub(r"<!-- (\w+) -->.*?<!-- /\1 -->", "", doc.read_text(), flags=re.S) == \
+            re.sub(r"<!-- (\w+) -->.*?<!-- /\1 -->", "", original, flags=re.S)
+
+
+def test_doc_is_checked_before_the_demo_runs_and_runs_the_finetuning_too(tmp_path):
+    args = demo.parse_args(["--doc", os.path.join(demo.ROOT, "README.md"), os.path.join(demo.ROOT, "FINETUNE.md")])
+    assert args.finetune  # FINETUNE.md's figures are the fine-tuning's
+    (tmp_path / "NOTES.md").write_text("no block here\n")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--doc", str(tmp_path / "NOTES.md")])

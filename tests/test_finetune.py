@@ -15,12 +15,13 @@ from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401
 import models_dmjd  # noqa: F401
-from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
-from models_convvit import LinearProbe
+from engine_linprobe import lars_param_groups, resumed_probe_features
+from main_linprobe import get_args_parser as linprobe_args_parser
+from dmjd_encoders.models_convvit import LinearProbe
 from export_encoder import export_encoder
 from helpers import as_script, pretrain_checkpoint, run_script, script_env, stop_with_signal
-from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
-from models_convvit import check_classifier_name
+from dmjd_encoders.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
+from dmjd_encoders.models_convvit import check_classifier_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,11 +270,12 @@ def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
     stdout = script(name, cls_data, out, "--finetune", str(cls_data / "pre.pth"))
     assert f"loaded {cls_data / 'pre.pth'}: new (not in the checkpoint)" in stdout  # the package's log note, printed
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_count"] == 9 for r in log)
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_images"] == 9 for r in log)
     from util.curves import plot_runs
     assert plot_runs([str(out)], str(tmp_path / "curves.png")) == ["loss", "learning rate",
                                                                    "top-1 / top-5 accuracy (%)"]
     assert (out / "checkpoint-best.pth").exists() and (out / "checkpoint-last.pth").exists()
+    assert torch.load(out / "checkpoint-best.pth", weights_only=True)["classes"] == ["a", "b", "c"]
     if name == "main_linprobe.py":
         assert "trainable parameters: ['head.1.weight', 'head.1.bias']" in stdout
         ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
@@ -285,6 +287,7 @@ def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
     assert "continuing at epoch 2" in stdout
     stdout = script(name, cls_data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-best.pth"))
     assert "accuracy of the network on 9 test images" in stdout
+    assert f"labels: the 3 classes that the checkpoint {out / 'checkpoint-best.pth'} was trained on" in stdout
 
 
 def test_killed_finetuning_with_loader_workers_resumes_to_the_same_weights(cls_data, tmp_path):
@@ -349,7 +352,7 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
 
 def test_every_pretraining_model_names_the_encoder_that_takes_its_weights():
     from models_dmjd import ENCODER_OF
-    from util.checkpoint import PRETRAIN_ONLY_PREFIXES
+    from dmjd_encoders.checkpoint import PRETRAIN_ONLY_PREFIXES
     assert set(ENCODER_OF) == set(timm.list_models("dmjd_*"))
     for name, encoder_name in ENCODER_OF.items():
         with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -398,3 +401,186 @@ def test_sigusr1_mid_epoch_saves_that_step_and_the_rerun_equals_an_uninterrupted
         assert torch.equal(value, b["model"][key]), key
     logs = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()] for d in (tmp_path / "straight", out)]
     assert logs[0] == logs[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The evaluation set, checked before the first step: val/ labelled by the training classes.
+
+def classification_data(root, train_classes, val_classes):
+    """train/ with 2 images of each of `train_classes`, val/ with one of each of `val_classes`."""
+    from helpers import write_image_folder
+    write_image_folder(root, {"train": 2}, classes=train_classes)
+    return write_image_folder(root, {"val": 1}, classes=val_classes, seed=1)
+
+
+def classification_config(data, *flags):
+    """main_finetune.py's config at test size for `data`, as the script resolves it."""
+    import main_finetune
+    from engine_finetune import FinetuneConfig
+    from training.classification import resolve_classification
+    parser = main_finetune.get_args_parser()
+    args = parser.parse_args(["--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
+                              "--num_workers", "0", "--device", "cpu", "--nb_classes", "3", "--data_path", str(data),
+                              "--output_dir", str(data / "out"), *flags])
+    return resolve_classification(FinetuneConfig, parser, args)[0]
+
+
+def one_process_run():
+    """What the loaders need of a Run: one process on the CPU."""
+    from types import SimpleNamespace
+    from training.distributed import DistInfo
+    return SimpleNamespace(device=torch.device("cpu"), dist=DistInfo(), world_size=1)
+
+
+def loaders_of(cfg):
+    from training.classification import classification_loaders
+    from util.transforms import eval_transform
+    return classification_loaders(one_process_run(), cfg, eval_transform(64), eval_transform(64))
+
+
+def test_a_val_folder_with_fewer_classes_is_scored_against_the_training_labels(tmp_path, capsys):
+    data = classification_data(tmp_path, ("bbb", "cat", "coffee"), ("cat", "coffee"))
+    _, val, classes = loaders_of(classification_config(data))
+    assert classes == ["bbb", "cat", "coffee"]
+    (images, targets, _), = list(val)
+    assert targets.tolist() == [1, 2]  # val's own folders would have made cat 0 and coffee 1
+    assert (f"{data / 'val'} has no images of 1 of the 3 training classes: bbb; its accuracy covers the other 2"
+            in capsys.readouterr().out)
+
+
+def test_a_val_class_unknown_to_training_stops_the_run_at_start(tmp_path):
+    from training.errors import RunError
+    data = classification_data(tmp_path, ("cat", "coffee"), ("cat", "dog"))
+    with pytest.raises(RunError) as stop:
+        loaders_of(classification_config(data, "--nb_classes", "2"))
+    assert str(stop.value) == (f"{data / 'val'} has a class 'dog' that {data / 'train'} has not: its images would be "
+                               f"scored against another class's label")
+
+
+def test_an_empty_val_folder_stops_the_run_at_start_naming_it(tmp_path):
+    from training.errors import RunError
+    data = classification_data(tmp_path, ("cat", "coffee"), ())
+    (data / "val").mkdir()
+    with pytest.raises(RunError, match=re.escape(f"{data / 'val'} holds no image of any of the 2 classes of "
+                                                 f"{data / 'train'}")):
+        loaders_of(classification_config(data))
+
+
+def test_eval_labels_val_by_the_classes_its_checkpoint_was_trained_on(tmp_path, capsys):
+    from training.errors import RunError
+    data = classification_data(tmp_path, ("bbb", "cat", "coffee"), ("cat", "coffee"))
+    checkpoint = tmp_path / "trained.pth"
+    save_checkpoint({"model": {}, "classes": ["bbb", "cat", "coffee"]}, str(checkpoint))
+    _, val, classes = loaders_of(classification_config(data, "--eval", "--resume", str(checkpoint)))
+    assert classes == ["bbb", "cat", "coffee"] and [t for _, t in val.dataset.samples] == [1, 2]
+    assert f"labels: the 3 classes that the checkpoint {checkpoint} was trained on" in capsys.readouterr().out
+    save_checkpoint({"model": {}, "classes": ["cat", "dog"]}, str(checkpoint))
+    with pytest.raises(RunError, match=re.escape(f"{data / 'val'} has a class 'coffee' that the checkpoint "
+                                                 f"{checkpoint} has not: its images would be scored")):
+        loaders_of(classification_config(data, "--eval", "--resume", str(checkpoint)))
+
+
+def test_eval_of_a_checkpoint_without_classes_takes_vals_own_folders_and_says_so(tmp_path, capsys):
+    data = classification_data(tmp_path, ("bbb", "cat", "coffee"), ("cat", "coffee"))
+    checkpoint = tmp_path / "older.pth"
+    save_checkpoint({"model": {}}, str(checkpoint))
+    _, val, classes = loaders_of(classification_config(data, "--eval", "--resume", str(checkpoint)))
+    assert classes == ["cat", "coffee"] and [t for _, t in val.dataset.samples] == [0, 1]
+    assert (f"{checkpoint} does not store the classes it was trained on: the labels 0..1 of its outputs are taken to "
+            f"be {data / 'val'}'s own class folders, sorted" in capsys.readouterr().out)
+
+
+def test_a_checkpoint_stores_its_training_classes_and_a_resume_on_other_classes_stops(tmp_path):
+    from training.classification import ClassificationTask
+    from training.errors import RunError
+    cfg = classification_config(tmp_path)
+    task = ClassificationTask(None, cfg, torch.device("cpu"), classes=["bbb", "cat"])
+    assert task.extra_state() == {"classes": ["bbb", "cat"]}
+    task.load_extra_state({"classes": ["bbb", "cat"]}, "same.pth")
+    task.load_extra_state({}, "older.pth")  # saved before checkpoints kept their classes
+    with pytest.raises(RunError, match=re.escape(f"other.pth was trained on other classes (2: bbb, dog) than "
+                                                 f"{tmp_path}/train has (2: bbb, cat): its outputs would stand for "
+                                                 f"other classes")):
+        task.load_extra_state({"classes": ["bbb", "dog"]}, "other.pth")
+
+
+def test_an_evaluation_that_read_no_image_is_a_run_error_naming_the_folder_not_a_score():
+    from types import SimpleNamespace
+    from training.classification import ClassificationTask
+    from training.errors import RunError
+    from training.loop import evaluate
+    batches = [(None, None, 2), (None, None, 1)]  # every file of every batch unreadable
+    task = ClassificationTask(torch.nn.Identity(), SimpleNamespace(data_path="data", input_size=8), torch.device("cpu"))
+    with pytest.raises(RunError) as stop:
+        evaluate(task, batches, torch.device("cpu"), 10)
+    assert str(stop.value) == ("no image of data/val could be read in this evaluation (3 unreadable files skipped, see "
+                               "the warnings above): there is no score to report")
+
+
+def test_an_evaluation_that_fails_stops_the_run_before_any_checkpoint(tmp_path):
+    """The loop (training.loop.fit) evaluates a round before it saves it: a failed evaluation leaves no checkpoint
+    and no log line of that round, and the script ends with its message (no traceback)."""
+    data = classification_data(tmp_path, ("a", "b"), ("a", "b"))
+    for image in (data / "val").rglob("*.png"):
+        image.write_bytes(b"")  # readable at start as a file, unreadable when the evaluation decodes it
+    import main_finetune
+    args = main_finetune.get_args_parser().parse_args([
+        "--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2", "--epochs", "1",
+        "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu", "--nb_classes", "2",
+        "--data_path", str(data), "--output_dir", str(tmp_path / "out")])
+    with pytest.warns(Warning), pytest.raises(SystemExit, match=re.escape(
+            f"error: no image of {data / 'val'} could be read in this evaluation (2 unreadable files skipped")):
+        main_finetune.main(args)
+    out = tmp_path / "out"
+    assert not list(out.glob("checkpoint*")) and not list(out.glob(".*.tmp*"))
+    assert not (out / "log.txt").exists() or not (out / "log.txt").read_text()
+
+def other_scripts_checkpoint(path, parser):
+    """A tiny checkpoint with the flags that `parser`'s script saves (no weights: it is refused before any load)."""
+    save_checkpoint({"model": {}, "args": vars(parser.parse_args([])), "epoch": 0}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name, task", [("main_finetune.py", "fine-tuning"), ("main_linprobe.py", "linear-probing")])
+def test_a_segmentation_or_detection_checkpoint_given_to_the_script_is_named_as_such(cls_data, tmp_path, name, task):
+    from main_detect import get_args_parser as detection_parser
+    from main_segment import get_args_parser as segmentation_parser
+    module = importlib.import_module(name.removesuffix(".py"))
+    seg = other_scripts_checkpoint(tmp_path / "seg.pth", segmentation_parser())
+    det = other_scripts_checkpoint(tmp_path / "det.pth", detection_parser())
+    for start, argv, message in (
+            ("resume", ["--resume", seg, "--allow_flag_changes", "all"],
+             f"error: {seg} is a segmentation checkpoint, from main_segment.py, not a {task} one: resume it with "
+             f"main_segment.py"),
+            ("eval", ["--eval", "--resume", det],
+             f"error: {det} is a detection checkpoint, from main_detect.py, not a {task} one: evaluate it with "
+             f"main_detect.py --eval --resume {det}"),
+            ("finetune", ["--finetune", seg],
+             f"error: --finetune {seg} is a segmentation checkpoint, from main_segment.py: its encoder was trained "
+             f"inside the segmentation model")):
+        args = module.get_args_parser().parse_args(script_cmd(name, cls_data, tmp_path / start, *argv)[2:])
+        with pytest.raises(SystemExit) as stop:
+            module.main(args)
+        assert str(stop.value).startswith(message), str(stop.value)
+    assert not (tmp_path / "finetune").exists()  # --finetune is refused before the run's output folder is made
+
+
+def test_a_probe_resumed_from_a_fine_tuning_checkpoint_names_it_rather_than_its_features(tmp_path):
+    from main_finetune import get_args_parser as finetune_args_parser
+    path = other_scripts_checkpoint(tmp_path / "ft.pth", finetune_args_parser())
+    args = linprobe_args_parser().parse_args(["--probe_features", "pool_then_fresh_norm", "--resume", path])
+    with pytest.raises(SystemExit) as stop:  # before: "--probe_features ..., but ft.pth was trained on ..."
+        as_script(resumed_probe_features, args, path)
+    assert str(stop.value) == (f"error: {path} is a fine-tuning checkpoint, from main_finetune.py, not a "
+                               f"linear-probing one: resume it with main_finetune.py")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--aa", "bogus"], "--aa 'bogus' is not an auto-augment policy of timm (Unknown AA policy bogus)"),
+    (["--cutmix_minmax", "0.8", "0.2"], "--cutmix_minmax must be MIN MAX with MIN <= MAX, got [0.8, 0.2]"),
+])
+def test_augmentation_flags_that_timm_would_refuse_inside_the_run_are_named_before_it(flags, message):
+    import main_finetune
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        as_script(main_finetune.validate_args, main_finetune.get_args_parser().parse_args(flags))
+    main_finetune.validate_args(main_finetune.get_args_parser().parse_args(["--aa", ""]))  # '': no auto-augment

@@ -31,3 +31,19 @@ def test_child_pids_finds_the_processes_this_one_started():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_stop_signal_while_the_launcher_starts_exits_75_with_nothing_started(tmp_path):
+    """SIGTERM while torch loads (before the agent starts any training process): a requeue, not a killed job."""
+    import signal
+    from helpers import ROOT
+    launcher = subprocess.Popen([sys.executable, "-m", "training.launch", "--standalone", "--nproc_per_node=2",
+                                 "main_pretrain.py", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out")],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)  # the interpreter has taken the signals (training.signals, its first lines); torch is loading
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 75, out
+    assert "nothing was trained or saved; exiting with status 75 (requeue)" in out or "before the training " \
+        "processes started" in out, out
+    assert not (tmp_path / "out").exists()

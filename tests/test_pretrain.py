@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine_pretrain
 import main_pretrain
 from helpers import as_script, load, read_log, run_script as run, script_env, stop_with_signal
 
@@ -163,8 +164,8 @@ def test_validate_args_names_the_flag(flags, message):
 ])
 def test_dataset_too_small_for_the_step_is_an_early_error(images, world_size, batch, accum, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        as_script(main_pretrain.check_dataset_size, images, batch, accum, world_size, "data/train")
-    main_pretrain.check_dataset_size(images, batch, 1, 1, "data/train")
+        as_script(engine_pretrain.check_dataset_size, images, batch, accum, world_size, "data/train")
+    engine_pretrain.check_dataset_size(images, batch, 1, 1, "data/train")
 
 
 def _free_port():
@@ -312,3 +313,45 @@ def test_a_stopped_rank_fails_the_run_within_the_timeout_naming_the_rank_and_the
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher, and whatever it left
         except ProcessLookupError:
             pass
+
+
+# The run with its disk full where the case says: the save's writes (torch.save), TensorBoard's close, log.txt's line.
+FULL_DISK = """
+import errno, runpy, sys
+import torch
+from torch.utils.tensorboard import SummaryWriter
+import training.output as output
+import training.run as run
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def full_log(log, record):
+    raise output.no_space_error(log, "the line is not written; the next start repairs the log")
+
+case = sys.argv.pop(1).split(",")
+sys.argv = sys.argv[1:]  # the script's own command line
+if "save" in case:
+    torch.save = full
+if "tensorboard" in case:
+    SummaryWriter.close = lambda self: full()
+if "log" in case:
+    output.append_line = run.append_line = full_log
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("case, named", [("save,tensorboard", "checkpoint-last.pth; the previous file is kept"),
+                                         ("log,tensorboard", "log.txt; the line is not written")])
+def test_a_full_disk_ends_the_run_with_the_error_named_and_never_hangs_with_loader_workers(data_root, tmp_path, case,
+                                                                                          named):
+    """With loader workers (which ignore SIGTERM, so that a job's stop does not kill them): a failing save, log line
+    and TensorBoard close, together, end the process naming the first error, within the timeout (before: a save and
+    a close failing together hung forever at exit, multiprocessing waiting on the workers)."""
+    (tmp_path / "full_disk.py").write_text(FULL_DISK)
+    cmd = pretrain_cmd(data_root, tmp_path / "run", "--epochs", "1", "--num_workers", "2")
+    proc = run([cmd[0], str(tmp_path / "full_disk.py"), case, *cmd[1:]], check=False, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"^error: no space left on the device of .* while writing .*" + re.escape(named), proc.stderr,
+                     re.M), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -4,12 +4,12 @@ import pytest
 import timm
 import torch
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 from dmjd_encoders import pretrained
 from dmjd_encoders.pretrained import (FRESH_KEYS, ArchitectureMismatch, PretrainedWeightsError, architecture_kwargs,
                                       check_encoder_loaded, check_pretrained_flag, has_class_token, load_encoder)
 from export_encoder import export_encoder
-from util.checkpoint import save_checkpoint
+from dmjd_encoders.checkpoint import save_checkpoint
 
 ENCODER = "vit_test_patch16_gap_sincos"
 
@@ -83,9 +83,63 @@ def test_a_missing_finetune_path_raises_a_value_error_that_names_the_flag(tmp_pa
 
 
 def test_the_old_names_are_the_new_module_s_own():
+    import models_convvit
     import util.checkpoint
     for name in ("load_pretrained", "architecture_kwargs", "encoder_state_dict", "fit_encoder_state",
                  "resample_pos_embed", "ArchitectureMismatch", "saved_model", "check_encoder_loaded",
                  "PRETRAIN_ONLY_PREFIXES"):
         assert getattr(util.checkpoint, name) is getattr(pretrained, name), name
     assert models_convvit.checkpoint_filter_fn is pretrained.checkpoint_filter_fn
+
+
+SCRIPT_ORIGINS = {"main_pretrain": "a pre-training checkpoint, from main_pretrain.py",
+                  "main_finetune": "a fine-tuning checkpoint, from main_finetune.py",
+                  "main_linprobe": "a linear-probing checkpoint, from main_linprobe.py",
+                  "main_segment": "a segmentation checkpoint, from main_segment.py",
+                  "main_detect": "a detection checkpoint, from main_detect.py"}
+
+
+def saved_flags(script: str, *argv: str) -> dict:
+    """The flags a checkpoint of `script` saves (its parser's, as its config resolves them: every one a field)."""
+    import importlib
+    return vars(importlib.import_module(script).get_args_parser().parse_args(list(argv)))
+
+
+def test_the_script_that_wrote_a_checkpoint_is_told_by_the_flags_it_saved():
+    from dmjd_encoders.pretrained import checkpoint_origin
+    for script, origin in SCRIPT_ORIGINS.items():
+        assert str(checkpoint_origin(saved_flags(script))) == origin
+        assert checkpoint_origin(saved_flags(script)).script == script + ".py"
+    old_probe = {k: v for k, v in saved_flags("main_linprobe").items() if k != "probe_features"}
+    assert str(checkpoint_origin(old_probe)) == SCRIPT_ORIGINS["main_linprobe"]  # saved before --probe_features
+    assert checkpoint_origin({"model": ENCODER, "input_size": 32}) is None  # a release, an export: no script's
+    assert checkpoint_origin(None) is None
+
+
+@pytest.mark.parametrize("script, task", [("main_segment", "segmentation"), ("main_detect", "detection")])
+def test_finetune_of_a_segmentation_or_detection_checkpoint_is_refused_naming_its_script(tmp_path, script, task):
+    path = str(tmp_path / "dense.pth")
+    save_checkpoint({"model": {}, "args": saved_flags(script, "--finetune", "pre.pth"), "epoch": 0}, path)
+    with pytest.raises(PretrainedWeightsError) as refused:
+        check_pretrained_flag(path)
+    assert str(refused.value) == (
+        f"--finetune {path} is {SCRIPT_ORIGINS[script]}: its encoder was trained inside the {task} model, and "
+        f"--finetune takes a pre-trained encoder (a pre-training, fine-tuning or linear-probing checkpoint, or an "
+        f"export). Continue that run with {script}.py --resume {path}, or start from the checkpoint it started from, "
+        f"--finetune pre.pth")
+    for encoder_source in ("main_pretrain", "main_finetune", "main_linprobe"):  # what --finetune takes
+        save_checkpoint({"model": {}, "args": saved_flags(encoder_source), "epoch": 0}, path)
+        check_pretrained_flag(path)
+
+
+def test_a_finetune_checkpoint_that_does_not_fit_names_the_script_that_wrote_it(tmp_path):
+    path = str(tmp_path / "classifier.pth")
+    flags = dict(saved_flags("main_finetune", "--finetune", "pre.pth"), model=ENCODER)  # --global_pool: fc_norm
+    save_checkpoint({"model": tiny_vit(False, num_classes=3, fc_norm=True).state_dict(), "args": flags}, path)
+    load_encoder(tiny_vit(False, num_classes=3, fc_norm=True), path)  # fine-tuned again: it fits
+    with pytest.raises(PretrainedWeightsError) as refused:  # probed: the probe takes the final norm it lacks
+        load_encoder(tiny_vit(False), path, allowed_missing=FRESH_KEYS["probe"])
+    assert str(refused.value).startswith(f"--finetune {path} lacks 2 encoder weights of this model, e.g. norm.weight")
+    assert str(refused.value).endswith(
+        "It is a fine-tuning checkpoint, from main_finetune.py; fine-tuned with --global_pool, its final norm gave way "
+        "to fc_norm: start from the checkpoint it was fine-tuned from, --finetune pre.pth.")

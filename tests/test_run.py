@@ -2,15 +2,17 @@
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import as_script, pretrain_config
+from training.errors import RunError
 from training.run import Run, CheckpointState
 from training.step import TrainStep
-from util.checkpoint import load_checkpoint
+from dmjd_encoders.checkpoint import load_checkpoint
 
 
 def enter_and_leave(cfg):
@@ -37,7 +39,7 @@ def test_epochs_write_last_periodic_and_best_checkpoints_and_log_lines(tmp_path,
         assert run.world_size == 1 and run.is_main and run.writer is not None
         for epoch in run.rounds(0, cfg.epochs):
             train(s)
-            run.end_epoch(s, epoch, {"train_loss": 1.0 / (epoch + 1)}, best=epoch == 1, best_acc1=float(epoch))
+            run.end_round(s, epoch, {"train_loss": 1.0 / (epoch + 1)}, best=epoch == 1, best_acc1=float(epoch))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-3.pth", "checkpoint-best.pth",
                                                                     "checkpoint-last.pth"]  # 1 kept of epochs 1, 3
@@ -56,7 +58,7 @@ def test_resume_restores_the_state_and_continues_at_the_next_epoch(tmp_path, cap
     first = state(skipped=2)
     with Run(cfg) as run:
         train(first)
-        run.end_epoch(first, 0, {}, best_acc1=12.5)
+        run.end_round(first, 0, {}, best_acc1=12.5)
     resumed = state()
     with Run(cfg) as run:  # auto-resume from the output folder's checkpoint-last.pth
         assert run.resume(resumed) == 1
@@ -90,7 +92,7 @@ def finished_epochs(cfg, epochs, save_freq=None, lr=0.1):
     with Run(cfg, save_freq=save_freq) as run:
         for epoch in range(epochs):
             train(s)
-            run.end_epoch(s, epoch, {"train_loss": float(epoch)})
+            run.end_round(s, epoch, {"train_loss": float(epoch)})
     return s
 
 
@@ -212,7 +214,7 @@ def test_a_stop_signal_between_rounds_stops_before_the_next_round_with_the_saved
                 trained.append(epoch)
                 run.stop_if_requested(s, epoch, progress)
                 os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the round's evaluation or saves
-                run.end_epoch(s, epoch, {"train_loss": 1.0})
+                run.end_round(s, epoch, {"train_loss": 1.0})
 
     with pytest.raises(SystemExit) as stop:
         as_script(stopped_run)
@@ -228,11 +230,11 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> Checkp
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""
     import training.output as output_module
-    from util.checkpoint import link_checkpoint as real_link
+    from dmjd_encoders.checkpoint import link_checkpoint as real_link
     s = state()
     with Run(cfg, save_freq=save_freq) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})
+        run.end_round(s, 0, {"train_loss": 0.5})
         real_save, saved = output_module.save_checkpoint, []
 
         def crash_in_window(path):
@@ -256,7 +258,7 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> Checkp
         monkeypatch.setattr(output_module, "append_line", crashing_log)
         train(s)
         with pytest.raises(KeyboardInterrupt):
-            run.end_epoch(s, 1, {"train_loss": 0.25}, **extra)
+            run.end_round(s, 1, {"train_loss": 0.25}, **extra)
     monkeypatch.undo()
     return s
 
@@ -283,12 +285,12 @@ def test_an_epochs_periodic_and_best_checkpoints_are_links_to_its_last_not_copie
     with Run(cfg, save_freq=2) as run:
         for epoch in range(2):
             train(s)
-            run.end_epoch(s, epoch, {"train_loss": 0.5}, best=epoch == 1)
+            run.end_round(s, epoch, {"train_loss": 0.5}, best=epoch == 1)
         last, periodic, best = (out / f"checkpoint-{name}.pth" for name in ("last", 1, "best"))
         assert last.samefile(periodic) and last.samefile(best) and last.stat().st_nlink == 3  # one copy on disk
         saved = periodic.read_bytes()
         train(s)
-        run.end_epoch(s, 2, {"train_loss": 0.25})  # replaces checkpoint-last.pth, never writes into the old file
+        run.end_round(s, 2, {"train_loss": 0.25})  # replaces checkpoint-last.pth, never writes into the old file
     assert not last.samefile(periodic) and periodic.read_bytes() == saved
     assert torch.load(last, weights_only=True)["epoch"] == 2
     periodic.unlink()  # deleting one name leaves the other whole
@@ -304,7 +306,7 @@ def test_without_hard_links_an_epochs_checkpoints_are_copies(tmp_path, monkeypat
     s = state()
     with Run(pretrain_config(output_dir=str(out), epochs=2), save_freq=1) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
+        run.end_round(s, 0, {"train_loss": 0.5}, best=True)
     last = out / "checkpoint-last.pth"
     for name in ("checkpoint-0.pth", "checkpoint-best.pth"):
         assert not last.samefile(out / name) and (out / name).read_bytes() == last.read_bytes(), name
@@ -319,7 +321,7 @@ def test_completing_an_epochs_files_links_them_to_its_last_checkpoint(tmp_path, 
     with Run(cfg, save_freq=1) as run:
         train(s)
         monkeypatch.setattr(output_module, "link_checkpoint", lambda source, path: None)  # a crash before the link
-        run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
+        run.end_round(s, 0, {"train_loss": 0.5}, best=True)
     monkeypatch.undo()
     assert not (out / "checkpoint-0.pth").exists()
     with Run(cfg, save_freq=1):
@@ -353,7 +355,7 @@ def test_a_live_run_holds_the_output_folder_and_a_dead_ones_lock_does_not_count(
 def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monkeypatch):
     import errno
 
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
 
     def full(*args, **kwargs):
@@ -371,7 +373,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monk
 def test_saves_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
     import os
 
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
@@ -407,7 +409,7 @@ def test_a_stop_after_a_nonfinite_loss_keeps_the_last_good_checkpoint(tmp_path):
     s = state()
     with Run(cfg) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})
+        run.end_round(s, 0, {"train_loss": 0.5})
         before = (out / "checkpoint-last.pth").read_bytes()
         nan_step(s)
         assert not torch.isfinite(s.model.weight).all()
@@ -423,14 +425,14 @@ def test_no_save_writes_nonfinite_weights_or_optimizer_state_over_a_good_checkpo
     s = state()
     with Run(pretrain_config(output_dir=str(out), epochs=3)) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})
+        run.end_round(s, 0, {"train_loss": 0.5})
         before = (out / "checkpoint-last.pth").read_bytes()
         with torch.no_grad():
             s.model.bias[0] = float("inf")
         with pytest.raises(SystemExit, match=rf"not saving {out / 'checkpoint-last.pth'}: 1 tensors of the model or "
                                              r"optimizer state are non-finite \(model.bias\); the last good checkpoint "
                                              r"is kept"):
-            as_script(run.end_epoch, s, 1, {"train_loss": 0.25})
+            as_script(run.end_round, s, 1, {"train_loss": 0.25})
         with torch.no_grad():
             s.model.bias[0] = 0.0
         moment = next(iter(s.optimizer.state.values()))["exp_avg"]
@@ -528,6 +530,37 @@ def test_a_torn_log_line_is_named_kept_in_a_copy_and_the_run_continues(tmp_path,
     # checkpoint (checkpoint-last.pth says which line its epoch has); a middle line is gone, its copy kept
 
 
+@pytest.mark.parametrize("line", ['{"epoch": "three", "train_loss": 1.0}', '[1, 2]', '{"epoch": 1, "iteration": 2.5}',
+                                  '{"epoch": true}'])
+def test_a_log_line_of_another_shape_is_set_aside_as_a_torn_one_is(tmp_path, capsys, line):
+    """A hand-edited line (a string where the round is, a list): before, every later start failed comparing rounds
+    (`'<' not supported between instances of 'str' and 'int'`)."""
+    out = tmp_path / "out"
+    cfg = pretrain_config(output_dir=str(out), epochs=4)
+    finished_epochs(cfg, 2)
+    log = out / "log.txt"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + line + "\n" + lines[1])
+    with Run(cfg) as run:
+        assert run.resume(state()) == 2
+    printed = capsys.readouterr().out
+    assert f"{log}: line 2 is not a record of the run (an object whose epoch and iteration are integers" in printed
+    assert [json.loads(kept)["epoch"] for kept in log.read_text().splitlines()] == [0, 1]
+    assert len(list(out.glob("log.txt.*.orig"))) == 1
+
+
+@pytest.mark.parametrize("name", ["log.txt", ".lock", "checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-3.pth"])
+def test_a_folder_where_the_run_writes_a_file_stops_it_at_start_naming_it(tmp_path, name):
+    """Before: a log.txt or .lock folder gave an IsADirectoryError traceback, and a checkpoint-last.pth folder was
+    skipped without a word, the run training a whole round before its save failed on the rename."""
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    with pytest.raises(RunError, match=re.escape(f"{out / name} is a folder: the run writes a file of that name in "
+                                                 f"--output_dir {out}; move it away")):
+        enter_and_leave(pretrain_config(output_dir=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written
+
+
 def test_allowing_a_model_change_on_resume_is_a_clear_error(tmp_path):
     out = str(tmp_path)
     finished_epochs(pretrain_config(output_dir=out, epochs=4), 1)
@@ -571,3 +604,63 @@ def test_a_full_disk_while_writing_the_log_or_tensorboard_names_the_file_or_fold
                                       r"file is not written"):
         writer.add_scalar("train/loss", 1.0, 0)
     writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Another script's checkpoint: named as such, before any flag is compared or weight loaded.
+
+SCRIPT_TASKS = {"main_pretrain": "pre-training", "main_finetune": "fine-tuning", "main_linprobe": "linear-probing",
+                "main_segment": "segmentation", "main_detect": "detection"}
+
+
+def script_config(script: str, out, *argv: str):
+    """The resolved run config of `script` (a key of SCRIPT_TASKS) for one process on the CPU, writing to `out`."""
+    import importlib
+    flags = ["--input_size", "64", "--device", "cpu", "--output_dir", str(out), *argv]
+    if script == "main_pretrain":
+        return pretrain_config(output_dir=str(out), **{name[2:]: value for name, value in zip(argv[::2], argv[1::2])})
+    module = importlib.import_module(script)
+    args = module.get_args_parser().parse_args(["--model", "convvit_tiny_patch16", *flags])
+    if script in ("main_segment", "main_detect"):
+        return importlib.import_module(script.replace("main_", "engine_")).resolve_config(args,
+                                                                                           module.get_args_parser())[0]
+    from training.classification import resolve_classification
+    engine = importlib.import_module(script.replace("main_", "engine_"))
+    config = engine.FinetuneConfig if script == "main_finetune" else engine.LinprobeConfig
+    resolved = {} if script == "main_finetune" else {"probe_features": "pool_then_fresh_norm"}
+    return resolve_classification(config, module.get_args_parser(), args, **resolved)[0]
+
+
+@pytest.mark.parametrize("saved_by, started_by", [(a, b) for a in SCRIPT_TASKS for b in SCRIPT_TASKS if a != b])
+def test_another_scripts_checkpoint_is_named_with_its_script_on_resume_evaluation_and_any_allowed_change(
+        tmp_path, saved_by, started_by):
+    from dmjd_encoders.checkpoint import save_checkpoint
+    path = str(tmp_path / "other.pth")
+    save_checkpoint({"model": {}, "args": script_config(saved_by, tmp_path / "saved").flags(), "epoch": 0}, path)
+    named = (f"{path} is a {SCRIPT_TASKS[saved_by]} checkpoint, from {saved_by}.py, not a {SCRIPT_TASKS[started_by]} "
+             f"one: ")
+    resume_it = f"resume it with {saved_by}.py" + (f", or start from its encoder with --finetune {path}"
+                                                  if saved_by == "main_pretrain" else "")
+    for allowed in ("", "all"):  # the flags it would have blamed, allowed to change, or not
+        with Run(script_config(started_by, tmp_path / f"resume{allowed}", "--allow_flag_changes", allowed,
+                               "--resume", path)) as run:
+            for where in (run.resume_path, lambda: run.resume(state())):  # before the model is built, and at load
+                with pytest.raises(RunError) as stop:
+                    where()
+                assert str(stop.value) == named + resume_it
+    folder = tmp_path / "folder"  # the output folder holds the other script's run
+    folder.mkdir()
+    (folder / "checkpoint-last.pth").write_bytes(Path(path).read_bytes())
+    with Run(script_config(started_by, folder)) as run:
+        with pytest.raises(RunError) as stop:
+            run.resume(state())
+    assert str(stop.value) == (named.replace(path, str(folder / "checkpoint-last.pth")) +
+                               resume_it.replace(path, str(folder / "checkpoint-last.pth")) +
+                               f" (--output_dir {folder} holds that run: give this one another --output_dir)")
+    if started_by == "main_pretrain":
+        return  # pre-training evaluates nothing
+    with Run(script_config(started_by, tmp_path / "eval", "--eval", "--resume", path)) as run:
+        with pytest.raises(RunError) as stop:
+            run.resume(None, torch.nn.Linear(3, 2), auto=False)
+    assert str(stop.value) == named + (f"start from its encoder with --finetune {path}" if saved_by == "main_pretrain"
+                                       else f"evaluate it with {saved_by}.py --eval --resume {path}")

@@ -9,7 +9,7 @@ from PIL import Image
 from util.datasets import UnreadableImageWarning, skip_bad_collate
 from util.seg_datasets import (ADE20K_CLASSES, PIXEL_MEAN, PIXEL_STD, AnnotationFormatError, SegEvalTransform,
                                SegmentationFolder, SegTrainTransform, _hsv_to_rgb, _resize_pair, _rgb_to_hsv,
-                               class_names, photometric_distortion, random_crop, rescale_size)
+                               check_labels, class_names, photometric_distortion, random_crop, rescale_size)
 
 
 def write_pair(root, split, name, image, label, image_ext=".jpg"):
@@ -105,6 +105,49 @@ def test_labels_beyond_the_classes_are_an_error_naming_the_file(seg_root):
     dataset = SegmentationFolder(str(seg_root), "training", num_classes=2, transform=keep)
     with pytest.raises(ValueError, match=r"a\.png: label 2 is outside the 2 classes"):
         dataset[0]
+
+
+def test_a_label_out_of_range_names_the_file_the_value_and_the_flags(seg_root):
+    dataset = SegmentationFolder(str(seg_root), "training", num_classes=2, transform=keep)
+    with pytest.raises(ValueError) as reduced:
+        dataset[0]
+    assert str(reduced.value) == (f"{seg_root / 'annotations' / 'training' / 'a.png'}: label 2 is outside the 2 "
+                                  f"classes (the file's 3, less one by --reduce_zero_label) and is not the ignore "
+                                  f"index 255; check --nb_classes 2, --reduce_zero_label and --ignore_index 255")
+    unreduced = SegmentationFolder(str(seg_root), "training", num_classes=3, transform=keep, reduce_zero_label=False,
+                                   ignore_index=9)
+    with pytest.raises(ValueError, match=r"a\.png: label 3 is outside the 3 classes and is not the ignore index 9; "
+                                         r"check --nb_classes 3, --no-reduce_zero_label and --ignore_index 9"):
+        unreduced[0]
+
+
+def test_check_labels_reads_every_annotation_of_a_small_split(seg_root):
+    dataset = SegmentationFolder(str(seg_root), "training", num_classes=3, transform=keep)
+    check = check_labels(dataset, full_up_to=3, sample_size=1)
+    labels = [np.asarray(Image.open(seg_root / "annotations" / "training" / f"{n}.png")) for n in "abc"]
+    assert (check.checked, check.total, check.unreadable) == (3, 3, 0)
+    assert check.labelled_pixels == sum(int((label != 0).sum()) for label in labels)  # 0 is ignored once reduced
+    assert check.describe() == "all 3 training images"
+
+
+def test_check_labels_reads_a_fixed_sample_of_a_larger_split(seg_root, monkeypatch):
+    dataset = SegmentationFolder(str(seg_root), "training", num_classes=3, transform=keep)
+    read = []
+    monkeypatch.setattr("util.seg_datasets.load_label", lambda path: read.append(path) or np.zeros((2, 2), np.int64))
+    check = check_labels(dataset, full_up_to=2, sample_size=2)
+    assert check.describe() == "a sample of 2 of 3 training images" and len(set(read)) == 2
+    check_labels(dataset, full_up_to=2, sample_size=2)
+    assert read[2:] == read[:2]  # the same sample at every start (and on every process)
+
+
+def test_check_labels_finds_a_label_out_of_range_and_counts_unreadable_annotations(seg_root):
+    (seg_root / "annotations" / "training" / "b.png").write_bytes(b"\x89PNG not really")
+    dataset = SegmentationFolder(str(seg_root), "training", num_classes=3, transform=keep)
+    with pytest.warns(UnreadableImageWarning, match="b.png"):
+        assert check_labels(dataset, full_up_to=3, sample_size=3).unreadable == 1
+    small = SegmentationFolder(str(seg_root), "training", num_classes=2, transform=keep)
+    with pytest.raises(ValueError, match=r"a\.png: label 2 is outside"):  # a.png is read first
+        check_labels(small, full_up_to=3, sample_size=3)
 
 
 def test_colour_annotations_are_a_format_error(seg_root):

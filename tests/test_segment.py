@@ -7,12 +7,21 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main_segment
 from dmjd_encoders.pretrained import architecture_kwargs
-from engine_segment import EvalCollate, SegmentTask, full_batch, resolve_config, validate_args
+from engine_segment import EvalCollate, SegmentTask, full_batch
+from main_segment import validate_args
+
+
+def resolve_config(args):
+    """engine_segment's config of main_segment.py's flags, as the script resolves them."""
+    import engine_segment
+    return engine_segment.resolve_config(args, main_segment.get_args_parser())
 from helpers import (as_script, load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
                      write_segmentation_folder)
 from util.schedules import poly_lr
@@ -217,9 +226,9 @@ def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
 
 @pytest.mark.parametrize("class_token", [False, True])
 def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tmp_path, class_token):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from models_upernet import create_upernet
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     model = create_upernet("vit_test_patch16_gap_sincos", 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
                            class_token=class_token)
     save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
@@ -235,7 +244,7 @@ def small_segmentation_config(*flags):
 @pytest.mark.parametrize("model,strides", [("convvit_tiny_patch16", [4, 8, 16, 32]),
                                            ("vit_test_patch16_gap_sincos", [4, 8, 16, 32])])
 def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, strides):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from engine_segment import build_segmenter
     cfg = small_segmentation_config("--model", model, "--nb_classes", "3")
     assert cfg.simple_pyramid is (model.startswith("vit"))
@@ -251,29 +260,27 @@ def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, str
 
 
 def test_resuming_a_checkpoint_saved_before_the_dense_flags_names_them_and_resumes_with_them_off(tmp_path):
+    from training.checkpointing import check_saved_flags
     from training.errors import RunError
-    from training.run import Run
     saved = small_segmentation_config().flags()
     for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
         del saved[name]  # a checkpoint of a run from before these options: they were off
-    with Run(small_segmentation_config("--output_dir", str(tmp_path / "a"))) as run:
-        with pytest.raises(RunError) as stop:
-            run._check_flags("old.pth", saved)
+    with pytest.raises(RunError) as stop:
+        check_saved_flags("old.pth", saved, small_segmentation_config("--output_dir", str(tmp_path / "a")))
     for shown in ("--rel_pos_bias: saved False (saved before the flag existed), given True",
                   "--layer_scale: saved None (saved before the flag existed), given 1.0"):
         assert shown in str(stop.value)
     assert "simple_pyramid" not in str(stop.value)  # a ConViT's: off, as before
     off = small_segmentation_config("--output_dir", str(tmp_path / "b"), "--no-rel_pos_bias", "--layer_scale", "none")
-    with Run(off) as run:
-        run._check_flags("old.pth", saved)
+    check_saved_flags("old.pth", saved, off)
 
 
 def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_their_former_values(tmp_path):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from engine_segment import build_segmenter
     from training.errors import RunError
     from training.run import Run
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     old = small_segmentation_config("--model", "convvit_tiny_patch16", "--no-rel_pos_bias", "--layer_scale", "none")
     args = old.flags()
     for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
@@ -290,3 +297,101 @@ def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_
                                        "--no-rel_pos_bias", "--layer_scale", "none")
     with Run(former) as run:
         assert run.resume(None, build_segmenter(former), auto=False) == 0  # the weights load
+
+
+# -- the evaluation set, checked before the first step ----------------------------------------------------------------
+@pytest.fixture
+def small_seg_data(tmp_path):
+    """2 training and 3 validation images of 32 x 32, 4 classes (annotations 0..4, 0 the ignored "other")."""
+    return write_segmentation_folder(tmp_path / "ade", {"training": [(32, 32)] * 2, "validation": [(32, 32)] * 3})
+
+
+def write_label(path, value):
+    """Overwrites the annotation at `path` (32 x 32) with a label map of class 1 and one pixel of `value`."""
+    label = np.ones((32, 32), np.uint8)
+    label[5, 5] = value
+    Image.fromarray(label, "L").save(path)
+
+
+def seg_loaders(data, *flags):
+    """engine_segment.segmentation_loaders of a one-process CPU run on `data`, 4 classes."""
+    from engine_segment import segmentation_loaders
+    from training.distributed import DistInfo
+    cfg = small_segmentation_config("--data_path", str(data), "--nb_classes", "4", "--img_scale", "32", "32",
+                                    "--num_workers", "0", *flags)
+    return segmentation_loaders(SimpleNamespace(device=torch.device("cpu"), dist=DistInfo(), world_size=1), cfg)
+
+
+def test_a_validation_label_out_of_range_stops_the_run_before_the_first_step(small_seg_data):
+    from training.errors import RunError
+    bad = small_seg_data / "annotations" / "validation" / "2.png"
+    write_label(bad, 9)
+    with pytest.raises(RunError) as stop:
+        seg_loaders(small_seg_data)
+    assert str(stop.value) == (f"{bad}: label 8 is outside the 4 classes (the file's 9, less one by "
+                               f"--reduce_zero_label) and is not the ignore index 255; check --nb_classes 4, "
+                               f"--reduce_zero_label and --ignore_index 255")
+
+
+def test_a_training_label_out_of_range_stops_the_run_at_start(small_seg_data):
+    from training.errors import RunError
+    bad = small_seg_data / "annotations" / "training" / "1.png"
+    write_label(bad, 7)
+    with pytest.raises(RunError, match=re.escape(f"{bad}: label 6 is outside the 4 classes")):
+        seg_loaders(small_seg_data)
+    (small_seg_data / "seg.pth").write_bytes(b"")  # --eval needs a --resume file; the loaders do not read it
+    seg_loaders(small_seg_data, "--eval", "--resume", str(small_seg_data / "seg.pth"))  # reads no training label
+
+
+def test_a_validation_set_whose_pixels_are_all_ignored_stops_the_run_naming_the_folder(small_seg_data):
+    from training.errors import RunError
+    folder = small_seg_data / "annotations" / "validation"
+    for path in folder.iterdir():
+        Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(path)  # 0: "other", ignored once reduced
+    with pytest.raises(RunError) as stop:
+        seg_loaders(small_seg_data)
+    assert str(stop.value) == (f"{folder}: every pixel of the annotations of all 3 validation images is ignored (label "
+                               f"255, or 0 by --reduce_zero_label): there is no pixel to score; check "
+                               f"--reduce_zero_label and --ignore_index 255")
+
+
+def test_validation_annotations_none_of_which_can_be_read_stop_the_run_naming_the_folder(small_seg_data):
+    from training.errors import RunError
+    folder = small_seg_data / "annotations" / "validation"
+    for path in folder.iterdir():
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning, match="unreadable annotation"), pytest.raises(RunError, match=re.escape(
+            f"{folder}: none of the annotations of all 3 validation images can be read")):
+        seg_loaders(small_seg_data)
+
+
+def test_the_label_check_says_whether_it_read_every_annotation_or_a_sample(small_seg_data, capsys, monkeypatch):
+    seg_loaders(small_seg_data)
+    out = capsys.readouterr().out
+    assert "checked the labels of all 3 validation images\n" in out
+    assert "checked the label range of all 2 training images (the loader checks each one as it reads it)" in out
+    monkeypatch.setattr("engine_segment.FULL_LABEL_CHECK_LIMIT", 2)
+    monkeypatch.setattr("engine_segment.LABEL_CHECK_SAMPLE", 2)
+    seg_loaders(small_seg_data)
+    assert ("checked the labels of a sample of 2 of 3 validation images (a fixed random sample: all are read up to 2)"
+            in capsys.readouterr().out)
+
+
+def test_an_evaluation_with_an_empty_confusion_matrix_is_a_run_error_naming_the_folder():
+    from engine_segment import SegmentTask
+    from training.errors import RunError
+    from training.loop import evaluate
+
+    class Constant(torch.nn.Module):
+        def predict(self, images, size, *how):
+            return torch.ones(len(images), 4, *size)
+
+    cfg = SimpleNamespace(nb_classes=4, ignore_index=255, amp_dtype=None, eval_mode="whole", eval_crop_size=8,
+                          eval_stride=8, test_ratios=[1.0], aug_test=False, data_path="data", loss_names=("loss",))
+    batches = [(torch.zeros(2, 3, 8, 8), torch.full((2, 8, 8), 255), 0)]  # every pixel ignored
+    with pytest.raises(RunError) as stop:
+        evaluate(SegmentTask(Constant(), cfg, torch.device("cpu"), ["a", "b", "c", "d"]), batches,
+                 torch.device("cpu"), 10)
+    assert str(stop.value) == ("the confusion matrix is empty: every pixel of the 2 validation images evaluated is "
+                               "ignored (data/annotations/validation, --ignore_index 255): there is no score to "
+                               "report")

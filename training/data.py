@@ -6,6 +6,8 @@ on how long the workers have lived (persistent workers are seeded once, when the
 workers. So a run resumed at an epoch (or step) boundary sees exactly the crops an uninterrupted run would, and
 `seed_step` does the same for the randomness of the main process (masks, drop path, mixup).
 """
+import atexit
+import multiprocessing
 import signal
 from typing import Callable, Optional
 
@@ -40,6 +42,20 @@ def shield_worker_from_stop_signals(worker_id: int = 0) -> None:
     inherited = {sig for sig in signal.valid_signals() if callable(signal.getsignal(sig))}
     for sig in (inherited | {signal.SIGTERM}) - {signal.SIGINT, signal.SIGCHLD}:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_shielded_workers() -> None:
+    """At exit, kills the loader workers still alive. A failure that leaves a loader's iterator to the interpreter's
+    shutdown skips the loader's own shutdown, and multiprocessing's exit handler then asks its workers to stop with
+    SIGTERM, which they ignore (`shield_worker_from_stop_signals`), and waits for them forever. Registered after
+    multiprocessing's handler (imported with torch), so it runs before it; a worker's work is worth nothing then."""
+    for worker in multiprocessing.active_children():
+        if worker.daemon:  # the loaders' workers; a process the run started itself would not be daemonic
+            worker.kill()
+            worker.join(timeout=5)
+
+
+atexit.register(_kill_shielded_workers)
 
 
 class SeededSamples(Dataset):

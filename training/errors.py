@@ -1,9 +1,10 @@
 """The exceptions that end a run, and the one place that turns them into a script's exit: library code raises, only
 scripts exit (`exits_like_a_script`)."""
+import errno
 import functools
 import sys
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, to be continued
+from training.signals import REQUEUE_EXIT_CODE  # noqa: F401 (EX_TEMPFAIL: stopped on request, to be continued)
 
 
 class RunError(Exception):
@@ -40,7 +41,8 @@ def script_errors() -> tuple:
 
 def exits_like_a_script(main):
     """`main(args)` of a script: a RunError (or a pre-trained checkpoint that does not fit) ends it with
-    `error: <message>` and status 1, Preempted with status 75."""
+    `error: <message>` and status 1, as does a full disk (whose message names the file and what was kept),
+    Preempted with status 75."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
@@ -49,4 +51,8 @@ def exits_like_a_script(main):
             raise SystemExit(REQUEUE_EXIT_CODE) from None
         except script_errors() as err:
             raise SystemExit(f"error: {err}") from None
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise SystemExit(f"error: {err.strerror}") from None
     return run

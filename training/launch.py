@@ -10,19 +10,27 @@ things differ, both for jobs that a scheduler stops and requeues (PRETRAIN.md, "
   leaving its processes to train on.
 - The launcher exits with 75 when the training processes did (one is enough: see `exit_status`): "stopped with a
   checkpoint, requeue me". torchrun exits 1 for any process that ends with another status than 0.
+- A stop signal before the training processes exist (while torch loads, before the agent starts them) ends the
+  launcher at once with 75: nothing was started (training.signals, installed before torch is imported).
 Otherwise its exit status is torchrun's: 0 when every process succeeded, 1 when one failed.
 """
-import logging
-import os
 import signal
 import sys
-import threading
-from typing import List, Optional
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import get_args_parser, run as torchrun
+from training import signals
 
-from training.run import REQUEUE_EXIT_CODE
+if __name__ == "__main__":  # before torch loads: a stop while starting is a requeue (training.signals)
+    signals.handle_from_start()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: E402
+from torch.distributed.run import get_args_parser, run as torchrun  # noqa: E402
+
+from training.signals import REQUEUE_EXIT_CODE  # noqa: E402
 
 # Passed on to the training processes: the scheduler's stop signals (SIGTERM, SLURM's --signal, submitit's SIGUSR2)
 # and the terminal's (each process decides what the signal means: its --stop_signals save and requeue).
@@ -83,9 +91,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BaseException as err:  # noqa: B036  (re-raised in the main thread)
             outcome["error"] = err
 
+    stop_signals = signals.parse_signals(signals.signal_names(argv if argv is not None else sys.argv[1:]))
+
     def forward(signum, frame) -> None:
         name = signal.Signals(signum).name
         pids = child_pids(os.getpid())
+        if not pids and signum in stop_signals:  # the agent has not started them yet: nothing to stop or save
+            print(f"training.launch: received {name} before the training processes started; exiting with status "
+                  f"{REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr, flush=True)
+            os._exit(REQUEUE_EXIT_CODE)
         print(f"training.launch: received {name}; passing it on to the training processes "
               f"{', '.join(map(str, pids)) or '(none running)'}", file=sys.stderr, flush=True)
         for pid in pids:
@@ -109,8 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if status == REQUEUE_EXIT_CODE:
         ranks = ", ".join(str(rank) for rank, failure in sorted(outcome["failures"].items())
                           if failure.exitcode == REQUEUE_EXIT_CODE)
-        print(f"training.launch: the training processes stopped with a checkpoint (status {REQUEUE_EXIT_CODE} from "
-              f"rank {ranks}); exiting with status {REQUEUE_EXIT_CODE} (requeue)", file=sys.stderr, flush=True)
+        print(f"training.launch: the training processes stopped on a signal (status {REQUEUE_EXIT_CODE} from rank "
+              f"{ranks}: their last step saved, or nothing trained yet); exiting with status {REQUEUE_EXIT_CODE} "
+              f"(requeue)", file=sys.stderr, flush=True)
     elif status:
         print(outcome["message"], file=sys.stderr, flush=True)
     return status

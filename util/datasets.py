@@ -8,7 +8,7 @@ alpha, palette, CMYK, 16-bit) are converted to RGB.
 """
 import os
 import warnings
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,10 +61,20 @@ class RobustImageFolder(datasets.ImageFolder):
     """ImageFolder (same `classes`, `class_to_idx`, `samples`, `targets`) whose unreadable files give None.
 
     Use it with `skip_bad_collate`. Only decoding is guarded: an error in the transform is a bug and is raised.
+    `classes`: the labels' names in index order, to label this folder as another was labelled (an evaluation set by
+    its training set's classes); a class may then have no folder or no image here, and a folder that is not one of
+    them is not read (`image_folder` refuses it first). Without it, the folder's own class folders, sorted.
     """
 
-    def __init__(self, root: str, transform=None, target_transform=None):
-        super().__init__(root, transform=transform, target_transform=target_transform, loader=load_rgb)
+    def __init__(self, root: str, transform=None, target_transform=None, classes: Optional[Sequence[str]] = None):
+        self.given_classes = list(classes) if classes is not None else None
+        super().__init__(root, transform=transform, target_transform=target_transform, loader=load_rgb,
+                         allow_empty=classes is not None)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        if self.given_classes is None:
+            return super().find_classes(directory)
+        return self.given_classes, {name: index for index, name in enumerate(self.given_classes)}
 
     def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, int]]:
         path, target = self.samples[index]
@@ -104,16 +114,37 @@ def pretrain_transform(input_size: int, min_crop_scale: float = 0.5) -> transfor
     ])
 
 
-def image_folder(data_path: str, split: str, transform) -> RobustImageFolder:
-    """`<data_path>/<split>/<class>/<image>` as a RobustImageFolder; a missing or empty folder fails here."""
+def class_folders(root: str) -> List[str]:
+    """The class folders of an ImageFolder root, sorted: ImageFolder's `classes` of it."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def image_folder(data_path: str, split: str, transform, classes: Optional[Sequence[str]] = None,
+                 classes_of: str = "") -> RobustImageFolder:
+    """`<data_path>/<split>/<class>/<image>` as a RobustImageFolder; a missing folder, or one without images, fails
+    here. `classes`: label it with these class names in index order instead of its own folders, those of
+    `classes_of` (what the messages call their source: a training folder, a checkpoint). A class folder that they
+    lack fails here, naming it, since its images would be scored against another class's label; a class without
+    images here is allowed (`classes_without_images`)."""
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no '{split}/' folder under --data_path {data_path!r}: expected an ImageFolder "
                                 f"tree {root}/<class>/<image>")
+    if classes is not None:
+        known = set(classes)
+        unknown = [name for name in class_folders(root) if name not in known]
+        if unknown:
+            one = len(unknown) == 1
+            raise ValueError(f"{root} has {'a class' if one else 'classes'} {', '.join(map(repr, unknown))} that "
+                             f"{classes_of} has not: {'its' if one else 'their'} images would be scored against "
+                             f"another class's label")
     try:
-        dataset = RobustImageFolder(root, transform=transform)
+        dataset = RobustImageFolder(root, transform=transform, classes=classes)
     except FileNotFoundError as err:  # no class folders, or class folders without images
         raise FileNotFoundError(f"{root} holds no images in class sub-folders: {err}") from None
+    if len(dataset) == 0:  # labelled by given classes, whose folders may be missing or empty
+        raise FileNotFoundError(f"{root} holds no image of any of the {len(dataset.classes)} classes of {classes_of} "
+                                f"(a folder per class, named as there)")
     return dataset
 
 
@@ -143,11 +174,24 @@ def sample_images(data_path: str, split: str, input_size: int, num_images: int) 
     return torch.stack(picked)
 
 
-def classification_folders(data_path: str, train_transform, val_transform, nb_classes: int, with_train: bool = True):
-    """`train/` (unless `with_train` is False: then None) and `val/` ImageFolders for classification; more classes
-    than `nb_classes` in either fails here, naming the folder."""
-    val_set = image_folder(data_path, "val", val_transform)
+def classes_without_images(dataset: RobustImageFolder) -> List[str]:
+    """The classes of `dataset` (in index order) that none of its images has."""
+    present = set(dataset.targets)
+    return [name for index, name in enumerate(dataset.classes) if index not in present]
+
+
+def classification_folders(data_path: str, train_transform, val_transform, nb_classes: int, with_train: bool = True,
+                           classes: Optional[Sequence[str]] = None, classes_of: str = ""):
+    """`train/` (unless `with_train` is False: then None) and `val/` ImageFolders for classification, labelled alike:
+    val/ takes train/'s class-to-index mapping (its class folders, sorted, as ImageFolder does), or without train/
+    `classes` (those a checkpoint was trained on; `classes_of` names it), or else its own folders. A val/ class that
+    the mapping lacks fails here, naming both; a training class without images in val/ is allowed (its accuracy then
+    covers the others: `classes_without_images`). An empty val/, or more classes than `nb_classes`, fails here,
+    naming the folder."""
     train_set = image_folder(data_path, "train", train_transform) if with_train else None
+    if train_set is not None:
+        classes, classes_of = train_set.classes, os.path.join(data_path, "train")
+    val_set = image_folder(data_path, "val", val_transform, classes, classes_of)
     for name, dataset in (("train", train_set), ("val", val_set)):
         if dataset is not None and len(dataset.classes) > nb_classes:
             raise ValueError(f"{data_path}/{name} has {len(dataset.classes)} classes but --nb_classes is {nb_classes}")
