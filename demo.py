@@ -117,11 +117,26 @@ def start_problem(cmd: List[str]) -> Optional[str]:
     return None
 
 
+LOAD = []  # the 5-minute load average at the end of each stage: how busy the machine was while it ran
+
+
 def run(cmd: List[str]) -> float:
     print("\n$ " + command_line(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
+    if hasattr(os, "getloadavg"):
+        LOAD.append(os.getloadavg()[1])
     return time.time() - start
+
+
+def shared_machine_note(figures: dict) -> str:
+    """A sentence when other work ran beside the demo (a 5-minute load average above the machine's cores at the end of
+    some stage): its minutes are then longer than the demo takes alone; its accuracies are the same."""
+    load, cores = figures.get("load"), figures.get("cores")
+    if not load or not cores or load <= cores:
+        return ""
+    return (f" Other work shared the machine during this run (5-minute load average up to {load:.1f} on {cores} "
+            f"cores): the minutes are longer than the demo takes alone; the accuracies do not depend on it.")
 
 
 def accuracies(cmd: List[str]) -> List[float]:
@@ -185,7 +200,7 @@ def results_block(figures: dict) -> str:
                      f"{figures['finetune'][-1]:.2f}% top-1", minutes["finetune"]))
     lines = ["| stage | top-1 on the 10,000 test images | minutes |", "|---|---|---|"]
     lines += [f"| {stage} | {result} | {value:.1f} |" for stage, result, value in rows]
-    return f"`{figures['command']}` ({figures['provenance']}):\n\n" + "\n".join(lines)
+    return f"`{figures['command']}` ({figures['provenance']}):{shared_machine_note(figures)}\n\n" + "\n".join(lines)
 
 
 def finetune_block(figures: dict) -> str:
@@ -196,7 +211,7 @@ def finetune_block(figures: dict) -> str:
             f"**{epochs[-1]:.2f}%** top-1 on the 10,000 test images ({by_epoch} after epochs 1 to {len(epochs)}), "
             f"from the demo's {figures['pretrain_epochs']}-epoch checkpoint, whose linear probe gave "
             f"{figures['probe_pretrained']:.2f}% against {figures['probe_random']:.2f}% for the randomly initialised "
-            f"encoder.")
+            f"encoder.{shared_machine_note(figures)}")
 
 
 def write_docs(docs: List[str], figures: dict) -> None:
@@ -257,7 +272,8 @@ def main(args):
                    "probe_epochs": args.probe_epochs,
                    "probe_train": args.probe_train, "probe_pretrained": results["pre-trained"],
                    "probe_random": results["random init"], "finetune": accuracies(commands["finetune"]),
-                   "minutes": {k: v / 60 for k, v in seconds.items()}}
+                   "minutes": {k: v / 60 for k, v in seconds.items()},
+                   "load": max(LOAD, default=None), "cores": os.cpu_count()}
         write_docs(args.doc, figures)
     print(f"\nFiles (in {out}/):")
     print("  pretrain/checkpoint-last.pth   the pre-trained DMJD model (encoder, decoder, visible branch)")

@@ -153,6 +153,7 @@ def test_the_docs_blocks_get_the_runs_figures_and_nothing_else(tmp_path):
     text = finetune.split("<!-- demo_finetune -->", 1)[1].split("<!-- /demo_finetune -->", 1)[0]
     assert "**79.87%** top-1 on the 10,000 test images (70.10, 76.20 and 79.87% after epochs 1 to 3)" in text
     assert "torch 9.9.9" in text and "71.23% against 55.50%" in text
+    assert "shared the machine" not in readme + finetune  # no load recorded: no note
     for doc in docs:  # outside the blocks, nothing changed
         original = open(os.path.join(demo.ROOT, doc.name)).read()
         assert re.sub(r"<!-- (\w+) -->.*?<!-- /\1 -->", "", doc.read_text(), flags=re.S) == \
@@ -165,3 +166,13 @@ def test_doc_is_checked_before_the_demo_runs_and_runs_the_finetuning_too(tmp_pat
     (tmp_path / "NOTES.md").write_text("no block here\n")
     with pytest.raises(SystemExit):
         demo.parse_args(["--doc", str(tmp_path / "NOTES.md")])
+
+
+def test_figures_made_on_a_busy_machine_say_so_beside_their_minutes(tmp_path):
+    doc = tmp_path / "README.md"
+    doc.write_text(open(os.path.join(demo.ROOT, "README.md")).read())
+    demo.write_docs([str(doc)], dict(FIGURES, load=2.5, cores=3))  # below the cores: a quiet machine
+    assert "shared the machine" not in doc.read_text()
+    demo.write_docs([str(doc)], dict(FIGURES, load=7.25, cores=2))
+    table = doc.read_text().split("<!-- demo_results -->", 1)[1].split("<!-- /demo_results -->", 1)[0]
+    assert "(5-minute load average up to 7.2 on 2 cores): the minutes are longer than the demo takes alone" in table
