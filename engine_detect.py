@@ -5,17 +5,17 @@ mask AP.
 The recipe is iteration-based (detectron2's, as ConvMAE's DET and ViTDet train): `--iters` optimizer steps of
 large-scale jittered crops drawn from an endless seeded stream of the training images (training.data.stream_loader),
 evaluated and checkpointed every `--eval_interval` of them and at the last. `--recipe` names the schedule and the
-optimizer (training.flags.DETECTION_RECIPES: ConvMAE-B's 25-epoch cosine for a ConViT, ViTDet's 100-epoch step
+optimizer (DETECTION_RECIPES: ConvMAE-B's 25-epoch cosine for a ConViT, ViTDet's 100-epoch step
 schedule with layer-wise lr decay for a ViT); the backbone follows the model's family (models_maskrcnn). Every value
 a flag leaves to the recipe or the model is resolved once here and printed at the start.
 """
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from timm.models import group_parameters
 
 from dmjd_encoders.dense import detection_attention
@@ -25,21 +25,37 @@ from dmjd_encoders.pretrained import saved_args
 from models_maskrcnn import LOSS_NAMES, create_mask_rcnn, detection_loss
 from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
-from training.distributed import broadcast_from_main, launch_world_size, note_collective
+from training.distributed import broadcast_from_main, gather_shards, launch_world_size, on_main_process
 from training.errors import RunError, flag_error
-from training.flags import DETECTION_RECIPES, VITDET_BY_DEPTH, check_run_flags, detection_parser, detection_split_paths
-from training.loop import Schedule, Task, evaluate_checkpoint, fit
-from training.meters import Progress
+from training.flags import check_run_flags
+from training.loop import Schedule, evaluate_checkpoint, fit
 from training.run import Run
-from training.transfer import check_transfer_flags, scaled_lr
-from training.step import autocast_context
+from training.task import Evaluator, Task
+from training.transfer import check_transfer_flags, count_parameters, model_from_checkpoints, on_run_device
 from util.coco import CocoDetection, detection_collate
-from util.det_metrics import (coco_evaluate, coco_ground_truth, coco_records, gather_records, scores_for_log,
-                              write_results)
+from util.det_metrics import coco_evaluate, coco_ground_truth, coco_records, scores_for_log, write_results
 from util.det_transforms import DetEvalTransform, DetTrainTransform
+from util.layouts import detection_split_paths
 from util.misc import resolve_amp, resolve_device
-from util.schedules import detectron_lr
+from util.schedules import detectron_lr, scaled_lr
 
+# The detection recipes (main_detect.py --recipe) and the flags they set where the flag is not given. ConvMAE-B's
+# 25-epoch COCO config (DET/configs/convmae/convmae_base_mask_rcnn_FPN_25ep.py: 368,750 / 4 iterations of 32 images,
+# evaluated every 3,688; lr 8e-5, cosine) for a ConViT; ViTDet's 100-epoch config (detectron2 projects/ViTDet/configs/
+# COCO/mask_rcnn_vitdet_b_100ep.py: 184,375 iterations of 64 images, lr 1e-4 x0.1 at 163,889 and 177,546, 250 warmup
+# iterations, layer-wise lr decay 0.7; eval_period 5,000 of detectron2's common train config) for a ViT.
+# "per GPU" batch sizes are for one 8-GPU node.
+DETECTION_RECIPES = {
+    "convmae": dict(iters=92187, eval_interval=3688, batch_size=4, accum_iter=1, blr=6.4e-4, lr_schedule="cosine",
+                    lr_steps=None, warmup_length=0.005, layer_decay=1.0, drop_path=0.1),
+    # 64 images per step as 1 image x 8 GPUs x 8 accumulated micro-batches (ViTDet: 1 image on each of 64 GPUs; about
+    # 11 GB each for ViT-B at 1024 px, 21 GB for ViT-L; LayerNorm throughout, so accumulating changes nothing)
+    "vitdet": dict(iters=184375, eval_interval=5000, batch_size=1, accum_iter=8, blr=4e-4, lr_schedule="step",
+                   lr_steps=[163889 / 184375, 177546 / 184375], warmup_length=250 / 184375, layer_decay=0.7,
+                   drop_path=0.1),
+}
+# ViTDet's larger ViTs (mask_rcnn_vitdet_l_100ep.py, _h_75ep.py): by the transformer's depth
+VITDET_BY_DEPTH = {24: dict(layer_decay=0.8, drop_path=0.4), 32: dict(layer_decay=0.9, drop_path=0.5)}
 RESULTS_FILE = "coco_results.json"
 NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
 # parameters without weight decay besides the norms', as each recipe's optimizer overrides say (biases decay)
@@ -89,6 +105,9 @@ class DetectConfig(TrainConfig):
         (util.schedules.detectron_lr)."""
         return detectron_lr(iteration / self.iters, self.lr, self.lr_schedule, self.min_lr, self.lr_steps or (),
                             self.warmup_length, self.warmup_factor)
+
+    def schedules(self, round_steps: int) -> Dict[str, Callable[[float], float]]:
+        return {"lr": self.lr_at}
 
     @property
     def schedule(self) -> Schedule:
@@ -145,10 +164,10 @@ def recipe_values(args) -> Dict[str, object]:
     return resolved
 
 
-def validate_args(args) -> argparse.Namespace:
-    """The checks of main_detect.py's flags (training.flags.detection_parser): fails before any work, naming the
-    flag. Returns the flags with what they left to the recipe and the model resolved (`recipe_values`)."""
-    check_run_flags(detection_parser(), args)  # each flag's range, as declared
+def validate_args(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The checks of main_detect.py's flags (`parser`, the script's): fails before any work, naming the flag.
+    Returns the flags with what they left to the recipe and the model resolved (`recipe_values`)."""
+    check_run_flags(parser, args)  # each flag's range, as declared
     args = argparse.Namespace(**{**vars(args), **recipe_values(args)})
     if not args.scale_range[0] <= args.scale_range[1]:
         raise flag_error("--scale_range", f"must be LOW HIGH with LOW <= HIGH, got {args.scale_range}")
@@ -166,13 +185,13 @@ def validate_args(args) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args):
+def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple["DetectConfig", str]:
     """(config, lr line): the flags checked and resolved, with the lr (blr x total batch / 256 unless --lr) and the
     precision resolved for the launch's device and world size."""
-    args = validate_args(args)
+    args = validate_args(args, parser)
     device, world_size = resolve_device(args.device), launch_world_size()
-    lr, line = scaled_lr(args, world_size)
-    cfg = DetectConfig.from_args(args, detection_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
+    lr, line = scaled_lr(args.blr, args.batch_size * args.accum_iter * world_size, args.lr)
+    cfg = DetectConfig.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0],
                                  world_size=world_size)
     return cfg, line
 
@@ -297,14 +316,18 @@ class DetectTask(Task):
     validation annotations the dataset keeps. Batches are `(images, targets, num_bad)` lists of uint8 images and
     torchvision targets (util.coco.detection_collate); a batch with no readable image trains as one blank image
     without instances, of weight 0. After each evaluation the main process writes the COCO results JSON to
-    --output_dir. An evaluation that could read no image stops the run: it is never a score. A checkpoint keeps the
-    class names it was trained on (`classes`)."""
+    --output_dir. A checkpoint keeps the class names it was trained on (`classes`)."""
     loss_names = LOSS_NAMES
     best = "bbox_AP"
 
     def __init__(self, model: torch.nn.Module, cfg: DetectConfig, device: torch.device, val_set: CocoDetection):
-        self.model, self.trained, self.cfg, self.device, self.val_set = model, model, cfg, device, val_set
+        self.model, self.cfg, self.device, self.val_set = model, cfg, device, val_set
         self.ground_truth = coco_ground_truth(val_set.ground_truth_data())
+        self.last: Optional[CocoScores] = None  # the last evaluation, whose detections the results file keeps
+
+    @property
+    def evaluation_set(self) -> str:
+        return self.cfg.split_paths("val")[1]
 
     def optimizer(self) -> torch.optim.AdamW:
         return detection_optimizer(self.model, self.cfg)
@@ -328,29 +351,12 @@ class DetectTask(Task):
     def loss(self, images, targets):
         return detection_loss(self.trained(images, targets))
 
-    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, object]:
-        records, image_ids = [], []
-        for it, (images, targets, _) in progress.track(loader):
-            if images is not None:  # None: no readable image in the batch (each was named in a warning)
-                progress.count(len(images))
-                with autocast_context(self.device, self.cfg.amp_dtype):
-                    outputs = self.model(self.model_input(images))
-                records += coco_records(outputs, targets, self.val_set.category_ids)  # fp32, outside autocast
-                image_ids += [int(t["image_id"]) for t in targets]
-            if progress.due(it):
-                progress.line(it)
-        note_collective("the gathering of the evaluation's detections")
-        records, image_ids = gather_records(records, image_ids)
-        if not image_ids:  # every process gathered the same ids: all stop alike
-            raise RunError(f"no validation image of {self.cfg.split_paths('val')[1]} could be read in this "
-                           f"evaluation (see the warnings above): there is no score to report")
-        scores = None
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            write_results(records, os.path.join(self.cfg.output_dir, RESULTS_FILE))
-            scores = scores_for_log(coco_evaluate(self.ground_truth, records, image_ids=image_ids))
-            scores.update(images=len(image_ids), detections=len(records))
-        # every process takes the same best-checkpoint decision
-        return broadcast_from_main(scores, "the sending of the main process's COCO scores")
+    def predict(self, images, targets):
+        return self.model(self.model_input(images))
+
+    def evaluator(self) -> "CocoScores":
+        self.last = CocoScores(self.ground_truth, self.val_set.category_ids)
+        return self.last
 
     def report(self, scores: Dict[str, object]) -> str:
         def shown(prefix):
@@ -360,10 +366,8 @@ class DetectTask(Task):
         return (f"box {shown('bbox')};  mask {shown('segm')} on {scores['images']} images "
                 f"({scores['detections']} detections)")
 
-    def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
-        for name, value in scores.items():
-            if value is not None and name not in ("images", "detections"):
-                writer.add_scalar(f"test/{name}", value, x)
+    def evaluated(self, scores: Dict[str, object], label: str) -> None:
+        write_results(self.last.records, os.path.join(self.cfg.output_dir, RESULTS_FILE))
 
     def extra_state(self) -> dict:
         return {"classes": list(self.val_set.class_names)}
@@ -375,6 +379,30 @@ class DetectTask(Task):
                            f"files name ({len(self.val_set.class_names)}: {self.val_set.class_names[:5]}...)")
 
 
+class CocoScores(Evaluator):
+    """COCO's box and mask AP of the detections (boxes and masks in fp32, in the images' own coordinates) against
+    the ground truth: each process's detections are gathered on the main process (`records`, COCO results), which
+    runs COCOeval and sends the scores to every process, so that all take the same best-checkpoint decision."""
+
+    def __init__(self, ground_truth, category_ids: Sequence[int]):
+        self.ground_truth, self.category_ids = ground_truth, category_ids
+        self.records: List[dict] = []
+        self.image_ids: List[int] = []
+
+    def update(self, outputs, targets) -> None:
+        self.records += coco_records(outputs, targets, self.category_ids)  # fp32, outside autocast
+        self.image_ids += [int(t["image_id"]) for t in targets]
+
+    def scores(self) -> Dict[str, object]:
+        self.records, self.image_ids = gather_shards(self.records, self.image_ids,
+                                                     "the gathering of the evaluation's detections")
+        scores = None
+        if on_main_process():
+            scores = scores_for_log(coco_evaluate(self.ground_truth, self.records, image_ids=self.image_ids))
+            scores.update(detections=len(self.records))
+        return broadcast_from_main(scores, "the sending of the main process's COCO scores")
+
+
 def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -384,13 +412,28 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.backbone.body.model if hasattr(model.backbone.body, "model") else model.backbone.body
 
 
-def run_detection(run: Run, cfg: DetectConfig, task: DetectTask, loaders) -> Dict[str, object]:
+def run_detection(run: Run, cfg: DetectConfig) -> Dict[str, object]:
+    """The loaders (the validation set checked), Mask R-CNN on --finetune's encoder (or the checkpoint resumed) and
+    its task; then --eval of --resume, or the run's intervals (`train_or_evaluate`)."""
+    if not cfg.eval:
+        print(f"{cfg.iters} iterations of {cfg.images_per_step} images ({cfg.batch_size} per process x "
+              f"{cfg.world_size} processes x accum {cfg.accum_iter}); large-scale jitter {cfg.scale_range} at "
+              f"{cfg.input_size} px")
+    train_loader, val_loader, val_set = detection_loaders(run, cfg)
+    model = model_from_checkpoints(run, cfg, partial(build_detector, cfg, len(val_set.class_names)), encoder_of,
+                                   "--model and --input_size", patch_tokens_only=True,
+                                   check_resumed=check_detection_checkpoint)
+    print(f"Mask R-CNN on {cfg.model}: {count_parameters(model):.2f} M parameters "
+          f"({count_parameters(model.backbone.body):.2f} M encoder), feature strides {model.backbone.strides}")
+    task = DetectTask(on_run_device(model, run, cfg), cfg, run.device, val_set)
+    return train_or_evaluate(run, cfg, task, (train_loader, val_loader))
+
+
+def train_or_evaluate(run: Run, cfg: DetectConfig, task: DetectTask, loaders) -> Dict[str, object]:
     """--eval of --resume, or the run's intervals (training.loop.fit). Returns the last evaluation."""
     train_loader, val_loader = loaders
     if cfg.eval:
-        scores = evaluate_checkpoint(run, task, val_loader, cfg.resume)
-        print(task.report(scores))
-        return scores
+        return evaluate_checkpoint(run, task, val_loader, cfg.resume)
     print(f"evaluation every {cfg.eval_interval} iterations and at the last, COCO's box and mask AP; results in "
           f"{os.path.join(cfg.output_dir, RESULTS_FILE)}")
-    return fit(run, task, cfg, train_loader, val_loader, cfg.schedule, lr_at=cfg.lr_at)
+    return fit(run, task, cfg, train_loader, val_loader, cfg.schedule)

@@ -1,214 +1,115 @@
-"""Supervised training on a pre-trained encoder (fine-tuning or linear probing): the config both scripts share, their
-task for the training loop (training.loop), and top-1 / top-5 evaluation."""
-import os
+"""Fine-tuning a pre-trained encoder for image classification: the config, the flags' checks, the classifier built
+from the checkpoint, its criterion, mixup / cutmix and layer-wise lr decay, and the run (training.classification
+trains and evaluates it)."""
+import argparse
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
+import timm
 import torch
-import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
 
-from dmjd_encoders.pretrained import check_pretrained_flag
-from models_convvit import check_classifier_name, encoder_stride
-from training.config import EpochConfig
-from training.data import eval_loader, train_loader
-from training.distributed import all_reduce_sum, launch_world_size
-from training.errors import RunError
-from training.flags import check_epoch_flags, check_input_size, check_run_flags
-from training.loop import Schedule, Task, evaluate_checkpoint, fit
-from training.meters import Progress
+from dmjd_encoders.models_convvit import conv_weights_channels_last
+from dmjd_encoders.pretrained import FRESH_KEYS
+from training.classification import (ClassificationConfig, ClassificationTask, check_classification_flags,
+                                     classification_loaders, resolve_classification, run_classification)
+from training.errors import flag_error
 from training.run import Run
-from training.step import autocast_context
-from util.checkpoint import CheckpointError, load_checkpoint
-from util.datasets import classes_without_images, classification_folders, skip_bad_collate
-from util.misc import resolve_amp, resolve_device
+from training.transfer import model_from_checkpoints
+from util.transforms import eval_transform, finetune_transform
 
 
 @dataclass(frozen=True)
-class ClassificationConfig(EpochConfig):
-    """What fine-tuning and probing share besides the run: classes, the pre-trained checkpoint, evaluation."""
-    nb_classes: int
-    finetune: str
-    checkpoint_key: str
-    eval: bool
-    dist_eval: bool
+class FinetuneConfig(ClassificationConfig):
+    """main_finetune.py's flags, resolved."""
+    drop_path: float
+    global_pool: bool
+    layer_decay: float
+    color_jitter: Optional[float]
+    aa: str
+    smoothing: float
+    reprob: float
+    remode: str
+    recount: int
+    mixup: float
+    cutmix: float
+    cutmix_minmax: Optional[list]
+    mixup_prob: float
+    mixup_switch_prob: float
+    mixup_mode: str
 
 
-def check_classification_flags(parser, args) -> None:
-    """The checks of fine-tuning's or probing's flags (`parser`: the script's); each failure names its flag."""
-    check_run_flags(parser, args)
-    check_epoch_flags(args)
-    check_pretrained_flag(args.finetune)
-    check_classifier_name(args.model)
-    check_input_size(args.input_size, args.model, encoder_stride(args.model))
+def validate_args(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fails before any work, naming the flag; returns `args` unchanged."""
+    check_classification_flags(parser, args)
+    if args.cutmix_minmax is not None and args.cutmix_minmax[0] > args.cutmix_minmax[1]:
+        raise flag_error("--cutmix_minmax", f"must be MIN MAX with MIN <= MAX, got {args.cutmix_minmax}")
+    try:  # timm parses the policy only when it builds the transform, inside the run
+        finetune_transform(args.input_size, args.aa)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise flag_error("--aa", f"{args.aa!r} is not an auto-augment policy of timm ({err}); e.g. "
+                                 f"rand-m9-mstd0.5-inc1, or '' for none") from None
+    return args
 
 
-def resolve_classification(config_cls, parser, args, **resolved):
-    """(config, lr line) of fine-tuning or probing flags, checked by the script's `validate_args`: lr = blr x total
-    batch / 256 (unless --lr is given), the precision resolved for the launch's device and world size, and any other
-    `resolved` fields as given."""
-    device, world_size = resolve_device(args.device), launch_world_size()
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * images_per_step / 256
-    line = (f"lr = {lr:.4g} (given)" if args.lr is not None else
-            f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}")
-    return config_cls.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0], world_size=world_size,
-                                **resolved), line
+def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple[FinetuneConfig, str]:
+    """(config, lr line): the flags checked, the lr and precision resolved (training.classification)."""
+    return resolve_classification(FinetuneConfig, parser, validate_args(args, parser))
 
 
-def evaluated_classes(cfg: ClassificationConfig) -> Tuple[Optional[List[str]], str]:
-    """--eval's labels for val/: (the class names that the evaluated checkpoint, --resume or else --finetune, was
-    trained on, "the checkpoint <path>"), or (None, why there are none) when it stores none (saved before
-    checkpoints kept them, or not a classifier's): val/'s own sorted folders then stand for them."""
-    path = cfg.resume or cfg.finetune
-    if not path:
-        return None, "no checkpoint is given"
-    try:
-        classes = load_checkpoint(path, mmap=True).get("classes")
-    except (CheckpointError, FileNotFoundError) as err:
-        raise RunError(str(err)) from None
-    if classes is None:
-        return None, f"{path} does not store the classes it was trained on"
-    return list(classes), f"the checkpoint {path}"
+def mixup_of(cfg: FinetuneConfig) -> Optional[Mixup]:
+    """timm's Mixup / CutMix as the flags set it (None when both are off)."""
+    if not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None):
+        return None
+    if cfg.batch_size % 2:
+        raise flag_error("--batch_size", f"{cfg.batch_size} must be even for mixup / cutmix")
+    print("mixup / cutmix on: soft-target cross-entropy")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=cfg.nb_classes)
 
 
-def classification_loaders(run: Run, cfg: ClassificationConfig, train_transform, val_transform):
-    """(train loader or None with --eval, val loader, class names) over `<data_path>/train` and `<data_path>/val`,
-    both labelled by the training classes (util.datasets.classification_folders): train/'s class folders, or with
-    --eval those the checkpoint stores. Checked before the first step: a val/ class that training lacks, or a val/
-    without images, stops the run naming the folder; a training class without images in val/ is named once here."""
-    classes, classes_of = evaluated_classes(cfg) if cfg.eval else (None, "")
-    try:
-        train_set, val_set = classification_folders(cfg.data_path, train_transform, val_transform, cfg.nb_classes,
-                                                    with_train=not cfg.eval, classes=classes, classes_of=classes_of)
-    except (FileNotFoundError, ValueError) as err:
-        raise RunError(str(err)) from None
-    val_root = os.path.join(cfg.data_path, "val")
-    if cfg.eval and classes is None:
-        print(f"{classes_of}: the labels 0..{len(val_set.classes) - 1} of its outputs are taken to be {val_root}'s "
-              f"own class folders, sorted; they must be the classes it was trained on, in that order")
-    elif cfg.eval:
-        print(f"labels: the {len(classes)} classes that {classes_of} was trained on")
-    missing = classes_without_images(val_set)
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        print(f"{val_root} has no images of {len(missing)} of the {len(val_set.classes)} training classes: {shown}; "
-              f"its accuracy covers the other {len(val_set.classes) - len(missing)}")
-    pin = cfg.pin_mem and run.device.type == "cuda"
-    val = eval_loader(val_set, cfg.batch_size, run.dist, cfg.dist_eval, cfg.num_workers, pin, skip_bad_collate)
-    if cfg.eval:
-        return None, val, val_set.classes
-    if len(train_set) < cfg.batch_size * run.world_size:
-        raise RunError(f"--batch_size {cfg.batch_size} x {run.world_size} processes needs at least "
-                       f"that many images; {cfg.data_path}/train has {len(train_set)}")
-    print(f"train: {len(train_set)} images, val: {len(val_set)} images, {len(train_set.classes)} classes")
-    train = train_loader(train_set, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers, pin, skip_bad_collate)
-    return train, val, train_set.classes
+def criterion_of(cfg: FinetuneConfig, mixup: Optional[Mixup]) -> torch.nn.Module:
+    """Soft-target cross-entropy with mixup / cutmix, else label smoothing's, else plain cross-entropy."""
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return torch.nn.CrossEntropyLoss()
 
 
-class ClassificationTask(Task):
-    """Fine-tuning or probing as the loop sees it: a classifier, its criterion and optimizer, optional mixup /
-    cutmix (drawn inside the step, so that the step's seeding covers it), and top-1 / top-5 evaluation; the best
-    checkpoint has the best top-1 (`best_acc1`). Batches are `(images, targets, num_bad)` from
-    util.datasets.skip_bad_collate; a batch with no readable image trains as two blank images of weight 0. An
-    evaluation that could read no image stops the run: it is never a score. A checkpoint keeps the class names it
-    was trained on (`classes`, the meaning of the head's outputs), which --eval reads back."""
-    best = "acc1"
-
-    def __init__(self, model: torch.nn.Module, cfg: EpochConfig, device: torch.device, criterion=None,
-                 make_optimizer=None, mixup_fn=None, classes: Sequence[str] = ()):
-        self.model, self.trained, self.cfg, self.device = model, model, cfg, device
-        self.criterion, self.make_optimizer, self.mixup_fn = criterion, make_optimizer, mixup_fn
-        self.classes: List[str] = list(classes)
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.model)
-
-    def placeholder(self):
-        size = self.cfg.input_size
-        return torch.zeros(2, 3, size, size), torch.zeros(2, dtype=torch.long)
-
-    def prepare(self, images, targets):
-        if self.mixup_fn is not None and len(images) % 2:  # an unreadable file left an odd batch: Mixup needs pairs
-            images, targets = images[:-1], targets[:-1]
-        return (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
-                len(images))
-
-    def loss(self, images, targets):
-        if self.mixup_fn is not None:
-            images, targets = self.mixup_fn(images, targets)
-        return self.criterion(self.trained(images).float(), targets)
-
-    def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
-        return {"loss": stats["loss"], "lr": stats["lr"]}
-
-    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, float]:
-        return classification_scores(self.model, loader, progress, self.device, self.cfg.amp_dtype,
-                                     os.path.join(self.cfg.data_path, "val"))
-
-    def report(self, scores: Dict[str, float]) -> str:
-        return report(scores)
-
-    def log_scores(self, writer, scores: Dict[str, float], x: int) -> None:
-        for k in ("acc1", "acc5", "loss"):
-            writer.add_scalar(f"test/{k}", scores[k], x)
-
-    def extra_state(self) -> dict:
-        return {"classes": list(self.classes)}
-
-    def load_extra_state(self, checkpoint: dict, path: str) -> None:
-        saved = checkpoint.get("classes")  # None: saved before checkpoints kept them
-        if saved is not None and list(saved) != self.classes:
-            def named(classes):
-                return f"{len(classes)}: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}"
-            raise RunError(f"{path} was trained on other classes ({named(saved)}) than {self.cfg.data_path}/train has "
-                           f"({named(self.classes)}): its outputs would stand for other classes")
+def build_classifier(cfg: FinetuneConfig, **layout) -> torch.nn.Module:
+    """--model with a classifier of --nb_classes, pooling then fc_norm with --global_pool (MAE's fine-tuning);
+    `layout`: build arguments a checkpoint's encoder needs (a checkpoint in MAE's / timm's ViT layout is fine-tuned
+    with its class token, as MAE does)."""
+    return timm.create_model(cfg.model, img_size=cfg.input_size, num_classes=cfg.nb_classes,
+                             drop_path_rate=cfg.drop_path, fc_norm=cfg.global_pool, **layout)
 
 
-def classification_scores(model: torch.nn.Module, loader, progress: Progress, device: torch.device,
-                          amp_dtype: Optional[torch.dtype] = None,
-                          folder: str = "the evaluation set") -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and cross-entropy over every sample the loader gives this process, summed over
-    processes (each sample counted once when the loader shards the set without padding). No image read in all
-    (`folder`'s files all unreadable) raises RunError on every process alike: there is no score to report."""
-    totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top-1, top-5, count, unreadable
-    for it, (images, targets, num_bad) in progress.track(loader):
-        totals[4] += num_bad
-        if images is not None:  # None: every file of the batch was unreadable (each was named in a warning)
-            progress.count(len(images))
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with autocast_context(device, amp_dtype):
-                outputs = model(images)
-            outputs = outputs.float()
-            top5 = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
-            correct = top5 == targets.unsqueeze(1)
-            totals[:4] += torch.stack([F.cross_entropy(outputs, targets, reduction="sum").double(),
-                                       correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
-                                       torch.tensor(float(targets.numel()), device=device, dtype=torch.float64)])
-        if progress.due(it):
-            loss, top1, _, count, _ = totals.tolist()  # this process's running figures
-            progress.line(it, {"loss": loss / max(count, 1), "acc1": 100 * top1 / max(count, 1)})
-    loss, top1, top5, count, bad = all_reduce_sum(totals, what="the evaluation's totals").tolist()
-    if count == 0:  # every process has the same sums: all stop alike
-        raise RunError(f"no image of {folder} could be read in this evaluation ({int(bad)} unreadable files skipped, "
-                       f"see the warnings above): there is no score to report")
-    return {"loss": loss / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "count": int(count)}
+class FinetuneTask(ClassificationTask):
+    """Fine-tuning as the loop sees it (training.classification.ClassificationTask): the whole classifier under
+    layer-wise lr decay (--layer_decay; no weight decay on norms, biases, position embeddings and tokens), with
+    mixup / cutmix and its soft-target criterion, or label smoothing."""
+
+    def __init__(self, model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device, classes: Sequence[str]):
+        mixup = None if cfg.eval else mixup_of(cfg)
+        super().__init__(model, cfg, device, classes, criterion_of(cfg, mixup), mixup)
+
+    def optimizer(self) -> torch.optim.AdamW:
+        cfg = self.cfg
+        groups = param_groups_layer_decay(self.model, cfg.weight_decay, self.model.no_weight_decay(),
+                                          layer_decay=cfg.layer_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=self.device.type == "cuda")
 
 
-def report(stats: Dict[str, float]) -> str:
-    return (f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f} on {stats['count']} "
-            f"images")
-
-
-def run_classification(run: Run, cfg: ClassificationConfig, task: ClassificationTask, loaders) -> Dict[str, float]:
-    """--eval of a checkpoint, or the epochs of fine-tuning or probing (training.loop.fit): train, evaluate on val/,
-    keep checkpoint-last.pth and checkpoint-best.pth (best top-1), log.txt and TensorBoard. `loaders`: (train, val).
-    Returns the last evaluation."""
-    train_loader, val_loader = loaders
-    if cfg.eval:
-        scores = evaluate_checkpoint(run, task, val_loader, cfg.resume or cfg.finetune or "the model")
-        print(f"accuracy of the network on {scores['count']} test images: top-1 {scores['acc1']:.2f}%  "
-              f"top-5 {scores['acc5']:.2f}%  loss {scores['loss']:.4f}")
-        return scores
-    return fit(run, task, cfg, train_loader, val_loader, Schedule.of_epochs(cfg.epochs, len(train_loader),
-                                                                            cfg.accum_iter))
+def run_finetuning(run: Run, cfg: FinetuneConfig):
+    """The loaders, the classifier from --finetune's encoder (or the checkpoint resumed), its task; then --eval of
+    --resume, or the epochs of fine-tuning."""
+    train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
+    train_loader, val_loader, classes = classification_loaders(run, cfg, train_tf, eval_transform(cfg.input_size))
+    model = model_from_checkpoints(run, cfg, lambda **layout: build_classifier(cfg, **layout), lambda m: m,
+                                   "--model and --input_size", fresh=FRESH_KEYS["classifier"])
+    task = FinetuneTask(conv_weights_channels_last(model.to(run.device)), cfg, run.device, classes)
+    return run_classification(run, cfg, task, (train_loader, val_loader))

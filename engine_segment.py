@@ -4,12 +4,13 @@ loop (training.loop): UperNet's losses, and evaluation (whole image or sliding w
 The recipe is iteration-based (mmseg's IterBasedRunner): `--iters` optimizer steps, evaluated and checkpointed every
 `--eval_interval` of them (a round of the loop), drawn from an endless seeded stream of the training set
 (training.data.stream_loader): a run resumed anywhere continues with exactly the crops an uninterrupted one would have
-seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`).
+seen, and the lr is a pure function of the iteration (`SegmentConfig.lr_at`, the loop's schedule).
 """
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.optim import param_groups_layer_decay
@@ -19,16 +20,15 @@ from training.config import TrainConfig
 from training.data import eval_loader, stream_loader
 from training.distributed import all_reduce_sum, launch_world_size
 from training.errors import RunError, flag_error
-from training.flags import check_run_flags, segmentation_parser
-from training.loop import Schedule, Task, evaluate_checkpoint, fit
-from training.meters import Progress
+from training.flags import check_run_flags
+from training.loop import Schedule, evaluate_checkpoint, fit
 from training.run import Run
-from training.transfer import (check_simple_pyramid, check_transfer_flags, dense_options, scaled_lr,
-                               simple_pyramid)
-from training.step import autocast_context
+from training.task import Evaluator, Task
+from training.transfer import (check_simple_pyramid, check_transfer_flags, count_parameters, dense_options,
+                               model_from_checkpoints, on_run_device, simple_pyramid)
 from util.datasets import skip_bad_collate
 from util.misc import resolve_amp, resolve_device
-from util.schedules import poly_lr
+from util.schedules import poly_lr, scaled_lr
 from util.seg_datasets import (FULL_LABEL_CHECK_LIMIT, LABEL_CHECK_SAMPLE, TRAINING_LABEL_CHECK_SAMPLE, LabelCheck,
                                SegEvalTransform, SegmentationFolder, SegTrainTransform, check_labels, class_names)
 from util.seg_metrics import ConfusionMatrix, per_class_table, scores_for_log, segmentation_scores
@@ -82,6 +82,9 @@ class SegmentConfig(TrainConfig):
         return poly_lr(iteration, self.lr, self.iters, self.poly_power, self.min_lr, self.warmup_iters,
                        self.warmup_ratio)
 
+    def schedules(self, round_steps: int) -> Dict[str, Callable[[float], float]]:
+        return {"lr": self.lr_at}
+
     @property
     def schedule(self) -> Schedule:
         """--iters optimizer steps in rounds of --eval_interval."""
@@ -108,10 +111,10 @@ class SegmentConfig(TrainConfig):
 
 
 # -- model and data ---------------------------------------------------------------------------------------------------
-def validate_args(args) -> argparse.Namespace:
-    """The checks of main_segment.py's flags (training.flags.segmentation_parser): fails before any work, naming the
-    flag; returns `args` unchanged."""
-    check_run_flags(segmentation_parser(), args)  # each flag's range, as declared
+def validate_args(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The checks of main_segment.py's flags (`parser`, the script's): fails before any work, naming the flag;
+    returns `args` unchanged."""
+    check_run_flags(parser, args)  # each flag's range, as declared
     if args.iters % args.eval_interval:
         raise flag_error("--iters", f"{args.iters} must be a multiple of --eval_interval {args.eval_interval} (the "
                                     f"run evaluates and checkpoints at the end of each interval)")
@@ -132,15 +135,15 @@ def validate_args(args) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args):
+def resolve_config(args, parser: argparse.ArgumentParser) -> Tuple["SegmentConfig", str]:
     """(config, lr line): the flags checked, with the lr (blr x total batch / 256 unless --lr), the precision, the
     evaluation window and stride resolved for the launch's device and world size."""
-    args = validate_args(args)
+    args = validate_args(args, parser)
     device, world_size = resolve_device(args.device), launch_world_size()
-    lr, line = scaled_lr(args, world_size)
+    lr, line = scaled_lr(args.blr, args.batch_size * args.accum_iter * world_size, args.lr)
     crop = args.eval_crop_size or args.input_size
     stride = args.eval_stride or max(1, crop * 2 // 3)
-    cfg = SegmentConfig.from_args(args, segmentation_parser(), lr=lr, amp=resolve_amp(args.amp, device)[0],
+    cfg = SegmentConfig.from_args(args, parser, lr=lr, amp=resolve_amp(args.amp, device)[0],
                                   world_size=world_size, eval_crop_size=crop, eval_stride=stride,
                                   simple_pyramid=simple_pyramid(args))
     return cfg, line
@@ -276,14 +279,18 @@ class SegmentTask(Task):
     """Segmentation as the loop sees it: UperNet (its SyncBN made of the run's processes), layer-decayed AdamW,
     the decode and auxiliary losses, and mIoU evaluation (the best checkpoint: the best mIoU, `best_mIoU`). After
     each evaluation the main process rewrites the per-class table. Batches are `(images, labels, num_bad)`; a batch
-    with no readable pair trains as blank crops of weight 0. An evaluation that read no image, or no labelled pixel,
-    stops the run: it is never a score."""
+    with no readable pair trains as blank crops of weight 0."""
     best = "mIoU"
     samples = "pairs"
 
     def __init__(self, model: UperNet, cfg: SegmentConfig, device: torch.device, names: Sequence[str]):
-        self.model, self.trained, self.cfg, self.device, self.names = model, model, cfg, device, names
+        self.model, self.cfg, self.device, self.names = model, cfg, device, names
         self.loss_names = cfg.loss_names
+        self.last: Optional[ConfusionScores] = None  # the last evaluation, for its per-class table
+
+    @property
+    def evaluation_set(self) -> str:
+        return os.path.join(self.cfg.data_path, "images", "validation")
 
     def optimizer(self) -> torch.optim.AdamW:
         return segmentation_optimizer(self.model, self.cfg)
@@ -300,65 +307,55 @@ class SegmentTask(Task):
     def loss(self, images, labels):
         logits, aux = self.trained(images)
         losses = segmentation_loss(logits, labels, aux, self.cfg.aux_weight, self.cfg.ignore_index)
-        return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
+        return {k: v if k == "loss" else v.detach() for k, v in losses.items()}
 
     def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
         return {k: v for k, v in stats.items() if k not in ("steps", "nonfinite_skipped")}
 
-    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, object]:
-        return segmentation_scores_of(self.model, loader, progress, self.device, self.cfg)
+    def predict(self, images, labels):
+        """Class probabilities at the labels' size (whole image or sliding window, optional scales and flip)."""
+        cfg = self.cfg
+        return self.model.predict(images.to(self.device, non_blocking=True), labels.shape[-2:], cfg.eval_mode,
+                                  cfg.eval_crop_size, cfg.eval_stride, cfg.test_ratios, cfg.aug_test)
+
+    def evaluator(self) -> "ConfusionScores":
+        self.last = ConfusionScores(self.cfg, self.device, self.names)
+        return self.last
 
     def report(self, scores: Dict[str, object]) -> str:
         return report(scores)
 
-    def scores_record(self, scores: Dict[str, object]) -> dict:
-        return score_record(scores, self.names)
-
-    def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
-        for k in ("mIoU", "mAcc", "aAcc"):
-            writer.add_scalar(f"test/{k}", scores[k], x)
-        for name, iou in scores_for_log(scores, self.names)["IoU"].items():
-            if iou is not None:  # a class that the validation images never show has no IoU
-                writer.add_scalar(f"test_IoU/{name}", iou, x)
-
     def evaluated(self, scores: Dict[str, object], label: str) -> None:
-        write_per_class_table(self.cfg, scores, self.names, label)
+        write_per_class_table(self.cfg, self.last.full, self.names, label)
 
 
-# -- evaluation -------------------------------------------------------------------------------------------------------
-def segmentation_scores_of(model: UperNet, loader, progress: Progress, device: torch.device,
-                           cfg: SegmentConfig) -> Dict[str, object]:
-    """Scores of every validation image the loader gives this process, summed over the processes (each image once:
-    the loader shards without padding): segmentation_scores' aAcc, mIoU, mAcc, per-class IoU / Acc, and the counts
-    of images evaluated and of unreadable pairs skipped. No image read, or no labelled pixel among them (an empty
-    confusion matrix), raises RunError naming the folder on every process alike."""
-    matrix = ConfusionMatrix(cfg.nb_classes, device, cfg.ignore_index)
-    counts = torch.zeros(2, dtype=torch.float64)  # images evaluated, pairs skipped
-    for it, (images, labels, num_bad) in progress.track(loader):
-        counts[1] += num_bad
-        if images is not None:  # None: no readable pair in the batch (each was named in a warning)
-            progress.count(len(images))
-            counts[0] += len(images)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with autocast_context(device, cfg.amp_dtype):
-                probs = model.predict(images, labels.shape[-2:], cfg.eval_mode, cfg.eval_crop_size,
-                                      cfg.eval_stride, cfg.test_ratios, cfg.aug_test)
-            matrix.update(probs.argmax(1), labels)
-        if progress.due(it):
-            progress.line(it)
-    matrix.matrix = all_reduce_sum(matrix.matrix, what="the confusion matrix")
-    images, bad = all_reduce_sum(counts.to(device), what="the evaluation's counts").tolist()
-    if images == 0:
-        raise RunError(f"no validation image could be read ({int(bad)} pairs failed, see the warnings above); check "
-                       f"--data_path {cfg.data_path}")
-    if int(matrix.matrix.sum()) == 0:  # summed over the processes: all stop alike
-        raise RunError(f"the confusion matrix is empty: every pixel of the {int(images)} validation images evaluated "
-                       f"is ignored ({os.path.join(cfg.data_path, 'annotations', 'validation')}, --ignore_index "
-                       f"{cfg.ignore_index}): there is no score to report")
-    scores = segmentation_scores(matrix.matrix)
-    scores.update(images=int(images), bad_images=int(bad))
-    return scores
+class ConfusionScores(Evaluator):
+    """The confusion matrix of the predicted classes against the labels (--ignore_index left out), summed over the
+    processes; scores: aAcc, mIoU, mAcc and the IoU of each class by name (None where a class never occurs in
+    prediction or label), with `full` (segmentation_scores: per-class Acc and pixels too) for the per-class table.
+    No labelled pixel among the images evaluated (an empty matrix) raises RunError naming the folder on every process
+    alike."""
+
+    def __init__(self, cfg: SegmentConfig, device: torch.device, names: Sequence[str]):
+        self.cfg, self.names = cfg, names
+        self.matrix = ConfusionMatrix(cfg.nb_classes, device, cfg.ignore_index)
+        self.images = torch.zeros(1, dtype=torch.float64)
+        self.full: Optional[Dict[str, object]] = None
+
+    def update(self, probs, labels) -> None:
+        self.matrix.update(probs.argmax(1), labels.to(probs.device, non_blocking=True))
+        self.images += len(labels)
+
+    def scores(self) -> Dict[str, object]:
+        cfg = self.cfg
+        self.matrix.matrix = all_reduce_sum(self.matrix.matrix, what="the confusion matrix")
+        images = int(all_reduce_sum(self.images.to(self.matrix.matrix.device), what="the evaluation's image count"))
+        if int(self.matrix.matrix.sum()) == 0:  # summed over the processes: all stop alike
+            raise RunError(f"the confusion matrix is empty: every pixel of the {images} validation images "
+                           f"evaluated is ignored ({os.path.join(cfg.data_path, 'annotations', 'validation')}, "
+                           f"--ignore_index {cfg.ignore_index}): there is no score to report")
+        self.full = segmentation_scores(self.matrix.matrix)
+        return scores_for_log(self.full, self.names)
 
 
 def report(scores: Dict[str, object]) -> str:
@@ -369,14 +366,6 @@ def report(scores: Dict[str, object]) -> str:
     return line
 
 
-def score_record(scores: Dict[str, object], names: Sequence[str]) -> dict:
-    """The log.txt entries of an evaluation: test_aAcc, test_mIoU, test_mAcc, test_IoU {class: IoU or null}, and the
-    counts."""
-    record = {f"test_{k}": v for k, v in scores_for_log(scores, names).items()}
-    record.update(test_images=scores["images"], test_bad_images=scores["bad_images"])
-    return record
-
-
 def write_per_class_table(cfg: SegmentConfig, scores: Dict[str, object], names: Sequence[str], title: str) -> str:
     """Writes the per-class table (markdown) to --output_dir/per_class_iou.md, replacing the previous one."""
     path = os.path.join(cfg.output_dir, PER_CLASS_TABLE)
@@ -385,7 +374,24 @@ def write_per_class_table(cfg: SegmentConfig, scores: Dict[str, object], names: 
     return path
 
 
-def run_segmentation(run: Run, cfg: SegmentConfig, task: SegmentTask, loaders) -> Dict[str, object]:
+def run_segmentation(run: Run, cfg: SegmentConfig) -> Dict[str, object]:
+    """The loaders, UperNet on --finetune's encoder (or the checkpoint resumed) and its task; then --eval of --resume,
+    or the run's intervals (`train_or_evaluate`)."""
+    if not cfg.eval:
+        print(f"{cfg.iters} iterations of {cfg.images_per_step} images ({cfg.batch_size} per process x "
+              f"{cfg.world_size} processes x accum {cfg.accum_iter}), warmup {cfg.warmup_iters}, poly power "
+              f"{cfg.poly_power:g}; evaluation and checkpoint every {cfg.eval_interval} iterations")
+    train_loader, val_loader, names = segmentation_loaders(run, cfg)
+    model = model_from_checkpoints(run, cfg, partial(build_segmenter, cfg), encoder_of,
+                                   "--model, --input_size, --out_indices and --aux_in_index")
+    print(f"UperNet on {cfg.model}: {count_parameters(model):.2f} M parameters "
+          f"({count_parameters(model.backbone):.2f} M encoder), feature strides "
+          f"{list(model.backbone.feature_info.reduction())}, channels {model.in_channels}")
+    task = SegmentTask(on_run_device(model, run, cfg), cfg, run.device, names)
+    return train_or_evaluate(run, cfg, task, (train_loader, val_loader))
+
+
+def train_or_evaluate(run: Run, cfg: SegmentConfig, task: SegmentTask, loaders) -> Dict[str, object]:
     """--eval of --resume, or the run's intervals (training.loop.fit): train --eval_interval iterations, evaluate,
     keep checkpoint-last.pth and checkpoint-best.pth (best mIoU), log.txt, TensorBoard (x: the iteration) and the
     per-class table. Returns the last evaluation."""
@@ -393,12 +399,11 @@ def run_segmentation(run: Run, cfg: SegmentConfig, task: SegmentTask, loaders) -
     if cfg.eval:
         print(f"evaluation: {cfg.evaluation_line()}")
         scores = evaluate_checkpoint(run, task, val_loader, cfg.resume)
-        print(report(scores))
         if run.is_main:
             print(f"per-class IoU: {os.path.join(cfg.output_dir, PER_CLASS_TABLE)}")
         return scores
     print(f"evaluation every {cfg.eval_interval} iterations: {cfg.evaluation_line()}")
-    scores = fit(run, task, cfg, train_loader, val_loader, cfg.schedule, lr_at=cfg.lr_at)
+    scores = fit(run, task, cfg, train_loader, val_loader, cfg.schedule)
     print(f"per-class IoU of the last evaluation: {os.path.join(cfg.output_dir, PER_CLASS_TABLE)}")
     return scores
 

@@ -10,22 +10,22 @@ if __name__ == "__main__":  # first: a stop signal while the script starts is a 
 
 import argparse  # noqa: E402
 
-from training.errors import RunError, exits_like_a_script, flag_error  # noqa: E402
-from training.flags import (DEFAULT_PRETRAIN_MODEL, MUST_MATCH, add_run_flags, check_data_path,  # noqa: E402
-                            check_epoch_flags, check_input_size, check_run_flags, flag)
+from training.errors import exits_like_a_script  # noqa: E402
+from training.flags import (MUST_MATCH, add_model_flags, add_optimizer_flags, add_run_flags,  # noqa: E402
+                            add_step_flags, check_data_path, check_run_flags, flag)
+
+RELEASED_MODEL = "dmjd_convit_base_patch16_dec8_hog"  # the released recipe's (models_dmjd.DEFAULT_MODEL)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DMJD pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag(p, "--batch_size", default=64, type=int, help="images per GPU (each gives --num_views views)",
-            check=">= 1", resume=MUST_MATCH)
+    p = argparse.ArgumentParser("main_pretrain.py", description="DMJD pre-training",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_step_flags(p, 64, "images per GPU (each gives --num_views views)",
+                   "gradient accumulation steps per optimizer step")
     flag(p, "--epochs", default=400, type=int, help="pre-training epochs", check=">= 1", resume=MUST_MATCH)
-    flag(p, "--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step",
-            check=">= 1", resume=MUST_MATCH)
 
     g = p.add_argument_group("model and method")
-    flag(g, "--model", default=DEFAULT_PRETRAIN_MODEL, type=str, help="a registered dmjd_* model", resume=MUST_MATCH)
-    flag(g, "--input_size", default=224, type=int, help="crop size in pixels", check=">= 1", resume=MUST_MATCH)
+    add_model_flags(g, RELEASED_MODEL, "a registered dmjd_* model", 224)
     flag(g, "--num_views", default=2, type=int, help="disjointly masked views per image (1 = MaskFeat/ConvMAE)",
             check=">= 1", resume=MUST_MATCH)
     flag(g, "--mask_ratio", default=0.6, type=float, help="corruption rate: fraction masked in one view",
@@ -49,17 +49,12 @@ def get_args_parser():
             check="(0, 1]", resume=MUST_MATCH)
 
     g = p.add_argument_group("optimizer")
-    flag(g, "--weight_decay", default=0.05, type=float, help="AdamW weight decay (none on biases and norms)",
-            check=">= 0", resume=MUST_MATCH)
-    flag(g, "--lr", default=None, type=float, help="absolute lr (none: the adaptive rule from --blr)",
-            check="> 0", resume=MUST_MATCH)
-    flag(g, "--blr", default=6e-4, type=float, help="base lr: lr = blr x images / 256 x pred / mask ratio",
-            check="> 0", resume=MUST_MATCH)
-    flag(g, "--min_lr", default=0.0, type=float, help="lr at the end of the cosine", check=">= 0", resume=MUST_MATCH)
+    add_optimizer_flags(g, blr=6e-4, blr_help="base lr: lr = blr x images / 256 x pred / mask ratio",
+                        weight_decay=0.05, weight_decay_help="AdamW weight decay (none on biases and norms)",
+                        lr_help="absolute lr (none: the adaptive rule from --blr)",
+                        clip_grad_help="max gradient norm (3.0 for ConViT-L)")
     flag(g, "--warmup_epochs", default=20, type=float, help="linear lr warmup, per iteration, at most --epochs",
             check=">= 0", resume=MUST_MATCH)
-    flag(g, "--clip_grad", default=None, type=float, help="max gradient norm (3.0 for ConViT-L)",
-            check="> 0", resume=MUST_MATCH)
 
     g = add_run_flags(p, data_help="ImageFolder root holding train/")
     flag(g, "--compile", action="store_true", help="torch.compile the model (CUDA; first steps are slow)",
@@ -87,111 +82,22 @@ if __name__ == "__main__":  # --help, a flag out of its range and a wrong --data
     exits_like_a_script(check_run_flags)(get_args_parser(), ARGS)
     exits_like_a_script(check_data)(ARGS)
 
-from typing import Tuple  # noqa: E402
-
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import models_dmjd  # noqa: E402,F401  (registers the DMJD models with timm)
-from dmjd_encoders.models_convvit import check_model_name, encoder_stride  # noqa: E402
-from engine_pretrain import PretrainConfig, PretrainTask  # noqa: E402
-from models_dmjd import adaptive_lr, create_from_flags, reachable_pred_ratio  # noqa: E402
-from training.data import train_loader  # noqa: E402
-from training.distributed import launch_world_size  # noqa: E402
-from training.loop import Schedule, fit  # noqa: E402
+import engine_pretrain  # noqa: E402
 from training.run import Run  # noqa: E402
-from util.datasets import build_pretrain_dataset, sample_images, skip_bad_collate  # noqa: E402
-from util.misc import resolve_amp, resolve_device  # noqa: E402
 
 
-def validate_args(args) -> argparse.Namespace:
-    """Fails before any work, naming the flag; returns a copy of `args` with the prediction rate made explicit
-    (`args` itself is left as it is)."""
-    check_run_flags(get_args_parser(), args)  # each flag's range, as declared
-    check_epoch_flags(args)
-    reachable = reachable_pred_ratio(args.num_views, args.mask_ratio)
-    pred_ratio = reachable if args.pred_ratio is None else args.pred_ratio
-    if not args.mask_ratio <= pred_ratio <= 1:
-        raise flag_error("--pred_ratio", f"must be in [--mask_ratio, 1], got {pred_ratio}")
-    if pred_ratio > reachable + 1e-6:
-        raise flag_error("--pred_ratio", f"{pred_ratio} cannot be reached by {args.num_views} view(s) of mask_ratio "
-                                         f"{args.mask_ratio} (at most {reachable:.3g}); add views or lower it")
-    check_model_name(args.model, timm.list_models("dmjd_*"), "a DMJD model")
-    check_input_size(args.input_size, args.model, encoder_stride(args.model))
-    return argparse.Namespace(**{**vars(args), "pred_ratio": pred_ratio})
-
-
-def resolve_config(args) -> Tuple[PretrainConfig, str]:
-    """The run's config: the flags checked, and the prediction rate, lr, precision and memory format resolved for
-    the launch's device and world size; and a line that says how the lr was chosen."""
-    args = validate_args(args)
-    device, world_size = resolve_device(args.device), launch_world_size()
-    pred_ratio = args.pred_ratio
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        lr, lr_line = adaptive_lr(args.blr, images_per_step, pred_ratio, args.mask_ratio)
-    else:
-        lr, lr_line = args.lr, f"lr = {args.lr:.4g} (given; the adaptive rule is not applied)"
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    cfg = PretrainConfig.from_args(args, get_args_parser(), pred_ratio=pred_ratio, lr=lr,
-                                   amp=resolve_amp(args.amp, device)[0], channels_last=channels_last,
-                                   world_size=world_size)
-    return cfg, lr_line
-
-
-def check_dataset_size(num_images: int, batch_size: int, accum_iter: int, world_size: int, folder: str) -> None:
-    """An epoch must hold at least one optimizer step on every process (drop_last batches)."""
-    per_step = batch_size * world_size
-    if num_images < per_step:
-        raise RunError(f"--batch_size {batch_size} x {world_size} processes needs at least that many images; "
-                       f"{folder} has {num_images}")
-    batches = num_images // per_step
-    if batches < accum_iter:
-        raise RunError(f"--accum_iter {accum_iter} needs {accum_iter} batches of {batch_size} per process in an "
-                       f"epoch; {num_images} images over {world_size} processes give {batches}")
-
-
-def build_model(cfg: PretrainConfig):
-    try:
-        return create_from_flags(cfg.flags())
-    except ValueError as err:  # shapes that do not fit the model: name them before any work
-        raise RunError(f"{err} (check --input_size, --block_size, --mask_ratio)") from None
+def validate_args(args):
+    """The flags checked, before any work, the prediction rate made explicit (the SLURM launcher's check too)."""
+    return engine_pretrain.validate_args(args, get_args_parser())
 
 
 @exits_like_a_script
 def main(args):
-    cfg, lr_line = resolve_config(args)
+    cfg, lr_line = engine_pretrain.resolve_config(args, get_args_parser())
     check_data(args)  # before the run's header and output folder
     with Run(cfg, save_freq=cfg.save_freq, keep_last=cfg.keep_last) as run:
         print(lr_line)
-        pretrain(run, cfg)
-
-
-def pretrain(run: Run, cfg: PretrainConfig) -> None:
-    print(f"{cfg.batch_size} images x {cfg.num_views} views per process, accum {cfg.accum_iter}, "
-          f"{cfg.images_per_step} unique images per optimizer step")
-    try:
-        dataset = build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.min_crop_scale)
-    except FileNotFoundError as err:
-        raise RunError(str(err)) from None
-    check_dataset_size(len(dataset), cfg.batch_size, cfg.accum_iter, cfg.world_size, f"{cfg.data_path}/train")
-    print(f"dataset: {len(dataset)} images in {cfg.data_path}/train")
-    loader = train_loader(dataset, cfg.batch_size, cfg.seed, run.dist, cfg.num_workers,
-                          cfg.pin_mem and run.device.type == "cuda", skip_bad_collate)
-    schedule = Schedule.of_epochs(cfg.epochs, len(loader), cfg.accum_iter)
-
-    model = build_model(cfg).to(run.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # 4-D weights only; the teacher copies the format
-    vis_images = None
-    if run.is_main and cfg.vis_freq > 0:
-        vis_images = sample_images(cfg.data_path, "train", cfg.input_size, 4).to(run.device)
-    task = PretrainTask(model, cfg, run.device, lambda steps: cfg.momentum_at(schedule.epochs(steps)), vis_images)
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-          f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder)")
-    if cfg.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) stay as they are
-    fit(run, task, cfg, loader, None, schedule)
+        engine_pretrain.run_pretraining(run, cfg)
 
 
 if __name__ == "__main__":

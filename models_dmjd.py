@@ -25,10 +25,11 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 
 from dmjd_encoders.pos_embed import sincos_pos_embed_2d
-from models_convvit import (ENCODER_ARCHS, ENCODER_OF, BlockNorm, ConvViT, gather_tokens,
+from dmjd_encoders.models_convvit import (ENCODER_ARCHS, ENCODER_OF, BlockNorm, ConvViT, gather_tokens,
                             init_linear_and_norm, visible_token_ids)
 from util.hog import hog_targets
 from util.masking import disjoint_masks, num_masked_units
+from util.schedules import scaled_lr
 
 PRED_TYPES = ("hog", "pixel")
 VIS_TARGETS = ("hog", "ema")
@@ -40,14 +41,9 @@ def reachable_pred_ratio(num_views: int, mask_ratio: float) -> float:
 
 
 def adaptive_lr(blr: float, images_per_step: int, pred_ratio: float, mask_ratio: float):
-    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate).
-
-    Each image counts once however many views it has. Returns the lr and a line that shows every factor.
-    """
-    lr = blr * images_per_step / 256 * (pred_ratio / mask_ratio)
-    line = (f"lr = blr {blr:.3g} x {images_per_step} images / 256 x (pred_ratio {pred_ratio:.3g} / mask_ratio "
-            f"{mask_ratio:.3g}) = {lr:.4g}")
-    return lr, line
+    """DMJD's rule: lr = blr * unique images per optimizer step / 256 * (prediction rate / corruption rate)
+    (util.schedules.scaled_lr). Returns the lr and a line that shows every factor."""
+    return scaled_lr(blr, images_per_step, pred_ratio=pred_ratio, mask_ratio=mask_ratio)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -303,7 +299,7 @@ def _per_row(target: torch.Tensor, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Models from main_pretrain.py's flags.
 
-from training.flags import DEFAULT_PRETRAIN_MODEL as DEFAULT_MODEL  # noqa: E402  (the released recipe; beside --model)
+DEFAULT_MODEL = "dmjd_convit_base_patch16_dec8_hog"  # the released recipe's (main_pretrain.py's --model default)
 MODEL_FLAGS = ("num_views", "mask_ratio", "pred_ratio", "mask_type", "block_size", "pred_type", "vis_target", "theta")
 
 

@@ -5,7 +5,7 @@
 
 Launcher flags as submitit_pretrain.py; every other flag goes to main_finetune.py.
 """
-from util.submitit_launch import launch
+from training.submitit_launch import launch
 
 if __name__ == "__main__":
     launch("main_finetune", "Submitit for fine-tuning")

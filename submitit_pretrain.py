@@ -6,7 +6,7 @@
 Launcher flags: --nodes --ngpus --timeout --partition --job_dir --use_volta32 --comment (see --help); every other
 flag goes to main_pretrain.py. See PRETRAIN.md.
 """
-from util.submitit_launch import launch
+from training.submitit_launch import launch
 
 if __name__ == "__main__":
     launch("main_pretrain", "Submitit for DMJD pre-training")

@@ -16,7 +16,7 @@ from PIL import Image
 from dmjd_encoders.models_convvit import check_model_name
 from models_dmjd import DEFAULT_MODEL, MODEL_FLAGS, create_from_flags
 from training.errors import exits_like_a_script
-from util.checkpoint import load_checkpoint, load_state_dict_strict
+from dmjd_encoders.checkpoint import load_checkpoint, load_state_dict_strict
 from util.datasets import sample_images
 from util.misc import resolve_device
 from util.visualization import make_figure

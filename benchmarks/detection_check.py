@@ -22,13 +22,13 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import models_convvit  # noqa: E402,F401  (registers the encoders)
+import dmjd_encoders  # noqa: E402,F401  (registers the encoders)
 from benchmarks.doc_block import rewrite_block  # noqa: E402
 from benchmarks.transfer_check import (RUNS, check_parser, ensure_pretrained, fine_tune_both,  # noqa: E402
                                        last_scores, prepared_data, report, run, saved_config, write_summary)
 from engine_detect import DetectConfig, build_detector  # noqa: E402
-from training.flags import detection_parser  # noqa: E402
-from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
+from main_detect import get_args_parser as detection_parser  # noqa: E402
+from dmjd_encoders.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
 from util.coco import coco_split  # noqa: E402
 from util.demo_commands import CLASSIFIER, shown  # noqa: E402
 from util.demo_det_data import prepare_fashion_mnist_det  # noqa: E402

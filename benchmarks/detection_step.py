@@ -21,8 +21,8 @@ from benchmarks import task_step
 from benchmarks.doc_block import provenance, rewrite_block
 from benchmarks.task_step import step_device
 from engine_detect import DetectConfig, DetectTask, build_detector, resolve_config
-from models_convvit import conv_weights_channels_last
-from training.flags import detection_parser
+from dmjd_encoders.models_convvit import conv_weights_channels_last
+from main_detect import get_args_parser as detection_parser
 
 COCO_CLASSES = 80
 
@@ -60,7 +60,8 @@ def step_config(args, size: int, batch_size: int) -> DetectConfig:
         flags += ["--window_size", str(args.window_size)]
     if args.global_blocks is not None:
         flags += ["--global_blocks", *map(str, args.global_blocks)]
-    return resolve_config(detection_parser().parse_args(flags))[0]
+    parser = detection_parser()
+    return resolve_config(parser.parse_args(flags), parser)[0]
 
 
 def random_batch(size: int, batch_size: int, device: torch.device, instances: int = 8):

@@ -12,7 +12,7 @@ import argparse
 import timm
 import torch
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 
 
 def saved_activation_bytes(model: torch.nn.Module, run) -> tuple:

@@ -20,12 +20,12 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import models_convvit  # noqa: E402,F401  (registers the encoders)
+import dmjd_encoders  # noqa: E402,F401  (registers the encoders)
 from benchmarks.transfer_check import (RUNS, check_parser, ensure_pretrained, fine_tune_both,  # noqa: E402
                                        prepared_data, report, saved_config, write_summary)
 from engine_segment import SegmentConfig, build_segmenter  # noqa: E402
-from util.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
-from training.flags import segmentation_parser  # noqa: E402
+from dmjd_encoders.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
+from main_segment import get_args_parser as segmentation_parser  # noqa: E402
 from util.demo_commands import CLASSIFIER, shown  # noqa: E402
 from util.demo_seg_data import SEG_CLASS_NAMES, prepare_fashion_mnist_seg  # noqa: E402
 from util.seg_datasets import SegEvalTransform, SegmentationFolder  # noqa: E402

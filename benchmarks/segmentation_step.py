@@ -17,8 +17,8 @@ import torch
 from benchmarks import task_step
 from benchmarks.task_step import step_device
 from engine_segment import SegmentTask, build_segmenter, resolve_config
-from models_convvit import conv_weights_channels_last
-from training.flags import segmentation_parser
+from dmjd_encoders.models_convvit import conv_weights_channels_last
+from main_segment import get_args_parser as segmentation_parser
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser("memory and speed of the segmentation training step",
@@ -42,7 +42,8 @@ def step_config(args, size: int, batch_size: int, steps: int):
              "--decoder_channels", str(args.decoder_channels), "--nb_classes", str(args.nb_classes),
              "--device", args.device, "--amp", args.amp, "--iters", str(max(steps, 1)),
              "--eval_interval", str(max(steps, 1)), "--warmup_iters", "0", "--print_freq", str(10 ** 6)]
-    return resolve_config(segmentation_parser().parse_args(flags))[0]
+    parser = segmentation_parser()
+    return resolve_config(parser.parse_args(flags), parser)[0]
 
 
 def random_batch(cfg, batch_size: int, device: torch.device):

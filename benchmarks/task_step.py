@@ -20,9 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.grad_checkpointing import saved_activation_bytes
 from training.distributed import synchronize
-from training.loop import Schedule, Task, train_round
+from training.loop import Schedule, train_round
 from training.meters import Progress
-from training.step import TrainStep, autocast_context
+from training.step import TrainStep, autocast_context, loss_and_parts
+from training.task import Task
 from util.misc import AMP_DTYPES
 
 TABLE_HEADER = ("| crop | activations per image, fp32 | bf16 | weights + grads + AdamW | GFLOPs per image f / f+b | "
@@ -54,7 +55,7 @@ def flops_per_image(task: Task, prepared: Callable) -> tuple:
     inputs, targets = prepared(2)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = task.loss(inputs, targets)[0]
+        loss = loss_and_parts(task.loss(inputs, targets))[0]
     forward = counter.get_total_flops()
     with counter:
         loss.backward()
@@ -65,7 +66,8 @@ def flops_per_image(task: Task, prepared: Callable) -> tuple:
 def timed_steps(task: Task, cfg, raw: Callable, device, steps: int):
     """(seconds per step, peak bytes on CUDA or None) of the training loop's round over `steps` steps of one random
     batch of cfg.batch_size, after one warm-up step."""
-    step = TrainStep.for_run(task.model, task.optimizer(), cfg, 0, cfg.lr_at, steps, loss_names=task.loss_names)
+    step = TrainStep.for_run(task.model, task.optimizer(), cfg, 0, cfg.schedules(steps), steps,
+                             loss_names=task.loss_names)
     batch = (*raw(cfg.batch_size), 0)
     quiet = dict(print_freq=10 ** 6, device=device, names=task.loss_names)
     train_round(task, step, [batch], Progress("warm-up", 1, **quiet), 0, Schedule(1, 1, 1, "iteration"))

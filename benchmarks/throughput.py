@@ -229,7 +229,7 @@ def build(args, device, path: Path):
         hog_per_view(model)
     if path.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    task = PretrainTask(model, None, device, momentum_at=lambda steps: 0.996)  # the teacher and its update
+    task = PretrainTask(model, None, device)  # the teacher and its update
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   **({"fused": True} if path.fused_adamw else {"foreach": False}))
     step_model = torch.compile(model) if path.compile else model
@@ -258,7 +258,8 @@ def make_step(args, device, path: Path, images):
     if path.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     num_visible = model.num_visible_tokens
-    train_step = TrainStep(step_model, optimizer, lambda progress: BENCHMARK_LR, amp_dtype=AMP_DTYPES[path.amp],
+    schedules = {"lr": lambda steps: BENCHMARK_LR, "momentum": lambda steps: 0.996}
+    train_step = TrainStep(step_model, optimizer, schedules, amp_dtype=AMP_DTYPES[path.amp],
                            loss_names=LOSS_NAMES, after_step=task.after_step)
     meter = LossMeter(LOSS_NAMES, device)
     index = itertools.count()

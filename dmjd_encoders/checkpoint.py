@@ -2,7 +2,6 @@
 weights in timm's hub layout (config.json + model.safetensors, written by export_encoder.py) read back. Putting
 pre-trained weights into an encoder is dmjd_encoders.pretrained's."""
 import errno
-import glob
 import json
 import os
 import re
@@ -150,15 +149,6 @@ def save_checkpoint(state: dict, path: str) -> None:
 TEMP_FILE_PATTERN = re.compile(r"\..+\.tmp\d+")
 
 
-def remove_temp_files(folder: str) -> list:
-    """Removes the temporary files that interrupted saves left in `folder` (call it while no other process writes
-    there); returns their names."""
-    found = sorted(n for n in os.listdir(folder) if TEMP_FILE_PATTERN.fullmatch(n)) if os.path.isdir(folder) else []
-    for name in found:
-        os.remove(os.path.join(folder, name))
-    return found
-
-
 def load_checkpoint(path: str, mmap: bool = False, verify: bool = True) -> dict:
     """A .pth checkpoint as saved; a .safetensors file as {"model": tensors}; a folder in timm's hub layout (an
     export_encoder.py export) as {"model": tensors, "config": its config.json}. `mmap` reads a .pth lazily (for a look
@@ -214,27 +204,6 @@ def _reason(err: Exception, path: str) -> str:
         return ("it holds objects other than tensors and plain values, which are not loaded (weights_only=True; "
                 "a checkpoint of this project never holds them)")
     return f"{type(err).__name__}: {text} (truncated, or not a checkpoint?)"
-
-
-def periodic_checkpoint_path(output_dir: str, epoch: int) -> str:
-    return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
-
-
-def last_checkpoint_path(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoint-last.pth")
-
-
-def prune_periodic_checkpoints(output_dir: str, keep_last: int) -> None:
-    """Keeps the `keep_last` newest `checkpoint-<epoch>.pth` files (0 keeps them all)."""
-    if keep_last <= 0:
-        return
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    for _, path in sorted(found)[:-keep_last]:
-        os.remove(path)
 
 
 # Checkpoints written before the ViT became timm's VisionTransformer hold its patch embedding's conv as

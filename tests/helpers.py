@@ -134,7 +134,7 @@ def pretrain_checkpoint(path, model_name="dmjd_convit_tiny_patch16_dec1_hog", im
     import timm
 
     import models_dmjd  # noqa: F401  (registers the DMJD models)
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     model = timm.create_model(model_name, img_size=img_size, **kwargs)
@@ -171,14 +171,15 @@ def pretrain_epoch(model, loader, optimizer, cfg, teacher=None, student=None, sk
     schedule = Schedule.of_epochs(cfg.epochs, len(loader), cfg.accum_iter)
     task = PretrainTask.__new__(PretrainTask)  # the model may be a stand-in without an encoder
     task.model, task.trained, task.cfg, task.device = model, model, cfg, torch.device("cpu")
-    task.momentum_at = lambda steps: cfg.momentum_at(schedule.epochs(steps))
     task.teacher, task.momentum, task.vis_images = teacher, float("nan"), None
     if teacher is not None:
         task.model = type("Student", (), {"encoder": student})()  # what the teacher follows
+    schedules = cfg.schedules(schedule.round_steps)
+    if teacher is not None and "momentum" not in schedules:  # a stand-in teacher beside a config without one
+        schedules["momentum"] = lambda steps: cfg.ema_momentum
     rank = dist.get_rank() if dist.is_initialized() else 0
-    step = TrainStep.for_run(model, optimizer, cfg, rank, lambda steps: cfg.lr_at(schedule.epochs(steps)),
-                             schedule.round_batches, loss_names=LOSS_NAMES, skipped=skipped,
-                             after_step=task.after_step)
+    step = TrainStep.for_run(model, optimizer, cfg, rank, schedules, schedule.round_batches, loss_names=LOSS_NAMES,
+                             skipped=skipped, after_step=task.after_step)
     progress = Progress(f"Epoch [{epoch}]", schedule.round_batches, cfg.print_freq, torch.device("cpu"),
                         names=LOSS_NAMES)
     return train_round(task, step, loader, progress, epoch, schedule)
@@ -208,7 +209,7 @@ def encoder_checkpoint(path, name, input_size=64, **args):
     """A checkpoint of the registered encoder `name` at `input_size`, as fine-tuning saves one ({"model", "args"}),
     its weights away from a fresh initialisation; `args`: more saved flags. Returns the encoder (eval mode)."""
     import timm
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     torch.manual_seed(1)
     model = timm.create_model(name, img_size=input_size)
     with torch.no_grad():

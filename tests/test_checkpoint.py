@@ -11,10 +11,10 @@ import safetensors.torch
 import timm
 import torch
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 import models_dmjd  # noqa: F401
 from export_encoder import export_encoder
-from util.checkpoint import (architecture_kwargs, check_encoder_loaded, load_pretrained, load_state_dict_strict,
+from dmjd_encoders.checkpoint import (architecture_kwargs, check_encoder_loaded, load_pretrained, load_state_dict_strict,
                              save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_bad_finetune_files_are_named_without_advice_to_load_unsafely(tmp_path, 
 
 
 def test_a_resaved_checkpoint_gets_a_new_checksum_and_a_changed_value_is_found(tmp_path):
-    from util.checkpoint import CheckpointError, load_checkpoint
+    from dmjd_encoders.checkpoint import CheckpointError, load_checkpoint
     save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(tmp_path / "a.pth"))
     ckpt = torch.load(tmp_path / "a.pth", weights_only=True)
     ckpt["epoch"] = 2
@@ -232,7 +232,7 @@ def test_a_resaved_checkpoint_gets_a_new_checksum_and_a_changed_value_is_found(t
 
 
 def test_a_hub_export_of_another_architecture_is_refused_naming_both(tmp_path):
-    from util.checkpoint import ArchitectureMismatch
+    from dmjd_encoders.checkpoint import ArchitectureMismatch
     torch.manual_seed(0)
     model = timm.create_model("convvit_tiny_patch16", img_size=64)
     save_checkpoint({"model": model.state_dict(), "args": {"model": "convvit_tiny_patch16", "input_size": 64}},
@@ -247,7 +247,7 @@ def test_a_hub_export_of_another_architecture_is_refused_naming_both(tmp_path):
 
 
 def test_random_bytes_and_legacy_pickles_are_named_for_what_they_are(tmp_path):
-    from util.checkpoint import CheckpointError, load_checkpoint
+    from dmjd_encoders.checkpoint import CheckpointError, load_checkpoint
     (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 8)
     for mmap in (False, True):  # a look at the keys (resume's) as well as a whole load
         with pytest.raises(CheckpointError, match="it is not a PyTorch checkpoint: neither torch.save's zip format "
@@ -263,7 +263,7 @@ def test_a_full_disk_inside_torch_save_is_named_as_such(tmp_path, monkeypatch):
     import builtins
     import errno
 
-    from util.checkpoint import save_checkpoint as save
+    from dmjd_encoders.checkpoint import save_checkpoint as save
     save({"epoch": 1}, str(tmp_path / "c.pth"))
     real_open = builtins.open
 

@@ -16,6 +16,7 @@ ENTRY_POINTS = {
     "main_finetune": "get_args_parser",
     "main_linprobe": "get_args_parser",
     "main_segment": "get_args_parser",
+    "main_detect": "get_args_parser",
     "visualize": "get_args_parser",
     "demo": "parse_args",
     "util.demo_data": "main",
@@ -69,7 +70,7 @@ def test_help_describes_every_option_and_shows_its_default(module_name, monkeypa
 
 
 def test_submitit_launcher_help_shows_defaults():
-    from util.submitit_launch import launcher_parser
+    from training.submitit_launch import launcher_parser
     parser = launcher_parser("test")
     assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     assert all(a.help for a in parser._actions)
@@ -96,15 +97,19 @@ def test_help_answers_before_torch_is_imported(script):
 @pytest.mark.parametrize("script, layout", [("main_pretrain.py", "no 'train/' folder"),
                                             ("main_finetune.py", "no 'train/' folder"),
                                             ("main_linprobe.py", "no 'train/' folder"),
-                                            ("main_segment.py", "no 'images/training/' folder")])
+                                            ("main_segment.py", "no 'images/training/' folder"),
+                                            ("main_detect.py", "is not a file: expected COCO's instance annotations")])
 def test_a_wrong_data_path_is_named_before_torch_and_before_any_output(script, layout, tmp_path):
     (tmp_path / "data").mkdir()
     out = tmp_path / "out"
-    for data, message in ((tmp_path / "missing", "is not a folder"), (tmp_path / "data", layout)):
+    missing = "is not a file" if script == "main_detect.py" else "is not a folder"
+    for data, message in ((tmp_path / "missing", missing), (tmp_path / "data", layout)):
         proc = run_without_torch(script, "--data_path", str(data), "--output_dir", str(out))
+        # detection names the file under --data_path that it reads first
+        named = data / "annotations" / "instances_train2017.json" if script == "main_detect.py" else data
         assert proc.returncode == 1
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line: no config dump, no traceback
-        assert proc.stderr.startswith(f"error: --data_path {str(data)!r} ") and message in proc.stderr
+        assert proc.stderr.startswith(f"error: --data_path {str(named)!r} ") and message in proc.stderr
         assert not out.exists()
 
 
@@ -128,6 +133,19 @@ def test_a_flag_out_of_its_range_or_an_unknown_allowed_change_is_named_before_to
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line: no traceback
     assert proc.stderr.startswith(f"error: {message}")  # the flag, not the missing --data_path checked after it
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ALL_TRAINING_SCRIPTS)
+@pytest.mark.parametrize("name, message", [("--resume", "is not a file"),
+                                           ("--finetune", "is neither a checkpoint file nor an export folder")])
+def test_a_missing_checkpoint_is_named_before_torch_and_before_the_data(script, name, message, tmp_path):
+    if name == "--finetune" and script == "main_pretrain.py":
+        pytest.skip("pre-training starts from scratch: it has no --finetune")
+    out, gone = tmp_path / "out", str(tmp_path / "gone.pth")
+    proc = run_without_torch(script, name, gone, "--data_path", str(tmp_path / "missing"), "--output_dir", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {name} {gone!r} {message}"  # one line, before the missing --data_path
     assert not out.exists()
 
 

@@ -11,26 +11,27 @@ from training.flags import MUST_MATCH, absent_values, check_flags, flag, resume_
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# script -> (module of its config, config class)
-TRAINING_SCRIPTS = {
-    "main_pretrain": ("engine_pretrain", "PretrainConfig"),
-    "main_finetune": ("main_finetune", "FinetuneConfig"),
-    "main_linprobe": ("main_linprobe", "LinprobeConfig"),
-    "main_segment": ("engine_segment", "SegmentConfig"),
-    "main_detect": ("engine_detect", "DetectConfig"),
-}
+# Every task's script, main_<task>.py: its parser there, its config <Task>Config in engine_<task>.py
+# (docs/ARCHITECTURE.md, "Each task in one shape"). The order is the scripts' order in docs/RELIABILITY.md's table.
+TRAINING_SCRIPTS = ["main_pretrain", "main_finetune", "main_linprobe", "main_segment", "main_detect"]
+
+
+def config_of(script: str):
+    """The config class of main_<task>.py: engine_<task>.<Task>Config, found by the shape every task has."""
+    task = script[len("main_"):]
+    return getattr(importlib.import_module(f"engine_{task}"), f"{task.capitalize()}Config")
 
 
 def flags_and_config(script):
     parser = importlib.import_module(script).get_args_parser()
-    module, name = TRAINING_SCRIPTS[script]
-    config = getattr(importlib.import_module(module), name)
-    return [a.dest for a in parser._actions if a.dest != "help"], config, resume_rules(parser)
+    return [a.dest for a in parser._actions if a.dest != "help"], config_of(script), resume_rules(parser)
 
 
 def test_every_main_script_that_trains_is_listed():
     scripts = {p.stem for p in ROOT.glob("main_*.py")}
     assert scripts == set(TRAINING_SCRIPTS), "a new training script: classify its flags (training/config.py)"
+    for script in TRAINING_SCRIPTS:  # each in the shape of a task: main_<task>.py and engine_<task>.py's config
+        assert dataclasses.is_dataclass(config_of(script)), script
 
 
 @pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
@@ -92,12 +93,12 @@ def test_a_flag_declares_its_range_and_check_flags_names_the_first_out_of_it():
 def test_a_flag_added_after_checkpoints_were_saved_declares_the_value_they_ran_with():
     import argparse
 
-    from training.flags import segmentation_parser
+    from main_segment import get_args_parser as segmentation_parser
     parser = argparse.ArgumentParser()
     flag(parser, "--new_option", action="store_true", resume=MUST_MATCH, absent=False)
     flag(parser, "--old", type=int, default=1, resume=MUST_MATCH)
     assert absent_values(parser) == {"new_option": False}
-    # segmentation's dense options were off before they were flags (Run._check_flags compares them so)
+    # segmentation's dense options were off before they were flags (training.checkpointing.check_saved_flags compares them so)
     assert absent_values(segmentation_parser()) == {"rel_pos_bias": False, "layer_scale": None,
                                                     "simple_pyramid": False}
 

@@ -9,7 +9,7 @@ import pytest
 
 import demo
 import main_pretrain
-from models_convvit import check_classifier_name
+from dmjd_encoders.models_convvit import check_classifier_name
 
 
 @pytest.fixture(scope="module")

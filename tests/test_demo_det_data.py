@@ -10,7 +10,8 @@ from PIL import Image
 
 from helpers import folder_digest, write_fashion_idx
 from util.coco import annotation_mask, coco_split, detection_collate
-from util.det_metrics import coco_evaluate, coco_records, gather_records
+from training.distributed import gather_shards
+from util.det_metrics import coco_evaluate, coco_records
 from util.det_transforms import DetEvalTransform, DetTrainTransform
 from util.demo_data import CLASS_NAMES
 from util.demo_det_data import instance_masks, main, prepare_fashion_mnist_det
@@ -98,7 +99,7 @@ def test_the_set_trains_and_evaluates_through_the_detection_data_layer(tmp_path,
                   "masks": masks_in_boxes(target["masks"], target["boxes"])}
         records += coco_records([output], [target], val.category_ids)
         image_ids.append(target["image_id"])
-    records, image_ids = gather_records(records, image_ids)
+    records, image_ids = gather_shards(records, image_ids)
     scores = coco_evaluate(val.ground_truth_data(), records, image_ids=image_ids)
     assert scores["bbox"]["AP"] == pytest.approx(100) and scores["segm"]["AP"] == pytest.approx(100)
 

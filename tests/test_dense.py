@@ -7,7 +7,7 @@ import timm
 import torch
 from timm.models.vision_transformer import Block
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 from dmjd_encoders.dense import (CONVMAE_DET_GLOBAL_BLOCKS, CONVMAE_DET_WINDOW_SIZE, DecomposedRelPos, DenseBlock,
                                  DenseOptions, RelPosBias, detection_attention, window_partition, window_unpartition)
 from dmjd_encoders.pretrained import FRESH_KEYS, is_fresh, load_encoder, load_pretrained
@@ -255,7 +255,7 @@ def test_convmaes_detection_backbone_max_pools_the_stride_16_map_to_its_stride_3
 
 def test_maes_class_token_is_dropped_for_a_model_of_the_patch_tokens(tmp_path):
     """ViTDet takes MAE's weights without the class token and its position: a windowed model has no place for it."""
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     mae = timm.create_model(VIT, img_size=64, class_token=True)
     save_checkpoint({"model": mae.state_dict()}, str(tmp_path / "mae.pth"))
     model = build(VIT, window_size=2, global_blocks=(1,))

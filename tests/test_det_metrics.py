@@ -8,10 +8,8 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
-from helpers import run_two_processes
 from util.coco import CocoDetection, InvalidAnnotationWarning
-from util.det_metrics import (COCO_METRICS, coco_evaluate, coco_ground_truth, coco_records, gather_records,
-                              scores_for_log, write_results)
+from util.det_metrics import COCO_METRICS, coco_evaluate, coco_ground_truth, coco_records, scores_for_log, write_results
 
 CAT, DOG = 5, 9  # category ids; labels 1 and 2
 CATEGORY_IDS = [CAT, DOG]
@@ -151,32 +149,3 @@ def test_results_file_is_coco_results_json(tmp_path):
     write_results(records, str(path))
     assert json.loads(path.read_text()) == records and not (tmp_path / "out" / "results.json.partial").exists()
     assert len(coco_ground_truth(ground_truth()).loadRes(str(path)).getAnnIds()) == 1
-
-
-def test_gathering_without_processes_keeps_the_records_and_refuses_repeats():
-    records = records_of({1: [(A, 1, 0.9)]})
-    assert gather_records(records, [1, 2]) == (records, [1, 2])
-    with pytest.raises(ValueError, match=r"more than once.*\[2\]"):
-        gather_records(records, [1, 2, 2])
-
-
-DDP_SCRIPT = """
-import datetime, json, os
-import torch.distributed as dist
-from util.det_metrics import gather_records
-
-rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-image_ids = list(range(1, 8))[rank::world]  # a disjoint shard, no padding (as ShardSampler)
-records = [{"image_id": i, "category_id": 1, "bbox": [0, 0, i, i], "score": 0.5} for i in image_ids for _ in range(i)]
-records, image_ids = gather_records(records, image_ids)
-print(json.dumps([sorted(image_ids), sorted(r["image_id"] for r in records)]))
-dist.destroy_process_group()
-"""
-
-
-def test_records_of_every_process_are_gathered_exactly_once():
-    lines = run_two_processes(DDP_SCRIPT)
-    expected = [list(range(1, 8)), sorted(i for i in range(1, 8) for _ in range(i))]
-    for line in lines:
-        assert json.loads(line) == expected

@@ -91,9 +91,7 @@ def test_bad_flags_fail_early_naming_the_flag(flags, message, capsys):
 
 
 def test_the_default_recipe_is_convmae_bs_25_epoch_coco_config():
-    import main_detect
-    from engine_detect import resolve_config
-    cfg, line = resolve_config(main_detect.get_args_parser().parse_args(["--device", "cpu"]))
+    cfg, line = resolved()
     assert line == "lr = blr 0.00064 x 4 images / 256 = 1e-05"  # 8e-5 at the recipe's 8 x 4 images
     assert (cfg.iters, cfg.eval_interval, cfg.schedule.rounds, cfg.input_size) == (92187, 3688, 25, 1024)
     assert (cfg.weight_decay, cfg.betas, cfg.drop_path, cfg.scale_range) == (0.1, [0.9, 0.999], 0.1, [0.1, 2.0])
@@ -122,7 +120,8 @@ def test_torchrun_two_processes_evaluate_each_image_once_with_synchronised_batch
 def resolved(*flags):
     import main_detect
     from engine_detect import resolve_config
-    return resolve_config(main_detect.get_args_parser().parse_args([*flags, "--device", "cpu"]))
+    parser = main_detect.get_args_parser()
+    return resolve_config(parser.parse_args([*flags, "--device", "cpu"]), parser)
 
 
 def test_a_vit_takes_vitdets_100_epoch_recipe_and_backbone():
@@ -202,7 +201,7 @@ def test_an_evaluation_that_read_no_image_is_never_a_score(tmp_path):
     import json
     from engine_detect import DetectTask
     from training.errors import RunError
-    from training.meters import Progress
+    from training.loop import evaluate
     from util.coco import CocoDetection
     with open(tmp_path / "val.json", "w") as f:
         json.dump({"images": [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}], "annotations": [],
@@ -211,15 +210,16 @@ def test_an_evaluation_that_read_no_image_is_never_a_score(tmp_path):
     task = DetectTask(torch.nn.Identity(), cfg, torch.device("cpu"), CocoDetection(str(tmp_path), str(tmp_path /
                                                                                                       "val.json")))
     # every batch of the evaluation lost its images while loading (each named in a warning)
-    with pytest.raises(RunError, match="no validation image .* could be read in this evaluation"):
-        task.evaluate_batches([(None, None, 2), (None, None, 1)], Progress("Test", 2, 1, torch.device("cpu")))
+    with pytest.raises(RunError, match=re.escape(f"no image of {cfg.split_paths('val')[1]} could be read in this "
+                                                 f"evaluation (3 unreadable files skipped")):
+        evaluate(task, [(None, None, 2), (None, None, 1)], torch.device("cpu"), 1)
     assert not (tmp_path / "coco_results.json").exists()
 
 
 def test_a_checkpoint_of_the_earlier_detector_is_named_as_such(tmp_path):
     from engine_detect import check_detection_checkpoint
     from training.errors import RunError
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     save_checkpoint({"model": {}, "args": {"model": "convvit_base_patch16", "rois_per_image": 512}},
                     str(tmp_path / "old.pth"))
     with pytest.raises(RunError, match="saved by an earlier main_detect.py.* neither resumed nor evaluated"):

@@ -39,7 +39,7 @@ def test_pretrain_md_asks_slurm_for_a_stop_signal_to_every_step_and_requeues_on_
     from torch.distributed.run import get_args_parser
 
     import main_pretrain
-    from training.run import REQUEUE_EXIT_CODE
+    from training.errors import REQUEUE_EXIT_CODE
     text = (ROOT / "PRETRAIN.md").read_text()
     script = re.search(r"### Preemption and requeueing without submitit.*?```bash\n(.*?)```", text, re.S).group(1)
     signal_name = re.search(r"#SBATCH .*--signal=(\S+)@\d+", script).group(1)

@@ -196,19 +196,20 @@ def test_the_task_owns_the_teacher_its_update_and_its_checkpoint_entry(vis_targe
 
     cfg = pretrain_config(vis_target=vis_target, ema_momentum=0.5)
     model = create_from_flags(cfg.flags())
-    task = PretrainTask(model, cfg, torch.device("cpu"), momentum_at=lambda steps: 0.5)
+    task = PretrainTask(model, cfg, torch.device("cpu"))
     saved = task.extra_state()
     if vis_target == "hog":  # no teacher: the entry is still there, None, as every pre-training checkpoint has it
-        assert saved == {"teacher": None} and task.teacher is None and task.scalars() == {}
-        task.after_step(1.0)  # nothing to update
+        assert saved == {"teacher": None} and task.teacher is None and set(cfg.schedules(10)) == {"lr"}
+        task.after_step({})  # nothing to update
         return
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
     before = [t.clone() for t in task.teacher.parameters()]
-    task.after_step(3.0)  # the post-step hook: t <- m t + (1 - m) s with m = momentum_at(3.0)
+    task.after_step({"momentum": 0.5})  # the post-step hook: t <- m t + (1 - m) s with m the scheduled momentum
     for t, b, s in zip(task.teacher.parameters(), before, model.encoder.parameters()):
         assert torch.allclose(t, 0.5 * b + 0.5 * s)
-    assert task.scalars() == {"momentum": 0.5} and set(saved) == {"teacher"} and saved["teacher"]
+    assert task.momentum == 0.5 and set(cfg.schedules(10)) == {"lr", "momentum"}
+    assert set(saved) == {"teacher"} and saved["teacher"]
     with pytest.raises(RunError, match="has no EMA teacher; it was not trained with --vis_target ema"):
         task.load_extra_state({"teacher": None}, "old.pth")

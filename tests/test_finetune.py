@@ -15,12 +15,13 @@ from timm.optim import param_groups_layer_decay
 
 import models_convvit  # noqa: F401
 import models_dmjd  # noqa: F401
-from main_linprobe import get_args_parser as linprobe_args_parser, lars_param_groups, resumed_probe_features
-from models_convvit import LinearProbe
+from engine_linprobe import lars_param_groups, resumed_probe_features
+from main_linprobe import get_args_parser as linprobe_args_parser
+from dmjd_encoders.models_convvit import LinearProbe
 from export_encoder import export_encoder
 from helpers import as_script, pretrain_checkpoint, run_script, script_env, stop_with_signal
-from util.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
-from models_convvit import check_classifier_name
+from dmjd_encoders.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
+from dmjd_encoders.models_convvit import check_classifier_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,7 +270,7 @@ def test_script_trains_evaluates_and_resumes(cls_data, tmp_path, name):
     stdout = script(name, cls_data, out, "--finetune", str(cls_data / "pre.pth"))
     assert f"loaded {cls_data / 'pre.pth'}: new (not in the checkpoint)" in stdout  # the package's log note, printed
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_count"] == 9 for r in log)
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["test_images"] == 9 for r in log)
     from util.curves import plot_runs
     assert plot_runs([str(out)], str(tmp_path / "curves.png")) == ["loss", "learning rate",
                                                                    "top-1 / top-5 accuracy (%)"]
@@ -351,7 +352,7 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
 
 def test_every_pretraining_model_names_the_encoder_that_takes_its_weights():
     from models_dmjd import ENCODER_OF
-    from util.checkpoint import PRETRAIN_ONLY_PREFIXES
+    from dmjd_encoders.checkpoint import PRETRAIN_ONLY_PREFIXES
     assert set(ENCODER_OF) == set(timm.list_models("dmjd_*"))
     for name, encoder_name in ENCODER_OF.items():
         with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -415,12 +416,13 @@ def classification_data(root, train_classes, val_classes):
 def classification_config(data, *flags):
     """main_finetune.py's config at test size for `data`, as the script resolves it."""
     import main_finetune
-    from engine_finetune import resolve_classification
+    from engine_finetune import FinetuneConfig
+    from training.classification import resolve_classification
     parser = main_finetune.get_args_parser()
     args = parser.parse_args(["--model", "convvit_tiny_patch16", "--input_size", "64", "--batch_size", "2",
                               "--num_workers", "0", "--device", "cpu", "--nb_classes", "3", "--data_path", str(data),
                               "--output_dir", str(data / "out"), *flags])
-    return resolve_classification(main_finetune.FinetuneConfig, parser, args)[0]
+    return resolve_classification(FinetuneConfig, parser, args)[0]
 
 
 def one_process_run():
@@ -431,7 +433,7 @@ def one_process_run():
 
 
 def loaders_of(cfg):
-    from engine_finetune import classification_loaders
+    from training.classification import classification_loaders
     from util.transforms import eval_transform
     return classification_loaders(one_process_run(), cfg, eval_transform(64), eval_transform(64))
 
@@ -489,7 +491,7 @@ def test_eval_of_a_checkpoint_without_classes_takes_vals_own_folders_and_says_so
 
 
 def test_a_checkpoint_stores_its_training_classes_and_a_resume_on_other_classes_stops(tmp_path):
-    from engine_finetune import ClassificationTask
+    from training.classification import ClassificationTask
     from training.errors import RunError
     cfg = classification_config(tmp_path)
     task = ClassificationTask(None, cfg, torch.device("cpu"), classes=["bbb", "cat"])
@@ -503,13 +505,14 @@ def test_a_checkpoint_stores_its_training_classes_and_a_resume_on_other_classes_
 
 
 def test_an_evaluation_that_read_no_image_is_a_run_error_naming_the_folder_not_a_score():
-    from engine_finetune import classification_scores
+    from types import SimpleNamespace
+    from training.classification import ClassificationTask
     from training.errors import RunError
-    from training.meters import Progress
+    from training.loop import evaluate
     batches = [(None, None, 2), (None, None, 1)]  # every file of every batch unreadable
+    task = ClassificationTask(torch.nn.Identity(), SimpleNamespace(data_path="data", input_size=8), torch.device("cpu"))
     with pytest.raises(RunError) as stop:
-        classification_scores(torch.nn.Identity(), batches, Progress("Test", 2, 10, torch.device("cpu")),
-                              torch.device("cpu"), folder="data/val")
+        evaluate(task, batches, torch.device("cpu"), 10)
     assert str(stop.value) == ("no image of data/val could be read in this evaluation (3 unreadable files skipped, see "
                                "the warnings above): there is no score to report")
 
@@ -540,7 +543,8 @@ def other_scripts_checkpoint(path, parser):
 
 @pytest.mark.parametrize("name, task", [("main_finetune.py", "fine-tuning"), ("main_linprobe.py", "linear-probing")])
 def test_a_segmentation_or_detection_checkpoint_given_to_the_script_is_named_as_such(cls_data, tmp_path, name, task):
-    from training.flags import detection_parser, segmentation_parser
+    from main_detect import get_args_parser as detection_parser
+    from main_segment import get_args_parser as segmentation_parser
     module = importlib.import_module(name.removesuffix(".py"))
     seg = other_scripts_checkpoint(tmp_path / "seg.pth", segmentation_parser())
     det = other_scripts_checkpoint(tmp_path / "det.pth", detection_parser())

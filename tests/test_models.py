@@ -4,9 +4,9 @@ import timm
 import torch
 import torch.nn as nn
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 import models_dmjd
-from models_convvit import ConvViT, ViT, visible_token_ids
+from dmjd_encoders.models_convvit import ConvViT, ViT, visible_token_ids
 from models_dmjd import DMJD, EMATeacher, normalized_pixel_targets
 from util.masking import disjoint_masks
 

@@ -8,7 +8,7 @@ from timm.layers import LayerNorm2d
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import roi_align
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 from models_maskrcnn import (LOSS_NAMES, ROI_BOX_WEIGHTS, DetectronRPN, Fp32BoxCoder, RoIAlignV2, box_losses,
                              create_mask_rcnn, detection_loss, mask_targets)
 from util.det_metrics import coco_evaluate

@@ -208,7 +208,7 @@ def test_layer_decay_groups_follow_convmaes_segmentation_optimizer():
     stages 1-2, every patch embedding and pos_embed are layer 0, stage-3 block i is layer i + 1, the stride-32 level
     and both heads the last layer; scale = decay ** (num_layers - 1 - layer); no weight decay on 1-D parameters nor
     on pos_embed."""
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from timm.optim import param_groups_layer_decay
 
     model = create_upernet("convvit_tiny_patch16", NUM_CLASSES, channels=16, aux_channels=8, img_size=64)

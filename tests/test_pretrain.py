@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine_pretrain
 import main_pretrain
 from helpers import as_script, load, read_log, run_script as run, script_env, stop_with_signal
 
@@ -163,8 +164,8 @@ def test_validate_args_names_the_flag(flags, message):
 ])
 def test_dataset_too_small_for_the_step_is_an_early_error(images, world_size, batch, accum, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        as_script(main_pretrain.check_dataset_size, images, batch, accum, world_size, "data/train")
-    main_pretrain.check_dataset_size(images, batch, 1, 1, "data/train")
+        as_script(engine_pretrain.check_dataset_size, images, batch, accum, world_size, "data/train")
+    engine_pretrain.check_dataset_size(images, batch, 1, 1, "data/train")
 
 
 def _free_port():

@@ -4,12 +4,12 @@ import pytest
 import timm
 import torch
 
-import models_convvit  # noqa: F401  (registers the encoders)
+import dmjd_encoders  # noqa: F401  (registers the encoders)
 from dmjd_encoders import pretrained
 from dmjd_encoders.pretrained import (FRESH_KEYS, ArchitectureMismatch, PretrainedWeightsError, architecture_kwargs,
                                       check_encoder_loaded, check_pretrained_flag, has_class_token, load_encoder)
 from export_encoder import export_encoder
-from util.checkpoint import save_checkpoint
+from dmjd_encoders.checkpoint import save_checkpoint
 
 ENCODER = "vit_test_patch16_gap_sincos"
 
@@ -83,6 +83,7 @@ def test_a_missing_finetune_path_raises_a_value_error_that_names_the_flag(tmp_pa
 
 
 def test_the_old_names_are_the_new_module_s_own():
+    import models_convvit
     import util.checkpoint
     for name in ("load_pretrained", "architecture_kwargs", "encoder_state_dict", "fit_encoder_state",
                  "resample_pos_embed", "ArchitectureMismatch", "saved_model", "check_encoder_loaded",

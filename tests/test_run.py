@@ -12,7 +12,7 @@ from helpers import as_script, pretrain_config
 from training.errors import RunError
 from training.run import Run, CheckpointState
 from training.step import TrainStep
-from util.checkpoint import load_checkpoint
+from dmjd_encoders.checkpoint import load_checkpoint
 
 
 def enter_and_leave(cfg):
@@ -39,7 +39,7 @@ def test_epochs_write_last_periodic_and_best_checkpoints_and_log_lines(tmp_path,
         assert run.world_size == 1 and run.is_main and run.writer is not None
         for epoch in run.rounds(0, cfg.epochs):
             train(s)
-            run.end_epoch(s, epoch, {"train_loss": 1.0 / (epoch + 1)}, best=epoch == 1, best_acc1=float(epoch))
+            run.end_round(s, epoch, {"train_loss": 1.0 / (epoch + 1)}, best=epoch == 1, best_acc1=float(epoch))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-3.pth", "checkpoint-best.pth",
                                                                     "checkpoint-last.pth"]  # 1 kept of epochs 1, 3
@@ -58,7 +58,7 @@ def test_resume_restores_the_state_and_continues_at_the_next_epoch(tmp_path, cap
     first = state(skipped=2)
     with Run(cfg) as run:
         train(first)
-        run.end_epoch(first, 0, {}, best_acc1=12.5)
+        run.end_round(first, 0, {}, best_acc1=12.5)
     resumed = state()
     with Run(cfg) as run:  # auto-resume from the output folder's checkpoint-last.pth
         assert run.resume(resumed) == 1
@@ -92,7 +92,7 @@ def finished_epochs(cfg, epochs, save_freq=None, lr=0.1):
     with Run(cfg, save_freq=save_freq) as run:
         for epoch in range(epochs):
             train(s)
-            run.end_epoch(s, epoch, {"train_loss": float(epoch)})
+            run.end_round(s, epoch, {"train_loss": float(epoch)})
     return s
 
 
@@ -214,7 +214,7 @@ def test_a_stop_signal_between_rounds_stops_before_the_next_round_with_the_saved
                 trained.append(epoch)
                 run.stop_if_requested(s, epoch, progress)
                 os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the round's evaluation or saves
-                run.end_epoch(s, epoch, {"train_loss": 1.0})
+                run.end_round(s, epoch, {"train_loss": 1.0})
 
     with pytest.raises(SystemExit) as stop:
         as_script(stopped_run)
@@ -230,11 +230,11 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> Checkp
     """Epoch 0, then epoch 1 whose end is killed after its first `saves` checkpoint files (never its log line);
     returns the state."""
     import training.output as output_module
-    from util.checkpoint import link_checkpoint as real_link
+    from dmjd_encoders.checkpoint import link_checkpoint as real_link
     s = state()
     with Run(cfg, save_freq=save_freq) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})
+        run.end_round(s, 0, {"train_loss": 0.5})
         real_save, saved = output_module.save_checkpoint, []
 
         def crash_in_window(path):
@@ -258,7 +258,7 @@ def end_of_epoch_1_killed(cfg, monkeypatch, save_freq, saves, **extra) -> Checkp
         monkeypatch.setattr(output_module, "append_line", crashing_log)
         train(s)
         with pytest.raises(KeyboardInterrupt):
-            run.end_epoch(s, 1, {"train_loss": 0.25}, **extra)
+            run.end_round(s, 1, {"train_loss": 0.25}, **extra)
     monkeypatch.undo()
     return s
 
@@ -285,12 +285,12 @@ def test_an_epochs_periodic_and_best_checkpoints_are_links_to_its_last_not_copie
     with Run(cfg, save_freq=2) as run:
         for epoch in range(2):
             train(s)
-            run.end_epoch(s, epoch, {"train_loss": 0.5}, best=epoch == 1)
+            run.end_round(s, epoch, {"train_loss": 0.5}, best=epoch == 1)
         last, periodic, best = (out / f"checkpoint-{name}.pth" for name in ("last", 1, "best"))
         assert last.samefile(periodic) and last.samefile(best) and last.stat().st_nlink == 3  # one copy on disk
         saved = periodic.read_bytes()
         train(s)
-        run.end_epoch(s, 2, {"train_loss": 0.25})  # replaces checkpoint-last.pth, never writes into the old file
+        run.end_round(s, 2, {"train_loss": 0.25})  # replaces checkpoint-last.pth, never writes into the old file
     assert not last.samefile(periodic) and periodic.read_bytes() == saved
     assert torch.load(last, weights_only=True)["epoch"] == 2
     periodic.unlink()  # deleting one name leaves the other whole
@@ -306,7 +306,7 @@ def test_without_hard_links_an_epochs_checkpoints_are_copies(tmp_path, monkeypat
     s = state()
     with Run(pretrain_config(output_dir=str(out), epochs=2), save_freq=1) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
+        run.end_round(s, 0, {"train_loss": 0.5}, best=True)
     last = out / "checkpoint-last.pth"
     for name in ("checkpoint-0.pth", "checkpoint-best.pth"):
         assert not last.samefile(out / name) and (out / name).read_bytes() == last.read_bytes(), name
@@ -321,7 +321,7 @@ def test_completing_an_epochs_files_links_them_to_its_last_checkpoint(tmp_path, 
     with Run(cfg, save_freq=1) as run:
         train(s)
         monkeypatch.setattr(output_module, "link_checkpoint", lambda source, path: None)  # a crash before the link
-        run.end_epoch(s, 0, {"train_loss": 0.5}, best=True)
+        run.end_round(s, 0, {"train_loss": 0.5}, best=True)
     monkeypatch.undo()
     assert not (out / "checkpoint-0.pth").exists()
     with Run(cfg, save_freq=1):
@@ -355,7 +355,7 @@ def test_a_live_run_holds_the_output_folder_and_a_dead_ones_lock_does_not_count(
 def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monkeypatch):
     import errno
 
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     save_checkpoint({"epoch": 1}, str(tmp_path / "c.pth"))
 
     def full(*args, **kwargs):
@@ -373,7 +373,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_previous_file(tmp_path, monk
 def test_saves_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
     import os
 
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
@@ -409,7 +409,7 @@ def test_a_stop_after_a_nonfinite_loss_keeps_the_last_good_checkpoint(tmp_path):
     s = state()
     with Run(cfg) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})
+        run.end_round(s, 0, {"train_loss": 0.5})
         before = (out / "checkpoint-last.pth").read_bytes()
         nan_step(s)
         assert not torch.isfinite(s.model.weight).all()
@@ -425,14 +425,14 @@ def test_no_save_writes_nonfinite_weights_or_optimizer_state_over_a_good_checkpo
     s = state()
     with Run(pretrain_config(output_dir=str(out), epochs=3)) as run:
         train(s)
-        run.end_epoch(s, 0, {"train_loss": 0.5})
+        run.end_round(s, 0, {"train_loss": 0.5})
         before = (out / "checkpoint-last.pth").read_bytes()
         with torch.no_grad():
             s.model.bias[0] = float("inf")
         with pytest.raises(SystemExit, match=rf"not saving {out / 'checkpoint-last.pth'}: 1 tensors of the model or "
                                              r"optimizer state are non-finite \(model.bias\); the last good checkpoint "
                                              r"is kept"):
-            as_script(run.end_epoch, s, 1, {"train_loss": 0.25})
+            as_script(run.end_round, s, 1, {"train_loss": 0.25})
         with torch.no_grad():
             s.model.bias[0] = 0.0
         moment = next(iter(s.optimizer.state.values()))["exp_avg"]
@@ -622,9 +622,11 @@ def script_config(script: str, out, *argv: str):
     module = importlib.import_module(script)
     args = module.get_args_parser().parse_args(["--model", "convvit_tiny_patch16", *flags])
     if script in ("main_segment", "main_detect"):
-        return importlib.import_module(script.replace("main_", "engine_")).resolve_config(args)[0]
-    from engine_finetune import resolve_classification
-    config = module.FinetuneConfig if script == "main_finetune" else module.LinprobeConfig
+        return importlib.import_module(script.replace("main_", "engine_")).resolve_config(args,
+                                                                                           module.get_args_parser())[0]
+    from training.classification import resolve_classification
+    engine = importlib.import_module(script.replace("main_", "engine_"))
+    config = engine.FinetuneConfig if script == "main_finetune" else engine.LinprobeConfig
     resolved = {} if script == "main_finetune" else {"probe_features": "pool_then_fresh_norm"}
     return resolve_classification(config, module.get_args_parser(), args, **resolved)[0]
 
@@ -632,7 +634,7 @@ def script_config(script: str, out, *argv: str):
 @pytest.mark.parametrize("saved_by, started_by", [(a, b) for a in SCRIPT_TASKS for b in SCRIPT_TASKS if a != b])
 def test_another_scripts_checkpoint_is_named_with_its_script_on_resume_evaluation_and_any_allowed_change(
         tmp_path, saved_by, started_by):
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     path = str(tmp_path / "other.pth")
     save_checkpoint({"model": {}, "args": script_config(saved_by, tmp_path / "saved").flags(), "epoch": 0}, path)
     named = (f"{path} is a {SCRIPT_TASKS[saved_by]} checkpoint, from {saved_by}.py, not a {SCRIPT_TASKS[started_by]} "

@@ -14,7 +14,14 @@ from PIL import Image
 
 import main_segment
 from dmjd_encoders.pretrained import architecture_kwargs
-from engine_segment import EvalCollate, SegmentTask, full_batch, resolve_config, validate_args
+from engine_segment import EvalCollate, SegmentTask, full_batch
+from main_segment import validate_args
+
+
+def resolve_config(args):
+    """engine_segment's config of main_segment.py's flags, as the script resolves them."""
+    import engine_segment
+    return engine_segment.resolve_config(args, main_segment.get_args_parser())
 from helpers import (as_script, load, pretrain_checkpoint, read_log, run_script as run, script_env, stop_with_signal,
                      write_segmentation_folder)
 from util.schedules import poly_lr
@@ -219,9 +226,9 @@ def test_the_commands_in_segment_md_parse_with_the_scripts_flags():
 
 @pytest.mark.parametrize("class_token", [False, True])
 def test_a_resumed_checkpoint_rebuilds_the_encoder_layout_it_was_trained_with(tmp_path, class_token):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from models_upernet import create_upernet
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     model = create_upernet("vit_test_patch16_gap_sincos", 4, channels=8, aux_in_index=1, aux_channels=8, img_size=32,
                            class_token=class_token)
     save_checkpoint({"model": model.state_dict()}, str(tmp_path / "seg.pth"))
@@ -237,7 +244,7 @@ def small_segmentation_config(*flags):
 @pytest.mark.parametrize("model,strides", [("convvit_tiny_patch16", [4, 8, 16, 32]),
                                            ("vit_test_patch16_gap_sincos", [4, 8, 16, 32])])
 def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, strides):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from engine_segment import build_segmenter
     cfg = small_segmentation_config("--model", model, "--nb_classes", "3")
     assert cfg.simple_pyramid is (model.startswith("vit"))
@@ -253,29 +260,27 @@ def test_the_default_recipe_builds_the_dense_options_into_any_encoder(model, str
 
 
 def test_resuming_a_checkpoint_saved_before_the_dense_flags_names_them_and_resumes_with_them_off(tmp_path):
+    from training.checkpointing import check_saved_flags
     from training.errors import RunError
-    from training.run import Run
     saved = small_segmentation_config().flags()
     for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
         del saved[name]  # a checkpoint of a run from before these options: they were off
-    with Run(small_segmentation_config("--output_dir", str(tmp_path / "a"))) as run:
-        with pytest.raises(RunError) as stop:
-            run._check_flags("old.pth", saved)
+    with pytest.raises(RunError) as stop:
+        check_saved_flags("old.pth", saved, small_segmentation_config("--output_dir", str(tmp_path / "a")))
     for shown in ("--rel_pos_bias: saved False (saved before the flag existed), given True",
                   "--layer_scale: saved None (saved before the flag existed), given 1.0"):
         assert shown in str(stop.value)
     assert "simple_pyramid" not in str(stop.value)  # a ConViT's: off, as before
     off = small_segmentation_config("--output_dir", str(tmp_path / "b"), "--no-rel_pos_bias", "--layer_scale", "none")
-    with Run(off) as run:
-        run._check_flags("old.pth", saved)
+    check_saved_flags("old.pth", saved, off)
 
 
 def test_a_checkpoint_saved_before_the_dense_flags_resumed_for_evaluation_names_their_former_values(tmp_path):
-    import models_convvit  # noqa: F401  (registers the encoders)
+    import dmjd_encoders  # noqa: F401  (registers the encoders)
     from engine_segment import build_segmenter
     from training.errors import RunError
     from training.run import Run
-    from util.checkpoint import save_checkpoint
+    from dmjd_encoders.checkpoint import save_checkpoint
     old = small_segmentation_config("--model", "convvit_tiny_patch16", "--no-rel_pos_bias", "--layer_scale", "none")
     args = old.flags()
     for name in ("rel_pos_bias", "layer_scale", "simple_pyramid"):
@@ -373,20 +378,20 @@ def test_the_label_check_says_whether_it_read_every_annotation_or_a_sample(small
 
 
 def test_an_evaluation_with_an_empty_confusion_matrix_is_a_run_error_naming_the_folder():
-    from engine_segment import segmentation_scores_of
+    from engine_segment import SegmentTask
     from training.errors import RunError
-    from training.meters import Progress
+    from training.loop import evaluate
 
     class Constant(torch.nn.Module):
         def predict(self, images, size, *how):
             return torch.ones(len(images), 4, *size)
 
     cfg = SimpleNamespace(nb_classes=4, ignore_index=255, amp_dtype=None, eval_mode="whole", eval_crop_size=8,
-                          eval_stride=8, test_ratios=[1.0], aug_test=False, data_path="data")
+                          eval_stride=8, test_ratios=[1.0], aug_test=False, data_path="data", loss_names=("loss",))
     batches = [(torch.zeros(2, 3, 8, 8), torch.full((2, 8, 8), 255), 0)]  # every pixel ignored
     with pytest.raises(RunError) as stop:
-        segmentation_scores_of(Constant(), batches, Progress("Test", 1, 10, torch.device("cpu")), torch.device("cpu"),
-                               cfg)
+        evaluate(SegmentTask(Constant(), cfg, torch.device("cpu"), ["a", "b", "c", "d"]), batches,
+                 torch.device("cpu"), 10)
     assert str(stop.value) == ("the confusion matrix is empty: every pixel of the 2 validation images evaluated is "
                                "ignored (data/annotations/validation, --ignore_index 255): there is no score to "
                                "report")

@@ -91,10 +91,11 @@ class _Teacher:
 
 
 def test_after_step_follows_each_optimizer_step_with_the_scheduled_momentum():
-    # the post-step hook of a task (pre-training's EMA teacher) gets the position of each window's last batch
+    # the post-step hook of a task (pre-training's EMA teacher) gets the schedules at each window's last batch
     model, teacher = linear(), _Teacher()
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda p: 0.1, accum_iter=2,
-                     after_step=lambda progress: teacher.update(model, 0.9 + progress))
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     {"lr": lambda p: 0.1, "momentum": lambda p: 0.9 + p}, accum_iter=2,
+                     after_step=lambda scheduled: teacher.update(model, scheduled["momentum"]))
     x, y = data()
     for index in range(4):
         step(mse(model, x, y), index / 100, index)

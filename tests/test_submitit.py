@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import main_pretrain
-from util.submitit_launch import Trainer, distributed_env, executor_parameters, launch, parse_args
+from training.submitit_launch import Trainer, distributed_env, executor_parameters, launch, parse_args
 
 
 def test_launcher_and_training_flags_are_split():

@@ -2,7 +2,8 @@
 the config, never `args`."""
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+import functools
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -87,6 +88,11 @@ class TrainConfig:
         """The config as a plain dict of flag names to values (what checkpoints keep as `args`)."""
         return dataclasses.asdict(self)
 
+    def schedules(self, round_steps: int) -> Dict[str, Callable[[float], float]]:
+        """The run's schedules as functions of the optimizer step (util.schedules), which the loop reads at each
+        step: "lr", and whatever else the task takes after its steps (`round_steps`: optimizer steps per round)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class EpochConfig(TrainConfig):
@@ -94,7 +100,8 @@ class EpochConfig(TrainConfig):
     epochs: int
     warmup_epochs: float
 
-    def lr_at(self, progress: float) -> float:
-        """Linear warmup to --lr over --warmup_epochs, then a half-cosine to --min_lr at --epochs (`progress` in
-        epochs)."""
-        return cosine_lr(progress, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
+    def schedules(self, round_steps: int) -> Dict[str, Callable[[float], float]]:
+        """MAE's lr: linear warmup to --lr over --warmup_epochs, then a half-cosine to --min_lr at --epochs, in
+        optimizer steps of `round_steps` per epoch."""
+        return {"lr": functools.partial(cosine_lr, base_lr=self.lr, min_lr=self.min_lr,
+                                        warmup=self.warmup_epochs * round_steps, total=self.epochs * round_steps)}

@@ -9,13 +9,16 @@ import os
 import signal
 import sys
 import time
+import traceback
 import zlib
+from collections import Counter
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from training.errors import RunError
 from util.misc import print_library_notes, resolve_device
 
 
@@ -149,6 +152,11 @@ def all_reduce_min(values: torch.Tensor, what: str = "a minimum over the process
     return values
 
 
+def on_main_process() -> bool:
+    """Whether this is the main process (rank 0), or the only one."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def broadcast_from_main(value, what: str = "a value sent from the main process"):
     """The main process's `value` (any picklable object) on every process; `value` itself without a process group."""
     if dist.is_available() and dist.is_initialized():
@@ -159,6 +167,130 @@ def broadcast_from_main(value, what: str = "a value sent from the main process")
     return value
 
 
+def gather_shards(values: List, ids: Sequence[int], what: str = "the gathering of an evaluation's shards"):
+    """(values, ids) of every process, in rank order: a sharded evaluation's parts (`values`, e.g. COCO result
+    records, and the `ids` of the samples it evaluated); this process's alone without a process group. Raises if a
+    sample was evaluated by two processes or twice: its results would count double."""
+    ids = [int(i) for i in ids]
+    if dist.is_available() and dist.is_initialized():
+        note_collective(what)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (values, ids))
+        values = [value for part_values, _ in parts for value in part_values]
+        ids = [i for _, part_ids in parts for i in part_ids]
+    repeated = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise ValueError(f"samples evaluated more than once (a padded or overlapping sampler?): {repeated[:10]}")
+    return values, ids
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class DistributedContext:
+    """The distributed duty of a run (part of training.run.Run): the process group it starts and ends, the device
+    and rank of this process, DDP wrappers, and the host-side collectives that the run's other parts agree through:
+    a CPU (gloo) group whatever the backend, so that agreeing costs no device sync. Collectives that wait longer
+    than `timeout_minutes` fail; `end` then names the collective and the ranks that did not arrive."""
+
+    def __init__(self, device_name: str, world_size: int, timeout_minutes: float):
+        self.device_name, self.expected_world_size, self.timeout_minutes = device_name, world_size, timeout_minutes
+        self.info: Optional[DistInfo] = None  # None until `start` (and when the process group did not start)
+        self._control = None
+        self._wrapped: List[torch.nn.Module] = []
+
+    def start(self) -> None:
+        self.info = init_distributed(self.device_name, self.timeout_minutes)
+        if self.info.world_size != self.expected_world_size:
+            raise RuntimeError(f"the config was resolved for {self.expected_world_size} processes, the run has "
+                               f"{self.info.world_size}")
+        if self.info.distributed:
+            self._control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` in DDP when the run is distributed (gradients live in the all-reduce buckets: no copy)."""
+        if not self.info.distributed:
+            return model
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+        self._wrapped.append(wrapped)
+        return wrapped
+
+    # -- the host-side collectives (no-ops in a single process) --------------------------------------------------------
+    def from_main(self, value):
+        """The main process's `value` (picklable) on every process."""
+        if self._control is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        return box[0]
+
+    def any_of(self, flag: bool, what: str) -> bool:
+        """Whether `flag` holds on any process."""
+        value = torch.tensor([flag], dtype=torch.int32)
+        if self._control is not None:
+            note_collective(what)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(value.item())
+
+    def gather(self, value, what: str) -> list:
+        """Every process's `value`, by rank."""
+        if self._control is None:
+            return [value]
+        values = [None] * self.world_size
+        note_collective(what)
+        dist.all_gather_object(values, value, group=self._control)
+        return values
+
+    def barrier(self, what: str) -> None:
+        if self._control is not None:
+            note_collective(what)
+            dist.barrier(group=self._control)
+
+    def end(self, exc: Optional[BaseException], tb) -> List[str]:
+        """Drops the DDP wrappers (ours, and those that the frames of a propagating exception `exc` still hold) and
+        ends the process group (see `cleanup_distributed` for the order). A collective that timed out becomes a
+        RunError naming it and the ranks that did not arrive. Returns what failed in ending, described."""
+        if tb is not None:
+            traceback.clear_frames(tb)
+        self._wrapped.clear()
+        failed = []
+        try:
+            cleanup_distributed()
+        except Exception as err:  # noqa: BLE001 (named to the caller)
+            failed.append(f"ending the process group: {err}")
+        if exc is not None and self.info is not None and self.info.distributed and _is_timeout(exc):
+            what = last_collective()
+            # The processes that time out in the same collective say so; the others did not arrive.
+            wait = min(30.0, max(2.0, 6 * self.timeout_minutes))  # seconds: 10% of the timeout, within bounds
+            missing = ranks_not_arrived(what, self.rank, self.world_size, wait)
+            who = (f"rank {', '.join(map(str, missing))} did not arrive: it stopped, hangs or died" if missing else
+                   "another process stopped, hangs or died")
+            detail = str(exc).strip().splitlines()[0]
+            raise RunError(f"rank {self.rank} of {self.world_size}: {what} timed out after --dist_timeout "
+                           f"{self.timeout_minutes:g} minutes: {who}. ({detail})") from None
+        return failed
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)

@@ -1,26 +1,30 @@
-"""The one training loop: a script describes its task (`Task`), and `fit` trains it.
+"""The one training loop: a script describes its task (training.task.Task), and `fit` trains it.
 
-    task = MyTask(...)                                   # builds what it trains; turns a batch into a loss
+    task = MyTask(...)                                   # builds what it trains; turns a batch into losses
     with Run(cfg) as run:
         fit(run, task, cfg, train_loader, val_loader, Schedule.of_epochs(cfg.epochs, len(train_loader), cfg.accum_iter))
 
 The loop counts optimizer steps. A `Schedule` cuts them into rounds: an evaluation, a checkpoint and a log.txt line
 end each round. An epoch-based script's round is an epoch of its data; an iteration-based one's (segmentation,
-detection) is --eval_interval steps. `fit` owns what is the same for every task: resume, stop requests (a checkpoint
-of the current step, then Preempted), the non-finite policy (NonFiniteLossError, raised), best-score tracking,
-checkpoints and log.txt. `train_round` trains one round's micro-batches, `evaluate` runs the task's evaluation over a
-loader and `evaluate_checkpoint` is --eval.
+detection) is --eval_interval steps. The config's schedules (lr, and e.g. the EMA teacher's momentum: functions of
+the optimizer step from util.schedules) are read at each step. `fit` owns what is the same for every task: resume,
+stop requests (a checkpoint of the current step, then Preempted), the non-finite policy (NonFiniteLossError, raised),
+best-score tracking, checkpoints and log.txt. `train_round` trains one round's micro-batches, `evaluate` is the one
+evaluation loop (every task's `predict` and Evaluator over a loader) and `evaluate_checkpoint` is --eval.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from training.config import TrainConfig
+from training.distributed import all_reduce_sum
 from training.errors import RunError
 from training.meters import Progress, log_window
-from training.run import Run, CheckpointState
-from training.step import Losses, TrainStep
+from training.checkpointing import CheckpointState
+from training.run import Run
+from training.step import TrainStep, autocast_context
+from training.task import Scores, Task
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,6 @@ class Schedule:
         """Micro-batches of the rounds after `round_index` (for the run's ETA)."""
         return (self.steps - self.last_step(round_index)) * self.accum_iter
 
-    def epochs(self, steps: float) -> float:
-        """Optimizer steps as (fractional) rounds: what an epoch-based lr schedule takes."""
-        return steps / self.round_steps
-
     def axis(self, round_index: int, batches_done: int) -> int:
         """TensorBoard's x of a point `batches_done` micro-batches into a round."""
         if self.unit == "epoch":
@@ -88,78 +88,11 @@ class Schedule:
         return f"Epoch [{round_index}]" if self.unit == "epoch" else self.span(round_index).capitalize()
 
 
-class Task:
-    """What a script trains, behind what the loop needs of it. Subclasses set `model` (saved as the checkpoint's
-    "model"; DDP wraps it into `trained`, which `loss` calls) and override what differs from these defaults.
-
-    - `loss_names`: the loss and its named parts, as `loss` returns them.
-    - `best`: the score of `evaluate_batches` whose highest value marks checkpoint-best.pth (None: no evaluation).
-    - `prepare(inputs, targets)` -> (inputs, targets, readable): a batch on the device, `readable` its real samples.
-      A batch whose every file was unreadable arrives as `placeholder()` and trains with weight 0 (every DDP rank
-      must take each step), counted as an empty batch.
-    - `after_step(steps)`: called after each applied optimizer step (e.g. the EMA teacher's update).
-    - `extra_state()` / `load_extra_state(checkpoint, path)`: what a checkpoint holds beyond the model, the optimizer
-      and the step (e.g. the teacher), as top-level entries.
-    """
-    loss_names: Tuple[str, ...] = ("loss",)
-    best: Optional[str] = None
-    samples = "images"  # what a sample is, in messages ("pairs" of image and annotation)
-    model: torch.nn.Module
-    trained: torch.nn.Module
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def placeholder(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def prepare(self, inputs, targets) -> Tuple[object, object, int]:
-        raise NotImplementedError
-
-    def loss(self, inputs, targets) -> Losses:
-        raise NotImplementedError
-
-    def after_step(self, steps: float) -> None:
-        pass
-
-    def scalars(self) -> Dict[str, float]:
-        """Values printed and logged with each progress line besides the losses and the lr."""
-        return {}
-
-    def round_stats(self, stats: Dict[str, float]) -> Dict[str, float]:
-        """The training record of a round: `stats` (losses, lr, counts over all ranks) as the script reports it."""
-        return stats
-
-    def evaluate_batches(self, loader, progress: Progress) -> Dict[str, object]:
-        raise NotImplementedError
-
-    def report(self, scores: Dict[str, object]) -> str:
-        return "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-
-    def scores_record(self, scores: Dict[str, object]) -> dict:
-        """The log.txt entries of an evaluation."""
-        return {f"test_{k}": v for k, v in scores.items()}
-
-    def log_scores(self, writer, scores: Dict[str, object], x: int) -> None:
-        pass
-
-    def evaluated(self, scores: Dict[str, object], label: str) -> None:
-        """After each evaluation, on the main process (e.g. a per-class table)."""
-
-    def end_round(self, round_index: int, writer) -> None:
-        """After each round, on the main process (e.g. a picture for TensorBoard)."""
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, checkpoint: dict, path: str) -> None:
-        pass
-
-
 def train_round(task: Task, step: TrainStep, loader, progress: Progress, round_index: int, schedule: Schedule,
                 writer=None) -> Dict[str, float]:
     """Trains the micro-batches of a round that `progress` tracks (all of them, or the rest of an interrupted round,
-    until a stop is agreed); returns the round's mean losses, lr and counts, summed over all ranks."""
+    until a stop is agreed); returns the round's mean losses, scheduled values (lr, ...) and counts, summed over all
+    ranks."""
     task.trained.train()
     skipped_before = step.skipped
     first = round_index * schedule.round_batches
@@ -170,16 +103,16 @@ def train_round(task: Task, step: TrainStep, loader, progress: Progress, round_i
             (inputs, targets), weight = task.placeholder(), 0.0
         inputs, targets, readable = task.prepare(inputs, targets)
         progress.count(readable if weight else 0, bad_images=num_bad, empty_batches=int(weight == 0))
-        # the schedule's position is in optimizer steps: the lr of a window is set at its first micro-batch
+        # the schedules' position is in optimizer steps: the lr of a window is set at its first micro-batch
         losses = step(lambda: task.loss(inputs, targets), (first + it) / schedule.accum_iter, first + it, weight)
         if losses is not None:
             progress.losses.add(*losses)
         if progress.due(it):
-            log_window(step, progress, it, schedule.axis(round_index, it + 1), writer, **task.scalars())
+            log_window(step, progress, it, schedule.axis(round_index, it + 1), writer)
 
     stats = {"bad_images": 0, "empty_batches": 0, **progress.totals()}
-    stats.update(lr=step.lr, steps=progress.total // schedule.accum_iter,
-                 nonfinite_skipped=step.skipped - skipped_before, **task.scalars())
+    stats.update(step.scheduled, steps=progress.total // schedule.accum_iter,
+                 nonfinite_skipped=step.skipped - skipped_before)
     summary = "  ".join(f"{n} {stats[n]:.4f}" for n in task.loss_names) + f"  {stats['images']} images"
     if stats["bad_images"]:
         summary += (f", {stats['bad_images']} unreadable {task.samples} skipped ({stats['empty_batches']} batches had "
@@ -191,18 +124,43 @@ def train_round(task: Task, step: TrainStep, loader, progress: Progress, round_i
 
 
 @torch.no_grad()
-def evaluate(task: Task, loader, device: torch.device, print_freq: int) -> Dict[str, object]:
-    """The task's scores over every sample the loader gives this process, summed over the processes (each sample
-    once when the loader shards without padding)."""
+def evaluate(task: Task, loader, device: torch.device, print_freq: int,
+             amp_dtype: Optional[torch.dtype] = None) -> Scores:
+    """The one evaluation loop: the task's `predict` on every batch the loader gives this process (under autocast
+    with `amp_dtype`; the task's Evaluator takes the outputs after it), progress lines, the batches' unreadable files
+    counted, and the scores reduced over the processes (each sample once when the loader shards without padding),
+    with the counts `images` and `bad_images`. Batches are (inputs, targets, unreadable files); inputs None when
+    none of a batch's files could be read. No sample read on any process raises RunError on every process alike:
+    there is no score to report."""
     task.model.eval()
-    return task.evaluate_batches(loader, Progress("Test", len(loader), print_freq, device))
+    progress = Progress("Test", len(loader), print_freq, device)
+    evaluator = task.evaluator()
+    counts = torch.zeros(2, dtype=torch.float64)  # samples evaluated, unreadable files
+    for it, (inputs, targets, num_bad) in progress.track(loader):
+        counts[1] += num_bad
+        if inputs is not None:
+            progress.count(len(inputs))
+            counts[0] += len(inputs)
+            with autocast_context(device, amp_dtype):
+                outputs = task.predict(inputs, targets)
+            evaluator.update(outputs, targets)
+        if progress.due(it):
+            progress.line(it, evaluator.running())
+    images, bad = (int(n) for n in all_reduce_sum(counts.to(device), what="the evaluation's counts").tolist())
+    if images == 0:  # every process has the same sums: all stop alike
+        raise RunError(f"no image of {task.evaluation_set} could be read in this evaluation ({bad} unreadable files "
+                       f"skipped, see the warnings above): there is no score to report")
+    scores = evaluator.scores()
+    scores.update(images=images, bad_images=bad)
+    return scores
 
 
-def evaluate_checkpoint(run: Run, task: Task, loader, label: str) -> Dict[str, object]:
-    """--eval: the weights of --resume (if given, else the model as it is) on `loader`; the scores are written to
-    log.txt as a record of `label` (fsync'd, as the run's lines) and returned."""
+def evaluate_checkpoint(run: Run, task: Task, loader, label: str) -> Scores:
+    """--eval: the weights of --resume (if given, else the model as it is) on `loader`; the scores are printed
+    (`task.report`), written to log.txt as a record of `label` (fsync'd, as the run's lines) and returned."""
     run.resume(None, task.model, auto=False)
-    scores = evaluate(task, loader, run.device, run.cfg.print_freq)
+    scores = evaluate(task, loader, run.device, run.cfg.print_freq, run.cfg.amp_dtype)
+    print(task.report(scores))
     if run.is_main:
         task.evaluated(scores, label)
         run.append_log({"eval": label, **task.scores_record(scores)})
@@ -214,17 +172,15 @@ def best_entry(key: Optional[str], best: Optional[float]) -> Dict[str, object]:
     return {key: best} if key else {}
 
 
-def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedule: Schedule,
-        lr_at=None) -> Dict[str, object]:
-    """Trains `task` for the schedule's rounds: wraps its model for DDP, takes its optimizer, resumes the newest good
-    checkpoint, and after each round evaluates on `val_loader` (if given), tracks the best score and writes the
-    round's checkpoints and log.txt line. `lr_at(steps)`: the lr after that many optimizer steps (default: the
-    config's epoch-based schedule). Returns the last evaluation's scores (or the last round's training record)."""
+def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedule: Schedule) -> Scores:
+    """Trains `task` for the schedule's rounds: wraps its model for DDP, takes its optimizer and the config's
+    schedules (`cfg.schedules`: functions of the optimizer step), resumes the newest good checkpoint, and after each
+    round evaluates on `val_loader` (if given), tracks the best score and writes the round's checkpoints and log.txt
+    line. Returns the last evaluation's scores (or the last round's training record)."""
     task.trained = run.wrap(task.model)
     optimizer = task.optimizer()
-    lr_at = lr_at or (lambda steps: cfg.lr_at(schedule.epochs(steps)))
-    step = TrainStep.for_run(task.trained, optimizer, cfg, run.rank, lr_at, schedule.round_batches,
-                             loss_names=task.loss_names, after_step=task.after_step)
+    step = TrainStep.for_run(task.trained, optimizer, cfg, run.rank, cfg.schedules(schedule.round_steps),
+                             schedule.round_batches, loss_names=task.loss_names, after_step=task.after_step)
     state = CheckpointState(task.model, optimizer, step, task)
     start = run.resume(state)
     best_key = f"best_{task.best}" if task.best else None
@@ -242,7 +198,7 @@ def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedu
         record.update({f"train_{k}": v for k, v in task.round_stats(stats).items()})
         result, is_best = stats, False
         if val_loader is not None:
-            result = evaluate(task, val_loader, run.device, cfg.print_freq)
+            result = evaluate(task, val_loader, run.device, cfg.print_freq, cfg.amp_dtype)
             is_best = best is None or result[task.best] > best
             best = result[task.best] if is_best else best
             print(f"{schedule.label(r)}: {task.report(result)}; best {task.best} {best:.2f}")
@@ -253,7 +209,7 @@ def fit(run: Run, task: Task, cfg: TrainConfig, train_loader, val_loader, schedu
             record.update(task.scores_record(result), **{best_key: best})
         if run.is_main:
             task.end_round(r, run.writer)
-        run.end_epoch(state, r, record, best=is_best, **best_entry(best_key, best))
+        run.end_round(state, r, record, best=is_best, **best_entry(best_key, best))
     if best is not None:
         print(f"best {task.best} {best:.2f}")
     return result

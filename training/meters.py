@@ -162,13 +162,13 @@ class Progress:
 
 def log_window(step: TrainStep, progress: Progress, index: int, x: int, writer=None, **scalars) -> None:
     """A progress line of the losses since the last one (the only host read of the loop), after the non-finite
-    check that every rank takes at the same iterations; the same values to TensorBoard at `x` (the loop's axis:
-    epoch x 1000, or the optimizer step)."""
+    check that every rank takes at the same iterations, with the step's scheduled values (lr, ...) and `scalars`;
+    the same values to TensorBoard at `x` (the loop's axis: epoch x 1000, or the optimizer step)."""
     step.raise_if_nonfinite()
     means = progress.losses.read_window()
     if means is None:  # mid-accumulation, or no readable image yet: the next line covers this window too
         return
-    progress.line(index, means, lr=step.lr, **scalars)
+    progress.line(index, means, **step.scheduled, **scalars)
     if writer is not None:
-        for name, value in {**means, "lr": step.lr, **scalars}.items():
+        for name, value in {**means, **step.scheduled, **scalars}.items():
             writer.add_scalar(f"train/{name}", value, x)

@@ -8,6 +8,7 @@ log.txt line: checkpoint-last.pth names the others, so that the next start can c
 import datetime
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -17,14 +18,46 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from dmjd_encoders.checkpoint import (TEMP_FILE_PATTERN, CheckpointError, link_checkpoint, load_checkpoint,
+                                      no_space_error, save_checkpoint, write_file_atomically)
 from dmjd_encoders.pretrained import checkpoint_origin
 from training.errors import RunError
-from util.checkpoint import (CheckpointError, last_checkpoint_path, link_checkpoint, load_checkpoint, no_space_error,
-                             periodic_checkpoint_path, prune_periodic_checkpoints, remove_temp_files, save_checkpoint,
-                             write_file_atomically)
 
 BEST_CHECKPOINT = "checkpoint-best.pth"
 LOCK_FILE = ".lock"
+
+
+# -- the folder's files -----------------------------------------------------------------------------------------------
+def periodic_checkpoint_path(output_dir: str, round_index: int) -> str:
+    """The periodic checkpoint of a round (--save_freq)."""
+    return os.path.join(output_dir, f"checkpoint-{round_index}.pth")
+
+
+def last_checkpoint_path(output_dir: str) -> str:
+    """The checkpoint a run resumes from by default: its last round's, or the step it stopped at."""
+    return os.path.join(output_dir, "checkpoint-last.pth")
+
+
+def prune_periodic_checkpoints(output_dir: str, keep_last: int) -> None:
+    """Keeps the `keep_last` newest `checkpoint-<epoch>.pth` files (0 keeps them all)."""
+    if keep_last <= 0:
+        return
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found)[:-keep_last]:
+        os.remove(path)
+
+
+def remove_temp_files(folder: str) -> list:
+    """Removes the temporary files that interrupted saves left in `folder` (call it while no other process writes
+    there); returns their names."""
+    found = sorted(n for n in os.listdir(folder) if TEMP_FILE_PATTERN.fullmatch(n)) if os.path.isdir(folder) else []
+    for name in found:
+        os.remove(os.path.join(folder, name))
+    return found
 
 
 def checkpoint_position(checkpoint: dict) -> Tuple[int, int]:
@@ -76,7 +109,7 @@ class OutputFolder:
         if removed:
             print(f"removed {len(removed)} temporary files of interrupted saves: {', '.join(removed)}")
         repair_log(self.log)
-        self.complete_last_epoch()
+        self.complete_last_round()
 
     def close(self) -> None:
         if self._lock is not None:
@@ -114,10 +147,11 @@ class OutputFolder:
         lock.flush()
         self._lock = lock
 
-    def complete_last_epoch(self) -> None:
-        """Writes what a crash left unwritten of the last finished epoch: checkpoint-last.pth is saved first and
-        says which periodic and best checkpoint and which log.txt line the epoch has (see save_round). What it copies
-        is verified first: a damaged checkpoint-last.pth completes nothing (resume skips it, saying why)."""
+    def complete_last_round(self) -> None:
+        """Writes what a crash left unwritten of the last finished round: checkpoint-last.pth is saved first and says
+        which periodic and best checkpoint and which log.txt line the round has (see save_round; the file's "epoch"
+        entry is the round). What it copies is verified first: a damaged checkpoint-last.pth completes nothing
+        (resume skips it, saying why)."""
         last = last_checkpoint_path(self.path)
         try:
             meta = load_checkpoint(last, mmap=True) if os.path.isfile(last) else {}
@@ -126,28 +160,28 @@ class OutputFolder:
         files = meta.get("epoch_files")
         if not files:
             return
-        epoch = meta["epoch"]
-        wanted = [path for path, due in ((periodic_checkpoint_path(self.path, epoch), files["periodic"]),
+        round_index = meta["epoch"]
+        wanted = [path for path, due in ((periodic_checkpoint_path(self.path, round_index), files["periodic"]),
                                          (os.path.join(self.path, BEST_CHECKPOINT), files["best"]))
-                  if due and _epoch_of(path) != epoch]
+                  if due and _round_of(path) != round_index]
         log = os.path.join(self.path, "log.txt")
-        log_due = epoch not in _logged_epochs(log)
+        log_due = round_index not in _logged_rounds(log)
         if not (wanted or log_due):
             return
         try:  # the whole file, its checksum verified (already, when the folder's check took it as the newest)
             verified = self.verified[1] if self.verified and self.verified[0] == last else load_checkpoint(last)
             files = verified["epoch_files"]
         except CheckpointError as err:
-            print(f"not completing the files of epoch {epoch}: {err}")
+            print(f"not completing the files of epoch {round_index}: {err}")
             return
         for path in wanted:
             link_checkpoint(last, path)
-            print(f"completed the files of epoch {epoch}: wrote {path} from {last}")
-        if periodic_checkpoint_path(self.path, epoch) in wanted:
+            print(f"completed the files of epoch {round_index}: wrote {path} from {last}")
+        if periodic_checkpoint_path(self.path, round_index) in wanted:
             prune_periodic_checkpoints(self.path, self.keep_last)
         if log_due:
-            append_line(log, {**files["record"], "epoch": epoch})
-            print(f"completed the files of epoch {epoch}: its line in {log}")
+            append_line(log, {**files["record"], "epoch": round_index})
+            print(f"completed the files of epoch {round_index}: its line in {log}")
 
     def check_checkpoints(self, start_over: bool) -> None:
         """A training run that resumes from its folder (no --resume) stops, changing nothing, when the folder holds
@@ -158,7 +192,7 @@ class OutputFolder:
         self.verified, unloadable = first_loadable([path for _, path in candidates])  # resume takes it from here
         skipped += unloadable
         for path, why in skipped:
-            _print_skip(path, why)
+            print_skip(path, why)
         if self.verified is not None:
             if start_over:
                 raise RunError(f"--start_over, but {self.verified[0]} loads: drop --start_over to resume "
@@ -181,22 +215,22 @@ class OutputFolder:
               f"{' and log.txt' if os.path.isfile(os.path.join(aside, 'log.txt')) else ''} into {aside}; starting at "
               f"epoch 0")
 
-    def save_round(self, ckpt: dict, checked: tuple, epoch: int, rounds: int, record: dict, best: bool) -> None:
+    def save_round(self, ckpt: dict, checked: tuple, round_index: int, rounds: int, record: dict, best: bool) -> None:
         """checkpoint-last.pth, the periodic and the best checkpoint as due, then the round's line in log.txt.
         checkpoint-last.pth goes first and names the others, so that a crash between the files leaves what the next
         start needs to complete them. `checked`: the entries that must be finite (`save`)."""
-        periodic = bool(self.save_freq) and ((epoch + 1) % self.save_freq == 0 or epoch + 1 == rounds)
+        periodic = bool(self.save_freq) and ((round_index + 1) % self.save_freq == 0 or round_index + 1 == rounds)
         ckpt["epoch_files"] = {"periodic": periodic, "best": best, "record": record}
         last = last_checkpoint_path(self.path)
         self.save(ckpt, last, checked)
         # the same bytes under the other names: hard links to checkpoint-last.pth, not second copies (a later save
         # of checkpoint-last.pth replaces that name only)
         if periodic:
-            link_checkpoint(last, periodic_checkpoint_path(self.path, epoch))
+            link_checkpoint(last, periodic_checkpoint_path(self.path, round_index))
             prune_periodic_checkpoints(self.path, self.keep_last)
         if best:
             link_checkpoint(last, os.path.join(self.path, BEST_CHECKPOINT))
-        append_line(self.log, {**record, "epoch": epoch})
+        append_line(self.log, {**record, "epoch": round_index})
 
     def save(self, ckpt: dict, path: str, checked=("model", "optimizer")) -> None:
         """`save_checkpoint`, refused when any value of the `checked` entries is non-finite: such a file would replace
@@ -209,7 +243,7 @@ class OutputFolder:
         save_checkpoint(ckpt, path)
 
 
-def _print_skip(path: str, why: str) -> None:
+def print_skip(path: str, why: str) -> None:
     print(f"skipping {path}: {why}")
 
 
@@ -227,7 +261,7 @@ def first_loadable(paths: List[str], resume: str = "") -> Tuple[Optional[Tuple[s
     return None, skipped
 
 
-def resume_candidates(resume: str, output_dir: Optional[str], report=_print_skip) -> List[Tuple[Tuple[int, int], str]]:
+def resume_candidates(resume: str, output_dir: Optional[str], report=print_skip) -> List[Tuple[Tuple[int, int], str]]:
     """(position, path) of every readable checkpoint to resume from, newest first (--resume first among equals):
     `resume` if given, and the output folder's checkpoint-last.pth and periodic checkpoints (without `output_dir`,
     none). Only their keys and small values are read (memory-mapped). An unreadable `resume` stops the run; an
@@ -274,7 +308,7 @@ def nonfinite_entries(ckpt: dict, parts=("model", "optimizer")) -> List[str]:
     return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
-def _epoch_of(path: str) -> Optional[int]:
+def _round_of(path: str) -> Optional[int]:
     try:
         return load_checkpoint(path, mmap=True)["epoch"] if os.path.isfile(path) else None
     except (CheckpointError, KeyError):
@@ -289,7 +323,7 @@ def _log_records(log: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _logged_epochs(log: str) -> set:
+def _logged_rounds(log: str) -> set:
     return {record["epoch"] for record in _log_records(log) if "epoch" in record}
 
 
@@ -348,16 +382,16 @@ def append_line(log: str, record: dict) -> None:
         raise
 
 
-def _drop_log_lines(log: str, from_epoch: int) -> None:
-    """Drops log.txt's lines of epochs from `from_epoch` on (a resume from an older checkpoint redoes them)."""
+def drop_log_lines(log: str, from_round: int) -> None:
+    """Drops log.txt's lines of rounds from `from_round` on (a resume from an older checkpoint redoes them)."""
     if not os.path.isfile(log):
         return
     with open(log) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", -1) < from_epoch]
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) < from_round]
     if len(kept) < len(lines):
         write_file_atomically(log, lambda f: f.write("".join(kept).encode()))
-        print(f"{log}: dropped the lines of epochs {from_epoch} and later ({len(lines) - len(kept)}), which this run "
+        print(f"{log}: dropped the lines of epochs {from_round} and later ({len(lines) - len(kept)}), which this run "
               f"redoes")
 
 

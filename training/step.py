@@ -1,6 +1,6 @@
 """The optimizer step of every training loop, from `accum_iter` micro-batches, and its one non-finite policy."""
 import contextlib
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -10,7 +10,16 @@ from training.errors import NonFiniteLossError
 from util.misc import apply_gradients
 from util.schedules import set_lr
 
-Losses = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+Losses = Union[Dict[str, torch.Tensor], torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+Schedules = Mapping[str, Callable[[float], float]]  # name -> a function of the optimizer step (util.schedules)
+
+
+def loss_and_parts(losses: Losses) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """(the loss to minimise, its named parts) of what a task's loss returns: a dict of named losses ("loss" the
+    one to minimise), the loss alone, or (loss, parts)."""
+    if isinstance(losses, dict):
+        return losses["loss"], {k: v for k, v in losses.items() if k != "loss"}
+    return losses if isinstance(losses, tuple) else (losses, {})
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -24,14 +33,16 @@ class TrainStep:
 
     Each call runs `forward()` under autocast (bf16, fp16 or none), scales its loss by the micro-batch's weight
     and 1 / `accum_iter`, and runs backward; on the micro-batches before the last of a window, DDP's gradient
-    all-reduce is skipped (`no_sync`). The first micro-batch of each window sets the lr (`lr_schedule`, a pure
-    function of the position the loop gives: optimizer steps); the last one unscales (fp16, with a grad scaler),
-    clips, steps, zeroes the gradients and calls `after_step(position)` (e.g. a task's EMA teacher update).
+    all-reduce is skipped (`no_sync`). `schedules` are functions of the position the loop gives (optimizer steps):
+    "lr", and others a task reads after each step (e.g. the EMA teacher's "momentum"); a function alone is the lr's.
+    The first micro-batch of each window sets the lr; the last one unscales (fp16, with a grad scaler), clips,
+    steps, zeroes the gradients and calls `after_step(values)` with the other schedules' values at its position
+    (e.g. a task's EMA teacher update). `scheduled` holds the values last set: the lr, then the others.
 
-    `forward()` returns the loss, or the loss and a dict of detached parts named in `loss_names[1:]` (missing
-    parts count as 0). A call returns, once per applied optimizer step, the window's summed losses (a device
-    tensor, one value per name, each micro-batch's weighted by its weight) and the number of micro-batches with
-    weight > 0; else None.
+    `forward()` returns a dict of named losses ("loss" the one minimised, and parts named in `loss_names[1:]`;
+    missing parts count as 0), the loss alone, or (loss, parts). A call returns, once per applied optimizer step,
+    the window's summed losses (a device tensor, one value per name, each micro-batch's weighted by its weight) and
+    the number of micro-batches with weight > 0; else None.
 
     With `seed`, the main process's generators are seeded from (seed, rank, index) before each `forward()`, so
     that its randomness (masks, drop path, mixup inside `forward`) does not depend on where a run was resumed.
@@ -47,15 +58,19 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_schedule: Callable[[float], float], *, accum_iter: int = 1,
+                 schedules: Union[Schedules, Callable[[float], float]], *, accum_iter: int = 1,
                  amp_dtype: Optional[torch.dtype] = None, clip_grad: Optional[float] = None,
                  skip_nonfinite: int = 0, skipped: int = 0, loss_names: Sequence[str] = ("loss",),
-                 after_step: Optional[Callable[[float], None]] = None, iters_per_epoch: Optional[int] = None,
+                 after_step: Optional[Callable[[Dict[str, float]], None]] = None,
+                 iters_per_epoch: Optional[int] = None,
                  seed: Optional[int] = None, rank: int = 0):
         if accum_iter < 1:
             raise ValueError(f"accum_iter must be >= 1, got {accum_iter}")
         self.model, self.optimizer = model, optimizer
-        self.lr_schedule, self.after_step = lr_schedule, after_step
+        self.schedules = dict(schedules) if isinstance(schedules, Mapping) else {"lr": schedules}
+        if "lr" not in self.schedules:
+            raise ValueError(f"the schedules must include the lr's, got {sorted(self.schedules)}")
+        self.after_step = after_step
         self.accum_iter, self.amp_dtype, self.clip_grad = accum_iter, amp_dtype, clip_grad
         self.skip_nonfinite, self.skipped = skip_nonfinite, skipped
         self.loss_names = tuple(loss_names)
@@ -65,7 +80,7 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype is torch.float16 else None
         self.is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.lr = float("nan")
+        self.scheduled: Dict[str, float] = dict.fromkeys(self.schedules, float("nan"))
 
         n = len(self.loss_names)
         self._micro = 0  # micro-batches taken in the current window
@@ -77,11 +92,12 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
 
     @classmethod
-    def for_run(cls, model, optimizer, cfg, rank: int, lr_schedule: Callable[[float], float], iters_per_epoch: int,
+    def for_run(cls, model, optimizer, cfg, rank: int, schedules: Schedules, iters_per_epoch: int,
                 **kwargs) -> "TrainStep":
-        """The step a training script takes: `lr_schedule` and the config's accumulation, precision, clipping and
-        non-finite policy (`cfg`: a training.config.TrainConfig), seeded from --seed."""
-        return cls(model, optimizer, lr_schedule, accum_iter=cfg.accum_iter, amp_dtype=cfg.amp_dtype,
+        """The step a training script takes: `schedules` (the config's, `cfg.schedules`) and the config's
+        accumulation, precision, clipping and non-finite policy (`cfg`: a training.config.TrainConfig), seeded from
+        --seed."""
+        return cls(model, optimizer, schedules, accum_iter=cfg.accum_iter, amp_dtype=cfg.amp_dtype,
                    clip_grad=cfg.clip_grad, skip_nonfinite=cfg.skip_nonfinite, iters_per_epoch=iters_per_epoch,
                    seed=cfg.seed, rank=rank, **kwargs)
 
@@ -90,7 +106,7 @@ class TrainStep:
         """One micro-batch at `progress` (the schedules' position: optimizer steps in the loop) and run-wide
         micro-batch `index` (named in errors)."""
         if self._micro == 0:
-            self.lr = self.lr_schedule(progress)
+            self.scheduled["lr"] = self.schedules["lr"](progress)
             set_lr(self.optimizer, self.lr)
         last = self._micro + 1 == self.accum_iter
         no_sync = self.model.no_sync() if (self.is_ddp and not last) else contextlib.nullcontext()
@@ -101,7 +117,7 @@ class TrainStep:
         with no_sync:
             with autocast_context(self.device, self.amp_dtype):
                 out = forward()
-            loss, parts = out if isinstance(out, tuple) else (out, {})
+            loss, parts = loss_and_parts(out)
             scaled = loss * (weight / self.accum_iter)
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
@@ -132,8 +148,10 @@ class TrainStep:
                                           what=f"the agreement on skipping non-finite step {index}"))
         if applied:
             apply_gradients(self.optimizer, self.scaler, self.params, self.clip_grad)
+            values = {name: schedule(progress) for name, schedule in self.schedules.items() if name != "lr"}
+            self.scheduled.update(values)
             if self.after_step is not None:
-                self.after_step(progress)
+                self.after_step(values)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self._skip(window / max(1, count), index)
@@ -141,6 +159,11 @@ class TrainStep:
         self._window = torch.zeros_like(window)
         self._window_finite.fill_(True)
         return (window, count) if applied else None
+
+    @property
+    def lr(self) -> float:
+        """The lr of the current window (nan before the first)."""
+        return self.scheduled["lr"]
 
     def _skip(self, means: torch.Tensor, index: int) -> None:
         self.skipped += 1

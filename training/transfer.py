@@ -1,7 +1,7 @@
-"""What the dense-transfer scripts share (main_segment.py, main_detect.py): the checks of their common flags, the lr
-from --blr, the encoder's dense options, and the model built for the run from the checkpoint it resumes or from
---finetune's pre-trained encoder, then placed on the run's device."""
-from typing import Callable, Optional, Tuple
+"""What the transfer scripts share: the model built for the run from the checkpoint it resumes or from --finetune's
+pre-trained encoder (every transfer script); and for the dense ones (main_segment.py, main_detect.py) the checks of
+their common flags, the lr from --blr, the encoder's dense options, and the model placed on the run's device."""
+from typing import Callable, Optional
 
 import torch
 
@@ -38,15 +38,6 @@ def check_simple_pyramid(args) -> None:
                                              f"stages")
 
 
-def scaled_lr(args, world_size: int) -> Tuple[float, str]:
-    """(lr, the line that says how): --lr as given, else blr x total batch / 256."""
-    images_per_step = args.batch_size * args.accum_iter * world_size
-    if args.lr is not None:
-        return args.lr, f"lr = {args.lr:.4g} (given)"
-    lr = args.blr * images_per_step / 256
-    return lr, f"lr = blr {args.blr:.3g} x {images_per_step} images / 256 = {lr:.4g}"
-
-
 def simple_pyramid(args) -> bool:
     """--simple_pyramid resolved: on for a plain ViT unless given."""
     return is_plain_vit(args.model) if args.simple_pyramid is None else args.simple_pyramid
@@ -65,16 +56,17 @@ def count_parameters(module: torch.nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],
-                   encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str,
-                   patch_tokens_only: bool = False,
-                   check_resumed: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
-    """`build(**layout)` with the encoder layout of the checkpoint the run resumes (or evaluates), else of --finetune's
-    (a checkpoint in MAE's / timm's ViT layout keeps its class token, as fine-tuning does, unless
-    `patch_tokens_only`: the class token and its position are then dropped, as ViTDet drops MAE's); a fresh run loads
-    --finetune's encoder into `encoder_of(model)`, its dense-transfer parameters new. `check_resumed(path)` may refuse
-    the checkpoint resumed before anything is built. A size or level the encoder cannot give stops the run naming
-    `flags`, the flags to check."""
+def model_from_checkpoints(run: Run, cfg, build: Callable[..., torch.nn.Module],
+                           encoder_of: Callable[[torch.nn.Module], torch.nn.Module], flags: str,
+                           fresh=FRESH_KEYS["dense"], patch_tokens_only: bool = False,
+                           check_resumed: Optional[Callable[[str], None]] = None) -> torch.nn.Module:
+    """The model of every transfer script (fine-tuning, probing, segmentation, detection): `build(**layout)` with the
+    encoder layout of the checkpoint the run resumes (or evaluates), else of --finetune's (a checkpoint in MAE's /
+    timm's ViT layout keeps its class token, as fine-tuning does, unless `patch_tokens_only`: the class token and its
+    position are then dropped, as ViTDet drops MAE's); a fresh run loads --finetune's encoder into `encoder_of(model)`,
+    the weights `fresh` names (one of FRESH_KEYS: a classifier's head, dense transfer's new parameters) new.
+    `check_resumed(path)` may refuse the checkpoint resumed before anything is built. A size or level the encoder
+    cannot give stops the run naming `flags`, the flags to check."""
     resume = run.resume_path(auto=not cfg.eval)
     if resume and check_resumed is not None:
         check_resumed(resume)
@@ -86,7 +78,7 @@ def transfer_model(run: Run, cfg, build: Callable[..., torch.nn.Module],
     except ValueError as err:
         raise RunError(f"{err} (check {flags})") from None
     if cfg.finetune and not resume:
-        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=FRESH_KEYS["dense"],
+        load_encoder(encoder_of(model), cfg.finetune, cfg.checkpoint_key, allowed_missing=fresh,
                      drop_class_token=patch_tokens_only)
     return model
 

@@ -48,6 +48,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from util.datasets import UnreadableImageWarning, load_rgb
+from util.layouts import coco_split_paths
 
 __all__ = ["CocoDetection", "InvalidAnnotationWarning", "coco_split", "coco_split_paths", "detection_collate",
            "annotation_mask", "invalid_reason", "read_coco_json"]
@@ -58,12 +59,6 @@ ENTRY_NAMES = {"images": "image", "annotations": "annotation", "categories": "ca
 
 class InvalidAnnotationWarning(UserWarning):
     """An annotation of the file could not describe an instance; it was skipped."""
-
-
-def coco_split_paths(data_path: str, split: str) -> Tuple[str, str]:
-    """(image folder, annotation file) of `split` ("train" or "val") in COCO 2017's layout."""
-    return (os.path.join(data_path, f"{split}2017"),
-            os.path.join(data_path, "annotations", f"instances_{split}2017.json"))
 
 
 def read_coco_json(annotation_file: str) -> dict:

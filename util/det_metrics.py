@@ -5,8 +5,8 @@ The path of a result: `coco_records` turns Mask R-CNN's outputs for a batch into
 original image's pixels as x, y, width, height, mapped in fp32; masks pasted into their boxes at the original image's
 resolution, thresholded at 0.5 and RLE-encoded, as detectron2's detector_postprocess; labels mapped back to the
 file's category ids). Each process evaluates a disjoint part of the set without padding (training.data.ShardSampler),
-and `gather_records` collects the records and evaluated image ids of all processes, so every image counts exactly
-once. `write_results` saves the records as COCO's results JSON, and
+and the task gathers the records and evaluated image ids of all processes (training.distributed.gather_shards), so
+every image counts exactly once. `write_results` saves the records as COCO's results JSON, and
 `coco_evaluate` scores them against the annotation file: AP (IoU 0.50:0.95), AP50, AP75, APs, APm, APl for `bbox`
 and `segm`, in percent; a score COCOeval leaves undefined (no ground truth of that size) is NaN.
 """
@@ -14,21 +14,19 @@ import contextlib
 import io
 import json
 import math
-from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from util.checkpoint import write_file_atomically
+from dmjd_encoders.checkpoint import write_file_atomically
 from util.coco import CocoDetection
 from util.det_transforms import MASK_THRESHOLD, detections_in
 
-__all__ = ["COCO_METRICS", "IOU_TYPES", "coco_records", "gather_records", "write_results", "coco_ground_truth",
+__all__ = ["COCO_METRICS", "IOU_TYPES", "coco_records", "write_results", "coco_ground_truth",
            "coco_evaluate", "scores_for_log"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six of COCOeval.stats
@@ -71,21 +69,6 @@ def coco_records(outputs: Sequence[Dict[str, torch.Tensor]], targets: Sequence[d
                 record["segmentation"] = rle
             records.append(record)
     return records
-
-
-def gather_records(records: List[dict], image_ids: Sequence[int]) -> Tuple[List[dict], List[int]]:
-    """The records and evaluated image ids of every process (this process's alone without torch.distributed).
-    Raises if an image was evaluated by two processes or twice: its detections would count double."""
-    image_ids = [int(i) for i in image_ids]
-    if dist.is_available() and dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (records, image_ids))
-        records = [record for part_records, _ in parts for record in part_records]
-        image_ids = [image_id for _, part_ids in parts for image_id in part_ids]
-    repeated = sorted(image_id for image_id, count in Counter(image_ids).items() if count > 1)
-    if repeated:
-        raise ValueError(f"images evaluated more than once (a padded or overlapping sampler?): {repeated[:10]}")
-    return records, image_ids
 
 
 def write_results(records: List[dict], path: str) -> None:

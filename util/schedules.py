@@ -1,16 +1,38 @@
-"""Training schedules as pure functions of progress, so that a resumed run needs no replay.
+"""Training schedules as pure functions of the position in the run, so that a resumed run needs no replay.
 
-Progress is measured in (fractional) epochs, `epoch + step_in_epoch / steps_per_epoch`, as in MAE.
+The training loop reads every schedule at each optimizer step (training.step.TrainStep): a config's `schedules`
+(training.config) gives them as functions of the optimizer step, these functions with the run's values bound
+(`functools.partial`), the lengths in optimizer steps. MAE's epoch-based schedule is the same function with its
+epochs counted in steps (epochs x steps per epoch).
 """
 import math
+from typing import Optional, Tuple
 
 
-def cosine_lr(progress: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
-    """Linear warmup from 0 to `base_lr` over `warmup_epochs`, then a half-cosine down to `min_lr` at `epochs`."""
-    if progress < warmup_epochs:
-        return base_lr * progress / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    t = min(max((progress - warmup_epochs) / span, 0.0), 1.0)
+def scaled_lr(blr: float, images_per_step: int, given: Optional[float] = None, pred_ratio: Optional[float] = None,
+              mask_ratio: Optional[float] = None) -> Tuple[float, str]:
+    """Every script's lr: `given` (--lr) as it is, else the linear scaling rule lr = blr x unique images per optimizer
+    step / 256 (MAE's --blr; an image counts once however many views it has), times DMJD's adaptive factor
+    pred_ratio / mask_ratio (prediction rate over corruption rate) when they are given. Returns (lr, a line that
+    shows every factor)."""
+    adaptive = pred_ratio is not None
+    if given is not None:
+        return given, f"lr = {given:.4g} (given{'; the adaptive rule is not applied' if adaptive else ''})"
+    lr = blr * images_per_step / 256
+    line = f"lr = blr {blr:.3g} x {images_per_step} images / 256"
+    if adaptive:
+        lr *= pred_ratio / mask_ratio
+        line += f" x (pred_ratio {pred_ratio:.3g} / mask_ratio {mask_ratio:.3g})"
+    return lr, f"{line} = {lr:.4g}"
+
+
+def cosine_lr(progress: float, base_lr: float, min_lr: float, warmup: float, total: float) -> float:
+    """MAE's schedule: linear warmup from 0 to `base_lr` over `warmup`, then a half-cosine down to `min_lr` at
+    `total` (`progress`, `warmup` and `total` in one unit: optimizer steps in the loop)."""
+    if progress < warmup:
+        return base_lr * progress / warmup
+    span = max(total - warmup, 1e-12)
+    t = min(max((progress - warmup) / span, 0.0), 1.0)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -46,9 +68,9 @@ def detectron_lr(fraction: float, base_lr: float, schedule: str = "cosine", min_
     return lr
 
 
-def cosine_momentum(progress: float, start: float, epochs: float, end: float = 1.0) -> float:
-    """EMA momentum rising from `start` to `end` along a half-cosine over the run (BYOL / DINO)."""
-    t = min(max(progress / max(epochs, 1e-12), 0.0), 1.0)
+def cosine_momentum(progress: float, start: float, total: float, end: float = 1.0) -> float:
+    """EMA momentum rising from `start` to `end` along a half-cosine over the run of `total` (BYOL / DINO)."""
+    t = min(max(progress / max(total, 1e-12), 0.0), 1.0)
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 

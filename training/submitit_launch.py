@@ -17,7 +17,7 @@ from pathlib import Path
 import submitit
 
 from training.errors import script_errors
-from util.checkpoint import last_checkpoint_path
+from training.output import last_checkpoint_path
 
 REQUEUE_EXIT_CODE = 75  # training.run.Preempted's status: stopped on a signal after saving, to be continued
 
