@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import dmjd_encoders  # noqa: F401  (registers the encoders)
+from dmjd_encoders import models_convvit  # registers the encoders
 import models_dmjd  # noqa: F401
 from benchmarks.grad_checkpointing import saved_activation_bytes
 
