@@ -48,7 +48,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import LEGACY_KEY_RENAMES, load_checkpoint, rename_legacy_keys
 from .dense import DenseOptions, SimpleFeaturePyramid, VITDET_PYRAMID_CHANNELS, set_token_grid
+from .errors import UnknownModelError
 from .model_card import ARXIV_ID, PAPER_NAME
+from .names import ENCODER_NAMES, ENCODER_OF
 from .pretrained import (adapt_first_conv, checkpoint_filter_fn, export_architecture, first_conv_key,
                          only_input_channels_differ, resample_pos_embed)
 from .pos_embed import sincos_pos_embed_2d
@@ -929,20 +931,7 @@ ENCODER_ARCHS = {
     "vit_base_patch16_gap_sincos": (ViT, dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)),
     "vit_large_patch16_gap_sincos": (ViT, dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)),
 }
-
-# The encoder of each pre-training model (models_dmjd.py), by the registered name of the encoder alone: what
-# `python export_encoder.py` exports a pre-training checkpoint as. (ENCODER_ARCHS: each encoder's class and sizes.)
-ENCODER_OF = {
-    "dmjd_convit_mini_patch8_hog": "convvit_mini_patch8",
-    "dmjd_convit_tiny_patch16_dec1_hog": "convvit_tiny_patch16",
-    "dmjd_convit_small_patch16_dec2_hog": "convvit_small_patch16",
-    "dmjd_convit_base_patch16_dec8_hog": "convvit_base_patch16",
-    "dmjd_convit_base_patch16_dec2_hog": "convvit_base_patch16",
-    "dmjd_convit_large_patch16_dec8_hog": "convvit_large_patch16",
-    "dmjd_vit_tiny_patch16_dec1_hog": "vit_test_patch16_gap_sincos",
-    "dmjd_vit_base_patch16_dec8_hog": "vit_base_patch16_gap_sincos",
-}
-ENCODER_NAMES = ENCODER_OF  # its name before 2026-12: the package's users may import it
+# ENCODER_OF (dmjd_encoders.names): the encoder of each pre-training model, by its name in ENCODER_ARCHS.
 
 
 def _cfg(first_conv: str, size: int, stride: int):
@@ -1060,10 +1049,6 @@ register_model_deprecations(__name__, {
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the training scripts ask of the registry and of the models.
-
-class UnknownModelError(ValueError):
-    """--model names no model of the kind a script needs; the message names the closest registered ones."""
-
 
 def check_model_name(name: str, candidates, what: str) -> None:
     """Raises UnknownModelError naming --model and the closest registered names when `name` is not among

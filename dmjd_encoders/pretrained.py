@@ -17,7 +17,9 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
-from .checkpoint import HUB_CONFIG, CheckpointError, load_checkpoint, rename_legacy_keys
+from .checkpoint import HUB_CONFIG, load_checkpoint, rename_legacy_keys
+from .errors import ArchitectureMismatch, CheckpointError, PretrainedWeightsError
+from .names import ENCODER_OF
 
 # The load notes keep the logger they had before this module took the loading over from dmjd_encoders.checkpoint:
 # a caller's level or handler on that name still applies.
@@ -29,15 +31,6 @@ __all__ = ["PretrainedWeightsError", "ArchitectureMismatch", "PRETRAIN_ONLY_PREF
            "CheckpointOrigin", "checkpoint_origin", "export_architecture",
            "load_pretrained", "architecture_kwargs", "check_encoder_loaded", "checkpoint_filter_fn",
            "check_pretrained_flag", "encoder_layout", "load_encoder", "without_class_token"]
-
-
-class PretrainedWeightsError(ValueError):
-    """--finetune names nothing to load, or weights that cannot be read or do not fit; the message starts with the
-    flag (`--finetune ...`), and a script prints it as `error: <message>`."""
-
-
-class ArchitectureMismatch(RuntimeError):
-    """Weights of another architecture than the model's."""
 
 
 # Keys that only the pre-training model uses: the decoder, the mask token, the visible branch (ours:
@@ -354,7 +347,6 @@ def _origin_hint(path: str, model: Optional[torch.nn.Module]) -> str:
     """What a --finetune checkpoint that does not fit says about itself: the script that wrote it, and which --model
     takes its encoder when that is not `model`'s (or, for a classifier fine-tuned with --global_pool, that its final
     norm is gone)."""
-    from .models_convvit import ENCODER_OF  # here, not at the top: models_convvit imports this module
     args = saved_args(path) or {}
     origin, trained_as = checkpoint_origin(args), args.get("model")
     trained_as = trained_as if isinstance(trained_as, str) else None
