@@ -21,7 +21,7 @@ from util.demo_data import prepare_fashion_mnist
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DMJD demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=DATA_DIR, help="where the ImageFolder goes")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "output_dir", "demo"),
                    help="pre-training, probes and the picture (emptied at start)")

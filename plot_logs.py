@@ -10,7 +10,7 @@ from util.curves import plot_runs
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser("plot the curves of runs from their log.txt",
+    parser = argparse.ArgumentParser(description="plot the curves of runs from their log.txt",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="runs' output folders (or their log.txt files)")
     parser.add_argument("--out", default="curves.png", help="the PNG to write")

@@ -23,7 +23,7 @@ from util.visualization import make_figure
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DMJD pictures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DMJD pictures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="", help="a main_pretrain.py checkpoint (none: random init)")
     p.add_argument("--data_path", required=True, help="ImageFolder root")
     p.add_argument("--split", default="train", help="sub-folder of --data_path to read")

@@ -49,7 +49,8 @@ COLOURS = {"maskfeat": (31, 119, 180), "dm": (255, 127, 14), "dmjd_hog": (44, 16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("DMJD convergence at small scale", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DMJD convergence at small scale",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="dmjd_convit_mini_patch8_hog", help="the DMJD model pre-trained")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="runs to compare")
     p.add_argument("--budget", default=300, type=float, help="pre-training seconds per run")

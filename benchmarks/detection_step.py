@@ -28,7 +28,7 @@ COCO_CLASSES = 80
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("memory and speed of the detection training step",
+    p = argparse.ArgumentParser(description="memory and speed of the detection training step",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convvit_base_patch16", help="the encoder")
     p.add_argument("--sizes", default=[1024], type=int, nargs="+", help="crop sizes in pixels")

@@ -47,7 +47,7 @@ def per_image_bytes(model: torch.nn.Module, input_size: int, checkpointing: bool
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("activation memory saved by gradient checkpointing")
+    p = argparse.ArgumentParser(description="activation memory saved by gradient checkpointing")
     p.add_argument("--models", nargs="+", default=["convvit_base_patch16", "convvit_large_patch16"])
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--drop_path", default=0.1, type=float)

@@ -17,7 +17,7 @@ import time
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser("pre-training step time through a checkout's loop",
+    p = argparse.ArgumentParser(description="pre-training step time through a checkout's loop",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tree", default=".", help="the checkout to time (its own code is imported)")
     p.add_argument("--vis_target", default="hog", choices=["hog", "ema"], help="ema: with the teacher's update")

@@ -21,7 +21,7 @@ from dmjd_encoders.models_convvit import conv_weights_channels_last
 from main_segment import get_args_parser as segmentation_parser
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser("memory and speed of the segmentation training step",
+    p = argparse.ArgumentParser(description="memory and speed of the segmentation training step",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convvit_base_patch16", help="the encoder")
     p.add_argument("--sizes", default=[512], type=int, nargs="+", help="crop sizes in pixels")

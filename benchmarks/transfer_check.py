@@ -21,7 +21,7 @@ RUNS = {"pretrained": "DMJD pre-trained", "random_init": "random init"}
 
 def check_parser(description: str, data: str, output_dir: str) -> argparse.ArgumentParser:
     """The flags every check has; a check adds its model's own."""
-    p = argparse.ArgumentParser(description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained", default=os.path.join("output_dir", "demo", "pretrain", "checkpoint-last.pth"),
                    help="the demo's DMJD pre-training checkpoint (made by `python demo.py`)")
     p.add_argument("--pretrain", action="store_true",

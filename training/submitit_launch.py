@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def launcher_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description, epilog="All other flags are passed to the training script.",
+    p = argparse.ArgumentParser(description=description, epilog="All other flags are passed to the training script.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)  # a training flag must never be read as a launcher one
     p.add_argument("--nodes", default=1, type=int, help="number of nodes")
