@@ -12,7 +12,7 @@ from util.curves import plot_runs
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser("plot the curves of runs from their log.txt",
+    parser = argparse.ArgumentParser(description="plot the curves of runs from their log.txt",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="runs' output folders (or their log.txt files), where the runs' "
                                                 "TensorBoard events are too (the default --log_dir)")

@@ -44,7 +44,8 @@ from util.misc import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DMJD GPU speed check", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DMJD GPU speed check",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog", help="the DMJD model timed")

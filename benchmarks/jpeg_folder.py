@@ -76,7 +76,8 @@ def make_jpeg_folder(root: str, num_images: int, workers: int = 1, seed: int = 0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="ImageNet-like JPEG ImageFolder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="ImageNet-like JPEG ImageFolder",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("root", help="folder to create; the images go to root/train/<class>/")
     p.add_argument("--num_images", default=4000, type=int, help="JPEGs to write")
     p.add_argument("--workers", default=os.cpu_count(), type=int, help="processes that write them")

@@ -78,7 +78,8 @@ def path_config(name: str, device: torch.device) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DMJD pre-training throughput", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="DMJD pre-training throughput",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="dmjd_convit_base_patch16_dec8_hog", help="the DMJD model timed")
     p.add_argument("--batch_size", default=64, type=int, help="images per step (x num_views samples)")
     p.add_argument("--input_size", default=224, type=int, help="crop size in pixels")

@@ -13,4 +13,7 @@ from .export import export_encoder
 from .models_convvit import ENCODER_ARCHS, ENCODER_NAMES, ENCODER_OF, create_encoder
 from .pretrained import load_pretrained
 
-__all__ = ["ENCODER_ARCHS", "ENCODER_NAMES", "ENCODER_OF", "create_encoder", "export_encoder", "load_pretrained"]
+__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it from here (without importing torch)
+
+__all__ = ["__version__", "ENCODER_ARCHS", "ENCODER_NAMES", "ENCODER_OF", "create_encoder", "export_encoder",
+           "load_pretrained"]

@@ -11,10 +11,7 @@ import zlib
 import safetensors.torch
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used: unreadable, truncated, not a checkpoint, or damaged (its content does not
-    match its checksum)."""
+from .errors import CheckpointError
 
 
 CHECKSUM_KEY = "checksum"
@@ -239,18 +236,3 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, what: str 
         raise RuntimeError(f"the checkpoint's {what} does not match this architecture: missing keys: {show(missing)}; "
                            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}")
     module.load_state_dict(state_dict)
-
-
-# The pre-trained loading that lived here is dmjd_encoders.pretrained's; its names still answer here, for
-# `from util.checkpoint import load_pretrained` and the like (one definition each, looked up when first used: that
-# module imports this one).
-_MOVED_TO_PRETRAINED = ("PRETRAIN_ONLY_PREFIXES", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
-                        "ArchitectureMismatch", "saved_model", "load_pretrained", "_check_export_architecture",
-                        "architecture_kwargs", "check_encoder_loaded")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_PRETRAINED:
-        from . import pretrained
-        return getattr(pretrained, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

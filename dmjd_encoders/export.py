@@ -19,7 +19,7 @@ import timm
 
 from . import models_convvit
 from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from .model_card import model_card, parse_result
+from .model_card import model_card, parse_result, pretrained_with_dmjd
 from .pretrained import encoder_state_dict, export_architecture, has_class_token
 
 
@@ -34,7 +34,8 @@ def export_encoder(path: str, out_path: str, key: str = "model", model_name: Opt
     `timm.create_model("local-dir:FOLDER", pretrained=True)` loads once models_convvit is imported.
     `model_name`: the registered encoder (default: from the checkpoint's args; a pre-training model's name gives
     its encoder's). The folder's model card (README.md) states the recipe from the checkpoint's args, `results`
-    ("NAME=VALUE" each), `datasets` (default: the name of the run's data folder), `license`, and loading code
+    ("NAME=VALUE" each, "[TASK, DATASET, METRIC] NAME=VALUE" for the model-index), `datasets` (the hub's names;
+    default none), `license`, and loading code
     (`code_repo`: the GitHub owner/name of this code, for its pip and torch.hub lines)."""
     parsed = [parse_result(r) for r in results]  # a malformed result fails before anything is written
     checkpoint = load_checkpoint(path)
@@ -45,16 +46,19 @@ def export_encoder(path: str, out_path: str, key: str = "model", model_name: Opt
             out["args"] = checkpoint["args"]
         save_checkpoint(out, out_path)
         return
-    name, size = _export_hub_layout(checkpoint, state, out_path, model_name)
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    name, size = _export_hub_layout(checkpoint, state, out_path, model_name, license, pretrained_with_dmjd(args))
     card = model_card(name, out_path, size, args, parsed, datasets, license, source=os.path.basename(path),
                       code_repo=code_repo, key=key)
     with open(os.path.join(out_path, "README.md"), "w") as f:
         f.write(card)
 
 
-def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: Optional[str]) -> Tuple[str, int]:
-    """Writes config.json and model.safetensors; returns the registered encoder's name and the input size."""
+def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: Optional[str], license: str,
+                       dmjd: bool) -> Tuple[str, int]:
+    """Writes config.json and model.safetensors; returns the registered encoder's name and the input size. The
+    config's pretrained_cfg states the weights' `license` (as the card does) and names DMJD's paper only for weights
+    of a DMJD pre-training (`dmjd`)."""
     args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     name = model_name or args.get("model") or export_architecture(checkpoint)
     if not name:
@@ -82,13 +86,17 @@ def _export_hub_layout(checkpoint: dict, state: dict, folder: str, model_name: O
     model = timm.create_model(name, num_classes=num_classes, pretrained_cfg_overlay=dict(input_size=(3, size, size)),
                               **layout)
     load_state_dict_strict(model, state, "encoder")
+    model.pretrained_cfg["license"] = license
+    if not dmjd:
+        model.pretrained_cfg.update(paper_ids=None, paper_name=None)  # no record of what trained them
     timm.models.save_for_hf(model, folder, model_args=layout, safe_serialization=True)
     return name, size
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser("export the encoder of a checkpoint: a folder in timm's hub layout "
-                                     "(config.json + model.safetensors), or an encoder-only .pth",
+    # prog: argparse's default, the name the program was started by (dmjd-export-encoder, export_encoder.py)
+    parser = argparse.ArgumentParser(description="export the encoder of a checkpoint: a folder in timm's hub layout "
+                                                 "(config.json + model.safetensors), or an encoder-only .pth",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a pre-training, fine-tuning or probing checkpoint (or an export)")
     parser.add_argument("output", help="a folder (timm's hub layout) or a file ending in .pth (encoder-only)")
@@ -98,10 +106,12 @@ def main(argv=None):
                         help="the registered encoder (none: from the checkpoint's args)")
     card = parser.add_argument_group("the model card (README.md of a folder export)")
     card.add_argument("--result", action="append", default=[], metavar="NAME=VALUE",
-                      help='a result of these weights, e.g. "ImageNet top-1=85.2" (repeat the flag for more)')
+                      help='a result of these weights, e.g. "ImageNet top-1=85.2" (repeat the flag for more); with '
+                           'the hub\'s ids of its task, dataset and metric in brackets it also enters the card\'s '
+                           'model-index, e.g. "[image-classification, imagenet-1k, accuracy] ImageNet top-1=85.2"')
     card.add_argument("--dataset", action="append", default=[],
                       help="a dataset the weights were trained on, as the hub names it, e.g. imagenet-1k (repeat "
-                           "the flag for more; none: the name of the run's data folder)")
+                           "the flag for more; none: the card's metadata names none)")
     card.add_argument("--license", default="mit", help="the weights' license, as the hub names it")
     card.add_argument("--code_repo", default=None, metavar="OWNER/NAME",
                       help="the GitHub repository of this code, for the card's pip and torch.hub lines (none: a "
@@ -112,7 +122,8 @@ def main(argv=None):
         export_encoder(cli.checkpoint, cli.output, cli.key, cli.model, cli.result, cli.dataset, cli.license,
                        cli.code_repo)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
-        raise SystemExit(f"error: {err}") from None
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) quotes it
+        raise SystemExit(f"error: {message}") from None
     print(f"wrote {cli.output}")
 
 

@@ -24,6 +24,7 @@ ConViT's parameter names follow the released ConvMAE/DMJD checkpoints (`patch_em
 checkpoints load with keys and values unchanged (with a class token, built with `class_token=True`). Shapes follow
 the input size and the patch sizes; nothing assumes 224 pixels.
 """
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -47,7 +48,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import LEGACY_KEY_RENAMES, load_checkpoint, rename_legacy_keys
 from .dense import DenseOptions, SimpleFeaturePyramid, VITDET_PYRAMID_CHANNELS, set_token_grid
-from .pretrained import checkpoint_filter_fn, export_architecture, resample_pos_embed
+from .errors import UnknownModelError
+from .model_card import ARXIV_ID, PAPER_NAME
+from .names import ENCODER_NAMES, ENCODER_OF
+from .pretrained import (adapt_first_conv, checkpoint_filter_fn, export_architecture, first_conv_key,
+                         only_input_channels_differ, resample_pos_embed)
 from .pos_embed import sincos_pos_embed_2d
 
 _logger = logging.getLogger(__name__)
@@ -218,6 +223,17 @@ def _depthwise_on_visible(conv: nn.Conv2d, y: torch.Tensor, ids: torch.Tensor, g
     return gather_tokens(out.reshape(n, gh * gw, s2, c), ids)
 
 
+@contextlib.contextmanager
+def built_on(model: nn.Module, device=None, dtype: Optional[torch.dtype] = None):
+    """timm's factory arguments, `create_model(name, device=..., dtype=...)`: the parameters and buffers made inside
+    the `with` are made on `device` (the meta device builds shapes alone), and `model` is cast to `dtype` (a floating
+    point type) at its end."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        yield
+    if dtype is not None:
+        model.to(dtype=dtype)
+
+
 # torch.fx traces forward() with symbolic shapes, on which Python cannot branch: these two functions are leaves of
 # any traced graph (torch.fx.wrap; timm's FX feature extraction included), run as they are.
 @torch.fx.wrap
@@ -255,6 +271,8 @@ class ConvViT(nn.Module):
     map (before the final norm unless `norm=True`), and the stride-32 level when built.
     """
 
+    FIRST_CONV = "patch_embed1.proj"  # the conv that takes the image (timm's `first_conv`)
+
     def __init__(self, img_size=224, patch_size: Sequence[int] = (4, 2, 2), in_chans: int = 3,
                  embed_dim: Sequence[int] = (256, 384, 768), depth: Sequence[int] = (2, 2, 11), num_heads: int = 12,
                  mlp_ratio: Sequence[float] = (8.0, 8.0, 4.0), num_classes: int = 0, global_pool: str = "avg",
@@ -262,7 +280,7 @@ class ConvViT(nn.Module):
                  learnable_pos_embed: bool = False, dynamic_img_size: bool = False,
                  stride32_level: Union[bool, str] = False, fuse_stages: bool = False, sparse_stages: bool = True,
                  rel_pos_bias: bool = False, layer_scale: Optional[float] = None, window_size: int = 0,
-                 global_blocks: Sequence[int] = (), rel_pos_layout: str = "per_block"):
+                 global_blocks: Sequence[int] = (), rel_pos_layout: str = "per_block", device=None, dtype=None):
         super().__init__()
         if not (len(patch_size) == len(embed_dim) == len(depth) == len(mlp_ratio) == 3):
             raise ValueError("ConvViT takes three stages: patch_size, embed_dim, depth and mlp_ratio need 3 values")
@@ -282,15 +300,17 @@ class ConvViT(nn.Module):
         self.dense.check(depth[2])
         self.dense_blocks = self.dense.per_block  # a plain bool for forward (TorchScript)
 
-        # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid_size).unsqueeze(0),
-                                      requires_grad=learnable_pos_embed)
-        self._build_stages(in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, fuse_stages)
-        self._build_outputs(embed_dim[2], num_classes, fc_norm, drop_rate, stride32_level)
-        self.feature_info = self._feature_levels(embed_dim, depth, stride32_level)
+        with built_on(self, device, dtype):  # timm's factory arguments
+            # Fixed sin-cos during pre-training (as MAE); a parameter so that fine-tuning can learn and resize it.
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim[2], self.grid_size).unsqueeze(0),
+                                          requires_grad=learnable_pos_embed)
+            self._build_stages(in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, fuse_stages)
+            self._build_outputs(embed_dim[2], num_classes, fc_norm, drop_rate, stride32_level)
+            self.feature_info = self._feature_levels(embed_dim, depth, stride32_level)
+            self._init_weights(num_classes)
 
         self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
-        self._init_weights(num_classes)
+        self.register_load_state_dict_pre_hook(_adapt_first_conv_hook)
 
     def _set_geometry(self, img_size, patch_size: Sequence[int]) -> None:
         """The stage strides, the total stride (`patch_size`), the built input size and its token grid."""
@@ -396,8 +416,9 @@ class ConvViT(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         ref = self.patch_embed1.proj.weight
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
-                     else nn.Identity())
+        head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
+                else nn.Identity())
+        self.head = head.train(self.training)  # a new head follows the model's mode, as every other module does
 
     def set_input_size(self, img_size) -> None:
         """Rebuilds for another input size: the position embedding is resampled to the new token grid."""
@@ -633,6 +654,16 @@ def _resample_pos_embed_hook(module, state_dict, prefix, *args) -> None:
         state_dict[key] = resample_pos_embed(theirs, module)
 
 
+def _adapt_first_conv_hook(module, state_dict, prefix, *args) -> None:
+    """RGB weights load into a model of other input channels (`in_chans`) on any load_state_dict (timm's
+    `checkpoint_path` and dmjd_encoders.load_pretrained included), adapted as timm's pretrained path adapts them
+    (adapt_first_conv). Any other difference of shape still fails."""
+    key = prefix + first_conv_key(module)
+    theirs, own = state_dict.get(key), module.get_submodule(module.FIRST_CONV).weight
+    if only_input_channels_differ(theirs, own):
+        state_dict[key] = adapt_first_conv(theirs, own.shape[1], key)
+
+
 def _legacy_vit_keys_hook(module, state_dict, prefix, *args) -> None:
     rename_legacy_keys(state_dict, [prefix + new for new in LEGACY_KEY_RENAMES.values()])
 
@@ -650,6 +681,8 @@ class ViT(VisionTransformer):
     built with `features_only=True` takes it unless given `simple_pyramid=False` (then: blocks at stride 16).
     """
 
+    FIRST_CONV = "patch_embed.proj"  # the conv that takes the image (timm's `first_conv`)
+
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  global_pool: str = "avg", embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, class_token: bool = False, fc_norm: bool = False,
@@ -657,7 +690,8 @@ class ViT(VisionTransformer):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = False,
                  rel_pos_bias: bool = False, layer_scale: Optional[float] = None, window_size: int = 0,
                  global_blocks: Sequence[int] = (), simple_pyramid: bool = False,
-                 pyramid_channels: int = VITDET_PYRAMID_CHANNELS, rel_pos_layout: str = "per_block"):
+                 pyramid_channels: int = VITDET_PYRAMID_CHANNELS, rel_pos_layout: str = "per_block", device=None,
+                 dtype=None):
         _check_global_pool(global_pool, class_token)
         size = to_2tuple(img_size)
         if size[0] % patch_size or size[1] % patch_size:
@@ -665,35 +699,37 @@ class ViT(VisionTransformer):
         dense = DenseOptions(rel_pos_bias, layer_scale, window_size, tuple(global_blocks), rel_pos_layout)
         dense.check(depth)
         grid = (size[0] // patch_size, size[1] // patch_size)
-        super().__init__(img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                         global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, qkv_bias=True, class_token=class_token, fc_norm=fc_norm,
-                         dynamic_img_size=dynamic_img_size, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
-                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, weight_init="skip",
-                         init_values=layer_scale, block_fn=dense.block_fn(grid, int(class_token)))
-        self.dense = dense
-        self.rel_pos_tables = dense.shared_tables(self.blocks, grid, num_heads)
-        if dense.per_block:
-            self.patch_embed.register_forward_hook(self._grid_to_blocks)
-        with torch.no_grad():
-            grid = sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size)
-            prefix = grid.new_zeros(self.num_prefix_tokens, embed_dim)  # MAE: a zero position for the class token
-            self.pos_embed.copy_(torch.cat([prefix, grid]).unsqueeze(0))
-        self.pos_embed.requires_grad_(learnable_pos_embed)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(init_linear_and_norm)
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        if num_classes > 0:
-            trunc_normal_(self.head.weight, std=2e-5)
-        self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
-        self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
-        self.pyramid = SimpleFeaturePyramid(embed_dim, pyramid_channels) if simple_pyramid else None
-        if simple_pyramid:
-            self.feature_info = [dict(num_chs=pyramid_channels, reduction=int(patch_size / scale),
-                                      module=f"pyramid.outputs.{i}")
-                                 for i, scale in enumerate(SimpleFeaturePyramid.SCALES)]
+        with built_on(self, device, dtype):  # timm's factory arguments
+            super().__init__(img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             mlp_ratio=mlp_ratio, qkv_bias=True, class_token=class_token, fc_norm=fc_norm,
+                             dynamic_img_size=dynamic_img_size, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+                             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, weight_init="skip",
+                             init_values=layer_scale, block_fn=dense.block_fn(grid, int(class_token)))
+            self.dense = dense
+            self.rel_pos_tables = dense.shared_tables(self.blocks, grid, num_heads)
+            if dense.per_block:
+                self.patch_embed.register_forward_hook(self._grid_to_blocks)
+            with torch.no_grad():
+                grid = sincos_pos_embed_2d(embed_dim, self.patch_embed.grid_size)
+                prefix = grid.new_zeros(self.num_prefix_tokens, embed_dim)  # MAE: a zero position for the class token
+                self.pos_embed.copy_(torch.cat([prefix, grid]).unsqueeze(0))
+            self.pos_embed.requires_grad_(learnable_pos_embed)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=0.02)
+            self.apply(init_linear_and_norm)
+            w = self.patch_embed.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            if num_classes > 0:
+                trunc_normal_(self.head.weight, std=2e-5)
+            self.register_load_state_dict_pre_hook(_legacy_vit_keys_hook)
+            self.register_load_state_dict_pre_hook(_resample_pos_embed_hook)
+            self.register_load_state_dict_pre_hook(_adapt_first_conv_hook)
+            self.pyramid = SimpleFeaturePyramid(embed_dim, pyramid_channels) if simple_pyramid else None
+            if simple_pyramid:
+                self.feature_info = [dict(num_chs=pyramid_channels, reduction=int(patch_size / scale),
+                                          module=f"pyramid.outputs.{i}")
+                                     for i, scale in enumerate(SimpleFeaturePyramid.SCALES)]
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -747,6 +783,9 @@ class ViT(VisionTransformer):
         if global_pool is not None:
             _check_global_pool(global_pool, self.has_class_token)
         super().reset_classifier(num_classes, global_pool)
+        # where the model is, in its dtype and mode, as ConvViT's (timm 1.0.26 makes it on the default device, training)
+        ref = self.patch_embed.proj.weight
+        self.head = self.head.to(device=ref.device, dtype=ref.dtype).train(self.training)
 
     @property
     def patch_size(self) -> int:
@@ -892,29 +931,19 @@ ENCODER_ARCHS = {
     "vit_base_patch16_gap_sincos": (ViT, dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)),
     "vit_large_patch16_gap_sincos": (ViT, dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)),
 }
-
-# The encoder of each pre-training model (models_dmjd.py), by the registered name of the encoder alone: what
-# `python export_encoder.py` exports a pre-training checkpoint as. (ENCODER_ARCHS: each encoder's class and sizes.)
-ENCODER_OF = {
-    "dmjd_convit_mini_patch8_hog": "convvit_mini_patch8",
-    "dmjd_convit_tiny_patch16_dec1_hog": "convvit_tiny_patch16",
-    "dmjd_convit_small_patch16_dec2_hog": "convvit_small_patch16",
-    "dmjd_convit_base_patch16_dec8_hog": "convvit_base_patch16",
-    "dmjd_convit_base_patch16_dec2_hog": "convvit_base_patch16",
-    "dmjd_convit_large_patch16_dec8_hog": "convvit_large_patch16",
-    "dmjd_vit_tiny_patch16_dec1_hog": "vit_test_patch16_gap_sincos",
-    "dmjd_vit_base_patch16_dec8_hog": "vit_base_patch16_gap_sincos",
-}
-ENCODER_NAMES = ENCODER_OF  # its name before 2026-12: the package's users may import it
+# ENCODER_OF (dmjd_encoders.names): the encoder of each pre-training model, by its name in ENCODER_ARCHS.
 
 
 def _cfg(first_conv: str, size: int, stride: int):
     # fixed_input_size: built with the defaults, a model takes inputs of its img_size only (dynamic_img_size=True
     # takes any multiple of the stride; its own pretrained_cfg then says so, see _describe_input), and timm builds
-    # it at the cfg's input_size. pool_size: the token grid that forward_features returns (as [N, L, D] tokens).
+    # it at the cfg's input_size. pool_size: the token grid that forward_features returns (as [N, L, D] tokens, as
+    # timm's ViTs and hybrids return theirs). license, paper: those of the weights this project makes (an export
+    # states its own: export.py). No hf_hub_id: no weights are published (timm sets it when it loads "hf-hub:ID").
     return dict(url="", num_classes=0, input_size=(3, size, size), pool_size=(size // stride, size // stride),
                 crop_pct=0.875, interpolation="bicubic", fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN,
-                std=IMAGENET_DEFAULT_STD, first_conv=first_conv, classifier="head")
+                std=IMAGENET_DEFAULT_STD, first_conv=first_conv, classifier="head", license="mit",
+                paper_ids=f"arXiv:{ARXIV_ID}", paper_name=PAPER_NAME)
 
 
 def _stride(cls: type, arch: dict) -> int:
@@ -925,8 +954,7 @@ def _stride(cls: type, arch: dict) -> int:
 
 # Encoders: no classifier by default (the weights people share are pre-trained encoders), no published weights.
 default_cfgs = generate_default_cfgs({
-    name: _cfg("patch_embed1.proj" if cls is ConvViT else "patch_embed.proj", 32 if name.endswith("patch8") else 224,
-               _stride(cls, arch))
+    name: _cfg(cls.FIRST_CONV, 32 if name.endswith("patch8") else 224, _stride(cls, arch))
     for name, (cls, arch) in ENCODER_ARCHS.items()})
 
 
@@ -1021,10 +1049,6 @@ register_model_deprecations(__name__, {
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the training scripts ask of the registry and of the models.
-
-class UnknownModelError(ValueError):
-    """--model names no model of the kind a script needs; the message names the closest registered ones."""
-
 
 def check_model_name(name: str, candidates, what: str) -> None:
     """Raises UnknownModelError naming --model and the closest registered names when `name` is not among

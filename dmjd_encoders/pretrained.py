@@ -15,8 +15,11 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
 
-from .checkpoint import HUB_CONFIG, CheckpointError, load_checkpoint, rename_legacy_keys
+from .checkpoint import HUB_CONFIG, load_checkpoint, rename_legacy_keys
+from .errors import ArchitectureMismatch, CheckpointError, PretrainedWeightsError
+from .names import ENCODER_OF
 
 # The load notes keep the logger they had before this module took the loading over from dmjd_encoders.checkpoint:
 # a caller's level or handler on that name still applies.
@@ -24,18 +27,10 @@ _logger = logging.getLogger(__package__ + ".checkpoint")
 
 __all__ = ["PretrainedWeightsError", "ArchitectureMismatch", "PRETRAIN_ONLY_PREFIXES", "SEGMENTER_ENCODER_PREFIX",
            "FRESH_KEYS", "is_fresh", "has_class_token", "encoder_state_dict", "fit_encoder_state", "resample_pos_embed",
-           "saved_args", "saved_model", "CheckpointOrigin", "checkpoint_origin", "export_architecture",
+           "first_conv_key", "only_input_channels_differ", "adapt_first_conv", "saved_args", "saved_model",
+           "CheckpointOrigin", "checkpoint_origin", "export_architecture",
            "load_pretrained", "architecture_kwargs", "check_encoder_loaded", "checkpoint_filter_fn",
            "check_pretrained_flag", "encoder_layout", "load_encoder", "without_class_token"]
-
-
-class PretrainedWeightsError(ValueError):
-    """--finetune names nothing to load, or weights that cannot be read or do not fit; the message starts with the
-    flag (`--finetune ...`), and a script prints it as `error: <message>`."""
-
-
-class ArchitectureMismatch(RuntimeError):
-    """Weights of another architecture than the model's."""
 
 
 # Keys that only the pre-training model uses: the decoder, the mask token, the visible branch (ours:
@@ -74,14 +69,16 @@ def encoder_state_dict(checkpoint: dict, key: str = "model") -> dict:
     `key="teacher"` takes the EMA teacher), the authors' released DMJD checkpoints (`model` holds the encoder at the
     top level, with `patch_embed1..4`, `blocks1..3`, `norm`, beside the decoder and projector), an encoder-only
     export, or a bare state dict. Pre-training-only keys are dropped."""
-    if key in checkpoint and isinstance(checkpoint[key], dict):
+    if isinstance(checkpoint.get(key), dict):
         state = checkpoint[key]
+    elif key in checkpoint:  # saved, but empty: a pre-training run without an EMA teacher saves teacher=None
+        raise KeyError(f"the checkpoint's {key!r} entry is empty" +
+                       (": the run trained no EMA teacher (pre-training trains one with --vis_target ema); its "
+                        "encoder is the student's, key 'model'" if key == "teacher" else ""))
     elif key != "model":
         raise KeyError(f"the checkpoint has no {key!r} entry (it has {sorted(checkpoint)})")
     else:
         state = checkpoint
-    if state is None:
-        raise KeyError(f"the checkpoint's {key!r} entry is empty")
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     return {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
@@ -104,16 +101,47 @@ def fit_encoder_state(state: dict, model: torch.nn.Module, old_grid=None) -> dic
     for name in [k for k in state if k.startswith("head.")]:
         if name not in own or own[name].shape != state[name].shape:
             del state[name]  # a classifier for other classes (or none): the new head starts fresh
-    # A position embedding of another length is resampled below; of another width, or any other weight of another
-    # shape, means another architecture: that fails first, before anything is said about resampling.
+    # A position embedding of another length is resampled below; RGB weights of the first conv are adapted to the
+    # model's input channels where they load (timm's pretrained path, or the model's load_state_dict: see
+    # adapt_first_conv). Another width, or any other weight of another shape, means another architecture: that fails
+    # first, before anything is said about resampling.
+    first_conv = first_conv_key(model)
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape
-                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])]
+                  and not (k == "pos_embed" and own[k].shape[-1] == state[k].shape[-1])
+                  and not (k == first_conv and only_input_channels_differ(state[k], own[k]))]
     if mismatched:
         shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:4])
         raise ArchitectureMismatch(f"shapes differ for {len(mismatched)} weights (checkpoint vs model: {shown})")
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model, old_grid)
     return state
+
+
+def first_conv_key(model: torch.nn.Module) -> Optional[str]:
+    """The state-dict key of the weight of `model`'s first conv (its class's FIRST_CONV, the pretrained_cfg's
+    `first_conv`), the one weight whose shape follows `in_chans`; None for a model without one."""
+    name = getattr(model, "FIRST_CONV", None)
+    return name + ".weight" if name else None
+
+
+def only_input_channels_differ(theirs, own: torch.Tensor) -> bool:
+    """Whether a checkpoint's conv weight and the model's, [O, I, kh, kw], differ in their input channels I alone."""
+    return (isinstance(theirs, torch.Tensor) and theirs.dim() == own.dim() == 4 and theirs.shape[1] != own.shape[1]
+            and theirs.shape[:1] + theirs.shape[2:] == own.shape[:1] + own.shape[2:])
+
+
+def adapt_first_conv(weight: torch.Tensor, in_chans: int, name: str = "the first conv") -> torch.Tensor:
+    """RGB weights of a first conv [O, 3, kh, kw] for a model of `in_chans` input channels, as timm adapts them
+    (`adapt_input_conv`: for one channel the sum over RGB; for more, RGB repeated and scaled by 3 / in_chans), so
+    that a grayscale, multispectral or medical input starts from the pre-trained weights. Only RGB weights adapt
+    (what timm's adaptation takes, and what every pre-training here trains); others fail, naming the channels."""
+    if weight.shape[1] != 3:
+        raise ArchitectureMismatch(f"{name} of the weights takes {weight.shape[1]} input channels, the model's "
+                                   f"{in_chans}: only RGB (3-channel) weights adapt to another in_chans; build the "
+                                   f"model with in_chans={weight.shape[1]}")
+    _logger.info(f"adapted {name} from the weights' 3 input channels to this model's {in_chans} (timm's "
+                 "adapt_input_conv)")
+    return adapt_input_conv(in_chans, weight)
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, model: torch.nn.Module, old_grid=None) -> torch.Tensor:
@@ -270,7 +298,9 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """timm's pretrained filter: any checkpoint load_pretrained takes (ours, the authors' release, MAE's or timm's
     ViT, an export), adapted to `model`: the encoder's keys only, position embedding resampled, a head of another
     size dropped, the pre-trained final norm dropped when the model pools before its norm (fc_norm), as MAE
-    fine-tunes. Fails with the keys when an encoder weight is missing or left over; prints what starts fresh.
+    fine-tunes. The first conv's RGB weights stay as they are for a model of other input channels: timm adapts them
+    to its `in_chans` after this filter (adapt_input_conv on the pretrained_cfg's `first_conv`), as for its own
+    models. Fails with the keys when an encoder weight is missing or left over; prints what starts fresh.
     """
     state = fit_encoder_state(encoder_state_dict(state_dict), model)
     dropped = sorted(k for k in state if k.startswith("norm.")) if isinstance(model.norm, nn.Identity) else []
@@ -317,7 +347,6 @@ def _origin_hint(path: str, model: Optional[torch.nn.Module]) -> str:
     """What a --finetune checkpoint that does not fit says about itself: the script that wrote it, and which --model
     takes its encoder when that is not `model`'s (or, for a classifier fine-tuned with --global_pool, that its final
     norm is gone)."""
-    from .models_convvit import ENCODER_OF  # here, not at the top: models_convvit imports this module
     args = saved_args(path) or {}
     origin, trained_as = checkpoint_origin(args), args.get("model")
     trained_as = trained_as if isinstance(trained_as, str) else None

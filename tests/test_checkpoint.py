@@ -14,8 +14,8 @@ import torch
 import dmjd_encoders  # noqa: F401  (registers the encoders)
 import models_dmjd  # noqa: F401
 from export_encoder import export_encoder
-from dmjd_encoders.checkpoint import (architecture_kwargs, check_encoder_loaded, load_pretrained, load_state_dict_strict,
-                             save_checkpoint)
+from dmjd_encoders.checkpoint import load_state_dict_strict, save_checkpoint
+from dmjd_encoders.pretrained import architecture_kwargs, check_encoder_loaded, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("dmjd_convit_tiny_patch16_dec1_hog", "convvit_tiny_patch16"),
@@ -232,7 +232,7 @@ def test_a_resaved_checkpoint_gets_a_new_checksum_and_a_changed_value_is_found(t
 
 
 def test_a_hub_export_of_another_architecture_is_refused_naming_both(tmp_path):
-    from dmjd_encoders.checkpoint import ArchitectureMismatch
+    from dmjd_encoders.pretrained import ArchitectureMismatch
     torch.manual_seed(0)
     model = timm.create_model("convvit_tiny_patch16", img_size=64)
     save_checkpoint({"model": model.state_dict(), "args": {"model": "convvit_tiny_patch16", "input_size": 64}},

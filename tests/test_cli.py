@@ -70,6 +70,45 @@ def test_help_describes_every_option_and_shows_its_default(module_name, monkeypa
     assert text.count("(default:") >= len(optional)
 
 
+# the command lines ENTRY_POINTS leaves out (their help is plain), for the usage line that every script shares
+OTHER_ENTRY_POINTS = {
+    "plot_logs": "parse_args",
+    "util.demo_det_data": "main",
+    "benchmarks.detection_check": "parse_args",
+    "benchmarks.detection_step": "parse_args",
+    "benchmarks.grad_checkpointing": "parse_args",
+    "benchmarks.loop_step": "main",
+}
+# scripts without a parser of their own: torchrun's command line (training.launch), the package's command whose
+# script is export_encoder.py (dmjd_encoders.export), and the SLURM launchers (training.submitit_launch's parser)
+NO_PARSER_OF_THEIR_OWN = {"training.launch", "dmjd_encoders.export", "submitit_pretrain", "submitit_finetune"}
+
+
+def test_every_script_is_in_the_usage_test():
+    scripts = {str(path.relative_to(ROOT).with_suffix("")).replace("/", ".")
+               for folder in (ROOT, ROOT / "util", ROOT / "benchmarks", ROOT / "training", ROOT / "dmjd_encoders")
+               for path in folder.glob("*.py") if 'if __name__ == "__main__":' in path.read_text()}
+    assert scripts == set(ENTRY_POINTS) | set(OTHER_ENTRY_POINTS) | NO_PARSER_OF_THEIR_OWN
+
+
+@pytest.mark.parametrize("module_name", sorted({**ENTRY_POINTS, **OTHER_ENTRY_POINTS}))
+def test_usage_names_the_script_as_it_was_started_not_its_description(module_name, monkeypatch):
+    """`python plot_logs.py --help` says `usage: plot_logs.py ...` (argparse's first argument is the program's
+    name; the description comes below the usage line)."""
+    path = ROOT / (module_name.replace(".", "/") + ".py")
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    parser = parser_of(module_name, {**ENTRY_POINTS, **OTHER_ENTRY_POINTS}[module_name], monkeypatch)
+    assert parser.format_usage().startswith(f"usage: {path.name} "), parser.format_usage()[:200]
+
+
+@pytest.mark.parametrize("script", ["submitit_pretrain.py", "submitit_finetune.py"])
+def test_the_slurm_launchers_usage_names_the_launcher(script, monkeypatch):
+    from training.submitit_launch import launcher_parser
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--help"])
+    usage = launcher_parser("Submitit for DMJD pre-training").format_help()
+    assert usage.startswith(f"usage: {script} ") and "\nSubmitit for DMJD pre-training\n" in usage, usage[:300]
+
+
 def test_submitit_launcher_help_shows_defaults():
     from training.submitit_launch import launcher_parser
     parser = launcher_parser("test")

@@ -20,7 +20,8 @@ from main_linprobe import get_args_parser as linprobe_args_parser
 from dmjd_encoders.models_convvit import LinearProbe
 from export_encoder import export_encoder
 from helpers import as_script, pretrain_checkpoint, run_script, script_env, stop_with_signal
-from dmjd_encoders.checkpoint import check_encoder_loaded, load_pretrained, save_checkpoint
+from dmjd_encoders.checkpoint import save_checkpoint
+from dmjd_encoders.pretrained import check_encoder_loaded, load_pretrained
 from dmjd_encoders.models_convvit import check_classifier_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,7 +353,7 @@ def test_finetune_skips_unreadable_files(cls_data, tmp_path):
 
 def test_every_pretraining_model_names_the_encoder_that_takes_its_weights():
     from models_dmjd import ENCODER_OF
-    from dmjd_encoders.checkpoint import PRETRAIN_ONLY_PREFIXES
+    from dmjd_encoders.pretrained import PRETRAIN_ONLY_PREFIXES
     assert set(ENCODER_OF) == set(timm.list_models("dmjd_*"))
     for name, encoder_name in ENCODER_OF.items():
         with torch.device("meta"):  # shapes only: no memory, no initialisation

@@ -65,3 +65,15 @@ def test_hub_load_leaves_a_users_own_util_package_alone(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ConvViT", proc.stderr[-2000:]
+
+
+def test_hub_load_adapts_rgb_weights_to_other_input_channels(tmp_path):
+    """in_chans reaches timm, which adapts the export's RGB first conv (adapt_input_conv) as for its own models."""
+    import timm
+    trained = encoder_checkpoint(tmp_path / "ft.pth", NAME)
+    export_encoder(str(tmp_path / "ft.pth"), str(tmp_path / "export"))
+    for weights in ("export", "ft.pth"):
+        encoder = hub_load(NAME, weights=str(tmp_path / weights), in_chans=1, img_size=64).eval()
+        torch.testing.assert_close(encoder.patch_embed1.proj.weight,
+                                   timm.models.adapt_input_conv(1, trained.patch_embed1.proj.weight))
+        assert encoder(torch.randn(2, 1, 64, 64)).shape == (2, trained.num_features)

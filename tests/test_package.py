@@ -30,6 +30,37 @@ def test_the_package_declares_its_dependencies_with_the_bounds_of_requirements_t
         assert requirements.get(name) == spec, f"pyproject.toml says {spec}, requirements.txt {requirements.get(name)}"
 
 
+def test_the_package_metadata_is_what_an_index_takes():
+    """What an index shows and checks: the license as an SPDX expression with its file (PEP 639, not the deprecated
+    table, nor a license classifier beside it), authors, classifiers, https URLs, the version read from
+    dmjd_encoders.__version__ (one place), and a long description whose links work on the index's page (absolute, or
+    anchors of the page itself; a link relative to the repository's folders would not)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert project["authors"] and all(author.get("name") for author in project["authors"])
+    classifiers = project["classifiers"]
+    assert "Programming Language :: Python :: 3" in classifiers and not [c for c in classifiers if "License ::" in c]
+    assert all(re.fullmatch(r"[A-Z][\w /.-]* :: .+", c) for c in classifiers), classifiers
+    assert project["urls"] and all(url.startswith("https://") for url in project["urls"].values())
+    assert "https://arxiv.org/abs/2301.00230" in project["urls"].values()
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dmjd_encoders.__version__"}
+    assert re.search(r'^__version__ = "\d+\.\d+\.\d+"', (ROOT / "dmjd_encoders" / "__init__.py").read_text(), re.M)
+    requires = pyproject["build-system"]["requires"]
+    assert requires == ["setuptools>=77"]  # the first setuptools that writes an SPDX license expression
+    readme = (ROOT / project["readme"]).read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert targets and [t for t in targets if not t.startswith(("https://", "http://", "#"))] == []
+
+
+def test_the_package_says_its_version():
+    import dmjd_encoders
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dmjd_encoders.__version__) and "__version__" in dmjd_encoders.__all__
+
+
 def source_tree(dst: Path) -> Path:
     """The files a clone of the repository holds (tracked or new, not ignored), as pip builds `git+<URL>` from."""
     if shutil.which("git") and (ROOT / ".git").exists():
@@ -59,6 +90,14 @@ USE_THE_INSTALL = textwrap.dedent('''
     installed = {p.parts[0] for p in importlib.metadata.files("dmjd-encoders") if not p.parts[0].startswith("..")}
     assert installed == {"dmjd_encoders", "dmjd_encoders-0.1.0.dist-info"}, installed
     print("requires", json.dumps(sorted(importlib.metadata.requires("dmjd-encoders"))))
+    # the metadata an index reads, as pip installed it
+    assert importlib.metadata.version("dmjd-encoders") == dmjd_encoders.__version__ == "0.1.0"
+    meta = importlib.metadata.metadata("dmjd-encoders")
+    assert meta["License-Expression"] == "MIT" and "License" not in meta, dict(meta)
+    assert meta.get_all("License-File") == ["LICENSE"] and meta["Author"], dict(meta)
+    assert "Paper, https://arxiv.org/abs/2301.00230" in meta.get_all("Project-URL")
+    assert "Topic :: Scientific/Engineering :: Image Recognition" in meta.get_all("Classifier")
+    assert meta["Description-Content-Type"] == "text/markdown"
 
     torch.manual_seed(0)
     model = timm.create_model("convvit_tiny_patch16", img_size=64).eval()
@@ -66,6 +105,8 @@ USE_THE_INSTALL = textwrap.dedent('''
                                                            "epochs": 3}}, "ft.pth")
     script = os.path.join(os.path.dirname(sys.executable), "dmjd-export-encoder")
     subprocess.run([script, "ft.pth", "export", "--result", "demo top-1=12.5"], check=True)
+    usage = subprocess.run([script, "--help"], check=True, capture_output=True, text=True).stdout
+    assert usage.startswith("usage: dmjd-export-encoder "), usage[:200]  # the command's name, not its description
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
@@ -92,8 +133,11 @@ def fresh_environment(venv: Path) -> Path:
 
 def test_pip_install_gives_the_encoders_alone_usable_from_another_folder(tmp_path):
     """pip builds the package offline into a fresh environment (--no-build-isolation: setuptools from the
-    environment, --no-deps: torch and timm are there), and a program in another folder uses it."""
-    pytest.importorskip("setuptools")
+    environment, which must meet pyproject.toml's build requirement, --no-deps: torch and timm are there), and a
+    program in another folder uses it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    build_requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    pytest.importorskip("setuptools", minversion=re.fullmatch(r"setuptools>=([\d.]+)", build_requires[0]).group(1))
     src = source_tree(tmp_path / "src")
     python = fresh_environment(tmp_path / "venv")
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",

@@ -143,3 +143,90 @@ def test_a_finetune_checkpoint_that_does_not_fit_names_the_script_that_wrote_it(
     assert str(refused.value).endswith(
         "It is a fine-tuning checkpoint, from main_finetune.py; fine-tuned with --global_pool, its final norm gave way "
         "to fc_norm: start from the checkpoint it was fine-tuned from, --finetune pre.pth.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RGB weights into a model of other input channels (grayscale, multispectral, medical images), by every way timm
+# loads weights: timm adapts the first conv (adapt_input_conv) after the filter; checkpoint_path and load_pretrained
+# adapt it on load_state_dict.
+
+def hub_cache(tmp_path, repo_id: str, folder) -> str:
+    """An offline Hugging Face cache that holds the export `folder` as the hub repository `repo_id`."""
+    import shutil
+    revision = "0" * 40
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    return str(tmp_path / "hub")
+
+
+def load_by_route(route: str, name: str, tmp_path, **kwargs):
+    """The encoder `name` with the weights of tmp_path's export (and its ft.pth) loaded the way `route` says."""
+    if route == "overlay file":
+        return timm.create_model(name, pretrained=True, img_size=64, **kwargs,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "export" / "model.safetensors")))
+    if route == "local-dir":
+        return timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True, **kwargs)
+    if route == "hf-hub":
+        return timm.create_model("hf-hub:me/dmjd-encoder", pretrained=True, **kwargs,
+                                 cache_dir=hub_cache(tmp_path, "me/dmjd-encoder", tmp_path / "export"))
+    if route == "checkpoint_path":
+        return timm.create_model(name, img_size=64, checkpoint_path=str(tmp_path / "export" / "model.safetensors"),
+                                 **kwargs)
+    model = timm.create_model(name, img_size=64, **kwargs)  # load_pretrained: --finetune's loading
+    missing, unexpected = pretrained.load_pretrained(model, str(tmp_path / "ft.pth"))
+    assert missing == unexpected == []
+    return model
+
+
+ROUTES = ["overlay file", "local-dir", "hf-hub", "checkpoint_path", "load_pretrained"]
+
+
+@pytest.mark.parametrize("name", ["convvit_tiny_patch16", ENCODER])
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_rgb_weights_load_into_any_in_chans_by_every_route(tmp_path, monkeypatch, name, in_chans):
+    """in_chans=N loads RGB weights with the first conv adapted as timm adapts it (adapt_input_conv), every other
+    weight as trained, through timm's pretrained path (an overlay file, local-dir:, hf-hub:), checkpoint_path and
+    load_pretrained."""
+    import huggingface_hub
+    from helpers import encoder_checkpoint
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub's files from the cache only
+    trained = encoder_checkpoint(tmp_path / "ft.pth", name)
+    export_encoder(str(tmp_path / "ft.pth"), str(tmp_path / "export"))
+    trained_state = trained.state_dict()
+    first_conv = trained.FIRST_CONV + ".weight"
+    assert first_conv == timm.get_pretrained_cfg(name).first_conv + ".weight"
+    expected = timm.models.adapt_input_conv(in_chans, trained_state[first_conv])
+    assert expected.shape[1] == in_chans
+    for route in ROUTES:
+        model = load_by_route(route, name, tmp_path, in_chans=in_chans).eval()
+        state = model.state_dict()
+        torch.testing.assert_close(state[first_conv], expected, msg=lambda m: f"{route}: {m}")
+        for key, value in trained_state.items():
+            if key != first_conv:
+                torch.testing.assert_close(state[key], value, msg=lambda m: f"{route}, {key}: {m}")
+        with torch.no_grad():
+            assert model(torch.randn(1, in_chans, 64, 64)).shape == (1, trained.num_features)
+        if route == "hf-hub":
+            assert model.pretrained_cfg["hf_hub_id"] == "me/dmjd-encoder"
+
+
+def test_only_rgb_weights_adapt_to_other_input_channels(tmp_path, caplog):
+    """Grayscale weights are another model's: into a 4-channel model they fail, naming the channels; the adaptation
+    of RGB weights is logged."""
+    import safetensors.torch
+    gray = timm.create_model("convvit_tiny_patch16", img_size=64, in_chans=1)
+    safetensors.torch.save_file(gray.state_dict(), str(tmp_path / "gray.safetensors"))
+    timm.create_model("convvit_tiny_patch16", img_size=64, in_chans=1,
+                      checkpoint_path=str(tmp_path / "gray.safetensors"))  # the same channels: loads as it is
+    with pytest.raises(ArchitectureMismatch, match="takes 1 input channels, the model's 4: only RGB"):
+        timm.create_model("convvit_tiny_patch16", img_size=64, in_chans=4,
+                          checkpoint_path=str(tmp_path / "gray.safetensors"))
+    rgb = timm.create_model("convvit_tiny_patch16", img_size=64).state_dict()
+    with caplog.at_level("INFO", logger="dmjd_encoders"):
+        gray.load_state_dict(rgb)
+    assert "adapted patch_embed1.proj.weight from the weights' 3 input channels to this model's 1" in caplog.text
+    rgb["patch_embed1.proj.weight"] = rgb["patch_embed1.proj.weight"][:, :, :2]  # another kernel: not a channel count
+    with pytest.raises(ArchitectureMismatch, match="shapes differ for 1 weights"):
+        pretrained.fit_encoder_state(rgb, gray)

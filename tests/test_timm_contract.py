@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import dmjd_encoders  # noqa: F401  (registers the encoders)
+from dmjd_encoders import models_convvit  # registers the encoders
 import models_dmjd  # noqa: F401
 from benchmarks.grad_checkpointing import saved_activation_bytes
 
@@ -54,6 +54,9 @@ def test_default_cfg_features_and_head_shapes(name):
         tokens = model.forward_features(x)
         grid = cfg["input_size"][1] // model.patch_size
         assert tokens.shape == (1, grid * grid, model.num_features)
+        # timm's convention for its ViTs and hybrids: tokens [N, L, D], L the cfg's pool_size, no output_fmt (which
+        # timm reads as a map's layout)
+        assert grid * grid == cfg["pool_size"][0] * cfg["pool_size"][1] and not hasattr(model, "output_fmt")
         pre_logits = model.forward_head(tokens, pre_logits=True)
         assert pre_logits.shape == (1, model.head_hidden_size)
 
@@ -64,6 +67,60 @@ def test_default_cfg_features_and_head_shapes(name):
         assert model.num_classes == 0 and model(x).shape == pre_logits.shape
         model.reset_classifier(0, "")
         assert model(x).shape == tokens.shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_timm_factory_arguments_device_and_dtype(name):
+    """timm's create_model(name, device=..., dtype=...) (timm's tests build every model so, on the meta device):
+    every parameter and buffer on the device, the floating point ones in the dtype; the features_only build too."""
+    for kwargs in ({}, {"features_only": True}):
+        model = timm.create_model(name, device="meta", dtype=torch.bfloat16, **kwargs)
+        tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+        assert {t.device.type for t in tensors.values()} == {"meta"}
+        assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+    with torch.device("meta"):
+        assert timm.create_model(name, dtype=torch.float64).pos_embed.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reset_classifier_keeps_the_models_device_dtype_and_mode(name):
+    """timm's _assert_reset_classifier_preserves_parent_device_dtype: a new head is made where the model is, in its
+    dtype, and in its mode (an eval model stays in eval)."""
+    model = timm.create_model(name, device="meta").eval().to(dtype=torch.float64)
+    for num_classes in (0, 2):
+        model.reset_classifier(num_classes)
+        assert all(not m.training for m in model.modules())
+    assert {(p.device.type, p.dtype) for p in model.head.parameters()} == {("meta", torch.float64)}
+
+
+def test_timms_own_tests_class_the_encoders_as_it_classes_its_token_models():
+    """.ci/timm_models (timm's tests/test_models.py against the encoders) files them where timm files its own ViTs:
+    the module that registers them among those with forward_intermediates, every ConViT among the models whose
+    forward_features gives tokens (timm's list has vit_* already) and out of the TorchScript tests (not
+    supported)."""
+    import fnmatch
+    import re
+    from pathlib import Path
+    script = (Path(__file__).resolve().parents[1] / ".ci" / "timm_models").read_text()
+    added = dict(re.findall(r'\("(\w+_FILTERS)", "([^"]+)"\)', script))
+    assert added["FEAT_INTER_FILTERS"] == models_convvit.TIMM_MODULE
+    assert timm.list_models(module=added["FEAT_INTER_FILTERS"]) == ALL
+    convvits = [n for n in ALL if isinstance(timm.create_model(n, device="meta"), models_convvit.ConvViT)]
+    for name in ALL:  # timm's NON_STD_FILTERS hold vit_* (its ViTs and hybrids)
+        assert fnmatch.fnmatch(name, added["NON_STD_FILTERS"]) or fnmatch.fnmatch(name, "vit_*"), name
+    assert [n for n in ALL if fnmatch.fnmatch(n, added["EXCLUDE_JIT_FILTERS"])] == convvits
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_convvit_does_not_script_and_torch_export_takes_it():
+    """docs/MODELS.md says TorchScript is not supported for ConViT, and that torch.export (with torch.compile, see
+    test_torch_compile_fullgraph) is what takes it: the day it scripts, the docs and .ci/timm_models change."""
+    model = small("convvit_tiny_patch16", img_size=32).eval()
+    x = images("convvit_tiny_patch16", size=(32, 32))
+    with pytest.raises(RuntimeError):  # TorchScript's compilation error
+        torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -291,7 +348,8 @@ def test_pretrained_without_weights_is_a_clear_error():
 # The checks of timm's own tests/test_models.py (pytorch-image-models), written here for the test-size encoders: each
 # test names the timm test it mirrors. timm runs its models at the cfg's input size when the cfg says
 # fixed_input_size, else at a reduced size (a target of 96 to 128 pixels), as `input_size_for` does. Left out:
-# timm's TorchScript tests for ConViT, which torch.jit.script cannot script (docs/MODELS.md); the ViT scripts.
+# timm's TorchScript tests for ConViT, for which TorchScript is not supported (docs/MODELS.md); the ViT scripts.
+# .ci/timm_models runs timm's file itself against every encoder.
 
 TIMM_CHECKED = ["convvit_tiny_patch16", "vit_test_patch16_gap_sincos"]
 DYNAMIC = [False, True]  # as registered, and built with dynamic_img_size=True (not fixed-size)

@@ -2,7 +2,6 @@
 scripts exit (`exits_like_a_script`)."""
 import errno
 import functools
-import sys
 
 from training.signals import REQUEUE_EXIT_CODE  # noqa: F401 (EX_TEMPFAIL: stopped on request, to be continued)
 
@@ -28,31 +27,34 @@ def flag_error(flag: str, why: str) -> FlagError:
     return FlagError(f"{flag} {why}")
 
 
-def script_errors() -> tuple:
-    """The exceptions a script reports as `error: <message>` (exit 1): the run's, and the encoder package's for a
-    --model it does not have and a checkpoint that cannot be read or does not fit (once the package is loaded: a
-    script's checks before torch is imported raise only the run's)."""
-    if "dmjd_encoders.pretrained" not in sys.modules:
-        return (RunError,)
-    from dmjd_encoders.models_convvit import UnknownModelError  # the package does not import training
-    from dmjd_encoders.pretrained import PretrainedWeightsError
-    return RunError, PretrainedWeightsError, UnknownModelError
+def is_script_error(err: BaseException) -> bool:
+    """Whether a script reports `err` as `error: <message>` (exit 1): the run's errors, and the encoder package's (a
+    --model it does not have, a checkpoint that cannot be read or does not fit: dmjd_encoders.errors). The package is
+    imported only to ask: a run's error answers before it (a script's checks before torch stay torch-free), and an
+    error raised by the package finds it loaded; where it cannot be imported, no error is its."""
+    if isinstance(err, RunError):
+        return True
+    try:
+        from dmjd_encoders.errors import EncoderError  # the package does not import training
+    except ImportError:
+        return False
+    return isinstance(err, EncoderError)
 
 
 def exits_like_a_script(main):
-    """`main(args)` of a script: a RunError (or a pre-trained checkpoint that does not fit) ends it with
-    `error: <message>` and status 1, as does a full disk (whose message names the file and what was kept),
-    Preempted with status 75."""
+    """`main(args)` of a script: a RunError (or the encoder package's error: a --model it does not have, a checkpoint
+    that cannot be read or does not fit) ends it with `error: <message>` and status 1, as does a full disk (whose
+    message names the file and what was kept), Preempted with status 75."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except Preempted:
             raise SystemExit(REQUEUE_EXIT_CODE) from None
-        except script_errors() as err:
-            raise SystemExit(f"error: {err}") from None
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            raise SystemExit(f"error: {err.strerror}") from None
+        except Exception as err:
+            if is_script_error(err):
+                raise SystemExit(f"error: {err}") from None
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise SystemExit(f"error: {err.strerror}") from None
+            raise
     return run

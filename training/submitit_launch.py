@@ -16,7 +16,7 @@ from pathlib import Path
 
 import submitit
 
-from training.errors import script_errors
+from training.errors import is_script_error
 from training.output import last_checkpoint_path
 
 REQUEUE_EXIT_CODE = 75  # training.run.Preempted's status: stopped on a signal after saving, to be continued
@@ -111,7 +111,9 @@ def parse_args(module, description: str, argv=None):
         opts.job_dir = os.path.join(args.output_dir, "submitit")
     try:  # bad flags fail now, not after hours in the queue; derived ones are explicit
         args = module.validate_args(args)
-    except script_errors() as err:  # the command line's error, as argparse's own: the launcher exits here
+    except Exception as err:  # the command line's error, as argparse's own: the launcher exits here
+        if not is_script_error(err):
+            raise
         raise SystemExit(f"error: {err}") from None
     return opts, args
 
