@@ -22,7 +22,8 @@ import time
 from typing import Dict, List, Optional
 
 from benchmarks.doc_block import block_names, provenance, rewrite_block
-from util.demo_commands import CLASSIFIER, DATA_DIR, PRETRAIN_EPOCHS, ROOT, common_flags, pretrain_command, shown
+from util.demo_commands import (DATA_DIR, PRETRAIN_EPOCHS, ROOT, DemoFinetune, DemoProbe, pretrain_command,
+                                shown)
 from util.demo_data import prepare_fashion_mnist
 
 
@@ -33,9 +34,10 @@ def parse_args(argv=None):
                    help="pre-training, probes and the picture; the run folders that an earlier demo made there are "
                         "replaced, the others kept")
     p.add_argument("--pretrain_epochs", default=PRETRAIN_EPOCHS, type=int, help="DMJD pre-training epochs")
-    p.add_argument("--probe_epochs", default=2, type=int, help="linear-probe epochs")
-    p.add_argument("--probe_train", default=20000, type=int, help="training images of the probe (per-class subsample)")
-    p.add_argument("--probe_blr", default=10.0, type=float,
+    p.add_argument("--probe_epochs", default=DemoProbe.epochs, type=int, help="linear-probe epochs")
+    p.add_argument("--probe_train", default=DemoProbe.train_images, type=int,
+                   help="training images of the probe (per-class subsample)")
+    p.add_argument("--probe_blr", default=DemoProbe.blr, type=float,
                    help="LARS base lr: far above the 90-epoch ImageNet recipe's 0.1, for a probe of 2 epochs")
     p.add_argument("--max_train", default=None, type=int, help="use a per-class subsample of the training set")
     p.add_argument("--num_workers", default=2, type=int, help="data-loading workers of every stage")
@@ -70,27 +72,22 @@ def stage_commands(args, data: str, probe_data: str) -> Dict[str, List[str]]:
     each runs as printed."""
     python = shown(sys.executable)
     out = args.output_dir
-    common = common_flags(args.num_workers, args.device)
-    checkpoint = shown(os.path.join(out, "pretrain", "checkpoint-last.pth"))
-    probe = [python, "main_linprobe.py", "--model", CLASSIFIER, "--nb_classes", "10", "--batch_size", "256",
-             "--epochs", str(args.probe_epochs), "--warmup_epochs", "0", "--blr", str(args.probe_blr),
-             "--min_crop_scale", "0.6", *common, "--data_path", shown(probe_data)]
+    pretrained = os.path.join(out, "pretrain", "checkpoint-last.pth")
+    checkpoint = shown(pretrained)
+    probe = DemoProbe(args.probe_epochs, args.probe_blr, args.probe_train, args.num_workers, args.device)
     return {
         "pretrain": pretrain_command(data, os.path.join(out, "pretrain"), args.pretrain_epochs, args.num_workers,
                                      args.device),
-        "probe_pretrained": probe + ["--finetune", checkpoint, "--output_dir", shown(os.path.join(out, "probe_pretrained"))],
-        "probe_random": probe + ["--output_dir", shown(os.path.join(out, "probe_random_init"))],
+        "probe_pretrained": probe.command(probe_data, os.path.join(out, "probe_pretrained"), pretrained),
+        "probe_random": probe.command(probe_data, os.path.join(out, "probe_random_init")),
         "picture": [python, "visualize.py", "--checkpoint", checkpoint, "--data_path", shown(data), "--split", "val",
                     "--num_images", "6", "--output", shown(os.path.join(out, "predictions.png"))],
         # printed as next steps, not run
         "picture_3_views": [python, "visualize.py", "--checkpoint", checkpoint, "--data_path", shown(data),
                             "--split", "val", "--num_images", "6", "--num_views", "3",
                             "--output", shown(os.path.join(out, "predictions_3_views.png"))],
-        "finetune": [python, "main_finetune.py", "--model", CLASSIFIER, "--finetune", checkpoint, "--nb_classes", "10",
-                     "--batch_size", "128", "--epochs", "3", "--warmup_epochs", "0.2", "--blr", "5e-3",
-                     "--layer_decay", "0.75", "--drop_path", "0.0", "--aa", "rand-m9-mstd0.5-inc1",
-                     "--mixup", "0", "--cutmix", "0", "--reprob", "0", *common,
-                     "--data_path", shown(probe_data), "--output_dir", shown(os.path.join(out, "finetune"))],
+        "finetune": DemoFinetune(args.num_workers, args.device).command(probe_data, os.path.join(out, "finetune"),
+                                                                        pretrained),
         # the environment's own TensorBoard: demo.sh's .venv has no `tensorboard` on the shell's PATH
         "tensorboard": [python, "-m", "tensorboard.main", "--logdir", shown(out)],
     }
@@ -232,8 +229,8 @@ def main(args):
     clear_runs(args.output_dir, [RUN_STAGES[stage] for stage in stages])
     data = prepare_fashion_mnist(args.data, max_train=args.max_train, verbose=True)
     # The probe trains on a per-class subsample (a second ImageFolder tree) and is tested on all 10,000 images.
-    probe_data = prepare_fashion_mnist(args.data + f"_probe{args.probe_train}", max_train=args.probe_train,
-                                       verbose=True)
+    probe = DemoProbe(train_images=args.probe_train)
+    probe_data = probe.prepare(probe.data(args.data))
     commands = stage_commands(args, data, probe_data)
 
     seconds = {"pretrain": run(commands["pretrain"])}

@@ -25,41 +25,36 @@ sys.path.insert(0, ROOT)
 import dmjd_encoders  # noqa: E402,F401  (registers the encoders)
 from benchmarks.doc_block import rewrite_block  # noqa: E402
 from benchmarks.transfer_check import (RUNS, check_parser, ensure_pretrained, fine_tune_both,  # noqa: E402
-                                       last_scores, prepared_data, report, run, saved_config, write_summary)
+                                       last_scores, prepared_data, recipe_of, report, run, saved_config,
+                                       write_summary)
 from engine_detect import DetectConfig, build_detector  # noqa: E402
 from main_detect import get_args_parser as detection_parser  # noqa: E402
 from dmjd_encoders.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
 from util.coco import coco_split  # noqa: E402
-from util.demo_commands import CLASSIFIER, shown  # noqa: E402
-from util.demo_det_data import prepare_fashion_mnist_det  # noqa: E402
+from util.demo_commands import CLASSIFIER, DetectionCheck, shown  # noqa: E402
 from util.det_transforms import DetEvalTransform, detections_in  # noqa: E402
 from util.visualization import detection_figure  # noqa: E402
 
+RECIPE = DetectionCheck()  # the check's flags and data (main_transfer.py's check suite runs the same)
+PICTURE_IMAGES, PICTURE_THRESHOLD = 4, 0.2  # the picture's validation images and its detections' least score
+
+
 def parse_args(argv=None):
-    p = check_parser("detection transfer check on Fashion-MNIST items", os.path.join("data", "fashion_mnist_det"),
+    p = check_parser("detection transfer check on Fashion-MNIST items", RECIPE,
                      os.path.join("output_dir", "detection_check"))
-    p.add_argument("--blr", default=6.4e-3, type=float,
+    p.add_argument("--blr", default=RECIPE.blr, type=float,
                    help="base lr (lr = blr x batch / 256): ten times the COCO recipe's, for a short run")
-    p.add_argument("--scale_range", default=[0.5, 2.0], type=float, nargs=2,
+    p.add_argument("--scale_range", default=list(RECIPE.scale_range), type=float, nargs=2,
                    help="large-scale jitter's range (the recipe's 0.1 makes 64 px canvases' items a few pixels)")
-    p.add_argument("--fpn_channels", default=64, type=int, help="FPN and heads' width (the recipe's 256)")
-    p.add_argument("--rois_per_image", default=64, type=int, help="proposals sampled per image (the recipe's 512)")
-    p.add_argument("--num_images", default=4, type=int, help="validation images in the picture")
-    p.add_argument("--score_threshold", default=0.2, type=float, help="the picture's detections: scores from this on")
+    p.add_argument("--fpn_channels", default=RECIPE.fpn_channels, type=int, help="FPN and heads' width (the "
+                                                                                  "recipe's 256)")
+    p.add_argument("--rois_per_image", default=RECIPE.rois_per_image, type=int,
+                   help="proposals sampled per image (the recipe's 512)")
+    p.add_argument("--num_images", default=PICTURE_IMAGES, type=int, help="validation images in the picture")
+    p.add_argument("--score_threshold", default=PICTURE_THRESHOLD, type=float,
+                   help="the picture's detections: scores from this on")
     p.add_argument("--doc", default=None, help="a markdown file whose detection_check block gets the figures")
     return p.parse_args(argv)
-
-
-def detect_command(args, data: str, output_dir: str, finetune: str = None):
-    """main_detect.py at the canvas size, evaluated once at the end; the encoder's stage 3 attends globally (an 8 x 8
-    grid at 64 px needs no windows)."""
-    cmd = [shown(sys.executable), "main_detect.py", "--model", CLASSIFIER, "--input_size", "64",
-           "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_interval", str(args.iters),
-           "--blr", str(args.blr), "--scale_range", *map(str, args.scale_range), "--window_size", "0",
-           "--global_blocks", "--fpn_channels", str(args.fpn_channels), "--rois_per_image", str(args.rois_per_image),
-           "--num_workers", str(args.num_workers), "--device", args.device, "--seed", str(args.seed),
-           "--print_freq", "50", "--data_path", shown(data), "--output_dir", shown(output_dir)]
-    return cmd + (["--finetune", shown(finetune)] if finetune else [])
 
 
 @torch.no_grad()
@@ -75,22 +70,23 @@ def detections(checkpoint: str, images, num_classes: int):
 
 
 def picture(data: str, runs: dict, num_images: int, path: str, score_threshold: float) -> None:
+    """Image, ground truth and the detections of each run ({title: run folder}) for the first validation images."""
     dataset = coco_split(data, "val", DetEvalTransform(64), train=False)
     samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
     images, targets = [s[0] for s in samples], [s[1] for s in samples]
     outputs = [detections(os.path.join(out, "checkpoint-last.pth"), images, len(dataset.class_names))
                for out in runs.values()]
-    figure = detection_figure(images, targets, outputs, dataset.class_names,
-                              ("image", "ground truth", *[RUNS[name] for name in runs]), score_threshold)
+    figure = detection_figure(images, targets, outputs, dataset.class_names, ("image", "ground truth", *runs),
+                              score_threshold)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(figure).save(path)
 
 
-def evaluate_in_bf16(args, data: str, run_dir: str) -> dict:
+def evaluate_in_bf16(recipe: DetectionCheck, data: str, run_dir: str) -> dict:
     """The run's last checkpoint evaluated again, under bf16 autocast (CUDA's default): its last log.txt record."""
     out = os.path.join(run_dir, "eval_bf16")
-    run(detect_command(args, data, out) + ["--eval", "--amp", "bf16", "--resume",
-                                           shown(os.path.join(run_dir, "checkpoint-last.pth"))])
+    run(recipe.command(data, out) + ["--eval", "--amp", "bf16", "--resume",
+                                     shown(os.path.join(run_dir, "checkpoint-last.pth"))])
     return last_scores(out)
 
 
@@ -116,14 +112,15 @@ def doc_block(args, summary: dict, gain: str, start: float) -> str:
 def main(args):
     start = time.time()
     ensure_pretrained(args)
-    data = prepared_data(prepare_fashion_mnist_det, args)
-    runs = fine_tune_both(args, lambda out, finetune: detect_command(args, data, out, finetune))
+    recipe = recipe_of(args, RECIPE)
+    data = prepared_data(recipe, args)
+    runs = fine_tune_both(args, lambda out, finetune: recipe.command(data, out, finetune))
     path = args.picture or os.path.join(args.output_dir, "predictions.png")
-    picture(data, {name: r["dir"] for name, r in runs.items()}, args.num_images, path, args.score_threshold)
+    picture(data, {RUNS[name]: r["dir"] for name, r in runs.items()}, args.num_images, path, args.score_threshold)
     keys = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
     summary = {}
     for name, r in runs.items():
-        bf16 = evaluate_in_bf16(args, data, r["dir"])
+        bf16 = evaluate_in_bf16(recipe, data, r["dir"])
         summary[name] = {**{k: r["scores"][f"test_{k}"] for k in keys}, "minutes": r["seconds"] / 60,
                          **{f"bf16_{k}": bf16[f"test_{k}"] for k in keys}}
     write_summary(args, summary)

@@ -30,26 +30,30 @@ sys.path.insert(0, ROOT)
 import dmjd_encoders  # noqa: E402,F401  (registers the encoders)
 from benchmarks.doc_block import block_names, provenance, rewrite_block  # noqa: E402
 from benchmarks.transfer_check import (RUNS, check_parser, ensure_pretrained, fine_tune_both,  # noqa: E402
-                                       prepared_data, report, saved_config, write_summary)
+                                       prepared_data, recipe_of, report, saved_config, write_summary)
 from engine_segment import SegmentConfig, build_segmenter  # noqa: E402
 from dmjd_encoders.checkpoint import load_checkpoint, load_state_dict_strict  # noqa: E402
 from main_segment import get_args_parser as segmentation_parser  # noqa: E402
-from util.demo_commands import CLASSIFIER, shown  # noqa: E402
-from util.demo_seg_data import SEG_CLASS_NAMES, prepare_fashion_mnist_seg  # noqa: E402
+from util.demo_commands import CLASSIFIER, SegmentationCheck  # noqa: E402
+from util.demo_seg_data import SEG_CLASS_NAMES  # noqa: E402
 from util.misc import resolve_device  # noqa: E402
 from util.seg_datasets import SegEvalTransform, SegmentationFolder  # noqa: E402
 from util.visualization import segmentation_figure  # noqa: E402
 
+RECIPE = SegmentationCheck()  # the check's flags and data (main_transfer.py's check suite runs the same)
+PICTURE_IMAGES = 6  # validation images in the picture (main_transfer.py draws its check suite's the same)
+
+
 def parse_args(argv=None):
-    p = check_parser("segmentation transfer check on Fashion-MNIST items", os.path.join("data", "fashion_mnist_seg"),
+    p = check_parser("segmentation transfer check on Fashion-MNIST items", RECIPE,
                      os.path.join("output_dir", "segmentation_check"))
-    p.add_argument("--warmup_iters", default=40, type=int, help="linear lr warmup")
-    p.add_argument("--blr", default=1.6e-2, type=float,
+    p.add_argument("--warmup_iters", default=RECIPE.warmup_iters, type=int, help="linear lr warmup")
+    p.add_argument("--blr", default=RECIPE.blr, type=float,
                    help="base lr (lr = blr x batch / 256): ten times the ADE20K recipe's, for a short run")
-    p.add_argument("--decoder_channels", default=64, type=int, help="UPerHead width (the recipe's 768 is for 150 "
-                                                                    "classes at 512 px)")
-    p.add_argument("--aux_channels", default=32, type=int, help="auxiliary head width")
-    p.add_argument("--num_images", default=6, type=int, help="validation images in the picture")
+    p.add_argument("--decoder_channels", default=RECIPE.decoder_channels, type=int,
+                   help="UPerHead width (the recipe's 768 is for 150 classes at 512 px)")
+    p.add_argument("--aux_channels", default=RECIPE.aux_channels, type=int, help="auxiliary head width")
+    p.add_argument("--num_images", default=PICTURE_IMAGES, type=int, help="validation images in the picture")
     p.add_argument("--seeds", default=None, type=int, nargs="+",
                    help="run the check once per seed, each seed's runs in <output_dir>/seed<N> (none: --seed alone, "
                         "in <output_dir>); the picture is the first seed's")
@@ -60,20 +64,6 @@ def parse_args(argv=None):
         p.error(f"--doc {args.doc}: no segmentation_check block in it (the lines <!-- segmentation_check --> and "
                 f"<!-- /segmentation_check -->)")  # said now, not after the runs
     return args
-
-
-def segment_command(args, data: str, output_dir: str, finetune: str = None):
-    """main_segment.py at the canvas size (one 64 px window: whole-image evaluation), evaluated once at the end."""
-    python = shown(sys.executable)
-    cmd = [python, "main_segment.py", "--model", CLASSIFIER, "--input_size", "64", "--nb_classes",
-           str(len(SEG_CLASS_NAMES)), "--img_scale", "64", "64", "--eval_mode", "whole",
-           "--batch_size", str(args.batch_size), "--iters", str(args.iters), "--eval_interval", str(args.iters),
-           "--warmup_iters", str(args.warmup_iters), "--blr", str(args.blr),
-           "--decoder_channels", str(args.decoder_channels), "--aux_channels", str(args.aux_channels),
-           "--num_workers", str(args.num_workers), "--device", args.device,
-           "--seed", str(args.seed), "--print_freq", "50", "--data_path", shown(data),
-           "--output_dir", shown(output_dir)]
-    return cmd + (["--finetune", shown(finetune)] if finetune else [])
 
 
 def predictions(checkpoint: str, dataset: SegmentationFolder, indices) -> np.ndarray:
@@ -94,13 +84,14 @@ def predictions(checkpoint: str, dataset: SegmentationFolder, indices) -> np.nda
 
 
 def picture(data: str, runs: dict, num_images: int, path: str) -> None:
+    """Image, ground truth and the predictions of each run ({title: run folder}) for the first validation images."""
     dataset = SegmentationFolder(data, "validation", len(SEG_CLASS_NAMES), SegEvalTransform((64, 64)))
     indices = list(range(min(num_images, len(dataset))))
     images = np.stack([np.asarray(dataset.load_pair(i)[0]) for i in indices])
     labels = np.stack([dataset.load_pair(i)[1] for i in indices])
     maps = [predictions(os.path.join(out, "checkpoint-last.pth"), dataset, indices) for out in runs.values()]
     figure = segmentation_figure(images, labels, maps[0], SEG_CLASS_NAMES, more_predictions=maps[1:],
-                                 titles=("image", "ground truth", *[RUNS[name] for name in runs]))
+                                 titles=("image", "ground truth", *runs))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(figure).save(path)
 
@@ -109,9 +100,10 @@ def check_seed(args, data: str, picture_path: str) -> dict:
     """Both fine-tunings at `args.seed` into `args.output_dir`, their picture, summary and report; the summary."""
     start = time.time()
     torch.manual_seed(args.seed)
-    runs = fine_tune_both(args, lambda out, finetune: segment_command(args, data, out, finetune))
+    recipe = recipe_of(args, RECIPE)
+    runs = fine_tune_both(args, lambda out, finetune: recipe.command(data, out, finetune))
     if picture_path:
-        picture(data, {name: r["dir"] for name, r in runs.items()}, args.num_images, picture_path)
+        picture(data, {RUNS[name]: r["dir"] for name, r in runs.items()}, args.num_images, picture_path)
     summary = {name: {"mIoU": r["scores"]["test_mIoU"], "mAcc": r["scores"]["test_mAcc"],
                       "aAcc": r["scores"]["test_aAcc"], "IoU": r["scores"]["test_IoU"], "minutes": r["seconds"] / 60}
                for name, r in runs.items()}
@@ -165,7 +157,7 @@ def main(args):
     """Returns the summary of each seed's runs ({seed: summary})."""
     start = time.time()
     ensure_pretrained(args)
-    data = prepared_data(prepare_fashion_mnist_seg, args)
+    data = prepared_data(recipe_of(args, RECIPE), args)
     seeds = args.seeds or [args.seed]
     summaries = {}
     for index, seed in enumerate(seeds):

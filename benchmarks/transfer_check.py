@@ -13,33 +13,42 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from util.demo_commands import DATA_DIR, PRETRAIN_EPOCHS, PRETRAIN_MODEL, pretrain_command, shown
+from util.demo_commands import DATA_DIR, DEMO_CHECKPOINT, PRETRAIN_EPOCHS, PRETRAIN_MODEL, pretrain_command, shown
 from util.demo_data import prepare_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"pretrained": "DMJD pre-trained", "random_init": "random init"}
 
 
-def check_parser(description: str, data: str, output_dir: str) -> argparse.ArgumentParser:
-    """The flags every check has; a check adds its model's own."""
+def check_parser(description: str, recipe, output_dir: str) -> argparse.ArgumentParser:
+    """The flags every check has, their defaults the check's recipe (util.demo_commands: SegmentationCheck,
+    DetectionCheck); a check adds its model's own, and `recipe_of` reads them back into its recipe."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained", default=os.path.join("output_dir", "demo", "pretrain", "checkpoint-last.pth"),
+    p.add_argument("--pretrained", default=DEMO_CHECKPOINT,
                    help="the demo's DMJD pre-training checkpoint (made by `python demo.py`)")
     p.add_argument("--pretrain", action="store_true",
                    help="if --pretrained is missing, make it with the demo's pre-training stage first")
-    p.add_argument("--data", default=data, help="dataset root")
+    p.add_argument("--data", default=recipe.data, help="dataset root")
     p.add_argument("--source", default=None, help="folder of the Fashion-MNIST idx files (none: the demo's)")
-    p.add_argument("--num_train", default=2000, type=int, help="training canvases")
-    p.add_argument("--num_val", default=500, type=int, help="validation canvases")
+    p.add_argument("--num_train", default=recipe.num_train, type=int, help="training canvases")
+    p.add_argument("--num_val", default=recipe.num_val, type=int, help="validation canvases")
     p.add_argument("--output_dir", default=output_dir, help="both runs, the summary and the picture")
-    p.add_argument("--iters", default=400, type=int, help="fine-tuning iterations of each run")
-    p.add_argument("--batch_size", default=16, type=int, help="images per iteration")
+    p.add_argument("--iters", default=recipe.iters, type=int, help="fine-tuning iterations of each run")
+    p.add_argument("--batch_size", default=recipe.batch_size, type=int, help="images per iteration")
     p.add_argument("--picture", default=None, help="where the picture goes (none: <output_dir>/predictions.png)")
-    p.add_argument("--num_workers", default=1, type=int,
+    p.add_argument("--num_workers", default=recipe.num_workers, type=int,
                    help="data-loading workers of each run (on 2 cores more than 1 slows the step down)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", default=0, type=int, help="seeds both runs alike (the dataset is always the same)")
+    p.add_argument("--device", default=recipe.device, help="auto, cpu or cuda")
+    p.add_argument("--seed", default=recipe.seed, type=int,
+                   help="seeds both runs alike (the dataset is always the same)")
     return p
+
+
+def recipe_of(args, recipe):
+    """The check's recipe with the values of its command line (a flag of the same name as each field)."""
+    return dataclasses.replace(recipe, **{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
+                                                   else getattr(args, f.name))
+                                          for f in dataclasses.fields(recipe)})
 
 
 def run(cmd: List[str]) -> float:
@@ -69,11 +78,11 @@ def ensure_pretrained(args) -> None:
     make_pretrained(args)
 
 
-def prepared_data(prepare: Callable, args) -> str:
-    """The check's dataset (its own fixed seed: --seed seeds the two runs, not the data); a bad source stops the
-    check naming it."""
+def prepared_data(recipe, args) -> str:
+    """The check's dataset at --data (`recipe.prepare`; its own fixed seed: --seed seeds the two runs, not the data);
+    a bad source stops the check naming it."""
     try:
-        return prepare(args.data, [args.source] if args.source else None, args.num_train, args.num_val, verbose=True)
+        return recipe.prepare(args.data, [args.source] if args.source else None)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 

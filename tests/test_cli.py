@@ -17,6 +17,7 @@ ENTRY_POINTS = {
     "main_linprobe": "get_args_parser",
     "main_segment": "get_args_parser",
     "main_detect": "get_args_parser",
+    "main_transfer": "get_args_parser",
     "visualize": "get_args_parser",
     "plot_logs": "parse_args",
     "demo": "parse_args",

@@ -109,3 +109,18 @@ def test_each_task_is_a_script_and_an_engine_in_one_shape(task):
     assert len(runs) == 1, runs
     for name in ("validate_args", "resolve_config"):
         assert callable(getattr(engine, name, None)), f"engine_{task}.py has no {name}"
+
+
+def test_the_transfer_report_plans_without_torch_or_any_engine():
+    """main_transfer.py runs the transfer scripts as subprocesses: what it and engine_transfer.py import when they
+    load is the standard library, training.signals and util/ (the report's curves, pictures and checkpoint facts load
+    more, inside the functions that draw or read them)."""
+    import sys
+    for name in ("engine_transfer.py", "main_transfer.py"):
+        loaded = {m.split(".")[0] for m in imported(ROOT / name, module_level_only=True)}
+        ours = loaded & (TOP_LEVEL | {"torch", "timm", "torchvision", "matplotlib"})
+        assert ours <= {"training", "util", "engine_transfer"}, f"{name} imports {ours}"
+        assert not {m for m in imported(ROOT / name, module_level_only=True) if m.startswith("training.")} - {
+            "training.signals"}, name
+    assert all(m in sys.stdlib_module_names or m in TOP_LEVEL for m in
+               {m.split(".")[0] for m in imported(ROOT / "engine_transfer.py", module_level_only=True)})

@@ -113,3 +113,17 @@ def test_preempted_local_job_is_requeued_and_resumes(tmp_path, monkeypatch):
     assert f"requeuing main_pretrain: resume from {last}" in stdout
     assert f"resumed from {last}: continuing at epoch" in stdout
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 9
+
+
+def test_any_script_of_the_checkout_launches_by_its_file_name(monkeypatch):
+    """`python -m training.submitit_launch [launcher flags] main_<task>.py [its flags]` (main_transfer.py's SLURM
+    launcher): the launcher's flags before the script, the script's after it."""
+    from training import submitit_launch
+    launched = []
+    monkeypatch.setattr(submitit_launch, "launch", lambda *args: launched.append(args))
+    submitit_launch.main(["--ngpus", "2", "--job_dir", "jobs", "main_segment.py", "--iters", "3"])
+    assert launched == [("main_segment", "Submitit for main_segment.py", ["--ngpus", "2", "--job_dir", "jobs",
+                                                                          "--iters", "3"])]
+    for argv in (["--ngpus", "2"], ["no_such_script.py"], ["tests/test_submitit.py"]):
+        with pytest.raises(SystemExit, match="give a training script of the repository's root"):
+            submitit_launch.main(argv)

@@ -1,5 +1,11 @@
 """SLURM launch through submitit for any training script with `get_args_parser()` and `main(args)`.
 
+    python -m training.submitit_launch --ngpus 8 --job_dir /shared/jobs/seg main_segment.py --finetune ... \
+        --data_path /path/to/ADEChallengeData2016 --output_dir /shared/out/seg
+
+takes the launcher's flags, then the script, then the script's flags (submitit_pretrain.py and submitit_finetune.py
+are this for their script).
+
 The job runs one task per GPU and turns submitit's job environment into torchrun's variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which training.distributed.init_distributed reads. When SLURM preempts the
 job or its time runs out, submitit calls `Trainer.checkpoint()`, which resubmits the same arguments with `--resume`
@@ -11,6 +17,7 @@ import copy
 import importlib
 import os
 import signal
+import sys
 import zlib
 from pathlib import Path
 
@@ -146,3 +153,19 @@ def launch(module_name: str, description: str, argv=None):
     job = executor.submit(Trainer(module_name, args))
     print(f"submitted job {job.job_id}: logs in {opts.job_dir}, checkpoints in {args.output_dir}")
     return job
+
+
+def main(argv=None):
+    """`[launcher flags] SCRIPT.py [its flags]`: the script of this checkout (main_segment.py, ...) as a job."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    at = next((i for i, arg in enumerate(argv) if arg.endswith(".py")), None)
+    if at is None or not os.path.isfile(REPO_ROOT / argv[at]) or os.path.dirname(argv[at]):
+        raise SystemExit("error: give a training script of the repository's root after the launcher's flags, e.g. "
+                         "`python -m training.submitit_launch --ngpus 8 main_segment.py --data_path ...`")
+    script = argv[at]
+    return launch(script[:-len(".py")], f"Submitit for {script}", argv[:at] + argv[at + 1:])
+
+
+if __name__ == "__main__":
+    # through the module's own name: the job unpickles training.submitit_launch.Trainer, not __main__'s
+    importlib.import_module("training.submitit_launch").main()
