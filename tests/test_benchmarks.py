@@ -528,7 +528,8 @@ def test_the_convmae_baseline_predicts_normalised_pixels_from_one_view_without_a
     assert model.mask_ratio == 0.6 and model.pred_ratio == 0.6  # one view predicts what it hides
     assert model.decoder_pred.out_features == 8 * 8 * 3  # a patch's pixels, not its 108 HOG numbers
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    loss, parts = task.loss(images, None)
+    parts = task.loss(images, None)  # the loss and its parts, by name
+    loss = parts["loss"]
     assert torch.isfinite(loss) and loss.item() == pytest.approx(parts["loss_mask"].item())
 
 
@@ -549,7 +550,7 @@ def test_the_gpu_scale_pretrains_convit_b_at_96_pixels_through_the_same_code_on_
     cpu = torch.device("cpu")
     assert convergence.scale_name("auto", torch.device("cuda")) == "gpu"
     assert convergence.scale_name("auto", cpu) == "laptop"
-    flags = ("--scale", "gpu", "--batch_size", "1", "--budget", "0.001", "--evals", "1", "--probe_train", "2",
+    flags = ("--scale", "gpu", "--batch_size", "1", "--budget", "0.05", "--evals", "1", "--probe_train", "2",
              "--probe_test", "1")
     args = convergence_args(*flags)
     setting = convergence.Setting.from_args(args, cpu)
@@ -560,11 +561,14 @@ def test_the_gpu_scale_pretrains_convit_b_at_96_pixels_through_the_same_code_on_
     images = convergence.model_input(convergence.augment(data[0][:1], torch.Generator().manual_seed(0)), 96)
     assert images.shape == (1, 3, 96, 96) and images.dtype == torch.float32
     with torch.no_grad():  # ConViT-B's backward on a CPU takes longer than a test should
-        loss, parts = task.loss(images, None)
+        parts = task.loss(images, None)
+        loss = parts["loss"]
     assert torch.isfinite(loss) and parts["loss_vis"] > 0
     # the whole run at that scale, steps included, with a small encoder for the test's CPU time
     small = convergence.Setting.from_args(convergence_args(*flags, "--model", "dmjd_convit_tiny_patch16_dec1_hog"),
                                           cpu)
+    # (a budget of milliseconds, not one: the CPU time of torch's threads spinning after the evaluation can pass a
+    # budget of 1 ms before the first step)
     rows = convergence.pretrain_run(small, "dmjd_ema", 0, data, cpu)
     assert [r["eval"] for r in rows] == [0, 1] and rows[1]["steps"] >= 1 and rows[1]["images"] == rows[1]["steps"]
 

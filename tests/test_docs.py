@@ -240,7 +240,8 @@ def test_every_command_of_the_docs_runs_as_written_after_the_quick_start(monkeyp
 # The blocks of small-scale figures in the docs, and the module whose `--doc` rewrites each.
 FIGURE_BLOCKS = {"demo_results": "demo", "demo_finetune": "demo", "segmentation_check": "benchmarks.segmentation_check",
                  "segmentation_step": "benchmarks.segmentation_step", "detection_check": "benchmarks.detection_check",
-                 "detection_step": "benchmarks.detection_step", "transfer_check": "main_transfer"}
+                 "detection_step": "benchmarks.detection_step", "transfer_check": "main_transfer",
+                 "convergence_summary": "benchmarks.convergence"}
 
 
 def test_each_block_of_figures_is_rewritten_by_a_command_the_doc_shows():

@@ -99,11 +99,13 @@ def test_sigterm_to_the_job_mid_interval_saves_that_step_and_the_rerun_equals_an
     """A scheduler's SIGTERM to every process of the job, loader workers included (test_pretrain.py tries the default
     count)."""
     import signal
-    args = ("--finetune", str(seg_data / "pre.pth"), "--num_workers", "2", "--iters", "12", "--eval_interval", "6")
+    # the signal follows the second interval's first line: 11 steps left in it, room for a loaded machine's delay
+    # between the line and the signal
+    args = ("--finetune", str(seg_data / "pre.pth"), "--num_workers", "2", "--iters", "24", "--eval_interval", "12")
     straight = tmp_path / "straight"
     run(segment_cmd(seg_data, straight, *args))
     out = tmp_path / "stopped"
-    rest = stop_with_signal(segment_cmd(seg_data, out, *args), script_env(), ROOT, "Iterations 6-12 [1/6]",
+    rest = stop_with_signal(segment_cmd(seg_data, out, *args), script_env(), ROOT, "Iterations 12-24 [1/12]",
                             signal.SIGTERM)
     assert "exiting with status 75 (requeue)" in rest
     assert load(out / "checkpoint-last.pth")["resume_at"]["epoch"] == 1
