@@ -262,8 +262,9 @@ def main(args):
               f"{seconds['finetune'] / 60:.1f} min): {results['fine-tuned']:.2f}%")
     print("=" * 78)
     if args.doc:
-        # the command as given: demo.sh's when it started this run
-        command = ("bash demo.sh " if setup else f"{shown(sys.executable)} demo.py ") + shlex.join(sys.argv[1:])
+        # the command as given, as the docs write commands: demo.sh's when it started this run, else `python demo.py`
+        # (the environment's python, never this machine's path to it)
+        command = ("bash demo.sh " if setup else "python demo.py ") + shlex.join(sys.argv[1:])
         figures = {"command": command, "provenance": demo_provenance(args.device),
                    "pretrain_epochs": args.pretrain_epochs, "pretrain_images": len_train(data),
                    "probe_epochs": args.probe_epochs,

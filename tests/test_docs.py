@@ -263,3 +263,15 @@ def test_each_block_of_figures_is_rewritten_by_a_command_the_doc_shows():
             ("SEGMENT.md", "segmentation_step")} <= found
     for doc, name in found:
         assert FIGURE_BLOCKS[name] in rewriters.get(doc, set()), f"{doc}'s {name} block: no command rewrites it"
+
+
+def test_no_doc_shows_this_machines_interpreter_or_home():
+    """The blocks that commands rewrite show commands as the docs write them (`python ...`), never the path of the
+    interpreter that ran them."""
+    import os
+    import sys
+    docs = [*TASK_DOCS, *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+    for doc in docs:
+        text = (ROOT / doc).read_text()
+        for path in (sys.executable, os.path.dirname(sys.executable), os.path.expanduser("~") + "/"):
+            assert path not in text, f"{doc} shows {path}"
