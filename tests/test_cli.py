@@ -81,8 +81,10 @@ OTHER_ENTRY_POINTS = {
     "benchmarks.loop_step": "main",
 }
 # scripts without a parser of their own: torchrun's command line (training.launch), the package's command whose
-# script is export_encoder.py (dmjd_encoders.export), and the SLURM launchers (training.submitit_launch's parser)
-NO_PARSER_OF_THEIR_OWN = {"training.launch", "dmjd_encoders.export", "submitit_pretrain", "submitit_finetune"}
+# script is export_encoder.py (dmjd_encoders.export), and the SLURM launchers (training.submitit_launch's parser,
+# python -m training.submitit_launch's too)
+NO_PARSER_OF_THEIR_OWN = {"training.launch", "dmjd_encoders.export", "submitit_pretrain", "submitit_finetune",
+                          "training.submitit_launch"}
 
 
 def test_every_script_is_in_the_usage_test():
@@ -108,6 +110,12 @@ def test_the_slurm_launchers_usage_names_the_launcher(script, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--help"])
     usage = launcher_parser("Submitit for DMJD pre-training").format_help()
     assert usage.startswith(f"usage: {script} ") and "\nSubmitit for DMJD pre-training\n" in usage, usage[:300]
+
+
+def test_the_generic_slurm_launchers_help_is_its_own_flags():
+    proc = subprocess.run([sys.executable, "-m", "training.submitit_launch", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: submitit_launch.py ") and "--ngpus" in proc.stdout
 
 
 def test_submitit_launcher_help_shows_defaults():

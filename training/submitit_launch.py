@@ -159,6 +159,9 @@ def main(argv=None):
     """`[launcher flags] SCRIPT.py [its flags]`: the script of this checkout (main_segment.py, ...) as a job."""
     argv = sys.argv[1:] if argv is None else list(argv)
     at = next((i for i, arg in enumerate(argv) if arg.endswith(".py")), None)
+    if at is None and {"-h", "--help"} & set(argv):  # the launcher's own flags; a script's --help follows its name
+        launcher_parser("Submitit for a training script of this checkout: [launcher flags] SCRIPT.py "
+                        "[its flags]").parse_args(argv)
     if at is None or not os.path.isfile(REPO_ROOT / argv[at]) or os.path.dirname(argv[at]):
         raise SystemExit("error: give a training script of the repository's root after the launcher's flags, e.g. "
                          "`python -m training.submitit_launch --ngpus 8 main_segment.py --data_path ...`")
