@@ -222,6 +222,36 @@ def write_docs(docs: List[str], figures: dict) -> None:
                 rewrite_block(doc, name, texts[name])
 
 
+def print_summary(args, commands: dict, seconds: dict, results: dict) -> None:
+    """The demo's result: each probe's top-1, their difference and the minutes (the fine-tuning's with --finetune)."""
+    print("\n" + "=" * 78)
+    print(f"Fashion-MNIST linear probe ({args.probe_epochs} epochs on {args.probe_train} images), top-1 on the "
+          f"10,000 test images:")
+    print(f"  encoder pre-trained with DMJD for {args.pretrain_epochs} epochs ({seconds['pretrain'] / 60:.1f} min): "
+          f"{results['pre-trained']:.2f}%")
+    print(f"  the same encoder, randomly initialised:        {results['random init']:.2f}%")
+    print(f"  difference: {results['pre-trained'] - results['random init']:+.2f} points; "
+          f"demo time {seconds['demo'] / 60:.1f} min")
+    if args.finetune:
+        print(f"  fine-tuned ({commands['finetune'][commands['finetune'].index('--epochs') + 1]} epochs, "
+              f"{seconds['finetune'] / 60:.1f} min): {results['fine-tuned']:.2f}%")
+    print("=" * 78)
+
+
+def run_figures(args, data: str, commands: dict, seconds: dict, results: dict, demo_sh: bool) -> dict:
+    """What write_docs puts in the docs' blocks from this run."""
+    # the command as given, as the docs write commands: demo.sh's when it started this run, else `python demo.py`
+    # (the environment's python, never this machine's path to it)
+    command = ("bash demo.sh " if demo_sh else "python demo.py ") + shlex.join(sys.argv[1:])
+    return {"command": command, "provenance": demo_provenance(args.device),
+            "pretrain_epochs": args.pretrain_epochs, "pretrain_images": len_train(data),
+            "probe_epochs": args.probe_epochs,
+            "probe_train": args.probe_train, "probe_pretrained": results["pre-trained"],
+            "probe_random": results["random init"], "finetune": accuracies(commands["finetune"]),
+            "minutes": {k: v / 60 for k, v in seconds.items()},
+            "load": max(LOAD, default=None), "cores": os.cpu_count()}
+
+
 def main(args):
     start = time.time()
     args.output_dir = os.path.abspath(args.output_dir)
@@ -249,30 +279,9 @@ def main(args):
         results["fine-tuned"] = final_accuracy(commands["finetune"])
 
     out = shown(args.output_dir)
-    print("\n" + "=" * 78)
-    print(f"Fashion-MNIST linear probe ({args.probe_epochs} epochs on {args.probe_train} images), top-1 on the "
-          f"10,000 test images:")
-    print(f"  encoder pre-trained with DMJD for {args.pretrain_epochs} epochs ({seconds['pretrain'] / 60:.1f} min): "
-          f"{results['pre-trained']:.2f}%")
-    print(f"  the same encoder, randomly initialised:        {results['random init']:.2f}%")
-    print(f"  difference: {results['pre-trained'] - results['random init']:+.2f} points; "
-          f"demo time {seconds['demo'] / 60:.1f} min")
-    if args.finetune:
-        print(f"  fine-tuned ({commands['finetune'][commands['finetune'].index('--epochs') + 1]} epochs, "
-              f"{seconds['finetune'] / 60:.1f} min): {results['fine-tuned']:.2f}%")
-    print("=" * 78)
+    print_summary(args, commands, seconds, results)
     if args.doc:
-        # the command as given, as the docs write commands: demo.sh's when it started this run, else `python demo.py`
-        # (the environment's python, never this machine's path to it)
-        command = ("bash demo.sh " if setup else "python demo.py ") + shlex.join(sys.argv[1:])
-        figures = {"command": command, "provenance": demo_provenance(args.device),
-                   "pretrain_epochs": args.pretrain_epochs, "pretrain_images": len_train(data),
-                   "probe_epochs": args.probe_epochs,
-                   "probe_train": args.probe_train, "probe_pretrained": results["pre-trained"],
-                   "probe_random": results["random init"], "finetune": accuracies(commands["finetune"]),
-                   "minutes": {k: v / 60 for k, v in seconds.items()},
-                   "load": max(LOAD, default=None), "cores": os.cpu_count()}
-        write_docs(args.doc, figures)
+        write_docs(args.doc, run_figures(args, data, commands, seconds, results, demo_sh=bool(setup)))
     print(f"\nFiles (in {out}/):")
     print("  pretrain/checkpoint-last.pth   the pre-trained DMJD model (encoder, decoder, visible branch)")
     print("  pretrain/log.txt, probe_*/log.txt   one JSON line per epoch")

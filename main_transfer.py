@@ -98,6 +98,36 @@ def has_block(path: str) -> bool:
     return f"<!-- {DOC_BLOCK} -->" in lines and f"<!-- /{DOC_BLOCK} -->" in lines
 
 
+def parse_task_flags(given_flags) -> dict:
+    """--task_flags 'TASK: FLAGS' ...: {task or "all": its flags}, a task given twice merged (the later flag wins)."""
+    task_flags = {}
+    for given in given_flags:
+        task, colon, flags = given.partition(":")
+        task = task.strip()
+        if not colon or task not in (*TASKS, "all"):
+            raise Problem(f"--task_flags {given!r}: start with the task, one of {', '.join(TASKS)} or all, and a "
+                          f"colon, e.g. 'segment: --batch_size 4'")
+        try:
+            tokens = shlex.split(flags)
+            engine_transfer.flag_groups(tokens)
+        except ValueError as err:
+            raise Problem(f"--task_flags {given!r}: {err}") from None
+        task_flags[task] = engine_transfer.merge_flags(task_flags.get(task, []), tokens)
+    return task_flags
+
+
+def earlier_report(folder: str, suite: str) -> dict:
+    """--compare's folder: the report.json main_transfer.py wrote there, of the same suite."""
+    report = os.path.join(folder, "report.json")
+    if not os.path.isfile(report):
+        raise Problem(f"--compare {folder!r} holds no report.json of main_transfer.py")
+    with open(report) as f:
+        earlier = json.load(f)
+    if earlier["suite"] != suite:
+        raise Problem(f"--compare {folder!r} is a report of the {earlier['suite']} suite, not {suite}")
+    return earlier
+
+
 def check_args(args) -> dict:
     """Every input checked before anything runs or is written; returns what the runs need."""
     recipes_of, default_model = SUITES[args.suite]
@@ -111,19 +141,7 @@ def check_args(args) -> dict:
             raise Problem(f"--checkpoint {path!r} is neither a checkpoint file nor an export folder")
     if args.labels is not None and len(args.labels) != len(args.checkpoint):
         raise Problem(f"--labels gives {len(args.labels)} names for {len(args.checkpoint)} checkpoints")
-    task_flags = {}
-    for given in args.task_flags:
-        task, colon, flags = given.partition(":")
-        task = task.strip()
-        if not colon or task not in (*TASKS, "all"):
-            raise Problem(f"--task_flags {given!r}: start with the task, one of {', '.join(TASKS)} or all, and a "
-                          f"colon, e.g. 'segment: --batch_size 4'")
-        try:
-            tokens = shlex.split(flags)
-            engine_transfer.flag_groups(tokens)
-        except ValueError as err:
-            raise Problem(f"--task_flags {given!r}: {err}") from None
-        task_flags[task] = engine_transfer.merge_flags(task_flags.get(task, []), tokens)
+    task_flags = parse_task_flags(args.task_flags)
     if args.gpus is not None and args.gpus < 0:
         raise Problem(f"--gpus must be >= 0, got {args.gpus}")
     if args.slurm_flags and args.launcher != "slurm":
@@ -144,16 +162,7 @@ def check_args(args) -> dict:
     if args.doc and (args.suite != "check" or not has_block(args.doc)):
         raise Problem(f"--doc {args.doc}: the check suite's report card goes into a markdown file's {DOC_BLOCK} block "
                       f"(the lines <!-- {DOC_BLOCK} --> and <!-- /{DOC_BLOCK} -->)")
-    compared = {}
-    for folder in args.compare:
-        report = os.path.join(folder, "report.json")
-        if not os.path.isfile(report):
-            raise Problem(f"--compare {folder!r} holds no report.json of main_transfer.py")
-        with open(report) as f:
-            earlier = json.load(f)
-        if earlier["suite"] != args.suite:
-            raise Problem(f"--compare {folder!r} is a report of the {earlier['suite']} suite, not {args.suite}")
-        compared[folder] = earlier
+    compared = {folder: earlier_report(folder, args.suite) for folder in args.compare}
     if args.launcher == "slurm":
         try:
             import submitit  # noqa: F401
