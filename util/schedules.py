@@ -74,14 +74,6 @@ def cosine_momentum(progress: float, start: float, total: float, end: float = 1.
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def epoch_iterations(num_batches: int, accum_iter: int) -> int:
-    """Batches an epoch uses: whole accumulation windows only (a partial one would leak into the next epoch)."""
-    iters = (num_batches // accum_iter) * accum_iter
-    if iters == 0:
-        raise ValueError(f"an epoch has {num_batches} batches per process, fewer than --accum_iter {accum_iter}")
-    return iters
-
-
 def set_lr(optimizer, lr: float) -> None:
     """Sets every group's lr, honouring a per-group `lr_scale` (layer-wise decay)."""
     for group in optimizer.param_groups:
